@@ -1,0 +1,49 @@
+# Two commands do all the set-up: `make run` (the main job) and `make test` (the test suite).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+# Extra pip options for the CPU build of torch on machines without a GPU, e.g. an --index-url of
+# PyTorch's CPU wheels where no local CPU wheel is configured (pip's find-links on our machines).
+TORCH_CPU_PIP_OPTS ?=
+ARGS ?=
+PYTEST_ARGS ?=
+
+export NO_TORCH_COMPILE ?= 1
+
+.PHONY: install run test bench lint clean
+
+install: $(STAMP)
+
+# torch goes in first and on its own: where there is no NVIDIA GPU the CPU build is taken, so that
+# nothing later pulls the multi-gigabyte CUDA wheels. moshi is installed without its dependencies
+# (its torch/numpy pins are stale); pyproject.toml declares what it really needs.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"; \
+	else \
+		$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)" $(TORCH_CPU_PIP_OPTS); \
+		$(BIN)/python -c "import torch, sys; sys.exit(torch.version.cuda is not None)" \
+		|| echo "warning: a CUDA build of torch was installed on a machine without a GPU; set TORCH_CPU_PIP_OPTS"; \
+	fi
+	$(BIN)/python -m pip install --quiet --no-deps "moshi==0.2.13"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: install
+	$(BIN)/personagate worker $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/personagate bench worker $(ARGS)
+
+lint: install
+	$(BIN)/ruff check agent_runtime gateway tests
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""GPU worker: model loading, persona priming, the batched session pool, its server and metrics."""

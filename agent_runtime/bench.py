@@ -1,0 +1,241 @@
+"""``personagate bench worker``: what one worker can carry, measured in one run.
+
+- tick step time p50/p99 with B slots all live (Mimi encode + LM step + Mimi decode, per 80 ms frame);
+- real-time capacity: the most slots whose p99 tick stays within the 80 ms frame;
+- batching gain: B sessions stepped together against B independent sessions stepped one by one,
+  as a throughput ratio (B x t(1) / t(B));
+- session start: the reference's step-per-frame priming against this runtime's parallel prefill
+  (persona not yet cached) and snapshot restore (persona cached), as ratios; and the start latency a
+  caller sees through a running pool with a cached persona.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from moshi.models import LMGen
+
+from .batch import SlotBatch
+from .config import WorkerSettings
+from .model import FRAME_SAMPLES, LOADERS, ModelBundle
+from .persona import Persona, load_voice, prompt_tokens
+from .pool import PoolConfig, SessionPool
+from .priming import PrimePlan, Primer, plan_priming
+
+FRAME_MS = 80.0
+BENCH_PROMPT = (
+    "You work for Harbor Mutual Insurance, which handles car and home claims, and your name is Sam. "
+    "Information: claims are registered by phone around the clock; an adjuster calls back within two "
+    "business days; callers need their policy number. Be warm, brief and precise."
+)
+
+
+def run_worker_bench(
+    settings: WorkerSettings, sizes: list[int], *, ticks: int, warmup: int, as_json: bool
+) -> int:
+    bundle = _load(settings)
+    sampling = settings.sampling.lm_gen_kwargs()
+    voice_name = sorted(bundle.voices)[0] if bundle.voices else None
+    if voice_name is None:
+        print("personagate: the model has no voice presets to prime with", file=sys.stderr)
+        return 2
+    persona = Persona(prompt=BENCH_PROMPT, voice=voice_name)
+    primer = Primer(bundle, sampling)
+    plan = plan_priming(bundle, load_voice(bundle, persona, primer.mimi), prompt_tokens(bundle, persona.prompt))
+    primed = primer.prime(plan, persona.content_hash())
+
+    ticks_by_size = {b: _tick_times(bundle, sampling, primed, b, ticks, warmup) for b in sizes}
+    rows = []
+    single = ticks_by_size.get(1) or _tick_times(bundle, sampling, primed, 1, ticks, warmup)
+    for b, times in ticks_by_size.items():
+        p50, p99 = _pct(times, 50), _pct(times, 99)
+        rows.append({
+            "batch": b,
+            "tick_p50_ms": round(p50, 2),
+            "tick_p99_ms": round(p99, 2),
+            "realtime": p99 <= FRAME_MS,
+            "batched_vs_independent_throughput": round(b * _pct(single, 50) / p50, 2),
+        })
+    realtime_calls = max((r["batch"] for r in rows if r["realtime"]), default=0)
+
+    start = _session_start(bundle, sampling, primer, plan, primed, persona)
+    report = {
+        "machine": _machine(bundle),
+        "model": {"name": bundle.name, "dim": bundle.lm.dim, "layers": len(bundle.lm.transformer.layers),
+                  "dtype": str(bundle.dtype).removeprefix("torch.")},
+        "prompt_frames": primed.position,
+        "ticks_measured": ticks,
+        "ticks": rows,
+        "realtime_calls": realtime_calls,
+        "session_start": start,
+    }
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_table(report)
+    return 0
+
+
+def _load(settings: WorkerSettings) -> ModelBundle:
+    if settings.model == "personaplex":
+        return LOADERS["personaplex"](settings.weights, settings.device)
+    return LOADERS["tiny"](settings.seed, settings.device or "cpu")
+
+
+def _sync(bundle: ModelBundle) -> None:
+    if bundle.device.type == "cuda":
+        torch.cuda.synchronize(bundle.device)
+
+
+def _tick_times(bundle: ModelBundle, sampling: dict, primed, slots: int, ticks: int, warmup: int) -> list[float]:
+    """Milliseconds per tick with every slot live and fed a frame of (noise) caller audio."""
+    batch = SlotBatch(bundle, slots, sampling)
+    try:
+        for slot in range(slots):
+            batch.install(slot, primed)
+        rng = np.random.default_rng(0)
+        executing = np.ones(slots, dtype=bool)
+        times = []
+        for i in range(warmup + ticks):
+            pcm = (rng.standard_normal((slots, FRAME_SAMPLES)) * 0.05).astype(np.float32)
+            _sync(bundle)
+            started = time.perf_counter()
+            batch.step(pcm, executing)  # returns host arrays, so the device work is done
+            elapsed = (time.perf_counter() - started) * 1000
+            if i >= warmup:
+                times.append(elapsed)
+        return times
+    finally:
+        batch.close()
+
+
+@torch.no_grad()
+def _prime_step_by_step(bundle: ModelBundle, sampling: dict, plan: PrimePlan) -> float:
+    """The reference server's way: one full model step (temporal + depth transformer) per prompt
+    frame, forcing the prompt tokens. Returns seconds. (Token-for-token equality with the fast path
+    is tests/test_priming.py's job; this only measures the cost.)"""
+    columns = plan.columns
+    forced: dict[str, torch.Tensor | None] = {"text": None, "audio": None}
+
+    def on_text(tokens: torch.Tensor) -> None:
+        if forced["text"] is not None:
+            tokens[:] = forced["text"]
+
+    def on_audio(tokens: torch.Tensor) -> None:
+        if forced["audio"] is not None:
+            tokens[:] = forced["audio"]
+
+    lm = bundle.lm
+    lm_gen = LMGen(lm, on_text_hook=on_text, on_audio_hook=on_audio, **sampling)
+    device = bundle.device
+    steps = plan.length
+    sine = bundle.sine_codes.view(1, 8, 1)
+    _sync(bundle)
+    started = time.perf_counter()
+    with lm_gen.streaming(1):
+        for c in range(steps):
+            nxt = columns[:, min(c + 1, columns.shape[1] - 1)].to(device)
+            forced["text"] = nxt[:1]
+            forced["audio"] = nxt[1:9][None]
+            lm_gen.step(sine)
+    _sync(bundle)
+    return time.perf_counter() - started
+
+
+def _session_start(bundle, sampling, primer: Primer, plan: PrimePlan, primed, persona: Persona) -> dict[str, Any]:
+    naive = [_prime_step_by_step(bundle, sampling, plan) * 1000 for _ in range(3)]
+    prefill = [primer.prime(plan, "bench").prime_seconds * 1000 for _ in range(5)]
+    batch = SlotBatch(bundle, 1, sampling)
+    restores = []
+    try:
+        for _ in range(20):
+            _sync(bundle)
+            started = time.perf_counter()
+            batch.install(0, primed)
+            _sync(bundle)
+            restores.append((time.perf_counter() - started) * 1000)
+    finally:
+        batch.close()
+    through_pool = asyncio.run(_starts_through_pool(bundle, sampling, persona))
+    naive_ms, prefill_ms, restore_ms = statistics.median(naive), statistics.median(prefill), statistics.median(restores)
+    return {
+        "naive_step_by_step_ms": round(naive_ms, 2),
+        "prefill_uncached_ms": round(prefill_ms, 2),
+        "restore_cached_ms": round(restore_ms, 3),
+        "naive_over_prefill": round(naive_ms / prefill_ms, 1),
+        "naive_over_cached": round(naive_ms / restore_ms, 1),
+        "pool_start_cached_p50_ms": round(_pct(through_pool, 50), 2),
+        "pool_start_cached_p95_ms": round(_pct(through_pool, 95), 2),
+    }
+
+
+async def _starts_through_pool(bundle: ModelBundle, sampling: dict, persona: Persona) -> list[float]:
+    """Session request -> ready through a running pool, with another live call being stepped."""
+    pool = SessionPool(bundle, PoolConfig(capacity=2, sampling=sampling))
+    pool.start()
+    try:
+        busy = await pool.open_session(persona)
+        frame = (np.random.default_rng(1).standard_normal(FRAME_SAMPLES) * 1000).astype("<i2").tobytes()
+
+        async def keep_talking() -> None:
+            while not busy.closed:
+                busy.push_audio(frame)
+                await asyncio.sleep(FRAME_MS / 1000)
+
+        async def drain() -> None:
+            while not busy.closed:
+                await busy.receive()
+
+        tasks = [asyncio.create_task(keep_talking()), asyncio.create_task(drain())]
+        starts = []
+        for _ in range(20):
+            session = await pool.open_session(persona)
+            starts.append(session.start_seconds * 1000)
+            session.close("bench")
+            await asyncio.sleep(0.03)
+        busy.close("bench")
+        for task in tasks:
+            task.cancel()
+        return starts
+    finally:
+        pool.stop()
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def _machine(bundle: ModelBundle) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "device": str(bundle.device),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if bundle.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(bundle.device)
+    return info
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    m = report["machine"]
+    print(f"model {report['model']['name']} ({report['model']['dtype']}) on {m.get('gpu', m['device'])}, "
+          f"{m['cpu_count']} CPUs, torch {m['torch']}")
+    print(f"{'slots':>5} {'p50 ms':>8} {'p99 ms':>8} {'real time':>9} {'batched/independent':>20}")
+    for r in report["ticks"]:
+        print(f"{r['batch']:>5} {r['tick_p50_ms']:>8} {r['tick_p99_ms']:>8} {str(r['realtime']):>9} "
+              f"{r['batched_vs_independent_throughput']:>20}")
+    print(f"real-time calls: {report['realtime_calls']}")
+    for key, value in report["session_start"].items():
+        print(f"{key}: {value}")

@@ -1,0 +1,116 @@
+"""Worker settings: one model, read from a YAML file, then the environment, then the command line
+(each overriding the one before), validated at start."""
+
+from __future__ import annotations
+
+import contextvars
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_file", default=None)
+
+
+class SettingsError(ValueError):
+    """Settings that cannot start a worker, with one line per problem."""
+
+
+class Sampling(BaseModel):
+    """Generation settings (PersonaPlex server defaults). ``greedy`` is for tests and benchmarks."""
+
+    greedy: bool = False
+    temp: float = Field(0.8, gt=0, le=2)
+    temp_text: float = Field(0.7, gt=0, le=2)
+    top_k: int = Field(250, ge=1, le=2048)
+    top_k_text: int = Field(25, ge=1, le=32000)
+
+    def lm_gen_kwargs(self) -> dict[str, Any]:
+        return {
+            "use_sampling": not self.greedy,
+            "temp": self.temp,
+            "temp_text": self.temp_text,
+            "top_k": self.top_k,
+            "top_k_text": self.top_k_text,
+        }
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PERSONAGATE_WORKER_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535)
+    model: Literal["tiny", "personaplex"] = "tiny"
+    weights: Path | None = Field(None, description="PersonaPlex checkpoint folder (--model personaplex)")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1 ...; default: cuda if present")
+    slots: int | None = Field(None, ge=1, le=256, description="sessions stepped together; default by device")
+    seed: int = 1234
+    sampling: Sampling = Sampling()
+    input_backlog_frames: int = Field(3, ge=1, le=50)
+    output_backlog_frames: int = Field(6, ge=1, le=50)
+    prime_cache_size: int = Field(32, ge=1, le=4096)
+    start_timeout_seconds: float = Field(10.0, gt=0)
+    max_voice_bytes: int = Field(4_000_000, ge=1024)
+
+    @model_validator(mode="after")
+    def _weights_for_personaplex(self) -> WorkerSettings:
+        if self.model == "personaplex" and self.weights is None:
+            raise ValueError("model 'personaplex' needs weights: the checkpoint folder (--weights DIR)")
+        if self.model == "tiny" and self.weights is not None:
+            raise ValueError("weights are only used with model 'personaplex'")
+        return self
+
+    def resolved_slots(self, device: str) -> int:
+        if self.slots is not None:
+            return self.slots
+        return 32 if device.startswith("cuda") else 2
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _YamlFileSource(settings_cls)
+
+
+class _YamlFileSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = _config_file.get()
+        if path is None:
+            return {}
+        data = yaml.safe_load(path.read_text())
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise SettingsError(f"{path}: expected a mapping of worker settings, got {type(data).__name__}")
+        return data
+
+
+def load_worker_settings(config_file: Path | None = None, **overrides: Any) -> WorkerSettings:
+    """Settings from ``config_file`` < environment < ``overrides``; SettingsError lists every problem."""
+    token = _config_file.set(config_file)
+    try:
+        if config_file is not None and not config_file.is_file():
+            raise SettingsError(f"{config_file}: no such settings file")
+        return WorkerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{config_file}: not valid YAML ({exc})") from exc
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "settings"
+            lines.append(f"{where}: {err['msg']}")
+        raise SettingsError("invalid worker settings:\n  " + "\n  ".join(lines)) from exc
+    finally:
+        _config_file.reset(token)

@@ -1,0 +1,147 @@
+"""Personas as the worker sees them: a role prompt and a voice, and how each is turned into tokens.
+
+The voice is a preset of the loaded model (a PersonaPlex ``voices/*.pt`` file, or one of the tiny
+model's built-in clips) or an audio clip sent with the session request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from moshi.models import MimiModel
+
+from .model import FRAME_SAMPLES, SAMPLE_RATE, ModelBundle
+
+MAX_PROMPT_CHARS = 4_000
+MAX_VOICE_SECONDS = 10.0
+MIN_VOICE_SECONDS = 0.5
+TARGET_LUFS = -24.0
+
+
+class PersonaError(ValueError):
+    """A persona the worker cannot prime, with a message meant for the person who wrote it."""
+
+
+@dataclass(frozen=True)
+class Persona:
+    """What a session is primed with. Exactly one of ``voice`` (a preset name) or ``voice_audio``
+    (the bytes of a wav/flac clip) is set."""
+
+    prompt: str
+    voice: str | None = None
+    voice_audio: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if (self.voice is None) == (self.voice_audio is None):
+            raise PersonaError("a persona needs exactly one voice: a preset name or an audio clip")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise PersonaError(f"prompt is {len(self.prompt)} characters long; at most {MAX_PROMPT_CHARS} allowed")
+
+    def content_hash(self) -> str:
+        """Stable identity of what priming depends on: equal hashes prime to the same state."""
+        digest = hashlib.sha256()
+        digest.update(self.prompt.encode())
+        digest.update(b"\0voice-preset\0" if self.voice is not None else b"\0voice-audio\0")
+        digest.update(self.voice.encode() if self.voice is not None else self.voice_audio or b"")
+        return digest.hexdigest()[:32]
+
+
+@dataclass
+class VoicePrompt:
+    """A voice ready for priming.
+
+    ``codes`` [8, F]: agent-stream Mimi codes, one column per 80 ms frame (from audio).
+    ``embeddings`` [F-1, dim] and ``ring`` [17, 4]: a PersonaPlex ``.pt`` voice, which stores the
+    model's summed input embeddings for all but the last voice step and the token ring after them.
+    """
+
+    codes: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+    ring: torch.Tensor | None = None
+
+    @property
+    def frames(self) -> int:
+        if self.codes is not None:
+            return int(self.codes.shape[1])
+        assert self.embeddings is not None
+        return int(self.embeddings.shape[0]) + 1
+
+
+def prompt_tokens(bundle: ModelBundle, prompt: str) -> list[int]:
+    """SentencePiece ids of the prompt wrapped in PersonaPlex's system tags (its server.py L79)."""
+    if not prompt.strip():
+        return []
+    return list(bundle.tokenizer.encode(f"<system> {prompt.strip()} <system>"))
+
+
+def load_voice(bundle: ModelBundle, persona: Persona, mimi: MimiModel) -> VoicePrompt:
+    """The persona's voice as priming input; ``mimi`` must not be streaming (the pool's is)."""
+    if persona.voice_audio is not None:
+        return voice_from_audio(mimi, decode_audio(persona.voice_audio))
+    assert persona.voice is not None
+    source = bundle.voices.get(persona.voice)
+    if source is None:
+        known = ", ".join(sorted(bundle.voices)) or "none"
+        raise PersonaError(f"unknown voice preset {persona.voice!r}; this model has: {known}")
+    if isinstance(source, torch.Tensor):
+        return voice_from_audio(mimi, source.numpy())
+    if source.suffix == ".pt":
+        return voice_from_pt(bundle, source)
+    return voice_from_audio(mimi, decode_audio(source.read_bytes()))
+
+
+def decode_audio(data: bytes) -> np.ndarray:
+    """Decode a wav/flac clip to mono float32 at 24 kHz, loudness-normalised to -24 LUFS."""
+    import pyloudnorm
+    import soundfile
+    import soxr
+
+    try:
+        audio, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise PersonaError(f"voice clip is not a readable wav or flac file ({exc})") from exc
+    mono = audio.mean(axis=1)
+    seconds = len(mono) / rate
+    if not MIN_VOICE_SECONDS <= seconds <= MAX_VOICE_SECONDS:
+        raise PersonaError(
+            f"voice clip is {seconds:.2f} s long; expected {MIN_VOICE_SECONDS:g} to {MAX_VOICE_SECONDS:g} s"
+        )
+    if rate != SAMPLE_RATE:
+        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
+    loudness = pyloudnorm.Meter(SAMPLE_RATE).integrated_loudness(mono)
+    if not np.isfinite(loudness):
+        raise PersonaError("voice clip is silent")
+    normalised = pyloudnorm.normalize.loudness(mono, loudness, TARGET_LUFS)
+    return np.clip(normalised, -1.0, 1.0).astype(np.float32)
+
+
+@torch.no_grad()
+def voice_from_audio(mimi: MimiModel, audio: np.ndarray) -> VoicePrompt:
+    """Mimi codes of a 24 kHz mono clip, its last frame zero-padded (as the reference does)."""
+    frames = -(-len(audio) // FRAME_SAMPLES)
+    padded = np.zeros(frames * FRAME_SAMPLES, dtype=np.float32)
+    padded[: len(audio)] = audio
+    param = next(mimi.parameters())
+    codes = mimi.encode(torch.from_numpy(padded).view(1, 1, -1).to(param))
+    return VoicePrompt(codes=codes[0].long())
+
+
+def voice_from_pt(bundle: ModelBundle, path: Path) -> VoicePrompt:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds for a damaged file
+        raise PersonaError(f"{path}: not a readable PersonaPlex voice file ({exc})") from exc
+    if not isinstance(saved, dict) or "embeddings" not in saved or "cache" not in saved:
+        raise PersonaError(f"{path}: expected a dict with 'embeddings' and 'cache' (a PersonaPlex voice)")
+    embeddings, ring = saved["embeddings"], saved["cache"]
+    dim, codebooks = bundle.lm.dim, bundle.lm.num_codebooks
+    if embeddings.dim() != 4 or tuple(embeddings.shape[1:]) != (1, 1, dim) or embeddings.shape[0] < 1:
+        raise PersonaError(f"{path}: embeddings have shape {tuple(embeddings.shape)}, expected [N, 1, 1, {dim}]")
+    if tuple(ring.shape) != (1, codebooks, 4):
+        raise PersonaError(f"{path}: cache has shape {tuple(ring.shape)}, expected [1, {codebooks}, 4]")
+    return VoicePrompt(embeddings=embeddings.reshape(-1, dim), ring=ring[0].long())

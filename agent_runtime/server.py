@@ -1,0 +1,337 @@
+"""The worker's HTTP/WebSocket server: sessions on ``/v1/sessions``, probes, metrics.
+
+The protocol is documented in docs/worker-protocol.md; the close codes are in ``CloseCode``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import enum
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from .config import WorkerSettings
+from .metrics import WorkerMetrics
+from .model import FRAME_BYTES, LOADERS, ModelBundle
+from .persona import Persona, PersonaError
+from .pool import PoolConfig, PoolFull, Session, SessionEnded, SessionPool
+
+log = logging.getLogger(__name__)
+
+
+class CloseCode(enum.IntEnum):
+    NORMAL = 1000  # the session ended (by the client's "end" or by the worker)
+    GOING_AWAY = 1001  # the worker is shutting down
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013  # the worker is still loading its model
+    BAD_REQUEST = 4400  # malformed start message or audio frame
+    START_TIMEOUT = 4408  # no start message in time
+    PERSONA_REJECTED = 4422  # the persona cannot be primed (unknown voice, bad clip, prompt too long)
+    NO_FREE_SLOT = 4503  # every slot is in use: try another worker
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: CloseCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass
+class Worker:
+    """What the app serves: filled in once the model has loaded."""
+
+    settings: WorkerSettings
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
+    bundle: ModelBundle | None = None
+    pool: SessionPool | None = None
+    load_error: str | None = None
+    sessions: set[Session] = field(default_factory=set)
+
+    def load(self) -> None:
+        """Load the model and start the pool (blocking: run it off the event loop)."""
+        s = self.settings
+        try:
+            if s.model == "personaplex":
+                bundle = LOADERS["personaplex"](s.weights, s.device)
+            else:
+                bundle = LOADERS["tiny"](s.seed, s.device or "cpu")
+            config = PoolConfig(
+                capacity=s.resolved_slots(str(bundle.device)),
+                input_backlog_frames=s.input_backlog_frames,
+                output_backlog_frames=s.output_backlog_frames,
+                prime_cache_size=s.prime_cache_size,
+                sampling=s.sampling.lm_gen_kwargs(),
+            )
+            pool = SessionPool(bundle, config, self.metrics)
+            if bundle.voices:
+                pool.warm_up(Persona(prompt="Warm-up.", voice=sorted(bundle.voices)[0]))
+            pool.start()
+        except Exception as exc:
+            self.load_error = str(exc)
+            log.exception("model load failed")
+            raise
+        self.bundle, self.pool = bundle, pool
+        log.info("worker ready", extra={"model": bundle.name, "device": str(bundle.device),
+                                        "slots": config.capacity})
+
+
+def create_app(settings: WorkerSettings, worker: Worker | None = None) -> Starlette:
+    """The worker app. It starts serving probes at once and loads the model in the background."""
+    worker = worker or Worker(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        loader = None
+        if worker.pool is None:
+            loader = threading.Thread(target=_load_quietly, args=(worker,), name="model-load", daemon=True)
+            loader.start()
+        yield
+        for session in list(worker.sessions):
+            session.close("shutdown")
+        if worker.pool is not None:
+            worker.pool.stop()
+
+    async def healthz(request: Request) -> Response:
+        return _healthz(worker)
+
+    async def readyz(request: Request) -> Response:
+        return _readyz(worker)
+
+    async def metrics(request: Request) -> Response:
+        return _metrics(worker)
+
+    async def info(request: Request) -> Response:
+        return _info(worker)
+
+    async def sessions(ws: WebSocket) -> None:
+        await _session(worker, ws)
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+            Route("/v1/info", info),
+            WebSocketRoute("/v1/sessions", sessions),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.worker = worker
+    return app
+
+
+def _load_quietly(worker: Worker) -> None:
+    with contextlib.suppress(Exception):  # reported through load_error, /healthz and the log
+        worker.load()
+
+
+def _healthz(worker: Worker) -> Response:
+    if worker.load_error is not None:
+        return JSONResponse({"status": "failed", "reason": worker.load_error}, status_code=500)
+    if worker.pool is not None and not worker.pool.alive:
+        return JSONResponse({"status": "failed", "reason": "the tick thread has stopped"}, status_code=500)
+    return JSONResponse({"status": "ok"})
+
+
+def _readyz(worker: Worker) -> Response:
+    if worker.pool is None:
+        reason = worker.load_error or "loading the model"
+        return JSONResponse({"ready": False, "reason": reason}, status_code=503)
+    if not worker.pool.alive:
+        return JSONResponse({"ready": False, "reason": "the tick thread has stopped"}, status_code=503)
+    return JSONResponse({"ready": True, "free_slots": worker.pool.free_slots})
+
+
+def _metrics(worker: Worker) -> Response:
+    return Response(generate_latest(worker.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _info(worker: Worker) -> Response:
+    if worker.pool is None or worker.bundle is None:
+        return JSONResponse({"ready": False}, status_code=503)
+    return JSONResponse({
+        "ready": True,
+        "model": worker.bundle.name,
+        "device": str(worker.bundle.device),
+        "slots": worker.pool.config.capacity,
+        "free_slots": worker.pool.free_slots,
+        "voices": sorted(worker.bundle.voices),
+        "cached_personas": worker.pool.cached_personas,
+        "frame_bytes": FRAME_BYTES,
+        "sample_rate": 24000,
+    })
+
+
+# ---------------------------------------------------------------------------- sessions
+
+
+async def _session(worker: Worker, ws: WebSocket) -> None:
+    await ws.accept()
+    session: Session | None = None
+    try:
+        if worker.pool is None:
+            raise ProtocolError(CloseCode.TRY_AGAIN_LATER, worker.load_error or "the worker is loading its model")
+        start = await _receive_start(ws, worker.settings)
+        persona, session_id = _parse_start(start, worker.settings)
+        try:
+            session = await worker.pool.open_session(persona, session_id)
+        except PoolFull as exc:
+            raise ProtocolError(CloseCode.NO_FREE_SLOT, str(exc)) from exc
+        except PersonaError as exc:
+            worker.metrics.sessions_refused.labels("persona_rejected").inc()
+            raise ProtocolError(CloseCode.PERSONA_REJECTED, str(exc)) from exc
+        worker.sessions.add(session)
+        await ws.send_text(json.dumps({
+            "type": "ready",
+            "session_id": session.id,
+            "slot": session.slot,
+            "start_ms": round(session.start_seconds * 1000, 2),
+            "persona_cached": session.cached,
+        }))
+        await _converse(ws, session)
+    except ProtocolError as exc:
+        if session is not None:
+            session.close("protocol_error")
+        await _close(ws, exc.code, exc.reason)
+    except WebSocketDisconnect:
+        if session is not None:
+            session.close("client_gone")
+    except Exception:
+        log.exception("session failed", extra={"session": session.id if session else None})
+        if session is not None:
+            session.close("worker_error")
+        await _close(ws, CloseCode.INTERNAL_ERROR, "internal error")
+    finally:
+        if session is not None:
+            worker.sessions.discard(session)
+
+
+async def _receive_start(ws: WebSocket, settings: WorkerSettings) -> dict[str, Any]:
+    try:
+        message = await asyncio.wait_for(ws.receive(), settings.start_timeout_seconds)
+    except TimeoutError as exc:
+        raise ProtocolError(CloseCode.START_TIMEOUT, "no start message received in time") from exc
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    text = message.get("text")
+    if text is None:
+        raise ProtocolError(CloseCode.BAD_REQUEST, "the first message must be a JSON start message (text)")
+    try:
+        start = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(CloseCode.BAD_REQUEST, f"start message is not JSON: {exc.msg}") from exc
+    if not isinstance(start, dict) or start.get("type") != "start":
+        raise ProtocolError(CloseCode.BAD_REQUEST, 'the first message must be {"type": "start", ...}')
+    return start
+
+
+def _parse_start(start: dict[str, Any], settings: WorkerSettings) -> tuple[Persona, str | None]:
+    spec = start.get("persona")
+    if not isinstance(spec, dict):
+        raise ProtocolError(CloseCode.BAD_REQUEST, "start.persona must be an object")
+    unknown = set(spec) - {"prompt", "voice", "voice_audio_base64"}
+    if unknown:
+        raise ProtocolError(CloseCode.BAD_REQUEST, f"start.persona has unknown fields: {sorted(unknown)}")
+    prompt = spec.get("prompt", "")
+    voice = spec.get("voice")
+    audio_b64 = spec.get("voice_audio_base64")
+    session_id = start.get("session_id")
+    if not isinstance(prompt, str):
+        raise ProtocolError(CloseCode.BAD_REQUEST, "start.persona.prompt must be a string")
+    if voice is not None and not isinstance(voice, str):
+        raise ProtocolError(CloseCode.BAD_REQUEST, "start.persona.voice must be a preset name (string)")
+    if session_id is not None and (not isinstance(session_id, str) or not 0 < len(session_id) <= 128):
+        raise ProtocolError(CloseCode.BAD_REQUEST, "start.session_id must be a string of 1 to 128 characters")
+    audio = None
+    if audio_b64 is not None:
+        if not isinstance(audio_b64, str):
+            raise ProtocolError(CloseCode.BAD_REQUEST, "start.persona.voice_audio_base64 must be a string")
+        if len(audio_b64) > settings.max_voice_bytes * 4 // 3 + 4:
+            raise ProtocolError(CloseCode.PERSONA_REJECTED, f"voice clip over {settings.max_voice_bytes} bytes")
+        try:
+            audio = base64.b64decode(audio_b64, validate=True)
+        except binascii.Error as exc:
+            raise ProtocolError(CloseCode.BAD_REQUEST, "start.persona.voice_audio_base64 is not base64") from exc
+    try:
+        return Persona(prompt=prompt, voice=voice, voice_audio=audio), session_id
+    except PersonaError as exc:
+        raise ProtocolError(CloseCode.PERSONA_REJECTED, str(exc)) from exc
+
+
+async def _converse(ws: WebSocket, session: Session) -> None:
+    """Pump audio both ways until either side ends; the first to finish ends the other."""
+    uplink = asyncio.create_task(_uplink(ws, session))
+    downlink = asyncio.create_task(_downlink(ws, session))
+    done, pending = await asyncio.wait({uplink, downlink}, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    for task in pending:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    for task in done:
+        task.result()  # re-raise ProtocolError / WebSocketDisconnect
+    if session.end_reason in ("shutdown",):
+        await _close(ws, CloseCode.GOING_AWAY, "the worker is shutting down")
+    elif session.end_reason == "worker_error":
+        await _close(ws, CloseCode.INTERNAL_ERROR, "the worker failed")
+    else:
+        await _close(ws, CloseCode.NORMAL, f"session ended: {session.end_reason}")
+
+
+async def _uplink(ws: WebSocket, session: Session) -> None:
+    while not session.closed:
+        message = await ws.receive()
+        if message["type"] == "websocket.disconnect":
+            session.close("client_gone")
+            raise WebSocketDisconnect(message.get("code", 1000))
+        data = message.get("bytes")
+        if data is not None:
+            try:
+                session.push_audio(data)
+            except ValueError as exc:
+                raise ProtocolError(CloseCode.BAD_REQUEST, str(exc)) from exc
+            except SessionEnded:
+                return
+            continue
+        try:
+            control = json.loads(message.get("text") or "")
+        except json.JSONDecodeError as exc:
+            raise ProtocolError(CloseCode.BAD_REQUEST, f"control message is not JSON: {exc.msg}") from exc
+        if isinstance(control, dict) and control.get("type") == "end":
+            session.close("client_end")
+            return
+        raise ProtocolError(CloseCode.BAD_REQUEST, 'unknown control message; expected {"type": "end"}')
+
+
+async def _downlink(ws: WebSocket, session: Session) -> None:
+    while True:
+        try:
+            frame = await session.receive()
+        except SessionEnded:
+            return
+        await ws.send_bytes(frame.pcm)
+        if frame.text:
+            await ws.send_text(json.dumps({"type": "text", "text": frame.text}))
+
+
+async def _close(ws: WebSocket, code: int, reason: str) -> None:
+    if ws.application_state == WebSocketState.DISCONNECTED or ws.client_state == WebSocketState.DISCONNECTED:
+        return
+    encoded = reason.encode()[:123]  # a close reason is at most 123 bytes
+    with contextlib.suppress(Exception):
+        await ws.close(code, encoded.decode(errors="ignore"))

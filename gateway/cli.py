@@ -1,0 +1,112 @@
+"""The ``personagate`` command.
+
+    personagate worker [--model tiny|personaplex] [--weights DIR] [--slots N] [--port 8765]
+    personagate bench worker [--json] [--batch-sizes 1,4,16,32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="personagate", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    worker = commands.add_parser("worker", help="run a GPU worker: batched duplex sessions over WebSocket")
+    _worker_options(worker)
+    worker.add_argument("--host", help="listen address (default 127.0.0.1)")
+    worker.add_argument("--port", type=int, help="listen port (default 8765)")
+    worker.add_argument("--log-level", default="info")
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_targets = bench.add_subparsers(dest="target", required=True)
+    bench_worker = bench_targets.add_parser("worker", help="tick time, real-time capacity, session start")
+    _worker_options(bench_worker)
+    bench_worker.add_argument("--json", action="store_true", help="print one JSON document")
+    bench_worker.add_argument("--batch-sizes", default="1,4,16,32", help="comma-separated slot counts")
+    bench_worker.add_argument("--ticks", type=int, default=40, help="measured ticks per batch size")
+    bench_worker.add_argument("--warmup", type=int, default=5, help="unmeasured ticks per batch size")
+
+    args = parser.parse_args(argv)
+    if args.command == "worker":
+        return _run_worker(args)
+    return _run_bench(args)
+
+
+def _worker_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML settings file (environment and flags override it)")
+    parser.add_argument("--model", choices=["tiny", "personaplex"], help="tiny (default) or personaplex")
+    parser.add_argument("--weights", type=Path, help="PersonaPlex checkpoint folder (nvidia/personaplex-7b-v1)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present)")
+    parser.add_argument("--slots", type=int, help="sessions per worker (default: 32 on a GPU, 2 on CPU)")
+    parser.add_argument("--greedy", action="store_const", const=True, help="greedy decoding (deterministic)")
+
+
+def _settings(args: argparse.Namespace):
+    from agent_runtime.config import SettingsError, load_worker_settings
+
+    overrides = {
+        "model": args.model,
+        "weights": args.weights,
+        "device": args.device,
+        "slots": args.slots,
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+    }
+    if args.greedy:
+        overrides["sampling"] = {"greedy": True}
+    try:
+        settings = load_worker_settings(args.config, **overrides)
+    except SettingsError as exc:
+        print(f"personagate: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    # moshi decides at import time whether to wrap its kernels in torch.compile, which then costs tens
+    # of seconds on the first step of every new shape; the GPU path relies on CUDA graphs instead.
+    if "NO_TORCH_COMPILE" not in os.environ:
+        os.environ["NO_TORCH_COMPILE"] = "1"
+    return settings
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from agent_runtime import logs
+    from agent_runtime.server import create_app
+
+    settings = _settings(args)
+    logs.configure(args.log_level)
+    print(
+        f"personagate worker: model {settings.model}, sessions on ws://{settings.host}:{settings.port}/v1/sessions"
+        f" (ready when http://{settings.host}:{settings.port}/readyz says so)",
+        file=sys.stderr,
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        ws_max_size=settings.max_voice_bytes * 2,
+        ws_ping_interval=10,
+        ws_ping_timeout=10,
+    )
+    return 0
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from agent_runtime.bench import run_worker_bench
+
+    settings = _settings(args)
+    try:
+        sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
+    except ValueError:
+        print("personagate: --batch-sizes must be comma-separated integers", file=sys.stderr)
+        return 2
+    return run_worker_bench(settings, sizes, ticks=args.ticks, warmup=args.warmup, as_json=args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
