@@ -65,9 +65,13 @@ class WorkerSettings(BaseSettings):
         return self
 
     def resolved_slots(self, device: str) -> int:
+        """Slots per worker: 32 calls on a GPU (PersonaPlex on an H100); on a CPU, 8 tiny-model calls
+        keep real time on 2 cores, while a CPU PersonaPlex cannot keep even one."""
         if self.slots is not None:
             return self.slots
-        return 32 if device.startswith("cuda") else 2
+        if device.startswith("cuda"):
+            return 32
+        return 8 if self.model == "tiny" else 1
 
     @classmethod
     def settings_customise_sources(

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     _worker_options(bench_worker)
     bench_worker.add_argument("--json", action="store_true", help="print one JSON document")
     bench_worker.add_argument("--batch-sizes", default="1,4,16,32", help="comma-separated slot counts")
-    bench_worker.add_argument("--ticks", type=int, default=40, help="measured ticks per batch size")
+    bench_worker.add_argument("--ticks", type=int, default=100, help="measured ticks per batch size")
+    bench_worker.add_argument("--max-slots", type=int, default=128, help="largest batch the capacity search tries")
     bench_worker.add_argument("--warmup", type=int, default=5, help="unmeasured ticks per batch size")
 
     args = parser.parse_args(argv)
@@ -105,7 +106,9 @@ def _run_bench(args: argparse.Namespace) -> int:
     except ValueError:
         print("personagate: --batch-sizes must be comma-separated integers", file=sys.stderr)
         return 2
-    return run_worker_bench(settings, sizes, ticks=args.ticks, warmup=args.warmup, as_json=args.json)
+    return run_worker_bench(
+        settings, sizes, ticks=args.ticks, warmup=args.warmup, as_json=args.json, max_slots=args.max_slots
+    )
 
 
 if __name__ == "__main__":
