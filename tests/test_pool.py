@@ -141,3 +141,27 @@ async def test_a_caller_hanging_up_during_priming_frees_the_slot(pool):
         await opening
     await asyncio.sleep(0.3)
     assert pool.free_slots == 3
+
+
+async def test_priming_new_personas_does_not_interrupt_live_calls(pool):
+    """While new personas are being primed for arriving calls, a call in progress keeps getting an
+    agent frame every 80 ms: priming runs beside the pool's clock, never in front of it."""
+    live = await pool.open_session(CLAIMS)
+    arrivals: list[float] = []
+
+    async def listen() -> None:
+        while len(arrivals) < 30:
+            await live.receive()
+            arrivals.append(time.monotonic())
+
+    listener = asyncio.create_task(listen())
+    feeder = asyncio.create_task(_feed(live, 32))
+    await asyncio.sleep(0.4)
+    for i in range(4):
+        newcomer = await pool.open_session(Persona(prompt=f"You are agent number {i} at the bank. " * 6,
+                                                   voice="tiny-high"))
+        assert not newcomer.cached
+        newcomer.close("client_end")
+    await asyncio.wait_for(listener, 10)
+    await feeder
+    assert max(np.diff(arrivals)) < 0.25
