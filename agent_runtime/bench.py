@@ -44,7 +44,7 @@ def run_worker_bench(
 ) -> int:
     bundle = _load(settings)
     sampling = settings.sampling.lm_gen_kwargs()
-    voice_name = sorted(bundle.voices)[0] if bundle.voices else None
+    voice_name = min(bundle.voices) if bundle.voices else None
     if voice_name is None:
         print("personagate: the model has no voice presets to prime with", file=sys.stderr)
         return 2
@@ -264,7 +264,7 @@ def _print_table(report: dict[str, Any]) -> None:
           f"{m['cpu_count']} CPUs, torch {m['torch']}")
     print(f"{'slots':>5} {'p50 ms':>8} {'p99 ms':>8} {'real time':>9} {'batched/independent':>20}")
     for r in report["ticks"]:
-        print(f"{r['batch']:>5} {r['tick_p50_ms']:>8} {r['tick_p99_ms']:>8} {str(r['realtime']):>9} "
+        print(f"{r['batch']:>5} {r['tick_p50_ms']:>8} {r['tick_p99_ms']:>8} {r['realtime']!s:>9} "
               f"{r['batched_vs_independent_throughput']:>20}")
     print(f"real-time calls: {report['realtime_calls']}")
     for key, value in report["session_start"].items():

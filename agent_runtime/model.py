@@ -10,9 +10,10 @@ import copy
 import io
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import sentencepiece
 import torch

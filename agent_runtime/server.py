@@ -79,7 +79,7 @@ class Worker:
             )
             pool = SessionPool(bundle, config, self.metrics)
             if bundle.voices:
-                pool.warm_up(Persona(prompt="Warm-up.", voice=sorted(bundle.voices)[0]))
+                pool.warm_up(Persona(prompt="Warm-up.", voice=min(bundle.voices)))
             pool.start()
         except Exception as exc:
             self.load_error = str(exc)

@@ -188,7 +188,7 @@ async def test_a_vanished_client_frees_its_slot_at_once(worker):
 async def test_a_voice_clip_can_be_sent_with_the_session(worker):
     """A persona's voice may be a clip sent inline (any rate, stereo); a clip of the wrong length is
     refused with the measured length."""
-    t = np.arange(int(2 * 16_000)) / 16_000
+    t = np.arange(2 * 16_000) / 16_000
     tone = 0.3 * np.sin(2 * np.pi * 140 * t)
     clip = io.BytesIO()
     soundfile.write(clip, np.stack([tone, tone], axis=1).astype(np.float32), 16_000, format="WAV")
