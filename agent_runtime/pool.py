@@ -40,6 +40,10 @@ class PoolFull(Exception):
     """Every slot is taken."""
 
 
+class PoolStopped(Exception):
+    """The pool is not stepping (not started, stopped, or its tick thread failed)."""
+
+
 class SessionEnded(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -190,9 +194,12 @@ class SessionPool:
     async def open_session(self, persona: Persona, session_id: str | None = None) -> Session:
         """Claim a slot, prime (or fetch the primed state of) the persona and start the session.
 
-        Raises PoolFull when no slot is free and PersonaError when the persona cannot be primed.
+        Raises PoolFull when no slot is free, PersonaError when the persona cannot be primed and
+        PoolStopped when the pool is not running.
         """
         requested = time.perf_counter()
+        if not self.alive or self._stopping:
+            raise PoolStopped("the session pool is not running")
         with self._lock:
             if not self._free:
                 self.metrics.sessions_refused.labels("pool_full").inc()

@@ -28,7 +28,7 @@ from .config import WorkerSettings
 from .metrics import WorkerMetrics
 from .model import FRAME_BYTES, LOADERS, ModelBundle
 from .persona import Persona, PersonaError
-from .pool import PoolConfig, PoolFull, Session, SessionEnded, SessionPool
+from .pool import PoolConfig, PoolFull, PoolStopped, Session, SessionEnded, SessionPool
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,8 @@ async def _session(worker: Worker, ws: WebSocket) -> None:
             session = await worker.pool.open_session(persona, session_id)
         except PoolFull as exc:
             raise ProtocolError(CloseCode.NO_FREE_SLOT, str(exc)) from exc
+        except PoolStopped as exc:
+            raise ProtocolError(CloseCode.TRY_AGAIN_LATER, str(exc)) from exc
         except PersonaError as exc:
             worker.metrics.sessions_refused.labels("persona_rejected").inc()
             raise ProtocolError(CloseCode.PERSONA_REJECTED, str(exc)) from exc

@@ -165,3 +165,15 @@ async def test_priming_new_personas_does_not_interrupt_live_calls(pool):
     await asyncio.wait_for(listener, 10)
     await feeder
     assert max(np.diff(arrivals)) < 0.25
+
+
+async def test_a_stopped_pool_refuses_instead_of_hanging():
+    """A call offered to a pool that is not stepping is refused at once, never left waiting."""
+    from agent_runtime.pool import PoolStopped
+
+    stopped = SessionPool(load_tiny(), PoolConfig(capacity=1))
+    try:
+        with pytest.raises(PoolStopped):
+            await asyncio.wait_for(stopped.open_session(CLAIMS), 2)
+    finally:
+        stopped.stop()
