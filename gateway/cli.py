@@ -2,6 +2,7 @@
 
     personagate worker [--model tiny|personaplex] [--weights DIR] [--slots N] [--port 8765]
     personagate bench worker [--json] [--batch-sizes 1,4,16,32]
+    personagate session ws://127.0.0.1:8765/v1/sessions [--play in.wav] [--record out.wav] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -32,9 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     bench_worker.add_argument("--max-slots", type=int, default=128, help="largest batch the capacity search tries")
     bench_worker.add_argument("--warmup", type=int, default=5, help="unmeasured ticks per batch size")
 
+    session = commands.add_parser("session", help="talk to a worker: play a wav, record the agent, print JSON")
+    session.add_argument("url", nargs="?", default="ws://127.0.0.1:8765/v1/sessions")
+    session.add_argument("--prompt", default="You are a friendly agent at a call center. Greet the caller.")
+    session.add_argument("--voice", default=None, help="voice preset (default: the worker's first)")
+    session.add_argument("--play", type=Path, help="caller audio: a wav/flac file (default: silence)")
+    session.add_argument("--record", type=Path, help="write the agent's audio to this wav file")
+    session.add_argument("--seconds", type=float, help="how long to talk (default: the --play file, or 5 s)")
+
     args = parser.parse_args(argv)
     if args.command == "worker":
         return _run_worker(args)
+    if args.command == "session":
+        return _run_session(args)
     return _run_bench(args)
 
 
@@ -94,6 +105,52 @@ def _run_worker(args: argparse.Namespace) -> int:
         ws_ping_interval=10,
         ws_ping_timeout=10,
     )
+    return 0
+
+
+def _run_session(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+    from urllib.parse import urlsplit
+
+    import httpx
+    import numpy as np
+    import soundfile
+    import soxr
+
+    from gateway.worker_client import WorkerRefused, talk
+
+    voice = args.voice
+    if voice is None:
+        parts = urlsplit(args.url)
+        scheme = "https" if parts.scheme == "wss" else "http"
+        try:
+            voices = httpx.get(f"{scheme}://{parts.netloc}/v1/info", timeout=5).json().get("voices") or []
+        except (httpx.HTTPError, ValueError) as exc:
+            print(f"personagate: cannot reach the worker at {parts.netloc}: {exc}", file=sys.stderr)
+            return 1
+        voice = voices[0] if voices else None
+    caller = np.zeros(0, dtype=np.float32)
+    if args.play is not None:
+        try:
+            audio, rate = soundfile.read(args.play, dtype="float32", always_2d=True)
+        except (OSError, RuntimeError) as exc:
+            print(f"personagate: {args.play}: not a readable audio file ({exc})", file=sys.stderr)
+            return 2
+        caller = soxr.resample(audio.mean(axis=1), rate, 24_000).astype(np.float32)
+    seconds = args.seconds or (len(caller) / 24_000 if len(caller) else 5.0)
+    try:
+        report, agent = asyncio.run(talk(args.url, prompt=args.prompt, voice=voice, caller_audio=caller,
+                                         seconds=seconds))
+    except WorkerRefused as exc:
+        print(f"personagate: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"personagate: cannot reach the worker at {args.url}: {exc}", file=sys.stderr)
+        return 1
+    if args.record is not None:
+        soundfile.write(args.record, agent, 24_000)
+    print(json.dumps(report, indent=2))
     return 0
 
 

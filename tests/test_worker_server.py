@@ -8,12 +8,7 @@ import base64
 import contextlib
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -22,41 +17,9 @@ import soundfile
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-SLOTS = 3
+from tests.conftest import WORKER_SLOTS as SLOTS
+
 FRAME = (np.sin(np.arange(1920) * 2 * np.pi * 300 / 24000) * 6000).astype("<i2").tobytes()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def worker() -> Iterator[str]:
-    port = _free_port()
-    env = os.environ | {"NO_TORCH_COMPILE": "1", "PERSONAGATE_WORKER_START_TIMEOUT_SECONDS": "2"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "worker", "--port", str(port), "--slots", str(SLOTS), "--greedy"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    base = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://{base}/readyz").status_code == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not become ready: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _start(voice: str = "tiny-low", **persona) -> str:

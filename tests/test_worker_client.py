@@ -1,0 +1,47 @@
+"""`personagate session`: the worker client a gateway (or a person) uses to talk to a worker."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import soundfile
+
+
+def _session(worker: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "session", f"ws://{worker}/v1/sessions", *args],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_a_file_is_played_and_the_agent_recorded(worker, tmp_path):
+    """Playing a wav into a persona records one agent frame per caller frame, paced at 80 ms, and
+    reports the session's start and first-audio times as JSON."""
+    t = np.arange(2 * 16_000) / 16_000
+    soundfile.write(tmp_path / "in.wav", (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 16_000)
+    done = _session(worker, "--play", str(tmp_path / "in.wav"), "--record", str(tmp_path / "out.wav"))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["frames_sent"] == 25
+    assert report["frames_received"] >= 23
+    assert 60 <= report["agent_frame_interval_p50_ms"] <= 100
+    assert report["close"] == [1000, "session ended: client_end"]
+    agent, rate = soundfile.read(tmp_path / "out.wav")
+    assert rate == 24_000 and len(agent) == report["frames_received"] * 1920
+
+
+def test_a_refusal_is_reported_with_its_close_code(worker):
+    """A refused session exits non-zero with the worker's close code and reason."""
+    done = _session(worker, "--voice", "nobody", "--seconds", "1")
+    assert done.returncode == 1
+    assert "4422" in done.stderr and "unknown voice preset 'nobody'" in done.stderr
+
+
+def test_an_unreachable_worker_is_reported(tmp_path):
+    """Pointing the client at nothing says so, without a traceback."""
+    done = _session("127.0.0.1:9", "--voice", "tiny-low", "--seconds", "1")
+    assert done.returncode == 1
+    assert "cannot reach the worker" in done.stderr and "Traceback" not in done.stderr
