@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Self
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
@@ -115,7 +116,7 @@ class WorkerSession:
     async def close(self) -> None:
         await self._ws.close()
 
-    async def __aenter__(self) -> WorkerSession:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
