@@ -32,6 +32,7 @@ class SlotBatch:
     def __init__(self, bundle: ModelBundle, capacity: int, lm_gen_kwargs: dict) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
+        _check_memory(bundle, capacity)
         self.bundle = bundle
         self.capacity = capacity
         self.device = bundle.device
@@ -95,4 +96,25 @@ class SlotBatch:
             pcm=pcm_out.float().clamp_(-1, 1).cpu().numpy(),
             text_tokens=tokens[:, 0].tolist(),
             produced=produced.cpu().numpy(),
+        )
+
+
+def kv_bytes_per_slot(bundle: ModelBundle) -> int:
+    """Memory of one slot's attention cache: every temporal layer keeps keys and values for the
+    whole context (3000 frames, 240 s, for PersonaPlex: about 1.46 GiB in bf16)."""
+    lm = bundle.lm
+    element = torch.finfo(bundle.dtype).bits // 8
+    return len(lm.transformer.layers) * 2 * int(lm.context or 0) * lm.dim * element
+
+
+def _check_memory(bundle: ModelBundle, capacity: int) -> None:
+    if bundle.device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(bundle.device)
+    needed = capacity * kv_bytes_per_slot(bundle)
+    if needed > free * 0.9:
+        fits = max(0, int(free * 0.9 // kv_bytes_per_slot(bundle)))
+        raise MemoryError(
+            f"{capacity} slots need {needed / 2**30:.1f} GiB of attention cache but the GPU has "
+            f"{free / 2**30:.1f} GiB free; about {fits} slots fit (--slots)"
         )

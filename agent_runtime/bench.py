@@ -56,6 +56,7 @@ def run_worker_bench(
     ticks_by_size = {b: _tick_times(bundle, sampling, primed, b, ticks, warmup) for b in sizes}
     single = ticks_by_size.get(1) or _tick_times(bundle, sampling, primed, 1, ticks, warmup)
     rows = [_row(b, times, single) for b, times in sorted(ticks_by_size.items())]
+    ticks_by_size = {b: t for b, t in ticks_by_size.items() if t}  # sizes that did not fit in memory
     realtime_calls = _realtime_capacity(bundle, sampling, primed, ticks_by_size, ticks, warmup, max_slots)
 
     start = _session_start(bundle, sampling, primer, plan, primed, persona)
@@ -77,6 +78,8 @@ def run_worker_bench(
 
 
 def _row(slots: int, times: list[float], single: list[float]) -> dict[str, Any]:
+    if not times:
+        return {"batch": slots, "error": "does not fit in device memory", "realtime": False}
     p50, p99 = _pct(times, 50), _pct(times, 99)
     return {
         "batch": slots,
@@ -95,7 +98,8 @@ def _realtime_capacity(bundle, sampling, primed, measured: dict[int, list[float]
 
     def fit(slots: int) -> bool:
         if slots not in fits:
-            fits[slots] = _pct(_tick_times(bundle, sampling, primed, slots, ticks, warmup), 99) <= FRAME_MS
+            times = _tick_times(bundle, sampling, primed, slots, ticks, warmup)
+            fits[slots] = bool(times) and _pct(times, 99) <= FRAME_MS
         return fits[slots]
 
     good = max((b for b, ok in fits.items() if ok), default=0)
@@ -127,8 +131,14 @@ def _sync(bundle: ModelBundle) -> None:
 
 
 def _tick_times(bundle: ModelBundle, sampling: dict, primed, slots: int, ticks: int, warmup: int) -> list[float]:
-    """Milliseconds per tick with every slot live and fed a frame of (noise) caller audio."""
-    batch = SlotBatch(bundle, slots, sampling)
+    """Milliseconds per tick with every slot live and fed a frame of (noise) caller audio; empty
+    when that many slots do not fit in device memory."""
+    try:
+        batch = SlotBatch(bundle, slots, sampling)
+    except (MemoryError, torch.OutOfMemoryError):
+        if bundle.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return []
     try:
         for slot in range(slots):
             batch.install(slot, primed)

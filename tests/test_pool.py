@@ -177,3 +177,16 @@ async def test_a_stopped_pool_refuses_instead_of_hanging():
             await asyncio.wait_for(stopped.open_session(CLAIMS), 2)
     finally:
         stopped.stop()
+
+
+async def test_a_client_that_stops_reading_loses_old_frames_not_the_others(pool):
+    """A gateway that stops reading one call's audio gets only its newest frames later (no growing
+    lag), and the other calls are not slowed."""
+    stuck = await pool.open_session(CLAIMS)
+    fine = await pool.open_session(BANK)
+    feeders = [asyncio.create_task(_feed(stuck, 25)), asyncio.create_task(_feed(fine, 25))]
+    got_fine = await _count(fine, 2.4)
+    await asyncio.gather(*feeders)
+    assert got_fine >= 22
+    assert stuck._outbound.qsize() <= pool.config.output_backlog_frames
+    assert _value(pool, "personagate_worker_output_frames_shed_total") >= 10
