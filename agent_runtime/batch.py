@@ -46,16 +46,10 @@ class SlotBatch:
         param = next(self.mimi.parameters())
         self._pcm_in = torch.zeros(capacity, 1, FRAME_SAMPLES, device=self.device, dtype=param.dtype)
         self._slot_mask = torch.zeros(capacity, dtype=torch.bool, device=self.device)
-        self._all_off = torch.zeros(capacity, dtype=torch.bool, device=self.device)
-        self.close_all_slots()
 
     def close(self) -> None:
         """Leave streaming mode, so that the bundle's modules can serve another batch."""
         self._streaming.close()
-
-    def close_all_slots(self) -> None:
-        self.lm_gen.set_exec_mask(self._all_off)
-        self.mimi.set_exec_mask(self._all_off)
 
     def _one_slot(self, slot: int) -> torch.Tensor:
         self._slot_mask.zero_()

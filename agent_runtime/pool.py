@@ -187,7 +187,6 @@ class SessionPool:
         executing = np.ones(self.config.capacity, dtype=bool)
         for _ in range(steps):
             self.batch.step(self._pcm, executing)
-        self.batch.close_all_slots()
 
     # ------------------------------------------------------------------ sessions
 
@@ -222,11 +221,6 @@ class SessionPool:
         self.metrics.session_start_seconds.labels("hit" if cached else "miss").observe(session.start_seconds)
         self.metrics.sessions_started.inc()
         return session
-
-    async def prime(self, persona: Persona) -> PrimedState:
-        """Prime a persona ahead of its first call (cached by content hash)."""
-        primed, _ = await self._primed(persona)
-        return primed
 
     async def _primed(self, persona: Persona) -> tuple[PrimedState, bool]:
         key = persona.content_hash()

@@ -119,10 +119,6 @@ class PrimedState:
     ring: torch.Tensor  # [K, ring] LMGen's token ring
     prime_seconds: float
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.kv) + self.ring.numel() * 8
-
 
 class Primer:
     """Primes personas on its own copy of the modules (weights shared with the pool's)."""
