@@ -31,11 +31,15 @@ def _primed(bundle, primer: Primer, persona: Persona):
                                persona.content_hash())
 
 
-@pytest.mark.parametrize("voice", ["tiny-low", "tiny-high"])
-def test_fast_priming_matches_step_by_step_reference(bundle, voice):
+@pytest.mark.parametrize("voice, dtype", [
+    ("tiny-low", torch.float32), ("tiny-high", torch.float32), ("tiny-low", torch.bfloat16),
+])
+def test_fast_priming_matches_step_by_step_reference(bundle, voice, dtype):
     """A caller hears exactly what the reference priming would produce: the runtime's prefill +
     snapshot + restore into a slot of a busy batch, then greedy generation, yields the same token
-    stream as a plain unbatched step-by-step run against moshi's public API."""
+    stream as a plain unbatched step-by-step run against moshi's public API (in fp32, and in bf16,
+    the dtype PersonaPlex runs in)."""
+    bundle.lm.to(dtype)
     persona = Persona(prompt="You are a claims agent at Harbor Mutual Insurance. Be brief.", voice=voice)
     primer = Primer(bundle, GREEDY)
     other = Persona(prompt="You work for Northwind Bank card services.", voice="tiny-low")
