@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 class CloseCode(enum.IntEnum):
     NORMAL = 1000  # the session ended (by the client's "end" or by the worker)
-    GOING_AWAY = 1001  # the worker is shutting down
+    GOING_AWAY = 1001  # the worker is shutting down (uvicorn itself closes with 1012 on SIGTERM)
     INTERNAL_ERROR = 1011
     TRY_AGAIN_LATER = 1013  # the worker is still loading its model
     BAD_REQUEST = 4400  # malformed start message or audio frame
