@@ -285,7 +285,7 @@ def load_personaplex(
             f"{tok_path}: vocabulary of {tokenizer.vocab_size()} pieces, expected at most {lm_kwargs['text_card']}"
         )
     with torch.device("meta"):
-        lm = LMModel(device="meta", dtype=dtype, **_lm_constructor_kwargs(lm_kwargs))
+        lm = LMModel(device="meta", dtype=dtype, **lm_kwargs)
     _load_safetensors_into(lm, folder / "model.safetensors", device, dtype, progress, "language model")
     lm.eval()
 
@@ -303,12 +303,6 @@ def load_personaplex(
                "voices": len(voices)},
     )
     return bundle
-
-
-def _lm_constructor_kwargs(lm_kwargs: dict[str, Any]) -> dict[str, Any]:
-    kwargs = dict(lm_kwargs)
-    kwargs.pop("depformer_causal", None)
-    return kwargs
 
 
 def _load_safetensors_into(

@@ -189,3 +189,19 @@ def test_a_damaged_pt_voice_is_refused_with_its_path(tmp_path):
     bad.write_bytes(b"not a torch file")
     with pytest.raises(PersonaError, match="not a readable PersonaPlex voice file"):
         voice_from_pt(bundle, bad)
+
+
+def test_the_personaplex_architecture_matches_the_published_checkpoint():
+    """The shapes the loader builds for --model personaplex are PersonaPlex-7B's: 8.37 B parameters,
+    16.7 GB in bf16, 16 depth steps in the file (third-party model cards; built on the meta device,
+    so no memory is used)."""
+    from moshi.models import LMModel
+
+    from agent_runtime.model import PERSONAPLEX_LM_KWARGS
+
+    with torch.device("meta"):
+        lm = LMModel(device="meta", dtype=torch.bfloat16, **PERSONAPLEX_LM_KWARGS)
+    params = sum(p.numel() for p in lm.parameters())
+    assert 8.36e9 < params < 8.38e9
+    assert round(params * 2 / 1e9, 1) == 16.7
+    assert len(lm.depformer_in) == 16 and lm.num_codebooks == 17 and lm.context == 3000
