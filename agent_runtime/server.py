@@ -13,6 +13,7 @@ import enum
 import json
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,6 +183,7 @@ def _info(worker: Worker) -> Response:
 
 async def _session(worker: Worker, ws: WebSocket) -> None:
     await ws.accept()
+    opened = time.monotonic()
     session: Session | None = None
     try:
         if worker.pool is None:
@@ -198,6 +200,9 @@ async def _session(worker: Worker, ws: WebSocket) -> None:
             worker.metrics.sessions_refused.labels("persona_rejected").inc()
             raise ProtocolError(CloseCode.PERSONA_REJECTED, str(exc)) from exc
         worker.sessions.add(session)
+        log.info("session started", extra={"session": session.id, "slot": session.slot,
+                                           "persona": session.persona_hash, "persona_cached": session.cached,
+                                           "start_ms": round(session.start_seconds * 1000, 2)})
         await ws.send_text(json.dumps({
             "type": "ready",
             "session_id": session.id,
@@ -221,6 +226,8 @@ async def _session(worker: Worker, ws: WebSocket) -> None:
     finally:
         if session is not None:
             worker.sessions.discard(session)
+            log.info("session ended", extra={"session": session.id, "reason": session.end_reason,
+                                             "seconds": round(time.monotonic() - opened, 2)})
 
 
 async def _receive_start(ws: WebSocket, settings: WorkerSettings) -> dict[str, Any]:
