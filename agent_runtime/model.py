@@ -293,7 +293,13 @@ def load_personaplex(
     _load_safetensors_into(mimi, folder / moshi_loaders.MIMI_NAME, device, None, progress, "Mimi codec")
     mimi.to(device).eval()
 
-    voices: dict[str, Path | torch.Tensor] = {p.stem: p for p in sorted((folder / "voices").glob("*.pt"))}
+    voices: dict[str, Path | torch.Tensor] = {
+        p.stem: p for p in sorted((folder / "voices").glob("*")) if p.suffix in (".pt", ".wav", ".flac")
+    }
+    if not voices:
+        hint = "unpack voices.tgz there (tar -xzf voices.tgz)" if (folder / "voices.tgz").is_file() else ""
+        log.warning("no voice presets in the checkpoint: sessions must send a voice clip",
+                    extra={"folder": str(folder / "voices"), "hint": hint})
     silence = torch.tensor(PERSONAPLEX_SILENCE_CODES) if mimi.cardinality == 2048 else None
     sine = torch.tensor(PERSONAPLEX_SINE_CODES) if mimi.cardinality == 2048 else None
     bundle = _finish_bundle("personaplex", lm, mimi, tokenizer, device, silence, sine, voices)

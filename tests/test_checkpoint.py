@@ -205,3 +205,13 @@ def test_the_personaplex_architecture_matches_the_published_checkpoint():
     assert 8.36e9 < params < 8.38e9
     assert round(params * 2 / 1e9, 1) == 16.7
     assert len(lm.depformer_in) == 16 and lm.num_codebooks == 17 and lm.context == 3000
+
+
+def test_a_corrupt_tokenizer_is_named(checkpoint, tmp_path):
+    """A damaged tokenizer file is reported by name, as a SentencePiece model that could not be read."""
+    for item in checkpoint.iterdir():
+        if item.name != TOKENIZER:
+            (tmp_path / item.name).symlink_to(item)
+    (tmp_path / TOKENIZER).write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match=rf"{TOKENIZER}: not a SentencePiece model"):
+        _load(tmp_path)
