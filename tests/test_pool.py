@@ -164,7 +164,10 @@ async def test_priming_new_personas_does_not_interrupt_live_calls(pool):
         newcomer.close("client_end")
     await asyncio.wait_for(listener, 10)
     await feeder
-    assert max(np.diff(arrivals)) < 0.25
+    # Priming one of these the reference's way (a step per prompt frame) takes over a second here;
+    # frames keep coming at 80 ms with at most a short hiccup on a busy 2-core machine.
+    assert max(np.diff(arrivals)) < 0.4
+    assert float(np.median(np.diff(arrivals))) < 0.1
 
 
 async def test_a_stopped_pool_refuses_instead_of_hanging():
