@@ -91,16 +91,13 @@ class Worker:
                                         "slots": config.capacity})
 
 
-def create_app(settings: WorkerSettings, worker: Worker | None = None) -> Starlette:
+def create_app(settings: WorkerSettings) -> Starlette:
     """The worker app. It starts serving probes at once and loads the model in the background."""
-    worker = worker or Worker(settings)
+    worker = Worker(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        loader = None
-        if worker.pool is None:
-            loader = threading.Thread(target=_load_quietly, args=(worker,), name="model-load", daemon=True)
-            loader.start()
+        threading.Thread(target=_load_quietly, args=(worker,), name="model-load", daemon=True).start()
         yield
         for session in list(worker.sessions):
             session.close("shutdown")
