@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from moshi.models import LMGen
 
-from .batch import SlotBatch
+from .batch import SlotBatch, kv_bytes_per_slot
 from .config import WorkerSettings
 from .model import FRAME_SAMPLES, LOADERS, ModelBundle
 from .persona import Persona, load_voice, prompt_tokens
@@ -65,6 +65,8 @@ def run_worker_bench(
         "model": {"name": bundle.name, "dim": bundle.lm.dim, "layers": len(bundle.lm.transformer.layers),
                   "dtype": str(bundle.dtype).removeprefix("torch.")},
         "prompt_frames": primed.position,
+        "attention_cache_mib_per_slot": round(kv_bytes_per_slot(bundle) / 2**20, 1),
+        "primed_persona_mib": round(sum(t.numel() * t.element_size() for t in primed.kv) / 2**20, 2),
         "ticks_measured": ticks,
         "ticks": rows,
         "realtime_calls": realtime_calls,
@@ -277,5 +279,7 @@ def _print_table(report: dict[str, Any]) -> None:
         print(f"{r['batch']:>5} {r['tick_p50_ms']:>8} {r['tick_p99_ms']:>8} {r['realtime']!s:>9} "
               f"{r['batched_vs_independent_throughput']:>20}")
     print(f"real-time calls: {report['realtime_calls']}")
+    print(f"attention cache per slot: {report['attention_cache_mib_per_slot']} MiB; "
+          f"a primed persona: {report['primed_persona_mib']} MiB ({report['prompt_frames']} frames)")
     for key, value in report["session_start"].items():
         print(f"{key}: {value}")
