@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_file", default=None)
@@ -20,6 +20,8 @@ class SettingsError(ValueError):
 
 class Sampling(BaseModel):
     """Generation settings (PersonaPlex server defaults). ``greedy`` is for tests and benchmarks."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key must not leave a default in place
 
     greedy: bool = False
     temp: float = Field(0.8, gt=0, le=2)
@@ -93,7 +95,11 @@ class _YamlFileSource(PydanticBaseSettingsSource):
         path = _config_file.get()
         if path is None:
             return {}
-        data = yaml.safe_load(path.read_text())
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"{path}: cannot read the settings file ({exc})") from exc
+        data = yaml.safe_load(text)
         if data is None:
             return {}
         if not isinstance(data, dict):

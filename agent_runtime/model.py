@@ -334,6 +334,10 @@ def _load_safetensors_into(
                 state[key] = tensor.to(device)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc}); expected {what} weights") from exc
+    try:
+        _rename_legacy_keys(module, state)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: does not match the {what} architecture: {exc}") from exc
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -347,6 +351,21 @@ def _load_safetensors_into(
                 f"{path}: tensor {key} has shape {tuple(state[key].shape)}, expected {tuple(want.shape)} for {what}"
             )
     module.load_state_dict(state, assign=True)
+
+
+def _rename_legacy_keys(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Bring tensor names of older moshi checkpoints to this moshi's, in place, as ``load_state_dict``
+    would: PersonaPlex's files come from moshi 0.1.0, whose attention stores one fused
+    ``self_attn.in_proj_weight`` / ``out_proj.weight`` where moshi 0.2 has ``in_projs.{i}`` /
+    ``out_projs.{i}``. moshi converts them in load-state-dict pre-hooks; running those hooks first lets
+    the name and shape checks compare like with like."""
+    for name, sub in module.named_modules():
+        prefix = f"{name}." if name else ""
+        for hook in sub._load_state_dict_pre_hooks.values():
+            try:
+                hook(state, prefix, {}, True, [], [], [])
+            except RuntimeError as exc:  # a fused weight that does not split into the module's steps
+                raise ValueError(f"tensors {prefix}* do not fit {type(sub).__name__} ({exc})") from exc
 
 
 def _finish_bundle(
