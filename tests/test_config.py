@@ -1,0 +1,173 @@
+"""Worker settings: defaults, a YAML file < the environment < explicit overrides, and start-up refusals
+an operator can act on."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent_runtime.config import SettingsError, WorkerSettings, load_worker_settings
+from gateway.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch):
+    """No PERSONAGATE_WORKER_* variable of the machine running the tests leaks into them."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("PERSONAGATE_WORKER_"):
+            monkeypatch.delenv(name)
+
+
+def _yaml(tmp_path, text: str):
+    path = tmp_path / "worker.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_tiny_model_on_loopback():
+    """With nothing configured, the worker is the local demo: the tiny model on 127.0.0.1:8765,
+    sampled like PersonaPlex's server, slots chosen by device."""
+    s = load_worker_settings()
+    assert (s.model, s.host, s.port, s.weights) == ("tiny", "127.0.0.1", 8765, None)
+    assert s.slots is None and s.resolved_slots("cpu") == 8 and s.resolved_slots("cuda:0") == 32
+    assert s.sampling.lm_gen_kwargs() == {
+        "use_sampling": True, "temp": 0.8, "temp_text": 0.7, "top_k": 250, "top_k_text": 25,
+    }
+
+
+def test_the_environment_sets_values(monkeypatch):
+    """PERSONAGATE_WORKER_SLOTS=4 sets the slot count; nested settings use a double underscore."""
+    monkeypatch.setenv("PERSONAGATE_WORKER_SLOTS", "4")
+    monkeypatch.setenv("PERSONAGATE_WORKER_SAMPLING__GREEDY", "true")
+    s = load_worker_settings()
+    assert s.slots == 4 and s.resolved_slots("cuda") == 4
+    assert s.sampling.greedy and s.sampling.lm_gen_kwargs()["use_sampling"] is False
+
+
+def test_file_then_environment_then_overrides(tmp_path, monkeypatch):
+    """The YAML file sets the base, the environment beats the file, explicit overrides (command-line
+    flags) beat both; settings nobody overrides keep the file's value."""
+    config = _yaml(tmp_path, "host: 0.0.0.0\nport: 9000\nslots: 3\nsampling:\n  temp: 0.5\n")
+    s = load_worker_settings(config)
+    assert (s.host, s.port, s.slots, s.sampling.temp) == ("0.0.0.0", 9000, 3, 0.5)
+    monkeypatch.setenv("PERSONAGATE_WORKER_SLOTS", "5")
+    monkeypatch.setenv("PERSONAGATE_WORKER_PORT", "9100")
+    s = load_worker_settings(config)
+    assert (s.host, s.port, s.slots, s.sampling.temp) == ("0.0.0.0", 9100, 5, 0.5)
+    s = load_worker_settings(config, slots=7, port=None, sampling={"greedy": True})
+    assert (s.host, s.port, s.slots) == ("0.0.0.0", 9100, 7)
+    # --greedy adds to the file's sampling settings instead of replacing them
+    assert s.sampling.greedy and s.sampling.temp == 0.5
+
+
+def test_a_personaplex_file_with_its_weights_loads(tmp_path):
+    """A file naming the PersonaPlex model and its checkpoint folder is a valid configuration."""
+    s = load_worker_settings(_yaml(tmp_path, f"model: personaplex\nweights: {tmp_path}\ndevice: cuda:1\n"))
+    assert (s.model, s.weights, s.device) == ("personaplex", tmp_path, "cuda:1")
+    assert s.resolved_slots("cpu") == 1
+
+
+def test_personaplex_without_weights_is_refused():
+    """`model: personaplex` without a checkpoint folder fails at start and says what to add."""
+    with pytest.raises(SettingsError) as err:
+        load_worker_settings(model="personaplex")
+    assert "weights" in str(err.value) and "--weights" in str(err.value)
+
+
+def test_an_unknown_key_in_the_file_is_named(tmp_path):
+    """A misspelt setting is refused with its name rather than silently ignored."""
+    with pytest.raises(SettingsError) as err:
+        load_worker_settings(_yaml(tmp_path, "prot: 9000\n"))
+    assert "prot" in str(err.value)
+
+
+def test_an_unknown_nested_key_in_the_file_is_named(tmp_path):
+    """A misspelt sampling setting (`tmep`) is refused with its path rather than silently ignored,
+    which would leave the default temperature in production."""
+    with pytest.raises(SettingsError) as err:
+        load_worker_settings(_yaml(tmp_path, "sampling:\n  tmep: 0.5\n"))
+    assert "sampling.tmep" in str(err.value)
+
+
+def test_every_bad_value_is_listed(tmp_path):
+    """Several mistakes in one file are all reported, one line each, with the field."""
+    with pytest.raises(SettingsError) as err:
+        load_worker_settings(_yaml(tmp_path, "slots: 0\nport: 70000\nsampling:\n  temp: 5\n"))
+    lines = str(err.value).splitlines()
+    assert any(line.strip().startswith("slots:") for line in lines)
+    assert any(line.strip().startswith("port:") for line in lines)
+    assert any(line.strip().startswith("sampling.temp:") for line in lines)
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    """A YAML syntax error points at the file."""
+    config = _yaml(tmp_path, "port: [9000\nslots: 2\n")
+    with pytest.raises(SettingsError) as err:
+        load_worker_settings(config)
+    assert str(config) in str(err.value) and "not valid YAML" in str(err.value)
+
+
+def test_a_file_that_is_not_a_mapping_names_the_file(tmp_path):
+    """A YAML list instead of a mapping is refused with the file name."""
+    config = _yaml(tmp_path, "- port\n- 9000\n")
+    with pytest.raises(SettingsError, match="expected a mapping"):
+        load_worker_settings(config)
+
+
+def test_an_empty_file_means_defaults(tmp_path):
+    """An empty settings file (all commented out) is the defaults."""
+    assert load_worker_settings(_yaml(tmp_path, "# nothing yet\n")) == WorkerSettings()
+
+
+def test_a_missing_or_unreadable_file_is_named(tmp_path):
+    """A wrong --config path, or a file that is not text, is refused with the path."""
+    with pytest.raises(SettingsError, match="no such settings file"):
+        load_worker_settings(tmp_path / "nope.yaml")
+    binary = tmp_path / "worker.yaml"
+    binary.write_bytes(b"\xff\xfe\x00port: 1\x00\x9c")
+    with pytest.raises(SettingsError) as err:
+        load_worker_settings(binary)
+    assert str(binary) in str(err.value)
+
+
+def test_a_bad_environment_value_is_named(monkeypatch):
+    """A malformed environment variable is reported with the setting it feeds."""
+    monkeypatch.setenv("PERSONAGATE_WORKER_PORT", "eighty")
+    with pytest.raises(SettingsError, match="port:"):
+        load_worker_settings()
+
+
+def test_the_worker_command_exits_2_with_the_reason(capsys, monkeypatch):
+    """`personagate worker --model personaplex` without weights exits with status 2 and prints the
+    reason on stderr, not a traceback."""
+    _never_start_a_server(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["worker", "--model", "personaplex"])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "weights" in captured.err and "personaplex" in captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+def _never_start_a_server(monkeypatch):
+    """Make `personagate worker` fail fast instead of serving forever if its settings were accepted."""
+    import uvicorn
+
+    import agent_runtime.server
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the worker was started: its settings should have been refused")
+
+    monkeypatch.setattr(agent_runtime.server, "create_app", refuse)
+    monkeypatch.setattr(uvicorn, "run", refuse)
+
+
+def test_the_worker_command_reports_a_broken_config_file(tmp_path, capsys, monkeypatch):
+    """`personagate worker --config FILE` with a broken file exits with status 2 and names the file."""
+    _never_start_a_server(monkeypatch)
+    config = _yaml(tmp_path, "sampling:\n  tmep: 0.5\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["worker", "--config", str(config)])
+    assert exit_info.value.code == 2
+    assert "sampling.tmep" in capsys.readouterr().err
