@@ -194,7 +194,6 @@ async def _session(worker: Worker, ws: WebSocket) -> None:
         except PoolStopped as exc:
             raise ProtocolError(CloseCode.TRY_AGAIN_LATER, str(exc)) from exc
         except PersonaError as exc:
-            worker.metrics.sessions_refused.labels("persona_rejected").inc()
             raise ProtocolError(CloseCode.PERSONA_REJECTED, str(exc)) from exc
         worker.sessions.add(session)
         log.info("session started", extra={"session": session.id, "slot": session.slot,
@@ -211,6 +210,8 @@ async def _session(worker: Worker, ws: WebSocket) -> None:
     except ProtocolError as exc:
         if session is not None:
             session.close("protocol_error")
+        elif exc.code == CloseCode.PERSONA_REJECTED:  # at parse time (prompt, clip size) or at priming
+            worker.metrics.sessions_refused.labels("persona_rejected").inc()
         await _close(ws, exc.code, exc.reason)
     except WebSocketDisconnect:
         if session is not None:
