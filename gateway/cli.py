@@ -3,6 +3,7 @@
     personagate worker [--model tiny|personaplex] [--weights DIR] [--slots N] [--port 8765]
     personagate bench worker [--json] [--batch-sizes 1,4,16,32]
     personagate session ws://127.0.0.1:8765/v1/sessions [--play in.wav] [--record out.wav] [--seconds 5]
+    personagate tenants validate [DIR]
 """
 
 from __future__ import annotations
@@ -41,7 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     session.add_argument("--record", type=Path, help="write the agent's audio to this wav file")
     session.add_argument("--seconds", type=float, help="how long to talk (default: the --play file, or 5 s)")
 
+    tenants = commands.add_parser("tenants", help="tenant personas")
+    tenant_actions = tenants.add_subparsers(dest="action", required=True)
+    validate = tenant_actions.add_parser(
+        "validate", help="check a tenants folder: every problem as file:line:column: field: message; exit 1 if any")
+    validate.add_argument("folder", nargs="?", type=Path, default=Path("tenants"))
+
     args = parser.parse_args(argv)
+    if args.command == "tenants":
+        return _run_tenants(args)
     if args.command == "worker":
         return _run_worker(args)
     if args.command == "session":
@@ -151,6 +160,21 @@ def _run_session(args: argparse.Namespace) -> int:
     if args.record is not None:
         soundfile.write(args.record, agent, 24_000)
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def _run_tenants(args: argparse.Namespace) -> int:
+    from gateway.tenants.loader import load_tenants
+
+    result = load_tenants(args.folder)
+    for problem in sorted(result.problems):
+        print(problem)
+    if result.problems:
+        print(f"{len(result.problems)} problem(s) in {args.folder}", file=sys.stderr)
+        return 1
+    personas = sum(len(t.personas) for t in result.tenants.values())
+    numbers = sum(len(t.spec.numbers) for t in result.tenants.values())
+    print(f"{args.folder}: {len(result.tenants)} tenants, {personas} personas, {numbers} numbers: all valid")
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Tenant personas: the schema of tenant.yaml, loading with positioned errors, live reload."""

@@ -1,0 +1,422 @@
+"""Reading tenant folders: YAML with positions, the schema, voice clips, references between fields and
+between tenants. Every problem of a run is collected, each as ``file:line:column: field.path: message``.
+
+A folder is ``<root>/<tenant-id>/`` holding ``tenant.yaml`` and the clips it names. Names starting
+with a dot are not tenant content: Kubernetes keeps its ConfigMap versions there (``..data``), and the
+admin API its history (``.history``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from agent_runtime.voices import PreparedClip, VoiceClipError, prepare_clip
+
+from .schema import TenantFile
+from .tenant import PersonaConfig, Tenant
+
+TENANT_FILE = "tenant.yaml"
+MAX_TENANT_FILE_BYTES = 1_000_000
+MAX_CLIP_BYTES = 10_000_000
+VOICE_SECONDS = (2.0, 10.0)
+ANNOUNCEMENT_SECONDS = (1.0, 30.0)
+
+# What a missing field should hold, for the message an admin sees.
+EXPECTED = {
+    "tenant": "the tenant id (the folder's name)",
+    "name": "the tenant's display name",
+    "personas": "at least one persona",
+    "prompt": "the role prompt: who the agent is and how it should behave",
+    "voice": "a voice: {preset: NATF0} or {clip: voices/agent.wav}",
+    "timezone": "an IANA time zone such as 'Europe/London'",
+    "weekly": "opening hours per day, e.g. {mon: '08:00-18:00'}",
+    "transfer_to": "the SIP URI of the human queue, e.g. 'sip:queue@pbx.example.com'",
+}
+KINDS = {
+    "string_type": "text", "int_type": "a whole number", "int_parsing": "a whole number",
+    "int_from_float": "a whole number", "float_type": "a number", "float_parsing": "a number",
+    "bool_type": "true or false", "bool_parsing": "true or false", "dict_type": "a mapping (key: value lines)",
+    "list_type": "a list", "date_type": "a date like 2026-12-25", "date_parsing": "a date like 2026-12-25",
+    "date_from_datetime_parsing": "a date like 2026-12-25", "model_type": "a mapping (key: value lines)",
+    "model_attributes_type": "a mapping (key: value lines)",
+}
+
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    """One thing wrong in a tenant folder, positioned for the admin's editor (1-based)."""
+
+    file: str
+    line: int
+    column: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}: {self.path}: {self.message}"
+
+
+class ClipCache:
+    """Prepared clips by content hash: a reload re-reads files but decodes only clips that changed."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._entries: OrderedDict[tuple[str, float, float], PreparedClip | VoiceClipError] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def prepare(self, data: bytes, seconds: tuple[float, float]) -> PreparedClip:
+        key = (hashlib.sha256(data).hexdigest(), *seconds)
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+        if found is None:
+            try:
+                found = prepare_clip(data, min_seconds=seconds[0], max_seconds=seconds[1])
+            except VoiceClipError as exc:
+                found = exc
+            with self._lock:
+                self._entries[key] = found
+                while len(self._entries) > self._size:
+                    self._entries.popitem(last=False)
+        if isinstance(found, VoiceClipError):
+            raise found
+        return found
+
+
+@dataclass
+class LoadResult:
+    tenants: dict[str, Tenant]
+    problems: list[Problem]
+
+
+# ---------------------------------------------------------------------------------------------- YAML
+
+
+class _Document:
+    """A YAML document and its node tree, to point a field path back at a line and column."""
+
+    def __init__(self, file: str, root: yaml.Node) -> None:
+        self.file = file
+        self.root = root
+
+    def mark(self, path: Iterable[Any], *, key: bool = False) -> tuple[int, int]:
+        """Line and column of the value at ``path`` (of its key with ``key``); where the path runs
+        past what the file holds (a missing field), the deepest node that exists."""
+        node: yaml.Node = self.root
+        steps = list(path)
+        for index, step in enumerate(steps):
+            last = index == len(steps) - 1
+            if isinstance(node, yaml.MappingNode):
+                pair = next(((k, v) for k, v in node.value if k.value == str(step)), None)
+                if pair is None:
+                    break
+                node = pair[0] if last and key else pair[1]
+            elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) and step < len(node.value):
+                node = node.value[step]
+            else:
+                break
+        return node.start_mark.line + 1, node.start_mark.column + 1
+
+    def problem(self, path: Iterable[Any], message: str, *, key: bool = False) -> Problem:
+        steps = list(path)
+        line, column = self.mark(steps, key=key)
+        return Problem(self.file, line, column, ".".join(map(str, steps)) or "(file)", message)
+
+
+class _KeysAsWritten(yaml.SafeLoader):
+    """Mapping keys are kept as the text the admin wrote: `+14155550100:` stays a phone number
+    (YAML would make it an int) and `on:` stays a word (YAML 1.1 would make it true)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:  # type: ignore[override]
+        self.flatten_mapping(node)
+        return {
+            (key.value if isinstance(key, yaml.ScalarNode) else self.construct_object(key, deep=deep)):
+            self.construct_object(value, deep=deep)
+            for key, value in node.value
+        }
+
+
+_KeysAsWritten.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _KeysAsWritten.construct_mapping)
+
+
+def _parse_yaml(file: str, text: str) -> tuple[_Document | None, Any, list[Problem]]:
+    loader = _KeysAsWritten(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, None, [Problem(file, 1, 1, "(file)", "the file is empty; expected the tenant's settings")]
+        problems = list(_duplicate_keys(_Document(file, root), root, []))
+        data = loader.construct_document(root)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        what = " ".join(filter(None, [exc.context, exc.problem]))
+        return None, None, [Problem(file, line, column, "(yaml)", f"not valid YAML: {what}")]
+    except yaml.YAMLError as exc:
+        return None, None, [Problem(file, 1, 1, "(yaml)", f"not valid YAML: {exc}")]
+    finally:
+        loader.dispose()
+    return _Document(file, root), data, problems
+
+
+def _duplicate_keys(doc: _Document, node: yaml.Node, path: list[Any]) -> Iterable[Problem]:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, yaml.Node] = {}
+        for key, value in node.value:
+            name = str(key.value)
+            if name in seen:
+                first = seen[name].start_mark.line + 1
+                yield Problem(doc.file, key.start_mark.line + 1, key.start_mark.column + 1,
+                              ".".join(map(str, [*path, name])), f"duplicate key (first given on line {first}); "
+                              "expected each key once")
+            seen[name] = key
+            yield from _duplicate_keys(doc, value, [*path, name])
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            yield from _duplicate_keys(doc, item, [*path, index])
+
+
+# -------------------------------------------------------------------------------------- schema errors
+
+
+def _schema_problems(doc: _Document, exc: ValidationError) -> list[Problem]:
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = list(error["loc"])
+        on_key = bool(loc) and loc[-1] == "[key]"
+        if on_key:
+            loc.pop()
+        # Pydantic names the branch of a union it tried (`str`, `list[str]`, `function-after[...]`).
+        loc = [step for step in loc if not (isinstance(step, str) and ("[" in step or step in ("str", "list")))]
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            problems.append(doc.problem(loc, _unknown_key(loc, error, doc), key=True))
+        elif kind == "missing":
+            name = str(loc[-1]) if loc else "field"
+            problems.append(doc.problem(loc, f"missing; expected {EXPECTED.get(name, 'a value')}"))
+        else:
+            problems.append(doc.problem(loc, _message(error), key=on_key))
+    return _one_per_place(problems)
+
+
+def _one_per_place(problems: list[Problem]) -> list[Problem]:
+    # A value that fits no branch of a union is reported once per branch: keep the first.
+    seen: set[tuple[int, int, str]] = set()
+    kept = []
+    for problem in problems:
+        if (problem.line, problem.column, problem.path) not in seen:
+            seen.add((problem.line, problem.column, problem.path))
+            kept.append(problem)
+    return kept
+
+
+def _unknown_key(loc: list[Any], error: Any, doc: _Document) -> str:
+    name = str(loc[-1]) if loc else "?"
+    parent = _model_at(loc[:-1])
+    known = sorted(parent.model_fields) if parent is not None else []
+    hint = difflib.get_close_matches(name, known, n=1)
+    expected = f"did you mean '{hint[0]}'?" if hint else f"expected one of: {', '.join(known)}" if known else ""
+    return f"unknown key '{name}'; {expected}".rstrip("; ")
+
+
+def _model_at(loc: list[Any]) -> Any:
+    """The schema model a field path leads to (names of personas and numbers are skipped)."""
+    model: Any = TenantFile
+    for step in loc:
+        field = model.model_fields.get(str(step)) if hasattr(model, "model_fields") else None
+        if field is None:
+            continue  # a dict key such as a persona name
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if hasattr(c, "model_fields")), model)
+    return model
+
+
+def _message(error: Any) -> str:
+    kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    if kind in KINDS:
+        return f"expected {KINDS[kind]}, got {_show(value)}"
+    if kind in ("greater_than_equal", "greater_than"):
+        return f"must be at least {ctx.get('ge', ctx.get('gt'))}, got {_show(value)}"
+    if kind in ("less_than_equal", "less_than"):
+        return f"must be at most {ctx.get('le', ctx.get('lt'))}, got {_show(value)}"
+    if kind == "string_too_long":
+        return f"is {len(value)} characters long; expected at most {ctx['max_length']}"
+    if kind == "string_too_short":
+        return "is empty; expected text"
+    if kind == "too_short":
+        return "is empty; expected at least one entry"
+    if kind == "literal_error":
+        return f"{_show(value)} is not allowed; expected one of {ctx.get('expected')}"
+    return f"{error['msg']}, got {_show(value)}"
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# ---------------------------------------------------------------------------------------- a tenant
+
+
+def load_tenant(folder: Path, clips: ClipCache, *, text: str | None = None, label: str | None = None
+                ) -> tuple[Tenant | None, list[Problem]]:
+    """Validate one tenant folder (``text`` instead of its tenant.yaml, to check a proposed edit).
+    Returns the tenant, or None with every problem found. ``label`` is how the file is named in
+    messages (default: its path)."""
+    path = folder / TENANT_FILE
+    file = label or str(path)
+    if text is None:
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None, [Problem(file, 1, 1, "(file)", f"missing; expected {TENANT_FILE} in the tenant folder")]
+        except OSError as exc:
+            return None, [Problem(file, 1, 1, "(file)", f"cannot be read ({exc.strerror})")]
+        if len(raw) > MAX_TENANT_FILE_BYTES:
+            return None, [Problem(file, 1, 1, "(file)", f"is {len(raw)} bytes; expected at most {MAX_TENANT_FILE_BYTES}")]
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            return None, [Problem(file, line, 1, "(file)", "is not UTF-8 text; save it as UTF-8")]
+    doc, data, problems = _parse_yaml(file, text)
+    if doc is None:
+        return None, problems
+    if not isinstance(data, dict):
+        return None, [doc.problem([], f"expected a mapping of tenant settings, got {_show(data)}")]
+    try:
+        spec = TenantFile.model_validate(data)
+    except ValidationError as exc:
+        return None, problems + _schema_problems(doc, exc)
+    problems += _reference_problems(doc, spec, folder.name)
+    personas, announcement = _prepare_clips(doc, spec, folder, clips, problems)
+    if problems:
+        return None, problems
+    tenant = Tenant(
+        id=spec.tenant,
+        spec=spec,
+        folder=folder,
+        personas={name: PersonaConfig.from_spec(spec.tenant, name, p, personas.get(name))
+                  for name, p in spec.personas.items()},
+        consent_announcement=announcement,
+        number_marks={number: doc.mark(["numbers", number], key=True) for number in spec.numbers},
+        file=file,
+    )
+    return tenant, []
+
+
+def _reference_problems(doc: _Document, spec: TenantFile, folder_name: str) -> list[Problem]:
+    problems = []
+    if spec.tenant != folder_name:
+        problems.append(doc.problem(["tenant"], f"is {spec.tenant!r} but the folder is {folder_name!r}; "
+                                               "expected the folder's name"))
+    known = ", ".join(sorted(spec.personas))
+    for number, persona in spec.numbers.items():
+        if persona not in spec.personas:
+            problems.append(doc.problem(["numbers", number], f"routes to persona {persona!r}, which is not defined; "
+                                                             f"expected one of: {known}"))
+    after = spec.hours.after_hours.persona if spec.hours else None
+    if after is not None and after not in spec.personas:
+        problems.append(doc.problem(["hours", "after_hours", "persona"],
+                                    f"persona {after!r} is not defined; expected one of: {known}"))
+    return problems
+
+
+def _prepare_clips(doc: _Document, spec: TenantFile, folder: Path, clips: ClipCache, problems: list[Problem]
+                   ) -> tuple[dict[str, PreparedClip], PreparedClip | None]:
+    voices: dict[str, PreparedClip] = {}
+    announcement = None
+    for path, name in spec.clips().items():
+        seconds = ANNOUNCEMENT_SECONDS if path[0] == "recording" else VOICE_SECONDS
+        file = folder / name
+        try:
+            if file.stat().st_size > MAX_CLIP_BYTES:
+                problems.append(doc.problem(path, f"{name} is {file.stat().st_size} bytes; expected at most "
+                                                  f"{MAX_CLIP_BYTES}"))
+                continue
+            prepared = clips.prepare(file.read_bytes(), seconds)
+        except FileNotFoundError:
+            problems.append(doc.problem(path, f"file {name!r} not found in {folder}; expected a wav or flac clip "
+                                              "there"))
+            continue
+        except OSError as exc:
+            problems.append(doc.problem(path, f"{name} cannot be read ({exc.strerror})"))
+            continue
+        except VoiceClipError as exc:
+            problems.append(doc.problem(path, f"{name}: {exc}"))
+            continue
+        if path[0] == "recording":
+            announcement = prepared
+        else:
+            voices[path[1]] = prepared
+    return voices, announcement
+
+
+# ---------------------------------------------------------------------------------------- all tenants
+
+
+def tenant_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def load_tenants(root: Path, clips: ClipCache | None = None) -> LoadResult:
+    """Every tenant under ``root`` with every problem, including numbers claimed by two tenants."""
+    clips = clips or ClipCache()
+    if not root.is_dir():
+        return LoadResult({}, [Problem(str(root), 1, 1, "(folder)", "not found; expected a folder of tenant folders")])
+    tenants: dict[str, Tenant] = {}
+    problems: list[Problem] = []
+    for folder in tenant_folders(root):
+        tenant, found = load_tenant(folder, clips)
+        problems += found
+        if tenant is not None:
+            tenants[tenant.id] = tenant
+    clashes = number_clashes(tenants.values())
+    for tenant_id in {t for t, _ in clashes}:
+        tenants.pop(tenant_id, None)
+    problems += [problem for _, problem in clashes]
+    return LoadResult(tenants, problems)
+
+
+def number_clashes(tenants: Iterable[Tenant], fixed: Mapping[str, Tenant] | None = None
+                   ) -> list[tuple[str, Problem]]:
+    """(tenant id, problem) for every number routed by more than one tenant. Numbers of ``fixed``
+    tenants (already serving) are checked against but never reported."""
+    owners: dict[str, list[Tenant]] = {}
+    for tenant in [*(fixed or {}).values(), *tenants]:
+        for number in tenant.spec.numbers:
+            owners.setdefault(number, []).append(tenant)
+    fixed_ids = set(fixed or {})
+    clashes = []
+    for number, claimants in owners.items():
+        if len({t.id for t in claimants}) < 2:
+            continue
+        for tenant in claimants:
+            if tenant.id in fixed_ids and tenant is (fixed or {}).get(tenant.id):
+                continue
+            others = "; ".join(f"tenant {o.id!r} ({o.file}:{o.number_marks[number][0]})"
+                               for o in claimants if o.id != tenant.id)
+            line, column = tenant.number_marks[number]
+            clashes.append((tenant.id, Problem(tenant.file, line, column, f"numbers.{number}",
+                                               f"is also routed by {others}; expected each number in one tenant")))
+    return clashes

@@ -1,0 +1,81 @@
+"""A validated tenant as calls use it. Immutable: a reload builds new objects, so a call in progress
+keeps the persona it started with."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from agent_runtime.voices import PreparedClip
+
+from . import schema
+
+
+@dataclass(frozen=True)
+class PersonaConfig:
+    """What a call with this persona is primed with, and how it behaves."""
+
+    tenant: str
+    name: str
+    prompt: str
+    voice_preset: str | None
+    voice_clip: PreparedClip | None  # the prepared clip (24 kHz mono, -24 LUFS): what the worker primes with
+    sampling: schema.Sampling
+    speaks_first: bool
+
+    @classmethod
+    def from_spec(cls, tenant: str, name: str, spec: schema.Persona, clip: PreparedClip | None) -> PersonaConfig:
+        return cls(tenant, name, spec.prompt, spec.voice.preset, clip, spec.sampling, spec.speaks_first)
+
+    @cached_property
+    def worker_persona(self) -> dict[str, Any]:
+        """The ``persona`` object of the worker's start message (docs/worker-protocol.md)."""
+        persona: dict[str, Any] = {"prompt": self.prompt, "sampling": self.sampling.model_dump()}
+        if self.voice_clip is not None:
+            persona["voice_audio_base64"] = base64.b64encode(self.voice_clip.flac_bytes()).decode()
+        else:
+            persona["voice"] = self.voice_preset
+        return persona
+
+    @cached_property
+    def version(self) -> str:
+        """Changes whenever anything the call would be primed or steered with changes."""
+        digest = hashlib.sha256(repr((self.prompt, self.voice_preset, self.sampling, self.speaks_first)).encode())
+        digest.update(self.voice_clip.sha256.encode() if self.voice_clip else b"")
+        return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """The answer to a call the tenant does not take now (after hours)."""
+
+    status: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: str
+    spec: schema.TenantFile
+    folder: Path
+    personas: Mapping[str, PersonaConfig]
+    consent_announcement: PreparedClip | None
+    number_marks: Mapping[str, tuple[int, int]] = field(repr=False)  # line, column of each number
+    file: str = ""
+
+    def answer(self, number: str, when: dt.datetime) -> PersonaConfig | Rejection:
+        """Who answers a call to ``number`` (one of this tenant's) at ``when`` (an aware datetime)."""
+        hours = self.spec.hours
+        if hours is None or hours.is_open(when):
+            return self.personas[self.spec.numbers[number]]
+        after = hours.after_hours
+        if after.persona is not None:
+            return self.personas[after.persona]
+        assert after.reject is not None
+        return Rejection(after.reject.status, after.reject.reason)
