@@ -8,6 +8,7 @@ admin API its history (``.history``).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import threading
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 
 from agent_runtime.voices import PreparedClip, VoiceClipError, prepare_clip
 
-from .schema import TenantFile
+from .schema import TenantFile, clip_path
 from .tenant import PersonaConfig, Tenant
 
 TENANT_FILE = "tenant.yaml"
@@ -304,19 +305,22 @@ def load_tenant(folder: Path, clips: ClipCache, *, text: str | None = None, labe
         return None, problems
     if not isinstance(data, dict):
         return None, [doc.problem([], f"expected a mapping of tenant settings, got {_show(data)}")]
+    spec = None
     try:
         spec = TenantFile.model_validate(data)
     except ValidationError as exc:
-        return None, problems + _schema_problems(doc, exc)
-    problems += _reference_problems(doc, spec, folder.name)
-    personas, announcement = _prepare_clips(doc, spec, folder, clips, problems)
-    if problems:
-        return None, problems
+        problems += _schema_problems(doc, exc)
+    # References and clips are checked on what the file says even when the schema found problems,
+    # so that one run reports everything.
+    problems += _reference_problems(doc, data, folder.name)
+    voices, announcement = _prepare_clips(doc, _clip_fields(data), folder, clips, problems)
+    if problems or spec is None:
+        return None, sorted(problems, key=lambda p: (p.line, p.column))
     tenant = Tenant(
         id=spec.tenant,
         spec=spec,
         folder=folder,
-        personas={name: PersonaConfig.from_spec(spec.tenant, name, p, personas.get(name))
+        personas={name: PersonaConfig.from_spec(spec.tenant, name, p, voices.get(name))
                   for name, p in spec.personas.items()},
         consent_announcement=announcement,
         number_marks={number: doc.mark(["numbers", number], key=True) for number in spec.numbers},
@@ -325,39 +329,67 @@ def load_tenant(folder: Path, clips: ClipCache, *, text: str | None = None, labe
     return tenant, []
 
 
-def _reference_problems(doc: _Document, spec: TenantFile, folder_name: str) -> list[Problem]:
+def _get(data: Any, *path: str) -> Any:
+    for step in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(step)
+    return data
+
+
+def _reference_problems(doc: _Document, data: dict[str, Any], folder_name: str) -> list[Problem]:
     problems = []
-    if spec.tenant != folder_name:
-        problems.append(doc.problem(["tenant"], f"is {spec.tenant!r} but the folder is {folder_name!r}; "
+    tenant = data.get("tenant")
+    if isinstance(tenant, str) and tenant != folder_name:
+        problems.append(doc.problem(["tenant"], f"is {tenant!r} but the folder is {folder_name!r}; "
                                                "expected the folder's name"))
-    known = ", ".join(sorted(spec.personas))
-    for number, persona in spec.numbers.items():
-        if persona not in spec.personas:
+    personas = data.get("personas")
+    if not isinstance(personas, dict):
+        return problems
+    known = ", ".join(sorted(map(str, personas))) or "none defined"
+    numbers = data.get("numbers")
+    for number, persona in (numbers.items() if isinstance(numbers, dict) else ()):
+        if isinstance(persona, str) and persona not in personas:
             problems.append(doc.problem(["numbers", number], f"routes to persona {persona!r}, which is not defined; "
                                                              f"expected one of: {known}"))
-    after = spec.hours.after_hours.persona if spec.hours else None
-    if after is not None and after not in spec.personas:
+    after = _get(data, "hours", "after_hours", "persona")
+    if isinstance(after, str) and after not in personas:
         problems.append(doc.problem(["hours", "after_hours", "persona"],
                                     f"persona {after!r} is not defined; expected one of: {known}"))
     return problems
 
 
-def _prepare_clips(doc: _Document, spec: TenantFile, folder: Path, clips: ClipCache, problems: list[Problem]
-                   ) -> tuple[dict[str, PreparedClip], PreparedClip | None]:
+def _clip_fields(data: dict[str, Any]) -> dict[tuple[str, ...], str]:
+    """Every clip the file names (where the name itself is valid), by the field path naming it."""
+    named: dict[tuple[str, ...], Any] = {}
+    personas = data.get("personas")
+    for name, persona in (personas.items() if isinstance(personas, dict) else ()):
+        named[("personas", str(name), "voice", "clip")] = _get(persona, "voice", "clip")
+    named[("recording", "consent_announcement")] = _get(data, "recording", "consent_announcement")
+    found = {}
+    for path, clip in named.items():
+        if isinstance(clip, str):
+            with contextlib.suppress(ValueError):  # an invalid name is the schema's problem to report
+                found[path] = clip_path(clip)
+    return found
+
+
+def _prepare_clips(doc: _Document, named: dict[tuple[str, ...], str], folder: Path, clips: ClipCache,
+                   problems: list[Problem]) -> tuple[dict[str, PreparedClip], PreparedClip | None]:
     voices: dict[str, PreparedClip] = {}
     announcement = None
-    for path, name in spec.clips().items():
+    for path, name in named.items():
         seconds = ANNOUNCEMENT_SECONDS if path[0] == "recording" else VOICE_SECONDS
         file = folder / name
         try:
-            if file.stat().st_size > MAX_CLIP_BYTES:
-                problems.append(doc.problem(path, f"{name} is {file.stat().st_size} bytes; expected at most "
-                                                  f"{MAX_CLIP_BYTES}"))
+            size = file.stat().st_size
+            if size > MAX_CLIP_BYTES:
+                problems.append(doc.problem(path, f"{name} is {size} bytes; expected at most {MAX_CLIP_BYTES}"))
                 continue
             prepared = clips.prepare(file.read_bytes(), seconds)
         except FileNotFoundError:
-            problems.append(doc.problem(path, f"file {name!r} not found in {folder}; expected a wav or flac clip "
-                                              "there"))
+            problems.append(doc.problem(path, f"file {name!r} not found in the tenant folder; expected a wav or flac "
+                                              "clip there"))
             continue
         except OSError as exc:
             problems.append(doc.problem(path, f"{name} cannot be read ({exc.strerror})"))

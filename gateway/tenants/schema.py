@@ -32,7 +32,14 @@ AFTER_HOURS_STATUSES = (403, 404, 480, 486, 503, 603)
 
 class Strict(BaseModel):
     # A misspelt key must be an error, not a silently ignored line that leaves a default in place.
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+    # `dtmf_digit: 0` or `name: 1984` are text to the admin, though YAML reads them as numbers.
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True, coerce_numbers_to_str=True)
+
+
+def _tenant_id(value: str) -> str:
+    if not TENANT_ID.match(value):
+        raise ValueError(f"{value!r} is not a tenant id; expected lower-case letters, digits and '-'")
+    return value
 
 
 def _persona_name(value: str) -> str:
@@ -47,7 +54,7 @@ def _phone_number(value: str) -> str:
     return value
 
 
-def _clip_path(value: str) -> str:
+def clip_path(value: str) -> str:
     if value.startswith("/") or "\\" in value or any(part in ("", ".", "..") for part in value.split("/")):
         raise ValueError(f"{value!r} is not a file in the tenant folder; expected a relative path like 'voices/agent.wav'")
     if not value.lower().endswith(CLIP_SUFFIXES):
@@ -55,23 +62,60 @@ def _clip_path(value: str) -> str:
     return value
 
 
+def _preset(value: str) -> str:
+    if value not in PRESET_VOICES:
+        raise ValueError(f"unknown voice preset {value!r}; expected one of {', '.join(PRESET_VOICES)}")
+    return value
+
+
+def _time_zone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown time zone {value!r}; expected an IANA name like 'Europe/London'") from exc
+    return value
+
+
+def _sip_uri(value: str) -> str:
+    if not SIP_URI.match(value):
+        raise ValueError(f"{value!r} is not a SIP URI; expected e.g. 'sip:queue@pbx.example.com'")
+    return value
+
+
+def _dtmf_digit(value: str) -> str:
+    if len(value) != 1 or value not in DTMF_DIGITS:
+        raise ValueError(f"{value!r} is not one DTMF key; expected one of 0-9, * or # (quoted: '#')")
+    return value
+
+
+def _after_hours_status(value: int) -> int:
+    if value not in AFTER_HOURS_STATUSES:
+        allowed = ", ".join(map(str, AFTER_HOURS_STATUSES))
+        raise ValueError(f"{value} is not an after-hours answer; expected one of {allowed}")
+    return value
+
+
+def _one_line(value: str) -> str:
+    if not all(ch.isprintable() for ch in value):
+        raise ValueError("must be one line of printable text")
+    return value
+
+
 PersonaName = Annotated[str, AfterValidator(_persona_name)]
 PhoneNumber = Annotated[str, AfterValidator(_phone_number)]
-ClipPath = Annotated[str, AfterValidator(_clip_path)]
+ClipPath = Annotated[str, AfterValidator(clip_path)]
 
 
 class Voice(Strict):
     """Exactly one of: a clip in the tenant folder, or a preset voice of the model."""
 
     clip: ClipPath | None = None
-    preset: str | None = None
+    preset: Annotated[str, AfterValidator(_preset)] | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Voice:
         if (self.clip is None) == (self.preset is None):
             raise ValueError("give exactly one of 'clip' (a wav/flac file in the tenant folder) or 'preset'")
-        if self.preset is not None and self.preset not in PRESET_VOICES:
-            raise ValueError(f"unknown voice preset {self.preset!r}; expected one of {', '.join(PRESET_VOICES)}")
         return self
 
 
@@ -98,17 +142,8 @@ class Limits(Strict):
 
 
 class Reject(Strict):
-    status: int = 480
-    reason: str = Field("Temporarily Unavailable", min_length=1, max_length=80)
-
-    @model_validator(mode="after")
-    def _answerable(self) -> Reject:
-        if self.status not in AFTER_HOURS_STATUSES:
-            allowed = ", ".join(map(str, AFTER_HOURS_STATUSES))
-            raise ValueError(f"status {self.status} is not an after-hours answer; expected one of {allowed}")
-        if not all(ch == " " or ch.isprintable() for ch in self.reason) or "\r" in self.reason:
-            raise ValueError("reason must be one line of printable text")
-        return self
+    status: Annotated[int, AfterValidator(_after_hours_status)] = 480
+    reason: Annotated[str, Field(min_length=1, max_length=80), AfterValidator(_one_line)] = "Temporarily Unavailable"
 
 
 class AfterHours(Strict):
@@ -155,18 +190,10 @@ DayRanges = Annotated[str | list[str], AfterValidator(_day_ranges)]
 
 
 class Hours(Strict):
-    timezone: str
+    timezone: Annotated[str, AfterValidator(_time_zone)]
     weekly: dict[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"], DayRanges]
     closed_dates: list[dt.date] = []
     after_hours: AfterHours = AfterHours(reject=Reject())
-
-    @model_validator(mode="after")
-    def _known_zone(self) -> Hours:
-        try:
-            ZoneInfo(self.timezone)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f"unknown time zone {self.timezone!r}; expected an IANA name like 'Europe/London'") from exc
-        return self
 
     def is_open(self, when: dt.datetime) -> bool:
         """Whether the line is open at ``when`` (an aware datetime), in the tenant's time zone."""
@@ -181,18 +208,8 @@ class Hours(Strict):
 class Escalation(Strict):
     """A caller pressing ``dtmf_digit`` is transferred to ``transfer_to`` (a human queue)."""
 
-    transfer_to: str
-    dtmf_digit: str = "0"
-
-    @model_validator(mode="after")
-    def _valid(self) -> Escalation:
-        if not SIP_URI.match(self.transfer_to):
-            raise ValueError(
-                f"transfer_to {self.transfer_to!r} is not a SIP URI; expected e.g. 'sip:queue@pbx.example.com'"
-            )
-        if len(self.dtmf_digit) != 1 or self.dtmf_digit not in DTMF_DIGITS:
-            raise ValueError(f"dtmf_digit {self.dtmf_digit!r} is not one DTMF key; expected one of 0-9, * or #")
-        return self
+    transfer_to: Annotated[str, AfterValidator(_sip_uri)]
+    dtmf_digit: Annotated[str, AfterValidator(_dtmf_digit)] = "0"
 
 
 class Recording(Strict):
@@ -210,7 +227,7 @@ class Recording(Strict):
 class TenantFile(Strict):
     """The whole of `tenants/<tenant-id>/tenant.yaml`."""
 
-    tenant: str
+    tenant: Annotated[str, AfterValidator(_tenant_id)]
     name: str = Field(min_length=1, max_length=120)
     numbers: dict[PhoneNumber, PersonaName] = {}
     personas: dict[PersonaName, Persona] = Field(min_length=1)
@@ -218,16 +235,3 @@ class TenantFile(Strict):
     hours: Hours | None = None
     escalation: Escalation | None = None
     recording: Recording = Recording()
-
-    @model_validator(mode="after")
-    def _consistent(self) -> TenantFile:
-        if not TENANT_ID.match(self.tenant):
-            raise ValueError(f"tenant {self.tenant!r} is not a tenant id; expected lower-case letters, digits and '-'")
-        return self
-
-    def clips(self) -> dict[tuple[str, ...], str]:
-        """Every clip the file names, by the field path that names it."""
-        found = {("personas", name, "voice", "clip"): p.voice.clip for name, p in self.personas.items() if p.voice.clip}
-        if self.recording.consent_announcement:
-            found[("recording", "consent_announcement")] = self.recording.consent_announcement
-        return found
