@@ -7,7 +7,6 @@ model's built-in clips) or an audio clip sent with the session request.
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,12 +14,10 @@ import numpy as np
 import torch
 from moshi.models import MimiModel
 
-from .model import FRAME_SAMPLES, SAMPLE_RATE, ModelBundle
+from .model import FRAME_SAMPLES, ModelBundle
+from .voices import VoiceClipError, prepare_clip
 
 MAX_PROMPT_CHARS = 4_000
-MAX_VOICE_SECONDS = 10.0
-MIN_VOICE_SECONDS = 0.5
-TARGET_LUFS = -24.0
 
 
 class PersonaError(ValueError):
@@ -92,32 +89,17 @@ def load_voice(bundle: ModelBundle, persona: Persona, mimi: MimiModel) -> VoiceP
         return voice_from_audio(mimi, source.numpy())
     if source.suffix == ".pt":
         return voice_from_pt(bundle, source)
-    return voice_from_audio(mimi, decode_audio(source.read_bytes()))
+    return voice_from_audio(mimi, decode_audio(source.read_bytes(), origin=str(source)))
 
 
-def decode_audio(data: bytes) -> np.ndarray:
-    """Decode a wav/flac clip to mono float32 at 24 kHz, loudness-normalised to -24 LUFS."""
-    import pyloudnorm
-    import soundfile
-    import soxr
-
+def decode_audio(data: bytes, *, origin: str | None = None) -> np.ndarray:
+    """A wav/flac clip as priming audio: ``voices.prepare_clip``'s mono float32 at 24 kHz, -24 LUFS
+    (the rule the gateway checks tenant clips with). A refused clip raises ``PersonaError`` with the
+    same message, prefixed with ``origin`` (a preset file's path) when given."""
     try:
-        audio, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError) as exc:
-        raise PersonaError(f"voice clip is not a readable wav or flac file ({exc})") from exc
-    mono = audio.mean(axis=1)
-    seconds = len(mono) / rate
-    if not MIN_VOICE_SECONDS <= seconds <= MAX_VOICE_SECONDS:
-        raise PersonaError(
-            f"voice clip is {seconds:.2f} s long; expected {MIN_VOICE_SECONDS:g} to {MAX_VOICE_SECONDS:g} s"
-        )
-    if rate != SAMPLE_RATE:
-        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
-    loudness = pyloudnorm.Meter(SAMPLE_RATE).integrated_loudness(mono)
-    if not np.isfinite(loudness):
-        raise PersonaError("voice clip is silent")
-    normalised = pyloudnorm.normalize.loudness(mono, loudness, TARGET_LUFS)
-    return np.clip(normalised, -1.0, 1.0).astype(np.float32)
+        return prepare_clip(data).audio
+    except VoiceClipError as exc:
+        raise PersonaError(f"{origin}: {exc}" if origin else str(exc)) from exc
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ import pytest
 import soundfile
 import torch
 
+from agent_runtime import voices
 from agent_runtime.model import SAMPLE_RATE, ModelBundle, load_tiny
 from agent_runtime.persona import (
     MAX_PROMPT_CHARS,
@@ -20,6 +21,7 @@ from agent_runtime.persona import (
     prompt_tokens,
 )
 from agent_runtime.priming import Primer, plan_priming
+from agent_runtime.voices import VoiceClipError, prepare_clip
 
 
 @pytest.fixture(scope="module")
@@ -43,72 +45,56 @@ def _lufs(audio: np.ndarray) -> float:
     return pyloudnorm.Meter(SAMPLE_RATE).integrated_loudness(audio.astype(np.float64))
 
 
-# --------------------------------------------------------------------------- decoding
+# --------------------------------------------------------------------------- clips (the rules: test_voices.py)
 
 
-def test_a_stereo_48k_wav_becomes_mono_24k_at_minus_24_lufs():
-    """An admin's 3 s stereo 48 kHz recording is downmixed to mono, resampled to the model's 24 kHz
-    (so 3 s = 72 000 samples) and loudness-normalised to -24 LUFS, as PersonaPlex does before priming."""
-    audio = decode_audio(_clip(3.0, 48_000, channels=2))
-    assert audio.dtype == np.float32 and audio.ndim == 1
+def test_the_worker_primes_with_the_prepared_clip():
+    """An inline clip (here 3 s stereo at 48 kHz) is exactly what ``voices.prepare_clip`` makes of
+    it, the clip the gateway validated: mono, 24 kHz (the model's rate), -24 LUFS."""
+    data = _clip(3.0, 48_000, channels=2)
+    audio = decode_audio(data)
+    assert np.array_equal(audio, prepare_clip(data).audio)
+    assert voices.SAMPLE_RATE == SAMPLE_RATE
     assert abs(len(audio) - 3 * SAMPLE_RATE) <= 2
     assert _lufs(audio) == pytest.approx(-24.0, abs=0.5)
-    assert np.abs(audio).max() <= 1.0
 
 
-@pytest.mark.parametrize("amplitude", [0.02, 0.9])
-def test_quiet_and_loud_clips_end_at_the_same_loudness(amplitude):
-    """Whatever level a clip was recorded at, priming hears it at -24 LUFS."""
-    assert _lufs(decode_audio(_clip(2.0, 24_000, amplitude=amplitude))) == pytest.approx(-24.0, abs=0.5)
-
-
-def test_flac_and_integer_wav_clips_are_accepted():
-    """flac uploads work, and so do 16-bit PCM wavs at other rates."""
-    flac = decode_audio(_clip(2.0, 44_100, fmt="FLAC"))
-    assert abs(len(flac) - 2 * SAMPLE_RATE) <= 2
-    assert _lufs(flac) == pytest.approx(-24.0, abs=0.5)
-    pcm16 = decode_audio(_clip(1.5, 8_000, subtype="PCM_16"))
-    assert abs(len(pcm16) - int(1.5 * SAMPLE_RATE)) <= 2
-
-
-def test_a_clip_at_24k_is_not_resampled():
-    """A clip already at 24 kHz keeps its exact length."""
-    assert len(decode_audio(_clip(2.5, SAMPLE_RATE))) == int(2.5 * SAMPLE_RATE)
-
-
-def test_a_too_short_clip_is_refused_with_its_length():
-    """A 0.2 s clip is refused, saying how long it is and what is allowed."""
+@pytest.mark.parametrize("data", [
+    _clip(1.5, 8_000),  # shorter than the 2 s every clip needs, the worker's inline ones too
+    _clip(12.0, 8_000),
+    _clip(2.0, amplitude=0.0),
+    _clip(2.0, amplitude=10.0),  # clipped
+    b"GIF89a\x01\x00 not audio at all" * 20,
+    b"",
+])
+def test_a_refused_clip_is_a_persona_error_with_the_same_message(data):
+    """The worker refuses an inline clip for the same reason, in the same words, as the gateway."""
+    with pytest.raises(VoiceClipError) as expected:
+        prepare_clip(data)
     with pytest.raises(PersonaError) as err:
-        decode_audio(_clip(0.2))
-    assert "0.20 s" in str(err.value)
-    assert "0.5 to 10 s" in str(err.value)
+        decode_audio(data)
+    assert str(err.value) == str(expected.value)
 
 
-def test_a_too_long_clip_is_refused_with_its_length():
-    """A 12 s clip is refused, saying how long it is and what is allowed."""
-    with pytest.raises(PersonaError) as err:
-        decode_audio(_clip(12.0, 8_000))
-    assert "12.00 s" in str(err.value)
-    assert "0.5 to 10 s" in str(err.value)
-
-
-@pytest.mark.parametrize("seconds", [0.5, 10.0])
-def test_the_length_limits_are_inclusive(seconds):
-    """Clips of exactly 0.5 s and 10 s are accepted."""
+@pytest.mark.parametrize("seconds", [2.0, 10.0])
+def test_inline_clips_of_2_and_10_seconds_are_accepted(seconds):
+    """The length limits are inclusive."""
     assert abs(len(decode_audio(_clip(seconds, 8_000))) - seconds * SAMPLE_RATE) <= 2
 
 
-def test_a_silent_clip_is_refused():
-    """An all-zero clip carries no voice and is refused as silent."""
-    with pytest.raises(PersonaError, match="silent"):
-        decode_audio(_clip(2.0, amplitude=0.0))
-
-
-@pytest.mark.parametrize("data", [b"GIF89a\x01\x00 not audio at all" * 20, b"", b"RIFF\x00\x00\x00\x00WAVEfmt "])
-def test_bytes_that_are_not_audio_are_refused(data):
-    """A picture, an empty upload or a broken wav header gives a reason, not a crash."""
-    with pytest.raises(PersonaError, match="not a readable"):
-        decode_audio(data)
+def test_a_wav_or_flac_preset_file_is_prepared_like_an_upload(tiny, tmp_path, monkeypatch):
+    """A checkpoint's ``voices/NAME.flac`` goes through the same preparation; one that breaks the
+    rules is refused with its path."""
+    good, short = tmp_path / "CLIPF0.flac", tmp_path / "SHORTF0.wav"
+    good.write_bytes(_clip(2.0, 44_100, fmt="FLAC"))
+    short.write_bytes(_clip(1.0, 16_000))
+    monkeypatch.setitem(tiny.voices, "CLIPF0", good)
+    monkeypatch.setitem(tiny.voices, "SHORTF0", short)
+    voice = load_voice(tiny, Persona(prompt="Hi", voice="CLIPF0"), tiny.mimi_sharing_weights())
+    assert voice.codes is not None and tuple(voice.codes.shape) == (8, 25)
+    with pytest.raises(PersonaError) as err:
+        load_voice(tiny, Persona(prompt="Hi", voice="SHORTF0"), tiny.mimi_sharing_weights())
+    assert str(err.value) == f"{short}: clip is 1.00 s long; expected 2 to 10 s"
 
 
 # --------------------------------------------------------------------------- presets and personas
