@@ -70,7 +70,7 @@ class Problem:
 class ClipCache:
     """Prepared clips by content hash: a reload re-reads files but decodes only clips that changed."""
 
-    def __init__(self, size: int = 256) -> None:
+    def __init__(self, size: int = 64) -> None:
         self._size = size
         self._entries: OrderedDict[tuple[str, float, float], PreparedClip | VoiceClipError] = OrderedDict()
         self._lock = threading.Lock()
