@@ -167,7 +167,21 @@ recording: {enabled: true, consent_announcement: missing.wav}
     (("  closed_dates: [2026-12-25]", "  closed_dates: [Christmas]"),
      "acme/tenant.yaml:27:18: hours.closed_dates.0: expected a date like 2026-12-25, got 'Christmas'"),
     (("    tue: [\"08:00-12:00\", \"13:00-18:00\"]", "    tue: [\"08:00-12:00\", \"11:00-18:00\"]"),
-     "acme/tenant.yaml:25:10: hours.weekly.tue: opening ranges overlap; expected separate ranges in one day"),
+     ("acme/tenant.yaml:25:10: hours.weekly.tue: opening ranges 08:00-12:00 and 11:00-18:00 overlap; expected "
+      "separate ranges in one day")),
+    (("  timezone: America/New_York", "  timezone: EST"),
+     "acme/tenant.yaml:22:13: hours.timezone: 'EST' is not a Region/City time zone; expected e.g. "
+     "'America/New_York' or 'UTC'"),
+    (("  closed_dates: [2026-12-25]", "  closed_dates: [2026-02-29]"),
+     "acme/tenant.yaml:27:18: hours.closed_dates.0: expected a date like 2026-12-25, got '2026-02-29'"),
+    (("  max_call_seconds: 600", "  max_call_seconds: !!int many"),
+     "acme/tenant.yaml:20:21: (yaml): not valid YAML: cannot read this value (invalid literal for int() with base "
+     "10: 'many')"),
+    (("  dtmf_digit: 0", "  dtmf_digit: #"),
+     "acme/tenant.yaml:32:14: escalation.dtmf_digit: expected text, got nothing (a '#' starts a comment in YAML: "
+     "write '#' in quotes)"),
+    (("tenant: acme", "tenant: Acme"),
+     "acme/tenant.yaml:1:9: tenant: 'Acme' is not a tenant id; expected lower-case letters, digits and '-'"),
     (("    persona: after-hours", "    reject: {status: 200}"),
      ("acme/tenant.yaml:29:22: hours.after_hours.reject.status: 200 is not an after-hours answer; expected one of "
      "403, 404, 480, 486, 503, 603")),
@@ -199,7 +213,7 @@ def test_a_prompt_over_the_limit_says_how_long_it_is(tmp_path):
 def test_a_renamed_persona_is_reported_with_every_number_left_pointing_at_the_old_name(tmp_path):
     assert _problems(tmp_path, GOOD.replace("personas:\n  claims:", "personas:\n  Claims Team:")) == [
         ("acme/tenant.yaml:4:17: numbers.+14155550100: routes to persona 'claims', which is not defined; expected "
-        "one of: Claims Team, after-hours"),
+        "one of: after-hours"),
         ("acme/tenant.yaml:7:3: personas.Claims Team: 'Claims Team' is not a persona name; expected lower-case "
         "letters, digits, '-' or '_'"),
     ]

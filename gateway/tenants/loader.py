@@ -9,6 +9,7 @@ admin API its history (``.history``).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import difflib
 import hashlib
 import threading
@@ -23,7 +24,7 @@ from pydantic import ValidationError
 
 from agent_runtime.voices import PreparedClip, VoiceClipError, prepare_clip
 
-from .schema import TenantFile, clip_path
+from .schema import PERSONA_NAME, TENANT_ID, TenantFile, clip_path
 from .tenant import PersonaConfig, Tenant
 
 TENANT_FILE = "tenant.yaml"
@@ -147,8 +148,25 @@ class _KeysAsWritten(yaml.SafeLoader):
             for key, value in node.value
         }
 
+    def construct_yaml_timestamp(self, node: yaml.ScalarNode) -> Any:  # type: ignore[override]
+        # A date that does not exist (2026-02-29) stays text, for the schema to report in place.
+        try:
+            return super().construct_yaml_timestamp(node)
+        except ValueError:
+            return self.construct_scalar(node)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:  # e.g. `!!int abc`
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read this value ({exc})",
+                                                    node.start_mark) from exc
+
 
 _KeysAsWritten.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _KeysAsWritten.construct_mapping)
+_KeysAsWritten.add_constructor("tag:yaml.org,2002:timestamp", _KeysAsWritten.construct_yaml_timestamp)
 
 
 def _parse_yaml(file: str, text: str) -> tuple[_Document | None, Any, list[Problem]]:
@@ -267,7 +285,9 @@ def _message(error: Any) -> str:
 
 def _show(value: Any) -> str:
     if value is None:
-        return "nothing"
+        return "nothing (a '#' starts a comment in YAML: write '#' in quotes)"
+    if isinstance(value, dt.date):
+        return value.isoformat()
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, list):
@@ -340,13 +360,13 @@ def _get(data: Any, *path: str) -> Any:
 def _reference_problems(doc: _Document, data: dict[str, Any], folder_name: str) -> list[Problem]:
     problems = []
     tenant = data.get("tenant")
-    if isinstance(tenant, str) and tenant != folder_name:
+    if isinstance(tenant, str) and TENANT_ID.match(tenant) and tenant != folder_name:
         problems.append(doc.problem(["tenant"], f"is {tenant!r} but the folder is {folder_name!r}; "
                                                "expected the folder's name"))
     personas = data.get("personas")
     if not isinstance(personas, dict):
         return problems
-    known = ", ".join(sorted(map(str, personas))) or "none defined"
+    known = ", ".join(sorted(str(p) for p in personas if PERSONA_NAME.match(str(p)))) or "none defined"
     numbers = data.get("numbers")
     for number, persona in (numbers.items() if isinstance(numbers, dict) else ()):
         if isinstance(persona, str) and persona not in personas:

@@ -88,8 +88,9 @@ class TenantRegistry:
             fingerprint = self._fingerprint_now()
             if fingerprint == self._fingerprint and not force:
                 return self.status
-            self._fingerprint = fingerprint
-            self._apply(self._check())
+            checked = self._check()
+            self._fingerprint = fingerprint  # only once checked: a check that fails is tried again
+            self._apply(checked)
             return self.status
 
     def _check(self) -> dict[str, tuple[Tenant | None, list[Problem]]]:

@@ -69,6 +69,10 @@ def _preset(value: str) -> str:
 
 
 def _time_zone(value: str) -> str:
+    # Abbreviations such as EST are fixed offsets in the IANA database: a New York line written as
+    # EST would open an hour late all summer. Only Region/City names follow daylight saving.
+    if "/" not in value and value != "UTC":
+        raise ValueError(f"{value!r} is not a Region/City time zone; expected e.g. 'America/New_York' or 'UTC'")
     try:
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError) as exc:
@@ -176,10 +180,15 @@ def _day_ranges(value: str | list[str]) -> tuple[tuple[dt.time, dt.time], ...]:
             raise ValueError(f"{text!r} ends before it starts; split a range past midnight over two days")
         ranges.append((start, end))
     ranges.sort()
-    for (_, end), (start, _) in itertools.pairwise(ranges):
-        if start < end:
-            raise ValueError("opening ranges overlap; expected separate ranges in one day")
+    for (s1, e1), (s2, e2) in itertools.pairwise(ranges):
+        if s2 < e1:
+            raise ValueError(f"opening ranges {_hhmm(s1)}-{_hhmm(e1)} and {_hhmm(s2)}-{_hhmm(e2)} overlap; "
+                             "expected separate ranges in one day")
     return tuple((_clock(s), _clock(e)) for s, e in ranges)
+
+
+def _hhmm(minutes: int) -> str:
+    return f"{minutes // 60:02d}:{minutes % 60:02d}"
 
 
 def _clock(minutes: int) -> dt.time:
