@@ -170,16 +170,16 @@ recording: {enabled: true, consent_announcement: missing.wav}
      ("acme/tenant.yaml:25:10: hours.weekly.tue: opening ranges 08:00-12:00 and 11:00-18:00 overlap; expected "
       "separate ranges in one day")),
     (("  timezone: America/New_York", "  timezone: EST"),
-     "acme/tenant.yaml:22:13: hours.timezone: 'EST' is not a Region/City time zone; expected e.g. "
-     "'America/New_York' or 'UTC'"),
+     ("acme/tenant.yaml:22:13: hours.timezone: 'EST' is not a Region/City time zone; expected e.g. "
+     "'America/New_York' or 'UTC'")),
     (("  closed_dates: [2026-12-25]", "  closed_dates: [2026-02-29]"),
      "acme/tenant.yaml:27:18: hours.closed_dates.0: expected a date like 2026-12-25, got '2026-02-29'"),
     (("  max_call_seconds: 600", "  max_call_seconds: !!int many"),
-     "acme/tenant.yaml:20:21: (yaml): not valid YAML: cannot read this value (invalid literal for int() with base "
-     "10: 'many')"),
+     ("acme/tenant.yaml:20:21: (yaml): not valid YAML: cannot read this value (invalid literal for int() with base "
+     "10: 'many')")),
     (("  dtmf_digit: 0", "  dtmf_digit: #"),
-     "acme/tenant.yaml:32:14: escalation.dtmf_digit: expected text, got nothing (a '#' starts a comment in YAML: "
-     "write '#' in quotes)"),
+     ("acme/tenant.yaml:32:14: escalation.dtmf_digit: expected text, got nothing (a '#' starts a comment in YAML: "
+     "write '#' in quotes)")),
     (("tenant: acme", "tenant: Acme"),
      "acme/tenant.yaml:1:9: tenant: 'Acme' is not a tenant id; expected lower-case letters, digits and '-'"),
     (("    persona: after-hours", "    reject: {status: 200}"),
