@@ -7,6 +7,7 @@ import contextvars
 from pathlib import Path
 from typing import Any, Literal
 
+import annotated_types
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -18,24 +19,54 @@ class SettingsError(ValueError):
     """Settings that cannot start a worker, with one line per problem."""
 
 
-class Sampling(BaseModel):
-    """Generation settings (PersonaPlex server defaults). ``greedy`` is for tests and benchmarks."""
+class SessionSampling(BaseModel):
+    """How one session samples its tokens: ``temperature`` and ``top_k`` for the agent's audio
+    codebooks, ``text_temperature`` and ``text_top_k`` for its text stream. The defaults are
+    PersonaPlex's server's; the bounds are what a worker accepts from a session (``persona.sampling``)."""
 
-    model_config = ConfigDict(extra="forbid")  # a misspelt key must not leave a default in place
+    model_config = ConfigDict(extra="forbid", frozen=True)  # a misspelt key must not leave a default in place
+
+    temperature: float = Field(0.8, gt=0, le=2)
+    top_k: int = Field(250, ge=1, le=2048)
+    text_temperature: float = Field(0.7, gt=0, le=2)
+    text_top_k: int = Field(25, ge=1, le=32000)
+
+    @classmethod
+    def bounds(cls, name: str) -> tuple[float, float, bool]:
+        """(lowest, highest, lowest excluded) of one field, from its declared constraints."""
+        low, high, open_low = float("-inf"), float("inf"), False
+        for rule in cls.model_fields[name].metadata:
+            if isinstance(rule, annotated_types.Gt):
+                low, open_low = float(rule.gt), True
+            elif isinstance(rule, annotated_types.Ge):
+                low = float(rule.ge)
+            elif isinstance(rule, annotated_types.Le):
+                high = float(rule.le)
+        return low, high, open_low
+
+    @classmethod
+    def bounds_text(cls, name: str) -> str:
+        low, high, open_low = cls.bounds(name)
+        return f"{'(' if open_low else '['}{low:g}, {high:g}]"
+
+
+class Sampling(SessionSampling):
+    """The worker's sampling: the values sessions get when they give none of their own, and
+    ``greedy`` (tests and benchmarks), which makes every session greedy whatever it asks for."""
 
     greedy: bool = False
-    temp: float = Field(0.8, gt=0, le=2)
-    temp_text: float = Field(0.7, gt=0, le=2)
-    top_k: int = Field(250, ge=1, le=2048)
-    top_k_text: int = Field(25, ge=1, le=32000)
+
+    def session_defaults(self) -> SessionSampling:
+        return SessionSampling(**self.model_dump(exclude={"greedy"}))
 
     def lm_gen_kwargs(self) -> dict[str, Any]:
+        """moshi ``LMGen`` keyword arguments (its own names) for one worker-wide setting."""
         return {
             "use_sampling": not self.greedy,
-            "temp": self.temp,
-            "temp_text": self.temp_text,
+            "temp": self.temperature,
+            "temp_text": self.text_temperature,
             "top_k": self.top_k,
-            "top_k_text": self.top_k_text,
+            "top_k_text": self.text_top_k,
         }
 
 

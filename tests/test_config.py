@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent_runtime.config import SettingsError, WorkerSettings, load_worker_settings
+from agent_runtime.config import SessionSampling, SettingsError, WorkerSettings, load_worker_settings
 from gateway.cli import main
 
 
@@ -31,6 +31,8 @@ def test_defaults_are_the_tiny_model_on_loopback():
     s = load_worker_settings()
     assert (s.model, s.host, s.port, s.weights) == ("tiny", "127.0.0.1", 8765, None)
     assert s.slots is None and s.resolved_slots("cpu") == 8 and s.resolved_slots("cuda:0") == 32
+    assert s.sampling.session_defaults() == SessionSampling(
+        temperature=0.8, top_k=250, text_temperature=0.7, text_top_k=25)
     assert s.sampling.lm_gen_kwargs() == {
         "use_sampling": True, "temp": 0.8, "temp_text": 0.7, "top_k": 250, "top_k_text": 25,
     }
@@ -48,17 +50,17 @@ def test_the_environment_sets_values(monkeypatch):
 def test_file_then_environment_then_overrides(tmp_path, monkeypatch):
     """The YAML file sets the base, the environment beats the file, explicit overrides (command-line
     flags) beat both; settings nobody overrides keep the file's value."""
-    config = _yaml(tmp_path, "host: 0.0.0.0\nport: 9000\nslots: 3\nsampling:\n  temp: 0.5\n")
+    config = _yaml(tmp_path, "host: 0.0.0.0\nport: 9000\nslots: 3\nsampling:\n  temperature: 0.5\n")
     s = load_worker_settings(config)
-    assert (s.host, s.port, s.slots, s.sampling.temp) == ("0.0.0.0", 9000, 3, 0.5)
+    assert (s.host, s.port, s.slots, s.sampling.temperature) == ("0.0.0.0", 9000, 3, 0.5)
     monkeypatch.setenv("PERSONAGATE_WORKER_SLOTS", "5")
     monkeypatch.setenv("PERSONAGATE_WORKER_PORT", "9100")
     s = load_worker_settings(config)
-    assert (s.host, s.port, s.slots, s.sampling.temp) == ("0.0.0.0", 9100, 5, 0.5)
+    assert (s.host, s.port, s.slots, s.sampling.temperature) == ("0.0.0.0", 9100, 5, 0.5)
     s = load_worker_settings(config, slots=7, port=None, sampling={"greedy": True})
     assert (s.host, s.port, s.slots) == ("0.0.0.0", 9100, 7)
     # --greedy adds to the file's sampling settings instead of replacing them
-    assert s.sampling.greedy and s.sampling.temp == 0.5
+    assert s.sampling.greedy and s.sampling.temperature == 0.5
 
 
 def test_a_personaplex_file_with_its_weights_loads(tmp_path):
@@ -90,14 +92,27 @@ def test_an_unknown_nested_key_in_the_file_is_named(tmp_path):
     assert "sampling.tmep" in str(err.value)
 
 
+def test_sampling_settings_use_the_session_names(tmp_path):
+    """The worker's sampling defaults have the names sessions use (temperature, top_k,
+    text_temperature, text_top_k); a file still using the old names (temp, temp_text, top_k_text) is
+    refused with each old name rather than silently sampling at the defaults."""
+    s = load_worker_settings(_yaml(tmp_path, "sampling:\n  temperature: 0.6\n  top_k: 100\n"
+                                             "  text_temperature: 0.5\n  text_top_k: 10\n"))
+    assert s.sampling.session_defaults() == SessionSampling(
+        temperature=0.6, top_k=100, text_temperature=0.5, text_top_k=10)
+    with pytest.raises(SettingsError) as err:
+        load_worker_settings(_yaml(tmp_path, "sampling:\n  temp: 0.5\n  temp_text: 0.5\n  top_k_text: 5\n"))
+    assert all(f"sampling.{old}" in str(err.value) for old in ("temp", "temp_text", "top_k_text"))
+
+
 def test_every_bad_value_is_listed(tmp_path):
     """Several mistakes in one file are all reported, one line each, with the field."""
     with pytest.raises(SettingsError) as err:
-        load_worker_settings(_yaml(tmp_path, "slots: 0\nport: 70000\nsampling:\n  temp: 5\n"))
+        load_worker_settings(_yaml(tmp_path, "slots: 0\nport: 70000\nsampling:\n  temperature: 5\n"))
     lines = str(err.value).splitlines()
     assert any(line.strip().startswith("slots:") for line in lines)
     assert any(line.strip().startswith("port:") for line in lines)
-    assert any(line.strip().startswith("sampling.temp:") for line in lines)
+    assert any(line.strip().startswith("sampling.temperature:") for line in lines)
 
 
 def test_invalid_yaml_names_the_file(tmp_path):
