@@ -20,6 +20,8 @@ import torch
 from moshi.models import LMModel, MimiModel
 from moshi.models import loaders as moshi_loaders
 
+from .voices import PRESET_VOICES
+
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24_000
@@ -200,16 +202,35 @@ def load_tiny(seed: int = 1234, device: str | torch.device = "cpu") -> ModelBund
 
 
 def tiny_voice_presets() -> dict[str, torch.Tensor]:
-    """Built-in clips for the tiny model (which has no trained voices): 3 s voiced-sounding tones."""
-    t = torch.arange(int(3 * SAMPLE_RATE)) / SAMPLE_RATE
-    presets: dict[str, torch.Tensor] = {}
-    for name, pitch in (("tiny-low", 110.0), ("tiny-high", 220.0)):
-        vibrato = 1 + 0.02 * torch.sin(2 * torch.pi * 5 * t)
-        phase = 2 * torch.pi * pitch * torch.cumsum(vibrato, 0) / SAMPLE_RATE
-        harmonics = sum(torch.sin(k * phase) / k for k in range(1, 8))
-        envelope = 0.5 + 0.5 * torch.sin(2 * torch.pi * 2 * t).abs()
-        presets[name] = (0.2 * harmonics * envelope).float()
+    """Built-in clips for the tiny model (which has no trained voices): 3 s voiced-sounding tones.
+
+    ``tiny-low`` and ``tiny-high``, and PersonaPlex's preset names (``PRESET_VOICES``), so that a
+    persona written for PersonaPlex runs on the tiny model too. Each name has its own pitch and
+    timbre: the female voices (``..F.``) between 190 and 320 Hz, the male ones between 100 and 170 Hz;
+    the varied ones (``VAR..``) with more vibrato and a faster syllable rhythm than the natural ones.
+    """
+    presets = {"tiny-low": _voiced_clip(110.0), "tiny-high": _voiced_clip(220.0)}
+    for name in PRESET_VOICES:
+        varied, female, index = name.startswith("VAR"), name[3] == "F", int(name[4:])
+        semitones = 2 * index + (1 if varied else 0)
+        presets[name] = _voiced_clip(
+            (190.0 if female else 100.0) * 2 ** (semitones / 12),
+            vibrato_depth=0.035 if varied else 0.015,
+            syllable_hz=3.0 if varied else 2.0,
+            tilt=0.8 + 0.2 * index,  # brighter to darker
+        )
     return presets
+
+
+def _voiced_clip(pitch: float, *, vibrato_depth: float = 0.02, syllable_hz: float = 2.0,
+                 tilt: float = 1.0, seconds: float = 3.0) -> torch.Tensor:
+    """A harmonic tone with vibrato and a syllable-like envelope; harmonic k has amplitude 1/k**tilt."""
+    t = torch.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    vibrato = 1 + vibrato_depth * torch.sin(2 * torch.pi * 5 * t)
+    phase = 2 * torch.pi * pitch * torch.cumsum(vibrato, 0) / SAMPLE_RATE
+    harmonics = sum(torch.sin(k * phase) / k**tilt for k in range(1, 8))
+    envelope = 0.5 + 0.5 * torch.sin(2 * torch.pi * syllable_hz * t).abs()
+    return (0.2 * harmonics * envelope).float()
 
 
 def _randomise_codebooks(mimi: MimiModel, seed: int) -> None:

@@ -339,6 +339,19 @@ async def _downlink(ws: WebSocket, session: Session) -> None:
 async def _close(ws: WebSocket, code: int, reason: str) -> None:
     if ws.application_state == WebSocketState.DISCONNECTED or ws.client_state == WebSocketState.DISCONNECTED:
         return
-    encoded = reason.encode()[:123]  # a close reason is at most 123 bytes
     with contextlib.suppress(Exception):
-        await ws.close(code, encoded.decode(errors="ignore"))
+        await ws.close(code, close_reason(reason))
+
+
+def close_reason(reason: str, limit: int = 123) -> str:
+    """``reason`` within a close frame's 123 bytes: a longer one is cut after its last whole word
+    or list item that fits, and ends with an ellipsis."""
+    if len(reason.encode()) <= limit:
+        return reason
+    ellipsis = "\u2026"
+    cut = reason.encode()[: limit - len(ellipsis.encode())].decode(errors="ignore")
+    head, sep, _ = cut.rpartition(" ")
+    if sep and head:
+        cut = head.rstrip(",;:")
+    return cut + ellipsis
+

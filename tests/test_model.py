@@ -27,21 +27,47 @@ from safetensors.torch import save_file
 
 from agent_runtime.batch import SlotBatch
 from agent_runtime.model import (
+    SAMPLE_RATE,
     TINY_MIMI_CONFIG,
     CheckpointError,
     ModelBundle,
     load_personaplex,
     load_tiny,
     tiny_lm_kwargs,
+    tiny_voice_presets,
 )
 from agent_runtime.persona import Persona, VoicePrompt, load_voice, prompt_tokens, voice_from_pt
 from agent_runtime.priming import PrimedState, Primer, delay_frames, plan_priming, prompt_frames
+from agent_runtime.voices import PRESET_VOICES
 
 GREEDY = {"use_sampling": False}
 MODEL_FILE = "model.safetensors"
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 TOKENIZER_FILE = "tokenizer_spm_32k_3.model"
 PROMPT = "You are a claims agent at Harbor Mutual Insurance."
+
+
+# --------------------------------------------------------------------------- tiny model voices
+
+
+def test_the_tiny_model_speaks_with_personaplex_voice_names():
+    """A persona naming a PersonaPlex preset (NATF0 ... VARM4) runs on the tiny model: every name is
+    there, each is its own voice (its own pitch), the female ones higher than the male ones, and each
+    is a 3 s clip like tiny-low, so that warming a worker up with the first of them stays cheap."""
+    presets = tiny_voice_presets()
+    assert set(PRESET_VOICES) | {"tiny-low", "tiny-high"} == set(presets)
+    assert min(presets) in PRESET_VOICES  # what the worker warms up with
+
+    def pitch(clip: torch.Tensor) -> float:
+        spectrum = torch.fft.rfft(clip).abs()
+        return float(spectrum.argmax()) * SAMPLE_RATE / len(clip)
+
+    pitches = {name: pitch(presets[name]) for name in PRESET_VOICES}
+    assert len({round(p) for p in pitches.values()}) == len(PRESET_VOICES)
+    female = [p for name, p in pitches.items() if name[3] == "F"]
+    male = [p for name, p in pitches.items() if name[3] == "M"]
+    assert min(female) > max(male)
+    assert all(presets[name].shape == presets["tiny-low"].shape for name in PRESET_VOICES)
 
 
 # --------------------------------------------------------------------------- PersonaPlex file layout

@@ -24,6 +24,7 @@ import soundfile
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from agent_runtime.voices import PRESET_VOICES
 from tests.conftest import WORKER_SLOTS as SLOTS
 
 FRAME_BYTES = 3840  # 1920 samples s16le mono, 24 kHz: 80 ms
@@ -213,9 +214,12 @@ async def test_a_malformed_start_is_refused_with_4400(worker, first, reason):
 
 async def test_an_unknown_voice_is_refused_with_4422_naming_it(worker):
     """A persona with a voice preset the model does not have is refused with 4422; the reason
-    names the voice asked for (and the ones the model has)."""
+    names the voice asked for and the ones the model has, as many as fit in a close reason (the
+    list ends with an ellipsis where it is cut, never in the middle of a name)."""
     code, reason = await _refused(worker, _start("no-such-voice-42"))
-    assert code == 4422 and "no-such-voice-42" in reason and "tiny-low" in reason, (code, reason)
+    assert code == 4422 and "no-such-voice-42" in reason and "NATF0, NATF1" in reason, (code, reason)
+    assert len(reason.encode()) <= 123 and reason.endswith("\u2026"), reason
+    assert reason.removesuffix("\u2026").rsplit(", ", 1)[-1] in PRESET_VOICES, reason  # a whole name
 
 
 async def test_every_refused_persona_is_counted(worker):
@@ -297,6 +301,17 @@ async def test_a_voice_clip_can_be_sent_inline(worker):
     code, reason = await _refused(worker, json.dumps(
         {"type": "start", "persona": {"prompt": "x", "voice_audio_base64": short}}))
     assert code == 4422 and "0.10 s" in reason, (code, reason)
+
+
+async def test_the_tiny_worker_offers_personaplex_voice_names(worker):
+    """A persona written for PersonaPlex's preset voices (NATF0 ... VARM4) runs on the tiny model
+    too: /v1/info lists every preset name beside tiny-low and tiny-high, and a session with one starts."""
+    voices = set((await _info(worker))["voices"])
+    assert set(PRESET_VOICES) <= voices and {"tiny-low", "tiny-high"} <= voices
+    await _wait_free_slots(worker, 1, within=5)
+    ws, ready = await _open(worker, _start("VARM4"))
+    assert ready["type"] == "ready"
+    assert (await _end(ws))[0] == 1000
 
 
 # ---------------------------------------------------------------------------- HTTP
