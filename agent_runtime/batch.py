@@ -4,17 +4,27 @@ Synchronous and single-threaded on purpose: the pool (pool.py) owns the clock, t
 sessions; this class only turns one frame of caller audio per executing slot into one frame of agent
 audio and one text token. Slots start and stop independently through reset masks, and slots without
 input this step are left out through the exec mask, so their state does not move.
+
+Each slot samples with its own settings (``SessionSampling``: temperature and top-k for the audio
+codebooks and for the text stream), set when a session is installed. moshi's ``LMGen`` takes one
+scalar of each for the whole batch, so it is told to sample at temperature 1 without top-k, and the
+logits are adjusted per row just before it samples them: the text logits in its
+``on_text_logits_hook``, the depth transformer's logits by wrapping ``forward_depformer`` of the model
+instance this batch steps. The per-row settings live in persistent tensors updated in place, so that
+the CUDA graph moshi captures around the depth steps stays valid when a slot changes hands.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from moshi.models import LMGen
+from moshi.models import LMGen, LMModel
 
+from .config import Sampling, SessionSampling
 from .model import FRAME_SAMPLES, ModelBundle
 from .priming import PrimedState, restore
 
@@ -29,13 +39,26 @@ class StepOutput:
 
 
 class SlotBatch:
-    def __init__(self, bundle: ModelBundle, capacity: int, lm_gen_kwargs: dict) -> None:
+    """``capacity`` session slots of ``bundle``'s model. ``sampling`` gives the settings of slots
+    installed without their own; with ``sampling.greedy`` every slot decodes greedily."""
+
+    def __init__(self, bundle: ModelBundle, capacity: int, sampling: Sampling) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         _check_memory(bundle, capacity)
         self.bundle = bundle
         self.capacity = capacity
         self.device = bundle.device
+        self.greedy = sampling.greedy
+        self.default_sampling = sampling.session_defaults()
+        self._rows: SlotSampling | None = None
+        lm_gen_kwargs: dict = {"use_sampling": False}
+        if not self.greedy:
+            self._rows = SlotSampling(capacity, bundle.device, bundle.lm.card, bundle.lm.text_card,
+                                      self.default_sampling)
+            # LMGen samples what the rows' settings leave: temperature 1, no top-k of its own.
+            lm_gen_kwargs = {"use_sampling": True, "temp": 1.0, "temp_text": 1.0, "top_k": 0, "top_k_text": 0,
+                             "on_text_logits_hook": self._rows.adjust_text}
         # out-of-sync support: slots are at different positions, and a reset of one slot must not
         # make the whole batch warm up again (moshi's offset_cpu is shared by the batch).
         self.lm_gen = LMGen(bundle.lm, support_out_of_sync=True, **lm_gen_kwargs)
@@ -43,6 +66,10 @@ class SlotBatch:
         self._streaming = contextlib.ExitStack()
         self._streaming.enter_context(self.lm_gen.streaming(capacity))
         self._streaming.enter_context(self.mimi.streaming(capacity))
+        if self._rows is not None:
+            # Only while the model is streaming, i.e. while nothing can clone it (model.py refuses)
+            # and no other batch can step it (moshi refuses): the wrapper never outlives this batch.
+            self._streaming.callback(_wrap_depformer(bundle.lm, self._rows.adjust_audio))
         param = next(self.mimi.parameters())
         self._pcm_in = torch.zeros(capacity, 1, FRAME_SAMPLES, device=self.device, dtype=param.dtype)
         self._slot_mask = torch.zeros(capacity, dtype=torch.bool, device=self.device)
@@ -57,12 +84,19 @@ class SlotBatch:
         return self._slot_mask
 
     @torch.no_grad()
-    def install(self, slot: int, primed: PrimedState) -> None:
-        """Start a session in ``slot`` from a primed persona state."""
+    def install(self, slot: int, primed: PrimedState, sampling: SessionSampling | None = None) -> None:
+        """Start a session in ``slot`` from a primed persona state, sampling with ``sampling``
+        (default: the batch's) until the slot is installed again. A greedy batch ignores it."""
         mask = self._one_slot(slot)
         self.lm_gen.reset_streaming(mask)
         self.mimi.reset_streaming(mask)
         restore(primed, self.lm_gen, slot)
+        if self._rows is not None:
+            self._rows.set(slot, sampling or self.default_sampling)
+
+    def slot_sampling(self, slot: int) -> SessionSampling | None:
+        """The settings ``slot`` samples with; None in a greedy batch."""
+        return None if self._rows is None else self._rows.settings[slot]
 
     @torch.no_grad()
     def step_codes(self, user_codes: torch.Tensor, executing: torch.Tensor) -> torch.Tensor:
@@ -91,6 +125,81 @@ class SlotBatch:
             text_tokens=tokens[:, 0].tolist(),
             produced=produced.cpu().numpy(),
         )
+
+
+class SlotSampling:
+    """Per-slot sampling settings as persistent tensors, and the logit adjustments that apply them.
+
+    A row's temperature divides its logits; a row's top-k sets every logit below its k-th largest to
+    -inf. moshi then samples at temperature 1 over what is left, which draws from the same
+    distribution as moshi's own top-k sampling at that temperature. A top-k of 1 leaves only the
+    argmax: greedy decoding for that row, whatever its neighbours do.
+    """
+
+    def __init__(self, capacity: int, device: torch.device, card: int, text_card: int,
+                 defaults: SessionSampling) -> None:
+        self.card, self.text_card = card, text_card
+        self.settings = [defaults] * capacity
+        # The depth steps may run inside a CUDA graph: their top-k width must not change after
+        # capture, so it covers the largest k a session may ask for.
+        self._audio_width = min(card, int(SessionSampling.bounds("top_k")[1]))
+        self.temperature = torch.empty(capacity, device=device, dtype=torch.float32)
+        self.text_temperature = torch.empty(capacity, device=device, dtype=torch.float32)
+        self.top_k_index = torch.empty(capacity, device=device, dtype=torch.long)  # k - 1, within the card
+        self.text_top_k_index = torch.empty(capacity, device=device, dtype=torch.long)
+        for slot in range(capacity):
+            self.set(slot, defaults)
+
+    def set(self, slot: int, sampling: SessionSampling) -> None:
+        """In place, between steps."""
+        self.settings[slot] = sampling
+        self.temperature[slot] = sampling.temperature
+        self.text_temperature[slot] = sampling.text_temperature
+        self.top_k_index[slot] = min(sampling.top_k, self.card) - 1
+        self.text_top_k_index[slot] = min(sampling.text_top_k, self.text_card) - 1
+        text_ks = [min(s.text_top_k, self.text_card) for s in self.settings]
+        # The text stream is sampled outside any CUDA graph: its top-k width follows the slots.
+        self._text_width = max(text_ks)
+        self._text_masked = min(text_ks) < self.text_card
+
+    def adjust_audio(self, logits: torch.Tensor) -> torch.Tensor:
+        """One depth step's logits [B, 1, 1, card] -> float32 logits to sample at temperature 1.
+        Fixed shapes and no host synchronisation: safe inside a CUDA graph."""
+        x = logits.float()
+        kth = x.topk(self._audio_width, dim=-1, sorted=True).values.gather(-1, self.top_k_index.view(-1, 1, 1, 1))
+        x = x.masked_fill(x < kth, float("-inf"))
+        return x.div_(self.temperature.view(-1, 1, 1, 1))
+
+    def adjust_text(self, logits: torch.Tensor) -> None:
+        """The text logits [B, 1, 1, text_card], in place (LMGen's ``on_text_logits_hook``)."""
+        x = logits.float()  # the same tensor when it is float32 already
+        if self._text_masked:
+            kth = x.topk(self._text_width, dim=-1, sorted=True).values.gather(
+                -1, self.text_top_k_index.view(-1, 1, 1, 1))
+            x.masked_fill_(x < kth, float("-inf"))
+        x.div_(self.text_temperature.view(-1, 1, 1, 1))
+        if x is not logits:
+            logits.copy_(x)
+
+
+def _wrap_depformer(lm: LMModel, adjust: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+    """Route ``lm``'s per-codebook depth logits through ``adjust`` (on this instance only: the
+    primer's copies of the model keep moshi's method). Returns the undo."""
+    if "forward_depformer" in vars(lm):
+        raise RuntimeError("this model's depth logits are already wrapped by another batch")
+    original = lm.forward_depformer
+
+    def forward_depformer(depformer_cb_index: int, sequence: torch.Tensor,
+                          transformer_out: torch.Tensor) -> torch.Tensor:
+        return adjust(original(depformer_cb_index, sequence, transformer_out))
+
+    lm.forward_depformer = forward_depformer  # type: ignore[method-assign]
+
+    def unwrap() -> None:
+        if vars(lm).get("forward_depformer") is forward_depformer:
+            del lm.forward_depformer
+
+    return unwrap
 
 
 def kv_bytes_per_slot(bundle: ModelBundle) -> int:

@@ -25,7 +25,7 @@ import torch
 from moshi.models import LMGen
 
 from .batch import SlotBatch, kv_bytes_per_slot
-from .config import WorkerSettings
+from .config import Sampling, WorkerSettings
 from .model import FRAME_SAMPLES, LOADERS, ModelBundle
 from .persona import Persona, load_voice, prompt_tokens
 from .pool import PoolConfig, SessionPool
@@ -43,13 +43,13 @@ def run_worker_bench(
     settings: WorkerSettings, sizes: list[int], *, ticks: int, warmup: int, as_json: bool, max_slots: int = 128
 ) -> int:
     bundle = _load(settings)
-    sampling = settings.sampling.lm_gen_kwargs()
+    sampling = settings.sampling
     voice_name = min(bundle.voices) if bundle.voices else None
     if voice_name is None:
         print("personagate: the model has no voice presets to prime with", file=sys.stderr)
         return 2
     persona = Persona(prompt=BENCH_PROMPT, voice=voice_name)
-    primer = Primer(bundle, sampling)
+    primer = Primer(bundle, sampling.lm_gen_kwargs())
     plan = plan_priming(bundle, load_voice(bundle, persona, primer.mimi), prompt_tokens(bundle, persona.prompt))
     primed = primer.prime(plan, persona.content_hash())
 
@@ -132,7 +132,7 @@ def _sync(bundle: ModelBundle) -> None:
         torch.cuda.synchronize(bundle.device)
 
 
-def _tick_times(bundle: ModelBundle, sampling: dict, primed, slots: int, ticks: int, warmup: int) -> list[float]:
+def _tick_times(bundle: ModelBundle, sampling: Sampling, primed, slots: int, ticks: int, warmup: int) -> list[float]:
     """Milliseconds per tick with every slot live and fed a frame of (noise) caller audio; empty
     when that many slots do not fit in device memory."""
     try:
@@ -161,7 +161,7 @@ def _tick_times(bundle: ModelBundle, sampling: dict, primed, slots: int, ticks: 
 
 
 @torch.no_grad()
-def _prime_step_by_step(bundle: ModelBundle, sampling: dict, plan: PrimePlan) -> float:
+def _prime_step_by_step(bundle: ModelBundle, sampling: Sampling, plan: PrimePlan) -> float:
     """The reference server's way: one full model step (temporal + depth transformer) per prompt
     frame, forcing the prompt tokens. Returns seconds. (Token-for-token equality with the fast path
     is tests/test_priming.py's job; this only measures the cost.)"""
@@ -177,7 +177,7 @@ def _prime_step_by_step(bundle: ModelBundle, sampling: dict, plan: PrimePlan) ->
             tokens[:] = forced["audio"]
 
     lm = bundle.lm
-    lm_gen = LMGen(lm, on_text_hook=on_text, on_audio_hook=on_audio, **sampling)
+    lm_gen = LMGen(lm, on_text_hook=on_text, on_audio_hook=on_audio, **sampling.lm_gen_kwargs())
     device = bundle.device
     steps = plan.length
     sine = bundle.sine_codes.view(1, 8, 1)
@@ -220,7 +220,7 @@ def _session_start(bundle, sampling, primer: Primer, plan: PrimePlan, primed, pe
     }
 
 
-async def _starts_through_pool(bundle: ModelBundle, sampling: dict, persona: Persona) -> list[float]:
+async def _starts_through_pool(bundle: ModelBundle, sampling: Sampling, persona: Persona) -> list[float]:
     """Session request -> ready through a running pool, with another live call being stepped."""
     pool = SessionPool(bundle, PoolConfig(capacity=2, sampling=sampling))
     pool.start()

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .batch import SlotBatch
+from .config import Sampling, SessionSampling
 from .metrics import WorkerMetrics
 from .model import FRAME_BYTES, FRAME_RATE, FRAME_SAMPLES, ModelBundle
 from .persona import Persona, load_voice, prompt_tokens
@@ -62,16 +63,19 @@ class PoolConfig:
     input_backlog_frames: int = 3  # caller audio older than this many frames is dropped
     output_backlog_frames: int = 6  # agent audio a client has not read after this many frames is dropped
     prime_cache_size: int = 32  # primed personas kept for instant starts
-    sampling: dict = field(default_factory=dict)  # LMGen keyword arguments (use_sampling, temp, top_k, ...)
+    # sessions' default sampling; greedy makes every session greedy (tests, benchmarks)
+    sampling: Sampling = field(default_factory=Sampling)
 
 
 class Session:
     """One call's view of its slot. Created by ``SessionPool.open_session``."""
 
-    def __init__(self, pool: SessionPool, slot: int, persona_hash: str, session_id: str) -> None:
+    def __init__(self, pool: SessionPool, slot: int, persona_hash: str, session_id: str,
+                 sampling: SessionSampling) -> None:
         self.id = session_id
         self.slot = slot
         self.persona_hash = persona_hash
+        self.sampling = sampling  # what the slot samples with (unless the pool is greedy)
         self.cached = False
         self.start_seconds = 0.0
         self.end_reason: str | None = None
@@ -133,7 +137,7 @@ class SessionPool:
         self.metrics.slots_capacity.set(config.capacity)
         self.metrics.slots_active.set(0)
         # The primer clones the modules, which must happen before the batch puts them in streaming mode.
-        self.primer = Primer(bundle, config.sampling)
+        self.primer = Primer(bundle, config.sampling.lm_gen_kwargs())
         self.batch = SlotBatch(bundle, config.capacity, config.sampling)
         self._prime_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="primer")
         self._prime_cache: collections.OrderedDict[str, PrimedState] = collections.OrderedDict()
@@ -190,8 +194,14 @@ class SessionPool:
 
     # ------------------------------------------------------------------ sessions
 
-    async def open_session(self, persona: Persona, session_id: str | None = None) -> Session:
+    async def open_session(
+        self, persona: Persona, session_id: str | None = None, *, sampling: SessionSampling | None = None
+    ) -> Session:
         """Claim a slot, prime (or fetch the primed state of) the persona and start the session.
+
+        ``sampling`` is the session's own (default: the pool's ``config.sampling``); it plays no part
+        in priming, so sessions of one persona share its primed state whatever they sample with. A
+        greedy pool decodes every session greedily.
 
         Raises PoolFull when no slot is free, PersonaError when the persona cannot be primed and
         PoolStopped when the pool is not running.
@@ -204,7 +214,8 @@ class SessionPool:
                 self.metrics.sessions_refused.labels("pool_full").inc()
                 raise PoolFull(f"all {self.config.capacity} slots are in use")
             slot = self._free.pop()
-        session = Session(self, slot, persona.content_hash(), session_id or uuid.uuid4().hex)
+        session = Session(self, slot, persona.content_hash(), session_id or uuid.uuid4().hex,
+                          sampling or self.config.sampling.session_defaults())
         try:
             primed, cached = await self._primed(persona)
             installed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -307,7 +318,7 @@ class SessionPool:
                     self._post_result(done, None)
                     continue
                 started = time.perf_counter()
-                self.batch.install(session.slot, primed)
+                self.batch.install(session.slot, primed, session.sampling)
                 self.metrics.session_restore_seconds.observe(time.perf_counter() - started)
                 self._active[session.slot] = session
                 self._post_result(done, None)

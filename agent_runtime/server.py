@@ -76,7 +76,7 @@ class Worker:
                 input_backlog_frames=s.input_backlog_frames,
                 output_backlog_frames=s.output_backlog_frames,
                 prime_cache_size=s.prime_cache_size,
-                sampling=s.sampling.lm_gen_kwargs(),
+                sampling=s.sampling,
             )
             pool = SessionPool(bundle, config, self.metrics)
             if bundle.voices:

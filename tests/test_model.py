@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from agent_runtime.batch import SlotBatch
+from agent_runtime.config import Sampling
 from agent_runtime.model import (
     SAMPLE_RATE,
     TINY_MIMI_CONFIG,
@@ -247,7 +248,7 @@ def test_a_checkpoint_voice_primes_a_call_that_produces_agent_audio(loaded):
     primed = primer.prime(plan_priming(loaded, voice, prompt_tokens(loaded, persona.prompt)), persona.content_hash())
     assert primed.position == 38 + 6 + len(prompt_tokens(loaded, PROMPT)) + 6
     assert all(kv.dtype == torch.bfloat16 for kv in primed.kv)
-    batch = SlotBatch(loaded, 2, GREEDY)
+    batch = SlotBatch(loaded, 2, Sampling(greedy=True))
     try:
         batch.install(1, primed)
         gen = torch.Generator().manual_seed(0)
@@ -435,7 +436,7 @@ def _assert_same_call(bundle: ModelBundle, a: PrimedState, b: PrimedState, steps
     for ka, kb in zip(a.kv, b.kv, strict=True):
         assert ka.shape == kb.shape
         torch.testing.assert_close(ka, kb, atol=1e-5, rtol=1e-5)
-    batch = SlotBatch(bundle, 2, GREEDY)
+    batch = SlotBatch(bundle, 2, Sampling(greedy=True))
     try:
         batch.install(0, a)
         batch.install(1, b)

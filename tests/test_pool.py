@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from agent_runtime.config import Sampling, SessionSampling
 from agent_runtime.model import FRAME_BYTES, load_tiny
 from agent_runtime.persona import Persona, PersonaError
 from agent_runtime.pool import FRAME_SECONDS, PoolConfig, PoolFull, SessionPool
@@ -115,6 +116,37 @@ async def test_a_cached_persona_starts_without_priming(pool):
     assert (first.cached, second.cached) == (False, True)
     assert _value(pool, "personagate_worker_persona_prime_seconds_count") == 1
     assert _value(pool, "personagate_worker_session_start_seconds_count", persona_cache="hit") == 1
+
+
+async def test_each_session_samples_with_its_own_settings(pool):
+    """A session's sampling settings reach its slot and stay with that session only: sessions of one
+    persona with different sampling share its primed state (sampling is no part of priming), a
+    session that gives none gets the worker's defaults, and the next session in a freed slot gets its
+    own settings, not the previous session's."""
+    careful = SessionSampling(temperature=0.3, top_k=20, text_temperature=0.4, text_top_k=5)
+    lively = SessionSampling(temperature=1.2)
+    first = await pool.open_session(CLAIMS, sampling=careful)
+    second = await pool.open_session(CLAIMS)
+    assert (first.cached, second.cached) == (False, True)
+    assert first.sampling == careful and pool.batch.slot_sampling(first.slot) == careful
+    assert second.sampling == pool.config.sampling.session_defaults() == SessionSampling()
+    assert pool.batch.slot_sampling(second.slot) == SessionSampling()
+    first.close("client_end")
+    await asyncio.sleep(0.05)
+    third = await pool.open_session(BANK, sampling=lively)
+    assert third.slot == first.slot and pool.batch.slot_sampling(third.slot) == lively
+
+
+async def test_the_worker_defaults_are_what_sessions_without_sampling_get():
+    """An operator's sampling settings are the defaults of every session that does not give its own."""
+    defaults = Sampling(temperature=0.5, top_k=40, text_temperature=0.6, text_top_k=8)
+    pool = SessionPool(load_tiny(), PoolConfig(capacity=1, sampling=defaults))
+    pool.start()
+    try:
+        session = await pool.open_session(BANK)
+        assert pool.batch.slot_sampling(session.slot) == defaults.session_defaults()
+    finally:
+        pool.stop()
 
 
 async def test_concurrent_first_calls_prime_a_persona_once(pool):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from agent_runtime.batch import SlotBatch
+from agent_runtime.config import Sampling
 from agent_runtime.model import load_tiny
 from agent_runtime.persona import Persona, PersonaError, load_voice, prompt_tokens
 from agent_runtime.priming import Primer, plan_priming
@@ -50,7 +51,7 @@ def test_fast_priming_matches_step_by_step_reference(bundle, voice, dtype):
 
     expected = run_reference(bundle, voice_prompt.codes, prompt_tokens(bundle, persona.prompt), user)
 
-    batch = SlotBatch(bundle, 3, GREEDY)
+    batch = SlotBatch(bundle, 3, Sampling(greedy=True))
     try:
         batch.install(0, other_primed)
         batch.install(2, primed)
