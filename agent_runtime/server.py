@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from .config import WorkerSettings
+from .config import SessionSampling, WorkerSettings
 from .metrics import WorkerMetrics
 from .model import FRAME_BYTES, LOADERS, ModelBundle
 from .persona import Persona, PersonaError
@@ -186,9 +186,9 @@ async def _session(worker: Worker, ws: WebSocket) -> None:
         if worker.pool is None:
             raise ProtocolError(CloseCode.TRY_AGAIN_LATER, worker.load_error or "the worker is loading its model")
         start = await _receive_start(ws, worker.settings)
-        persona, session_id = _parse_start(start, worker.settings)
+        persona, sampling, session_id = _parse_start(start, worker.settings)
         try:
-            session = await worker.pool.open_session(persona, session_id)
+            session = await worker.pool.open_session(persona, session_id, sampling=sampling)
         except PoolFull as exc:
             raise ProtocolError(CloseCode.NO_FREE_SLOT, str(exc)) from exc
         except PoolStopped as exc:
@@ -198,6 +198,8 @@ async def _session(worker: Worker, ws: WebSocket) -> None:
         worker.sessions.add(session)
         log.info("session started", extra={"session": session.id, "slot": session.slot,
                                            "persona": session.persona_hash, "persona_cached": session.cached,
+                                           "sampling": "greedy" if worker.settings.sampling.greedy
+                                           else session.sampling.model_dump(),
                                            "start_ms": round(session.start_seconds * 1000, 2)})
         await ws.send_text(json.dumps({
             "type": "ready",
@@ -247,11 +249,13 @@ async def _receive_start(ws: WebSocket, settings: WorkerSettings) -> dict[str, A
     return start
 
 
-def _parse_start(start: dict[str, Any], settings: WorkerSettings) -> tuple[Persona, str | None]:
+def _parse_start(
+    start: dict[str, Any], settings: WorkerSettings
+) -> tuple[Persona, SessionSampling, str | None]:
     spec = start.get("persona")
     if not isinstance(spec, dict):
         raise ProtocolError(CloseCode.BAD_REQUEST, "start.persona must be an object")
-    unknown = set(spec) - {"prompt", "voice", "voice_audio_base64"}
+    unknown = set(spec) - {"prompt", "voice", "voice_audio_base64", "sampling"}
     if unknown:
         raise ProtocolError(CloseCode.BAD_REQUEST, f"start.persona has unknown fields: {sorted(unknown)}")
     prompt = spec.get("prompt", "")
@@ -274,10 +278,38 @@ def _parse_start(start: dict[str, Any], settings: WorkerSettings) -> tuple[Perso
             audio = base64.b64decode(audio_b64, validate=True)
         except binascii.Error as exc:
             raise ProtocolError(CloseCode.BAD_REQUEST, "start.persona.voice_audio_base64 is not base64") from exc
+    sampling = _parse_sampling(spec.get("sampling", {}), settings)
     try:
-        return Persona(prompt=prompt, voice=voice, voice_audio=audio), session_id
+        return Persona(prompt=prompt, voice=voice, voice_audio=audio), sampling, session_id
     except PersonaError as exc:
         raise ProtocolError(CloseCode.PERSONA_REJECTED, str(exc)) from exc
+
+
+def _parse_sampling(spec: Any, settings: WorkerSettings) -> SessionSampling:
+    """``persona.sampling``: any of the four settings, the worker's defaults for the others."""
+    if not isinstance(spec, dict):
+        raise ProtocolError(CloseCode.BAD_REQUEST, "start.persona.sampling must be an object")
+    fields = SessionSampling.model_fields
+    for key in spec:
+        if key not in fields:
+            raise ProtocolError(
+                CloseCode.BAD_REQUEST,
+                f"start.persona.sampling has unknown field {key!r}; expected {', '.join(fields)}",
+            )
+    given: dict[str, float | int] = {}
+    for key, value in spec.items():
+        integral = fields[key].annotation is int
+        if isinstance(value, bool) or not isinstance(value, int if integral else int | float):
+            kind = "an integer" if integral else "a number"
+            raise ProtocolError(CloseCode.BAD_REQUEST, f"start.persona.sampling.{key} must be {kind}")
+        low, high, open_low = SessionSampling.bounds(key)
+        if not ((low < value) if open_low else (low <= value)) or not value <= high:
+            raise ProtocolError(
+                CloseCode.PERSONA_REJECTED,
+                f"persona.sampling.{key} must be in {SessionSampling.bounds_text(key)}, got {value:g}",
+            )
+        given[key] = value
+    return SessionSampling(**(settings.sampling.session_defaults().model_dump() | given))
 
 
 async def _converse(ws: WebSocket, session: Session) -> None:
@@ -354,4 +386,3 @@ def close_reason(reason: str, limit: int = 123) -> str:
     if sep and head:
         cut = head.rstrip(",;:")
     return cut + ellipsis
-

@@ -12,7 +12,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -60,12 +60,17 @@ class WorkerSession:
         voice: str | None = None,
         voice_audio: bytes | None = None,
         session_id: str | None = None,
+        sampling: Mapping[str, float | int] | None = None,
     ) -> WorkerSession:
-        persona: dict[str, str] = {"prompt": prompt}
+        """Start a session. ``sampling``: any of ``temperature``, ``top_k``, ``text_temperature``,
+        ``text_top_k`` (the worker's defaults for the others; a greedy worker ignores them)."""
+        persona: dict[str, object] = {"prompt": prompt}
         if voice_audio is not None:
             persona["voice_audio_base64"] = base64.b64encode(voice_audio).decode()
         elif voice is not None:
             persona["voice"] = voice
+        if sampling is not None:
+            persona["sampling"] = dict(sampling)
         start: dict[str, object] = {"type": "start", "persona": persona}
         if session_id is not None:
             start["session_id"] = session_id
@@ -132,6 +137,7 @@ async def talk(
     voice: str | None,
     caller_audio: np.ndarray,
     seconds: float,
+    sampling: Mapping[str, float | int] | None = None,
 ) -> tuple[dict[str, object], np.ndarray]:
     """Play ``caller_audio`` (24 kHz mono float32; silence after it ends) into a session in real
     time for ``seconds``; return a report and the agent's audio (24 kHz mono float32)."""
@@ -143,7 +149,7 @@ async def talk(
     arrivals: list[float] = []
     texts: list[str] = []
     first_voiced: float | None = None
-    async with await WorkerSession.open(url, prompt=prompt, voice=voice) as session:
+    async with await WorkerSession.open(url, prompt=prompt, voice=voice, sampling=sampling) as session:
         ready_at = time.monotonic()
 
         async def play() -> None:

@@ -303,6 +303,40 @@ async def test_a_voice_clip_can_be_sent_inline(worker):
     assert code == 4422 and "0.10 s" in reason, (code, reason)
 
 
+def _start_sampling(sampling: object, voice: str = "tiny-low") -> str:
+    return json.dumps({"type": "start", "persona": {"prompt": "You are a claims agent.", "voice": voice,
+                                                     "sampling": sampling}})
+
+
+async def test_a_persona_may_bring_its_own_sampling(worker):
+    """A persona may set any of temperature, top_k, text_temperature and text_top_k (the others take
+    the worker's defaults): the session starts and streams like any other."""
+    await _wait_free_slots(worker, 1, within=5)
+    ws, ready = await _open(worker, _start_sampling({"temperature": 0.6, "text_top_k": 10}))
+    assert ready["type"] == "ready"
+    arrivals, _ = await _talk(ws, _tone_frames(4), linger=0.5)
+    assert arrivals
+    assert (await _end(ws))[0] == 1000
+
+
+@pytest.mark.parametrize("sampling, code, reason", [
+    ({"temp": 0.5}, 4400, "unknown field 'temp'"),
+    ({"top_k": "many"}, 4400, "start.persona.sampling.top_k must be an integer"),
+    ({"temperature": True}, 4400, "start.persona.sampling.temperature must be a number"),
+    ([0.5], 4400, "start.persona.sampling must be an object"),
+    ({"temperature": 5}, 4422, "persona.sampling.temperature must be in (0, 2], got 5"),
+    ({"text_temperature": 0}, 4422, "persona.sampling.text_temperature must be in (0, 2], got 0"),
+    ({"top_k": 0}, 4422, "persona.sampling.top_k must be in [1, 2048], got 0"),
+    ({"text_top_k": 40000}, 4422, "persona.sampling.text_top_k must be in [1, 32000], got 40000"),
+], ids=["old-name", "top-k-text", "temperature-bool", "not-an-object", "temperature-5", "text-temperature-0",
+        "top-k-0", "text-top-k-huge"])
+async def test_bad_sampling_is_refused_with_its_reason(worker, sampling, code, reason):
+    """A misspelt or mistyped sampling setting is a client bug (4400, naming the field); a value out
+    of the worker's bounds is a persona to fix (4422, saying the bounds and the value given)."""
+    got_code, got = await _refused(worker, _start_sampling(sampling))
+    assert got_code == code and reason in got, (got_code, got)
+
+
 async def test_the_tiny_worker_offers_personaplex_voice_names(worker):
     """A persona written for PersonaPlex's preset voices (NATF0 ... VARM4) runs on the tiny model
     too: /v1/info lists every preset name beside tiny-low and tiny-high, and a session with one starts."""

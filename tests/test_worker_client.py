@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import soundfile
 
 
@@ -45,3 +46,18 @@ def test_an_unreachable_worker_is_reported(tmp_path):
     done = _session("127.0.0.1:9", "--voice", "tiny-low", "--seconds", "1")
     assert done.returncode == 1
     assert "cannot reach the worker" in done.stderr and "Traceback" not in done.stderr
+
+
+async def test_a_gateway_can_set_a_personas_sampling(worker):
+    """The client passes a persona's sampling settings to the worker: valid ones start the session,
+    and one out of the worker's bounds comes back as a refusal with 4422 and the reason."""
+    from gateway.worker_client import WorkerRefused, WorkerSession
+
+    url = f"ws://{worker}/v1/sessions"
+    session = await WorkerSession.open(url, prompt="You are a claims agent.", voice="tiny-low",
+                                       sampling={"temperature": 0.5, "text_top_k": 5})
+    async with session:
+        await session.end()
+    with pytest.raises(WorkerRefused) as refused:
+        await WorkerSession.open(url, prompt="You are a claims agent.", voice="tiny-low", sampling={"top_k": 0})
+    assert refused.value.code == 4422 and "persona.sampling.top_k" in refused.value.reason
