@@ -3,20 +3,16 @@
 
 from __future__ import annotations
 
-import contextvars
 from pathlib import Path
 from typing import Any, Literal
 
 import annotated_types
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_file", default=None)
+from .settings_files import SettingsError, YamlFileSource, load_settings
 
-
-class SettingsError(ValueError):
-    """Settings that cannot start a worker, with one line per problem."""
+__all__ = ["Sampling", "SessionSampling", "SettingsError", "WorkerSettings", "load_worker_settings"]
 
 
 class SessionSampling(BaseModel):
@@ -115,43 +111,9 @@ class WorkerSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, _YamlFileSource(settings_cls)
-
-
-class _YamlFileSource(PydanticBaseSettingsSource):
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        path = _config_file.get()
-        if path is None:
-            return {}
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SettingsError(f"{path}: cannot read the settings file ({exc})") from exc
-        data = yaml.safe_load(text)
-        if data is None:
-            return {}
-        if not isinstance(data, dict):
-            raise SettingsError(f"{path}: expected a mapping of worker settings, got {type(data).__name__}")
-        return data
+        return init_settings, env_settings, YamlFileSource(settings_cls, "worker")
 
 
 def load_worker_settings(config_file: Path | None = None, **overrides: Any) -> WorkerSettings:
     """Settings from ``config_file`` < environment < ``overrides``; SettingsError lists every problem."""
-    token = _config_file.set(config_file)
-    try:
-        if config_file is not None and not config_file.is_file():
-            raise SettingsError(f"{config_file}: no such settings file")
-        return WorkerSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"{config_file}: not valid YAML ({exc})") from exc
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "settings"
-            lines.append(f"{where}: {err['msg']}")
-        raise SettingsError("invalid worker settings:\n  " + "\n  ".join(lines)) from exc
-    finally:
-        _config_file.reset(token)
+    return load_settings(WorkerSettings, "worker", config_file, **overrides)

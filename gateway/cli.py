@@ -4,6 +4,8 @@
     personagate bench worker [--json] [--batch-sizes 1,4,16,32]
     personagate session ws://127.0.0.1:8765/v1/sessions [--play in.wav] [--record out.wav] [--seconds 5]
     personagate tenants validate [DIR]
+    personagate tenants token TENANT | --operator
+    personagate gateway [--config gateway.yaml] [--tenants DIR] [--admin-tokens FILE] [--host H] [--port 8080]
 """
 
 from __future__ import annotations
@@ -47,10 +49,24 @@ def main(argv: list[str] | None = None) -> int:
     validate = tenant_actions.add_parser(
         "validate", help="check a tenants folder: every problem as file:line:column: field: message; exit 1 if any")
     validate.add_argument("folder", nargs="?", type=Path, default=Path("tenants"))
+    token = tenant_actions.add_parser(
+        "token", help="make an admin API token: print it once, and the hash line for the admin tokens file")
+    token.add_argument("tenant", nargs="?", help="the tenant the token reaches")
+    token.add_argument("--operator", action="store_true", help="a token that reaches every tenant")
+
+    gateway = commands.add_parser("gateway", help="run the gateway: tenant admin API (HTTP), live tenant config")
+    gateway.add_argument("--config", type=Path, help="YAML settings file (environment and flags override it)")
+    gateway.add_argument("--tenants", type=Path, help="the tenants folder (default: tenants)")
+    gateway.add_argument("--admin-tokens", type=Path, help="admin API tokens file (default: none, API disabled)")
+    gateway.add_argument("--host", help="listen address (default 127.0.0.1)")
+    gateway.add_argument("--port", type=int, help="HTTP port (default 8080)")
+    gateway.add_argument("--log-level", default="info")
 
     args = parser.parse_args(argv)
     if args.command == "tenants":
-        return _run_tenants(args)
+        return _run_token(args, parser) if args.action == "token" else _run_tenants(args)
+    if args.command == "gateway":
+        return _run_gateway(args)
     if args.command == "worker":
         return _run_worker(args)
     if args.command == "session":
@@ -175,6 +191,45 @@ def _run_tenants(args: argparse.Namespace) -> int:
     personas = sum(len(t.personas) for t in result.tenants.values())
     numbers = sum(len(t.spec.numbers) for t in result.tenants.values())
     print(f"{args.folder}: {len(result.tenants)} tenants, {personas} personas, {numbers} numbers: all valid")
+    return 0
+
+
+def _run_token(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from gateway.admin.tokens import new_token
+    from gateway.tenants.schema import TENANT_ID
+
+    if args.operator == (args.tenant is not None):
+        parser.error("tenants token: give a TENANT or --operator (not both)")
+    if args.tenant is not None and not TENANT_ID.match(args.tenant):
+        parser.error(f"tenants token: {args.tenant!r} is not a tenant id (lower-case letters, digits and '-')")
+    token, line = new_token()
+    who, holder = ("the operator (reaches every tenant)", "the operator") if args.operator else \
+        (f"tenant {args.tenant!r}", "the tenant's admin")
+    entry = f"operator:\n  - {line}" if args.operator else f"tenants:\n  {args.tenant}:\n    - {line}"
+    print(f"Admin API token for {who}; shown only this once, hand it to {holder} now\n"
+          f"(use it as 'Authorization: Bearer <token>'):\n\n    {token}\n\n"
+          f"Add its hash to the admin tokens file (the gateway applies it without a restart):\n\n{entry}")
+    return 0
+
+
+def _run_gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from agent_runtime import logs
+    from gateway.app import create_app
+    from gateway.config import SettingsError, load_gateway_settings
+
+    try:
+        settings = load_gateway_settings(args.config, tenants_dir=args.tenants, admin_tokens_file=args.admin_tokens,
+                                         host=args.host, http_port=args.port)
+    except SettingsError as exc:
+        print(f"personagate: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(args.log_level)
+    admin = "off (no admin_tokens_file)" if settings.admin_tokens_file is None else \
+        f"http://{settings.host}:{settings.http_port}/v1/admin (docs at /docs)"
+    print(f"personagate gateway: tenants from {settings.tenants_dir}, admin API {admin}", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.http_port, log_config=None)
     return 0
 
 

@@ -30,3 +30,8 @@ class GatewayMetrics:
             "personagate_gateway_tenant_last_reload_success_timestamp_seconds",
             "When a change to the tenants folder was last applied in full (Unix time).", registry=r,
         )
+        self.http_requests = Counter(
+            "personagate_gateway_http_requests_total",
+            "HTTP requests answered (admin API, probes), by method, route template and status code.",
+            ["method", "route", "status"], registry=r,
+        )

@@ -1,0 +1,1 @@
+"""The tenant admin API: tokens, endpoints."""

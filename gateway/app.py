@@ -1,0 +1,100 @@
+"""The gateway's HTTP app: the tenant admin API (``/v1/admin``, docs at ``/docs``), probes and metrics.
+WebRTC signalling joins it later.
+
+The live tenant configuration (``TenantRegistry``) is loaded before the app serves, then watched for
+changes by a background task for as long as the app runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .admin.api import Admin, install
+from .admin.tokens import TokenFile
+from .config import GatewaySettings
+from .metrics import GatewayMetrics
+from .tenants.loader import ClipCache
+from .tenants.registry import TenantRegistry
+from .tenants.store import TenantStore
+
+DESCRIPTION = """\
+Tenant administration for personagate: tenants, personas (YAML, validated exactly as the gateway loads
+them), voice clips, version history with rollback, and reload status.
+
+Authenticate with `Authorization: Bearer <token>`. An operator token reaches every tenant; a tenant
+admin's token reaches its own tenant only (403 elsewhere). Tokens are made with
+`personagate tenants token`; the gateway stores only their SHA-256 hashes.
+"""
+
+
+def create_app(settings: GatewaySettings, *, registry: TenantRegistry | None = None) -> FastAPI:
+    metrics = registry.metrics if registry is not None else GatewayMetrics()
+    registry = registry or TenantRegistry(settings.tenants_dir, poll_seconds=settings.tenants_poll_seconds,
+                                          metrics=metrics)
+    admin = Admin(
+        registry=registry,
+        store=TenantStore(settings.tenants_dir, history_versions=settings.history_versions),
+        tokens=TokenFile(settings.admin_tokens_file),
+        max_clip_bytes=settings.max_clip_bytes,
+        clips=ClipCache(),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(registry.reload)
+        watcher = asyncio.create_task(registry.watch(), name="tenant-watch")
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    app = FastAPI(title="personagate gateway", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.admin = admin
+    app.state.registry = registry
+    install(app, admin)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> JSONResponse:
+        return JSONResponse({"status": "ok", "tenants_serving": len(registry.tenants)})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(_CountRequests, metrics=metrics)
+    return app
+
+
+class _CountRequests:
+    """Counts every HTTP answer by method, route template (not the raw path) and status."""
+
+    def __init__(self, app: Any, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def counted_send(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted_send)
+        finally:
+            route = getattr(scope.get("route"), "path", "(no route)")
+            self.metrics.http_requests.labels(scope["method"], route, str(status)).inc()
