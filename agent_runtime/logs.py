@@ -7,7 +7,9 @@ import logging
 import sys
 import time
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+# uvicorn adds `color_message` (its message with terminal colour codes) to its records.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName",
+                                                                         "color_message"}
 
 
 class JsonFormatter(logging.Formatter):

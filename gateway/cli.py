@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     session.add_argument("url", nargs="?", default="ws://127.0.0.1:8765/v1/sessions")
     session.add_argument("--prompt", default="You are a friendly agent at a call center. Greet the caller.")
     session.add_argument("--voice", default=None, help="voice preset (default: the worker's first)")
+    session.add_argument("--persona", metavar="TENANT/PERSONA",
+                         help="talk to a tenant's persona as calls get it (prompt, prepared voice clip, sampling) "
+                              "instead of --prompt/--voice")
+    session.add_argument("--tenants", type=Path, default=Path("tenants"), help="tenants folder for --persona")
     session.add_argument("--play", type=Path, help="caller audio: a wav/flac file (default: silence)")
     session.add_argument("--record", type=Path, help="write the agent's audio to this wav file")
     session.add_argument("--seconds", type=float, help="how long to talk (default: the --play file, or 5 s)")
@@ -143,18 +147,24 @@ def _run_session(args: argparse.Namespace) -> int:
     import soundfile
     import soxr
 
-    from gateway.worker_client import WorkerRefused, talk
+    from gateway.worker_client import WorkerRefused, persona_message, talk
 
-    voice = args.voice
-    if voice is None:
-        parts = urlsplit(args.url)
-        scheme = "https" if parts.scheme == "wss" else "http"
-        try:
-            voices = httpx.get(f"{scheme}://{parts.netloc}/v1/info", timeout=5).json().get("voices") or []
-        except (httpx.HTTPError, ValueError) as exc:
-            print(f"personagate: cannot reach the worker at {parts.netloc}: {exc}", file=sys.stderr)
-            return 1
-        voice = voices[0] if voices else None
+    if args.persona is not None:
+        persona = _tenant_persona(args.persona, args.tenants)
+        if persona is None:
+            return 2
+    else:
+        voice = args.voice
+        if voice is None:
+            parts = urlsplit(args.url)
+            scheme = "https" if parts.scheme == "wss" else "http"
+            try:
+                voices = httpx.get(f"{scheme}://{parts.netloc}/v1/info", timeout=5).json().get("voices") or []
+            except (httpx.HTTPError, ValueError) as exc:
+                print(f"personagate: cannot reach the worker at {parts.netloc}: {exc}", file=sys.stderr)
+                return 1
+            voice = voices[0] if voices else None
+        persona = persona_message(args.prompt, voice=voice)
     caller = np.zeros(0, dtype=np.float32)
     if args.play is not None:
         try:
@@ -165,8 +175,7 @@ def _run_session(args: argparse.Namespace) -> int:
         caller = soxr.resample(audio.mean(axis=1), rate, 24_000).astype(np.float32)
     seconds = args.seconds or (len(caller) / 24_000 if len(caller) else 5.0)
     try:
-        report, agent = asyncio.run(talk(args.url, prompt=args.prompt, voice=voice, caller_audio=caller,
-                                         seconds=seconds))
+        report, agent = asyncio.run(talk(args.url, persona, caller_audio=caller, seconds=seconds))
     except WorkerRefused as exc:
         print(f"personagate: {exc}", file=sys.stderr)
         return 1
@@ -177,6 +186,26 @@ def _run_session(args: argparse.Namespace) -> int:
         soundfile.write(args.record, agent, 24_000)
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _tenant_persona(name: str, tenants: Path) -> dict[str, object] | None:
+    """The worker persona of ``TENANT/PERSONA`` in the tenants folder, or None after saying why."""
+    from gateway.tenants.loader import TENANT_FILE, ClipCache, load_tenant
+
+    tenant_id, _, persona_name = name.partition("/")
+    if not tenant_id or not persona_name:
+        print(f"personagate: --persona {name!r}: expected TENANT/PERSONA, e.g. harbor-mutual/claims", file=sys.stderr)
+        return None
+    tenant, problems = load_tenant(tenants / tenant_id, ClipCache(), label=f"{tenants / tenant_id / TENANT_FILE}")
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if tenant is None:
+        return None
+    if persona_name not in tenant.personas:
+        known = ", ".join(sorted(tenant.personas))
+        print(f"personagate: tenant {tenant_id!r} has no persona {persona_name!r}; it has: {known}", file=sys.stderr)
+        return None
+    return tenant.personas[persona_name].worker_persona
 
 
 def _run_tenants(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """Client side of the worker protocol (docs/worker-protocol.md): one duplex session on a worker.
 
-    async with await WorkerSession.open(url, prompt="...", voice="NATF0") as session:
+    async with await WorkerSession.open(url, persona_message("You are ...", voice="NATF0")) as session:
         await session.send(frame)            # 3840 bytes: 80 ms of 24 kHz s16le caller audio
         async for event in session.events(): # AgentAudio / AgentText until the session ends
             ...
@@ -43,6 +43,26 @@ class AgentText:
     text: str
 
 
+def persona_message(
+    prompt: str,
+    *,
+    voice: str | None = None,
+    voice_audio: bytes | None = None,
+    sampling: Mapping[str, float | int] | None = None,
+) -> dict[str, object]:
+    """The start message's ``persona`` object: a preset ``voice`` or a wav/flac clip
+    (``voice_audio``), and optionally the persona's own ``sampling`` (any of ``temperature``,
+    ``top_k``, ``text_temperature``, ``text_top_k``; the worker's defaults for the others)."""
+    persona: dict[str, object] = {"prompt": prompt}
+    if voice_audio is not None:
+        persona["voice_audio_base64"] = base64.b64encode(voice_audio).decode()
+    elif voice is not None:
+        persona["voice"] = voice
+    if sampling is not None:
+        persona["sampling"] = dict(sampling)
+    return persona
+
+
 class WorkerSession:
     def __init__(self, ws: ClientConnection, ready: dict) -> None:
         self._ws = ws
@@ -52,26 +72,10 @@ class WorkerSession:
         self.persona_cached: bool = ready["persona_cached"]
 
     @classmethod
-    async def open(
-        cls,
-        url: str,
-        *,
-        prompt: str,
-        voice: str | None = None,
-        voice_audio: bytes | None = None,
-        session_id: str | None = None,
-        sampling: Mapping[str, float | int] | None = None,
-    ) -> WorkerSession:
-        """Start a session. ``sampling``: any of ``temperature``, ``top_k``, ``text_temperature``,
-        ``text_top_k`` (the worker's defaults for the others; a greedy worker ignores them)."""
-        persona: dict[str, object] = {"prompt": prompt}
-        if voice_audio is not None:
-            persona["voice_audio_base64"] = base64.b64encode(voice_audio).decode()
-        elif voice is not None:
-            persona["voice"] = voice
-        if sampling is not None:
-            persona["sampling"] = dict(sampling)
-        start: dict[str, object] = {"type": "start", "persona": persona}
+    async def open(cls, url: str, persona: Mapping[str, object], *, session_id: str | None = None) -> WorkerSession:
+        """Start a session with ``persona`` (see ``persona_message``); raises WorkerRefused with the
+        worker's close code and reason if it does not start."""
+        start: dict[str, object] = {"type": "start", "persona": dict(persona)}
         if session_id is not None:
             start["session_id"] = session_id
         ws = await connect(url, max_size=2**22)
@@ -132,12 +136,10 @@ class WorkerSession:
 
 async def talk(
     url: str,
+    persona: Mapping[str, object],
     *,
-    prompt: str,
-    voice: str | None,
     caller_audio: np.ndarray,
     seconds: float,
-    sampling: Mapping[str, float | int] | None = None,
 ) -> tuple[dict[str, object], np.ndarray]:
     """Play ``caller_audio`` (24 kHz mono float32; silence after it ends) into a session in real
     time for ``seconds``; return a report and the agent's audio (24 kHz mono float32)."""
@@ -149,7 +151,7 @@ async def talk(
     arrivals: list[float] = []
     texts: list[str] = []
     first_voiced: float | None = None
-    async with await WorkerSession.open(url, prompt=prompt, voice=voice, sampling=sampling) as session:
+    async with await WorkerSession.open(url, persona) as session:
         ready_at = time.monotonic()
 
         async def play() -> None:

@@ -51,13 +51,34 @@ def test_an_unreachable_worker_is_reported(tmp_path):
 async def test_a_gateway_can_set_a_personas_sampling(worker):
     """The client passes a persona's sampling settings to the worker: valid ones start the session,
     and one out of the worker's bounds comes back as a refusal with 4422 and the reason."""
-    from gateway.worker_client import WorkerRefused, WorkerSession
+    from gateway.worker_client import WorkerRefused, WorkerSession, persona_message
 
     url = f"ws://{worker}/v1/sessions"
-    session = await WorkerSession.open(url, prompt="You are a claims agent.", voice="tiny-low",
-                                       sampling={"temperature": 0.5, "text_top_k": 5})
+    persona = persona_message("You are a claims agent.", voice="tiny-low", sampling={"temperature": 0.5,
+                                                                                       "text_top_k": 5})
+    session = await WorkerSession.open(url, persona)
     async with session:
         await session.end()
     with pytest.raises(WorkerRefused) as refused:
-        await WorkerSession.open(url, prompt="You are a claims agent.", voice="tiny-low", sampling={"top_k": 0})
+        await WorkerSession.open(url, persona_message("You are a claims agent.", voice="tiny-low",
+                                                      sampling={"top_k": 0}))
     assert refused.value.code == 4422 and "persona.sampling.top_k" in refused.value.reason
+
+
+def test_a_shipped_tenant_persona_primes_on_the_worker_from_its_prepared_clip(worker):
+    """What an admin writes is what calls get: the harbor-mutual claims persona (a flac voice clip,
+    its own sampling) is prepared by the gateway's loader and primes on a real worker; the prepared
+    clip is byte-identical each time, so the second call starts from the worker's primed cache."""
+    first = _session(worker, "--persona", "harbor-mutual/claims", "--seconds", "0.5")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["close"] == [1000, "session ended: client_end"]
+    again = _session(worker, "--persona", "harbor-mutual/claims", "--seconds", "0.5")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["persona_cached"] is True
+
+
+def test_an_unknown_tenant_persona_is_named_without_a_traceback(worker):
+    done = _session(worker, "--persona", "harbor-mutual/nobody", "--seconds", "0.5")
+    assert done.returncode == 2
+    assert "tenant 'harbor-mutual' has no persona 'nobody'; it has: after-hours, claims" in done.stderr
+    assert "Traceback" not in done.stderr

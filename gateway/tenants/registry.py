@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..metrics import GatewayMetrics
-from .loader import ClipCache, Problem, load_tenant, number_clashes, tenant_folders
+from .loader import TENANT_FILE, ClipCache, Problem, load_tenant, number_clashes, tenant_folders
 from .tenant import PersonaConfig, Rejection, Tenant
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,9 @@ class TenantRegistry:
         if not self.root.is_dir():
             problem = Problem(str(self.root), 1, 1, "(folder)", "not found; expected a folder of tenant folders")
             return {"": (None, [problem])}
-        return {folder.name: load_tenant(folder, self._clips) for folder in tenant_folders(self.root)}
+        # Files are named relative to the tenants folder, as admins know them: "acme/tenant.yaml".
+        return {folder.name: load_tenant(folder, self._clips, label=f"{folder.name}/{TENANT_FILE}")
+                for folder in tenant_folders(self.root)}
 
     def _apply(self, checked: dict[str, tuple[Tenant | None, list[Problem]]]) -> None:
         now = time.time()

@@ -3,7 +3,6 @@ keeps the persona it started with."""
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import hashlib
 from collections.abc import Mapping
@@ -14,6 +13,7 @@ from typing import Any
 
 from agent_runtime.voices import PreparedClip
 
+from ..worker_client import persona_message
 from . import schema
 
 
@@ -36,12 +36,12 @@ class PersonaConfig:
     @cached_property
     def worker_persona(self) -> dict[str, Any]:
         """The ``persona`` object of the worker's start message (docs/worker-protocol.md)."""
-        persona: dict[str, Any] = {"prompt": self.prompt, "sampling": self.sampling.model_dump()}
-        if self.voice_clip is not None:
-            persona["voice_audio_base64"] = base64.b64encode(self.voice_clip.flac_bytes()).decode()
-        else:
-            persona["voice"] = self.voice_preset
-        return persona
+        return persona_message(
+            self.prompt,
+            voice=self.voice_preset,
+            voice_audio=self.voice_clip.flac_bytes() if self.voice_clip is not None else None,
+            sampling=self.sampling.model_dump(),
+        )
 
     @cached_property
     def version(self) -> str:
