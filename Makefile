@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(BIN)/personagate worker $(ARGS)
+	$(BIN)/personagate up $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

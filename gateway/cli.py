@@ -1,5 +1,6 @@
 """The ``personagate`` command.
 
+    personagate up [--model tiny|personaplex] [--weights DIR] [--tenants DIR]   (the main job)
     personagate worker [--model tiny|personaplex] [--weights DIR] [--slots N] [--port 8765]
     personagate bench worker [--json] [--batch-sizes 1,4,16,32]
     personagate session ws://127.0.0.1:8765/v1/sessions [--play in.wav] [--record out.wav] [--seconds 5]
@@ -66,7 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     gateway.add_argument("--port", type=int, help="HTTP port (default 8080)")
     gateway.add_argument("--log-level", default="info")
 
+    up = commands.add_parser("up", help="the whole stack on one machine: a worker and the gateway, supervised")
+    _worker_options(up)
+    up.add_argument("--tenants", type=Path, default=Path("tenants"), help="the tenants folder (default: tenants)")
+    up.add_argument("--host", default="127.0.0.1", help="listen address of both (default 127.0.0.1)")
+    up.add_argument("--worker-port", type=int, default=8765)
+    up.add_argument("--http-port", type=int, default=8080, help="the gateway's HTTP port (admin API)")
+    up.add_argument("--state-dir", type=Path, default=Path(".personagate"),
+                    help="where the local operator token is kept (default: .personagate)")
+
     args = parser.parse_args(argv)
+    if args.command == "up":
+        return _run_up(args)
     if args.command == "tenants":
         return _run_token(args, parser) if args.action == "token" else _run_tenants(args)
     if args.command == "gateway":
@@ -83,7 +95,7 @@ def _worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=["tiny", "personaplex"], help="tiny (default) or personaplex")
     parser.add_argument("--weights", type=Path, help="PersonaPlex checkpoint folder (nvidia/personaplex-7b-v1)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present)")
-    parser.add_argument("--slots", type=int, help="sessions per worker (default: 32 on a GPU, 2 on CPU)")
+    parser.add_argument("--slots", type=int, help="sessions per worker (default: 32 on a GPU, 8 tiny-model ones on a CPU)")
     parser.add_argument("--greedy", action="store_const", const=True, help="greedy decoding (deterministic)")
 
 
@@ -260,6 +272,24 @@ def _run_gateway(args: argparse.Namespace) -> int:
     print(f"personagate gateway: tenants from {settings.tenants_dir}, admin API {admin}", file=sys.stderr)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.http_port, log_config=None)
     return 0
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gateway.up import UpOptions, run_up
+
+    _settings(args)  # refuse bad worker options here, before anything starts
+    worker_args: list[str] = []
+    for flag, value in (("--config", args.config), ("--model", args.model), ("--weights", args.weights),
+                        ("--device", args.device), ("--slots", args.slots)):
+        if value is not None:
+            worker_args += [flag, str(value)]
+    if args.greedy:
+        worker_args.append("--greedy")
+    options = UpOptions(host=args.host, worker_port=args.worker_port, http_port=args.http_port,
+                        tenants=args.tenants, state_dir=args.state_dir, worker_args=tuple(worker_args))
+    return asyncio.run(run_up(options))
 
 
 def _run_bench(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 WORKER_SLOTS = 3
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -28,7 +28,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def worker() -> Iterator[str]:
     """A `personagate worker` subprocess (tiny model, greedy); yields "127.0.0.1:PORT"."""
-    port = _free_port()
+    port = free_port()
     env = os.environ | {"NO_TORCH_COMPILE": "1", "PERSONAGATE_WORKER_START_TIMEOUT_SECONDS": "2"}
     # The log goes to a file, not a pipe: an unread pipe would block the worker once full.
     with tempfile.TemporaryFile() as log:

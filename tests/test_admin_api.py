@@ -14,7 +14,6 @@ import contextlib
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from gateway.app import create_app
 from gateway.cli import main
 from gateway.config import GatewaySettings, SettingsError, load_gateway_settings
 from gateway.tenants.loader import ClipCache, load_tenant
+from tests.conftest import free_port
 
 ACME = """\
 # Acme Insurance: the claims line and the billing line.
@@ -166,16 +166,10 @@ async def gw(tmp_path) -> AsyncIterator[Gateway]:
         yield Gateway(client, root, tokens, app)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _gateway_process(root: Path, tokens: Path, *, prefix: tuple[str, ...] = ()) -> Iterator[str]:
     """A `personagate gateway` process on loopback; yields its base URL."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONAGATE_GATEWAY_")}
     env["PERSONAGATE_GATEWAY_TENANTS_POLL_SECONDS"] = "0.2"
     with tempfile.TemporaryFile() as log:

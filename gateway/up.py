@@ -1,0 +1,138 @@
+"""``personagate up``: the whole stack on one machine — a worker and a gateway, each in its own
+process (so the model's compute never shares an interpreter with the gateway's real-time work),
+supervised together: both start, both are reported ready, and both stop when either stops or on
+Ctrl-C / SIGTERM.
+
+On first use it makes an operator token for the admin API and keeps it in the state folder
+(``.personagate/`` by default), so the local admin API works without any set-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from .admin.tokens import new_token
+
+READY_TIMEOUT_SECONDS = 900.0  # a PersonaPlex checkpoint takes minutes to load from disk
+STOP_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    host: str
+    worker_port: int
+    http_port: int
+    tenants: Path
+    state_dir: Path
+    worker_args: tuple[str, ...]  # --model, --weights, --slots, --device, --greedy as given
+
+
+def operator_token(state_dir: Path) -> tuple[str, Path]:
+    """The local operator token and the tokens file that admits it; made on first use."""
+    tokens_file = state_dir / "admin-tokens.yaml"
+    token_file = state_dir / "operator-token"
+    if tokens_file.is_file() and token_file.is_file():
+        return token_file.read_text().strip(), tokens_file
+    state_dir.mkdir(parents=True, exist_ok=True)
+    token, line = new_token()
+    for path, text in ((token_file, token + "\n"), (tokens_file, f"operator:\n  - {line}\n")):
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    return token, tokens_file
+
+
+async def run_up(options: UpOptions) -> int:
+    token, tokens_file = operator_token(options.state_dir)
+    cli = [sys.executable, "-m", "gateway.cli"]
+    worker = await asyncio.create_subprocess_exec(
+        *cli, "worker", "--host", options.host, "--port", str(options.worker_port), *options.worker_args)
+    gateway = await asyncio.create_subprocess_exec(
+        *cli, "gateway", "--host", options.host, "--port", str(options.http_port), "--tenants", str(options.tenants),
+        "--admin-tokens", str(tokens_file))
+    children = {"worker": worker, "gateway": gateway}
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    exits = {name: asyncio.create_task(proc.wait(), name=name) for name, proc in children.items()}
+    stopping = asyncio.create_task(stop.wait())
+    ready = asyncio.create_task(_until_ready(options))
+    try:
+        done, _ = await asyncio.wait([ready, stopping, *exits.values()], return_when=asyncio.FIRST_COMPLETED)
+        if ready in done and ready.result():
+            _say_ready(options, token, tokens_file)
+            done, _ = await asyncio.wait([stopping, *exits.values()], return_when=asyncio.FIRST_COMPLETED)
+        failed = [name for name, task in exits.items() if task in done]
+        for name in failed:
+            print(f"personagate up: the {name} stopped (exit {children[name].returncode}); stopping the rest",
+                  file=sys.stderr)
+        if not failed and not stop.is_set():
+            print("personagate up: not ready in time; stopping", file=sys.stderr)
+            failed = ["timeout"]
+        return 1 if failed else 0
+    finally:
+        ready.cancel()
+        stopping.cancel()
+        await _stop(children)
+
+
+async def _until_ready(options: UpOptions) -> bool:
+    checks = [f"http://{options.host}:{options.worker_port}/readyz", f"http://{options.host}:{options.http_port}/healthz"]
+    deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_SECONDS
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        while asyncio.get_running_loop().time() < deadline:
+            states = []
+            for url in checks:
+                try:
+                    states.append((await client.get(url)).status_code == 200)
+                except httpx.HTTPError:
+                    states.append(False)
+            if all(states):
+                return True
+            await asyncio.sleep(0.5)
+    return False
+
+
+def _say_ready(options: UpOptions, token: str, tokens_file: Path) -> None:
+    worker = f"ws://{options.host}:{options.worker_port}/v1/sessions"
+    admin = f"http://{options.host}:{options.http_port}"
+    print(f"""
+personagate is up.
+  worker        {worker}
+  tenants       {options.tenants} (edits apply to new calls within seconds)
+  admin API     {admin}/v1/admin   (docs: {admin}/docs)
+  admin token   {token}   (operator; kept in {tokens_file.parent})
+
+Talk to a tenant's persona:
+  .venv/bin/personagate session {worker} --persona harbor-mutual/claims --record agent.wav
+List the tenants:
+  curl -H 'Authorization: Bearer {token}' {admin}/v1/admin/tenants
+Ctrl-C stops everything.
+""", flush=True)
+
+
+async def _stop(children: dict[str, asyncio.subprocess.Process]) -> None:
+    for proc in children.values():
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+    for proc in children.values():
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_SECONDS)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()

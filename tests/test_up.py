@@ -1,0 +1,64 @@
+"""`personagate up`, the README's main job: one command brings up a worker and the gateway with the
+shipped tenants, makes a local operator token, says how to use them, and stops both on Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_up_serves_a_worker_and_the_admin_api_and_stops_both_on_ctrl_c(tmp_path):
+    shutil.copytree(REPO / "tenants", tmp_path / "tenants")
+    worker_port, http_port = free_port(), free_port()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "up", "--worker-port", str(worker_port), "--http-port", str(http_port),
+         "--slots", "2"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env=os.environ | {"PYTHONPATH": str(REPO)},
+    )
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while "Ctrl-C stops everything." not in lines:
+            assert up.poll() is None and time.monotonic() < deadline, "".join(lines)
+            lines.append(up.stdout.readline().strip())
+        token = (tmp_path / ".personagate" / "operator-token").read_text().strip()
+        assert any(token in line for line in lines)  # the token is printed for the person who ran it
+        assert (tmp_path / ".personagate" / "operator-token").stat().st_mode & 0o077 == 0
+
+        assert httpx.get(f"http://127.0.0.1:{worker_port}/readyz").json()["ready"] is True
+        tenants = httpx.get(f"http://127.0.0.1:{http_port}/v1/admin/tenants",
+                            headers={"Authorization": f"Bearer {token}"}).json()
+        assert sorted(t["id"] for t in tenants) == ["harbor-mutual", "northwind-bank"]
+
+        talk = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "session", f"ws://127.0.0.1:{worker_port}/v1/sessions",
+             "--persona", "northwind-bank/card-services", "--seconds", "0.5"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert talk.returncode == 0, talk.stderr
+        assert json.loads(talk.stdout)["close"] == [1000, "session ended: client_end"]
+
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 0
+        for port in (worker_port, http_port):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                raise AssertionError(f"port {port} still answers after Ctrl-C")
+            except httpx.HTTPError:
+                pass
+    finally:
+        if up.poll() is None:
+            up.kill()
