@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from .settings_files import SettingsError, YamlFileSource, load_settings
+from .settings_files import LayeredSettings, SettingsError, load_settings
 
 __all__ = ["Sampling", "SessionSampling", "SettingsError", "WorkerSettings", "load_worker_settings"]
 
@@ -66,7 +66,8 @@ class Sampling(SessionSampling):
         }
 
 
-class WorkerSettings(BaseSettings):
+class WorkerSettings(LayeredSettings):
+    what: ClassVar[str] = "worker"
     model_config = SettingsConfigDict(
         env_prefix="PERSONAGATE_WORKER_", env_nested_delimiter="__", extra="forbid"
     )
@@ -101,17 +102,6 @@ class WorkerSettings(BaseSettings):
         if device.startswith("cuda"):
             return 32
         return 8 if self.model == "tiny" else 1
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, YamlFileSource(settings_cls, "worker")
 
 
 def load_worker_settings(config_file: Path | None = None, **overrides: Any) -> WorkerSettings:

@@ -2,15 +2,14 @@
 each overriding the one before, with every problem reported on a line of its own.
 
 Shared by the worker (``agent_runtime.config``) and the gateway (``gateway.config``): a settings class
-lists ``YamlFileSource(settings_cls, "<what>")`` after its environment source in
-``settings_customise_sources`` and is loaded with ``load_settings``.
+derives from ``LayeredSettings`` (naming itself in ``what``) and is loaded with ``load_settings``.
 """
 
 from __future__ import annotations
 
 import contextvars
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import ValidationError
@@ -50,6 +49,23 @@ class YamlFileSource(PydanticBaseSettingsSource):
         if not isinstance(data, dict):
             raise SettingsError(f"{path}: expected a mapping of {self.what} settings, got {type(data).__name__}")
         return data
+
+
+class LayeredSettings(BaseSettings):
+    """Explicit values, then the environment, then the settings file."""
+
+    what: ClassVar[str] = "settings"  # how messages name these settings: "worker", "gateway"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, YamlFileSource(settings_cls, cls.what)
 
 
 def load_settings(cls: type[S], what: str, config_file: Path | None = None, **overrides: Any) -> S:

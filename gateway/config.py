@@ -4,19 +4,20 @@ command line (each overriding the one before), validated at start."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from agent_runtime.settings_files import SettingsError, YamlFileSource, load_settings
+from agent_runtime.settings_files import LayeredSettings, SettingsError, load_settings
 
 from .tenants.loader import MAX_CLIP_BYTES
 
 __all__ = ["GatewaySettings", "SettingsError", "load_gateway_settings"]
 
 
-class GatewaySettings(BaseSettings):
+class GatewaySettings(LayeredSettings):
+    what: ClassVar[str] = "gateway"
     model_config = SettingsConfigDict(env_prefix="PERSONAGATE_GATEWAY_", env_nested_delimiter="__", extra="forbid")
 
     host: str = "127.0.0.1"
@@ -28,17 +29,6 @@ class GatewaySettings(BaseSettings):
         None, description="YAML file of SHA-256 hashes of admin API tokens; without it the admin API is off")
     max_clip_bytes: int = Field(5_000_000, ge=1024, le=MAX_CLIP_BYTES, description="largest voice clip upload")
     history_versions: int = Field(50, ge=1, le=10_000, description="versions kept per file in a tenant's history")
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, YamlFileSource(settings_cls, "gateway")
 
 
 def load_gateway_settings(config_file: Path | None = None, **overrides: Any) -> GatewaySettings:
