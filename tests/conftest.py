@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -25,33 +26,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def worker() -> Iterator[str]:
-    """A `personagate worker` subprocess (tiny model, greedy); yields "127.0.0.1:PORT"."""
-    port = free_port()
-    env = os.environ | {"NO_TORCH_COMPILE": "1", "PERSONAGATE_WORKER_START_TIMEOUT_SECONDS": "2"}
-    # The log goes to a file, not a pipe: an unread pipe would block the worker once full.
+@contextlib.contextmanager
+def serve(command: list[str], ready_url: str, *, env: dict[str, str] | None = None, timeout: float = 60.0
+          ) -> Iterator[subprocess.Popen]:
+    """Run ``command`` (a server on loopback) until ``ready_url`` answers 200; stop it afterwards.
+    Its log goes to a file, not a pipe: an unread pipe would block the server once full."""
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "worker", "--port", str(port), "--slots", str(WORKER_SLOTS),
-             "--greedy"],
-            env=env, stdout=subprocess.DEVNULL, stderr=log,
-        )
-        base = f"127.0.0.1:{port}"
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
         try:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + timeout
             while True:
                 with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"http://{base}/readyz").status_code == 200:
+                    if httpx.get(ready_url).status_code == 200:
                         break
                 if proc.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
-                    raise RuntimeError(f"worker did not become ready: {log.read().decode()[-2000:]}")
-                time.sleep(0.2)
-            yield base
+                    raise RuntimeError(f"{shlex.join(command)} did not become ready: {log.read().decode()[-3000:]}")
+                time.sleep(0.1)
+            yield proc
         finally:
             proc.terminate()
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="session")
+def worker() -> Iterator[str]:
+    """A `personagate worker` subprocess (tiny model, greedy); yields "127.0.0.1:PORT"."""
+    port = free_port()
+    env = os.environ | {"NO_TORCH_COMPILE": "1", "PERSONAGATE_WORKER_START_TIMEOUT_SECONDS": "2"}
+    command = [sys.executable, "-m", "gateway.cli", "worker", "--port", str(port), "--slots", str(WORKER_SLOTS),
+               "--greedy"]
+    with serve(command, f"http://127.0.0.1:{port}/readyz", env=env):
+        yield f"127.0.0.1:{port}"

@@ -16,9 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,7 @@ from gateway.app import create_app
 from gateway.cli import main
 from gateway.config import GatewaySettings, SettingsError, load_gateway_settings
 from gateway.tenants.loader import ClipCache, load_tenant
-from tests.conftest import free_port
+from tests.conftest import free_port, serve
 
 ACME = """\
 # Acme Insurance: the claims line and the billing line.
@@ -172,31 +170,11 @@ def _gateway_process(root: Path, tokens: Path, *, prefix: tuple[str, ...] = ()) 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONAGATE_GATEWAY_")}
     env["PERSONAGATE_GATEWAY_TENANTS_POLL_SECONDS"] = "0.2"
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "gateway.cli", "gateway", "--tenants", str(root),
-             "--admin-tokens", str(tokens), "--port", str(port)],
-            env=env, stdout=subprocess.DEVNULL, stderr=log,
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{base}/healthz").status_code == 200:
-                        break
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError(f"gateway did not start: {log.read().decode()[-3000:]}")
-                time.sleep(0.1)
-            yield base
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    command = [*prefix, sys.executable, "-m", "gateway.cli", "gateway", "--tenants", str(root),
+               "--admin-tokens", str(tokens), "--port", str(port)]
+    base = f"http://127.0.0.1:{port}"
+    with serve(command, f"{base}/healthz", env=env, timeout=30):
+        yield base
 
 
 # ------------------------------------------------------------------------------------ isolation

@@ -102,27 +102,16 @@ class ReloadOut(BaseModel):
     tenants: dict[str, StateOut]
 
 
-class VersionOut(BaseModel):
-    version: int
-    time: float
-    actor: str
-    file: str
-    sha256: str
-    size: int
-    action: str
-    from_version: int | None = None
-
-
 class HistoryOut(BaseModel):
     tenant: str
-    versions: list[VersionOut]  # newest first
+    versions: list[Version]  # newest first
 
 
 class WriteOut(BaseModel):
     tenant: str
     file: str
     changed: bool  # False: the content was already this; nothing was written
-    version: VersionOut | None
+    version: Version | None
     etag: str | None
     status: StateOut  # the tenant after the reload that applied the write
 
@@ -298,7 +287,7 @@ class Admin:
         if version is not None:
             await asyncio.to_thread(self.registry.reload, force=True)
         return WriteOut(tenant=tenant, file=file, changed=version is not None,
-                        version=VersionOut(**vars(version)) if version else None, etag=etag,
+                        version=version, etag=etag,
                         status=self.state(tenant, who))
 
     @staticmethod
@@ -516,7 +505,7 @@ def install(app: FastAPI, admin: Admin) -> None:
     async def history(tenant: str, who: Who, file: str | None = None) -> HistoryOut:
         await admin.reach(who, tenant)
         versions = await asyncio.to_thread(admin.store.history, tenant)
-        return HistoryOut(tenant=tenant, versions=[VersionOut(**vars(v)) for v in reversed(versions)
+        return HistoryOut(tenant=tenant, versions=[v for v in reversed(versions)
                                                    if file is None or v.file == file])
 
     @router.get("/tenants/{tenant}/history/{version}", response_class=Response, summary="One version's content",
