@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from tests.redis_server import redis_server  # noqa: F401
+
 # moshi reads this when its modules are imported: without it every test would pay torch.compile's
 # start-up on CPU for nothing.
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
