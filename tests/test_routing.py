@@ -239,13 +239,13 @@ async def test_a_worker_whose_heartbeat_stops_is_reaped_after_its_ttl_with_its_r
 
 
 async def test_a_call_whose_gateway_stopped_renewing_is_released_by_the_reaper(make: MakeRouter):
-    router = make(lease_seconds=0.6)
+    router = make(lease_seconds=0.8)
     await router.heartbeat(worker(1, capacity=4), ttl_seconds=30)
     kept = await router.claim("kept", "acme", tenant_limit=2)
     await router.claim("dropped", "acme", tenant_limit=2)
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(0.4)
     assert await router.renew([kept]) == ()
-    await asyncio.sleep(0.4)  # "dropped" is past its lease, "kept" is not
+    await asyncio.sleep(0.5)  # "dropped" is past its lease, "kept" is not
     reaped = await router.reap()
     assert reaped.expired_calls == ("dropped",) and reaped.dead_workers == ()
     assert await by_worker(router) == {"w1": (1, 3)}
