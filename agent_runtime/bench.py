@@ -27,9 +27,10 @@ from moshi.models import LMGen
 from .batch import SlotBatch, kv_bytes_per_slot
 from .config import Sampling, WorkerSettings
 from .model import FRAME_SAMPLES, LOADERS, ModelBundle
-from .persona import Persona, load_voice, prompt_tokens
+from .persona import Persona
 from .pool import PoolConfig, SessionPool
 from .priming import PrimePlan, Primer, plan_priming
+from .voice_prompt import load_voice, prompt_tokens
 
 FRAME_MS = 80.0
 BENCH_PROMPT = (

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import re
+import socket
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from .settings_files import LayeredSettings, SettingsError, load_settings
@@ -66,6 +69,9 @@ class Sampling(SessionSampling):
         }
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "::", "", "[::]")
+
+
 class WorkerSettings(LayeredSettings):
     what: ClassVar[str] = "worker"
     model_config = SettingsConfigDict(
@@ -85,6 +91,74 @@ class WorkerSettings(LayeredSettings):
     prime_cache_size: int = Field(32, ge=1, le=4096)
     start_timeout_seconds: float = Field(10.0, gt=0)
     max_voice_bytes: int = Field(4_000_000, ge=1024)
+    # Shutdown: SIGTERM drains (no new sessions, calls in progress go on) for at most this long.
+    drain_seconds: float = Field(3600.0, ge=0, description="how long a drain waits for calls in progress to end")
+    # Routing (agent_runtime/registration.py): with a Redis URL the worker heartbeats its state there.
+    redis_url: str | None = Field(
+        None, description="the gateways' routing Redis: redis://, rediss://, unix:// or redis+sentinel:// URL; "
+                          "unset: no registration (the single-machine gateway reads /v1/info)")
+    redis_prefix: str = Field("{pg}", description="key prefix in Redis, a hash tag; the same as the gateways'")
+    advertise_url: str | None = Field(
+        None, description="the ws:// URL gateways reach this worker's sessions at; "
+                          "default ws://HOST:PORT/v1/sessions (set it when listening on 0.0.0.0)")
+    worker_id: str | None = Field(None, description="this worker's id in the routing store; default HOSTNAME:PORT")
+    heartbeat_seconds: float = Field(1.0, gt=0, le=60, description="how often the worker heartbeats to Redis")
+    worker_ttl_seconds: float = Field(
+        3.0, gt=0, le=600, description="how long a heartbeat keeps the worker alive in the routing store")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        if url is None or url == "":
+            return None
+        parts = urlsplit(url)
+        if parts.scheme in ("redis", "rediss"):
+            if not parts.hostname:
+                raise ValueError(f"a {parts.scheme}:// URL needs a host, e.g. redis://redis:6379/0; got {_redact(url)!r}")
+            try:
+                parts.port  # noqa: B018 (a port that is not a number raises here)
+            except ValueError as exc:
+                raise ValueError(f"bad port in {_redact(url)!r}: {exc}") from exc
+        elif parts.scheme == "unix":
+            if not parts.path:
+                raise ValueError(f"a unix:// URL needs a socket path, e.g. unix:///run/redis.sock; got {_redact(url)!r}")
+        elif parts.scheme in ("redis+sentinel", "rediss+sentinel"):
+            from gateway.routing.redis_store import parse_sentinel_url
+
+            parse_sentinel_url(url)  # its ValueError says what is wrong
+        else:
+            raise ValueError(
+                "expected a redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel:// URL, "
+                f"got scheme {parts.scheme!r}")
+        return url
+
+    @field_validator("redis_prefix")
+    @classmethod
+    def _redis_prefix(cls, prefix: str) -> str:
+        if not re.fullmatch(r"\{[^{}]+\}[^{}]*", prefix):
+            raise ValueError(f"must start with a hash tag such as '{{pg}}' (one Redis Cluster slot), got {prefix!r}")
+        return prefix
+
+    @field_validator("advertise_url")
+    @classmethod
+    def _advertise_url(cls, url: str | None) -> str | None:
+        if url is None or url == "":
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError(f"expected a ws:// or wss:// URL with a host, e.g. ws://10.0.0.7:8765/v1/sessions; got {url!r}")
+        if parts.hostname in WILDCARD_HOSTS:
+            raise ValueError(f"{parts.hostname} is a listen address, not one others can reach: {url!r}")
+        return url
+
+    @field_validator("worker_id")
+    @classmethod
+    def _worker_id(cls, worker_id: str | None) -> str | None:
+        if worker_id is not None and (
+            not 0 < len(worker_id) <= 200 or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in worker_id)
+        ):
+            raise ValueError("must be 1 to 200 characters, no control characters")
+        return worker_id
 
     @model_validator(mode="after")
     def _weights_for_personaplex(self) -> WorkerSettings:
@@ -94,6 +168,31 @@ class WorkerSettings(LayeredSettings):
             raise ValueError("weights are only used with model 'personaplex'")
         return self
 
+    @model_validator(mode="after")
+    def _registration(self) -> WorkerSettings:
+        if self.worker_ttl_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError(
+                f"worker_ttl_seconds ({self.worker_ttl_seconds:g}) must be at least twice heartbeat_seconds "
+                f"({self.heartbeat_seconds:g}), or one late heartbeat makes the worker look dead")
+        if self.redis_url is not None and self.advertise_url is None:
+            if self.host in WILDCARD_HOSTS:
+                raise ValueError(
+                    f"advertise_url is needed with redis_url when host is {self.host!r} (a listen address): "
+                    "the ws:// URL gateways reach this worker at, e.g. ws://10.0.0.7:8765/v1/sessions")
+            if self.port == 0:
+                raise ValueError("advertise_url is needed with redis_url when port is 0 (chosen at start)")
+        return self
+
+    def resolved_advertise_url(self) -> str:
+        """The ws URL of this worker's sessions as gateways reach it."""
+        if self.advertise_url is not None:
+            return self.advertise_url
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}/v1/sessions"
+
+    def resolved_worker_id(self) -> str:
+        return self.worker_id or f"{socket.gethostname()}:{self.port}"
+
     def resolved_slots(self, device: str) -> int:
         """Slots per worker: 32 calls on a GPU (PersonaPlex on an H100); on a CPU, 8 tiny-model calls
         keep real time on 2 cores, while a CPU PersonaPlex cannot keep even one."""
@@ -102,6 +201,11 @@ class WorkerSettings(LayeredSettings):
         if device.startswith("cuda"):
             return 32
         return 8 if self.model == "tiny" else 1
+
+
+def _redact(url: str) -> str:
+    """A URL fit for a message: its password replaced."""
+    return re.sub(r"//([^@/:]*):[^@/]*@", r"//\1:***@", url)
 
 
 def load_worker_settings(config_file: Path | None = None, **overrides: Any) -> WorkerSettings:

@@ -64,6 +64,11 @@ class WorkerMetrics:
             "personagate_worker_output_frames_shed_total",
             "Agent frames dropped because the client did not read them in time.", registry=r,
         )
+        self.draining = Gauge(
+            "personagate_worker_draining",
+            "1 while the worker drains (SIGTERM): it refuses new sessions and lets calls in progress end.",
+            registry=r,
+        )
         self.frames_missing = Counter(
             "personagate_worker_input_frames_missing_total",
             "Ticks at which a live session had no caller frame and was not stepped.", registry=r,

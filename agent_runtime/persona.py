@@ -1,4 +1,11 @@
-"""Personas as the worker sees them: a role prompt and a voice, and how each is turned into tokens.
+"""Personas: what a session is primed with (a role prompt and a voice) and the key its primed state is
+cached under.
+
+This module imports no torch: the gateway uses ``persona_key`` to compute, from the protocol's persona
+object, the same key a worker caches the primed persona under and reports in ``/v1/info`` and its
+heartbeats, so routing can prefer a worker that has the persona primed. The worker parses start messages
+with the same ``persona_from_message``, so the two cannot drift. Turning a persona into model input is
+``voice_prompt.py``'s job.
 
 The voice is a preset of the loaded model (a PersonaPlex ``voices/*.pt`` file, or one of the tiny
 model's built-in clips) or an audio clip sent with the session request.
@@ -6,22 +13,23 @@ model's built-in clips) or an audio clip sent with the session request.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
-import torch
-from moshi.models import MimiModel
-
-from .model import FRAME_SAMPLES, ModelBundle
-from .voices import VoiceClipError, prepare_clip
+from typing import Any
 
 MAX_PROMPT_CHARS = 4_000
+PERSONA_FIELDS = ("prompt", "voice", "voice_audio_base64", "sampling")  # of the protocol's persona object
 
 
 class PersonaError(ValueError):
-    """A persona the worker cannot prime, with a message meant for the person who wrote it."""
+    """A persona the worker cannot prime, with a message meant for the person who wrote it (4422)."""
+
+
+class PersonaFormatError(ValueError):
+    """A persona object that is not well formed: unknown field, wrong JSON type, bad base64 (4400)."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +48,8 @@ class Persona:
             raise PersonaError(f"prompt is {len(self.prompt)} characters long; at most {MAX_PROMPT_CHARS} allowed")
 
     def content_hash(self) -> str:
-        """Stable identity of what priming depends on: equal hashes prime to the same state."""
+        """Stable identity of what priming depends on: equal hashes prime to the same state. This is the
+        persona key of the worker's primed cache (``persona_key`` computes it from a persona object)."""
         digest = hashlib.sha256()
         digest.update(self.prompt.encode())
         digest.update(b"\0voice-preset\0" if self.voice is not None else b"\0voice-audio\0")
@@ -48,82 +57,43 @@ class Persona:
         return digest.hexdigest()[:32]
 
 
-@dataclass
-class VoicePrompt:
-    """A voice ready for priming.
+def persona_from_message(spec: Any, *, max_voice_bytes: int | None = None) -> Persona:
+    """The ``Persona`` of the start message's ``persona`` object (docs/worker-protocol.md §1).
 
-    ``codes`` [8, F]: agent-stream Mimi codes, one column per 80 ms frame (from audio).
-    ``embeddings`` [F-1, dim] and ``ring`` [17, 4]: a PersonaPlex ``.pt`` voice, which stores the
-    model's summed input embeddings for all but the last voice step and the token ring after them.
+    ``sampling`` is allowed but not read: it plays no part in priming (the worker checks it on its own).
+    Raises ``PersonaFormatError`` for an object that is not well formed and ``PersonaError`` for one that
+    cannot be primed (no or two voices, prompt too long, a clip over ``max_voice_bytes``).
     """
-
-    codes: torch.Tensor | None = None
-    embeddings: torch.Tensor | None = None
-    ring: torch.Tensor | None = None
-
-    @property
-    def frames(self) -> int:
-        if self.codes is not None:
-            return int(self.codes.shape[1])
-        assert self.embeddings is not None
-        return int(self.embeddings.shape[0]) + 1
-
-
-def prompt_tokens(bundle: ModelBundle, prompt: str) -> list[int]:
-    """SentencePiece ids of the prompt wrapped in PersonaPlex's system tags (its server.py L79)."""
-    if not prompt.strip():
-        return []
-    return list(bundle.tokenizer.encode(f"<system> {prompt.strip()} <system>"))
-
-
-def load_voice(bundle: ModelBundle, persona: Persona, mimi: MimiModel) -> VoicePrompt:
-    """The persona's voice as priming input; ``mimi`` must not be streaming (the pool's is)."""
-    if persona.voice_audio is not None:
-        return voice_from_audio(mimi, decode_audio(persona.voice_audio))
-    assert persona.voice is not None
-    source = bundle.voices.get(persona.voice)
-    if source is None:
-        known = ", ".join(sorted(bundle.voices)) or "none"
-        raise PersonaError(f"unknown voice preset {persona.voice!r}; this model has: {known}")
-    if isinstance(source, torch.Tensor):
-        return voice_from_audio(mimi, source.numpy())
-    if source.suffix == ".pt":
-        return voice_from_pt(bundle, source)
-    return voice_from_audio(mimi, decode_audio(source.read_bytes(), origin=str(source)))
+    if not isinstance(spec, Mapping):
+        raise PersonaFormatError("start.persona must be an object")
+    unknown = set(spec) - set(PERSONA_FIELDS)
+    if unknown:
+        raise PersonaFormatError(f"start.persona has unknown fields: {sorted(unknown)}")
+    prompt = spec.get("prompt", "")
+    voice = spec.get("voice")
+    audio_b64 = spec.get("voice_audio_base64")
+    if not isinstance(prompt, str):
+        raise PersonaFormatError("start.persona.prompt must be a string")
+    if voice is not None and not isinstance(voice, str):
+        raise PersonaFormatError("start.persona.voice must be a preset name (string)")
+    audio = None
+    if audio_b64 is not None:
+        if not isinstance(audio_b64, str):
+            raise PersonaFormatError("start.persona.voice_audio_base64 must be a string")
+        if max_voice_bytes is not None and len(audio_b64) > max_voice_bytes * 4 // 3 + 4:
+            raise PersonaError(f"voice clip over {max_voice_bytes} bytes")
+        try:
+            audio = base64.b64decode(audio_b64, validate=True)
+        except binascii.Error as exc:
+            raise PersonaFormatError("start.persona.voice_audio_base64 is not base64") from exc
+    return Persona(prompt=prompt, voice=voice, voice_audio=audio)
 
 
-def decode_audio(data: bytes, *, origin: str | None = None) -> np.ndarray:
-    """A wav/flac clip as priming audio: ``voices.prepare_clip``'s mono float32 at 24 kHz, -24 LUFS
-    (the rule the gateway checks tenant clips with). A refused clip raises ``PersonaError`` with the
-    same message, prefixed with ``origin`` (a preset file's path) when given."""
-    try:
-        return prepare_clip(data).audio
-    except VoiceClipError as exc:
-        raise PersonaError(f"{origin}: {exc}" if origin else str(exc)) from exc
+def persona_key(persona_message: Mapping[str, Any]) -> str:
+    """The key a worker caches this persona's primed state under, from the protocol's persona object
+    (prompt, and the voice preset or the clip's bytes; sampling does not count). It is what workers report
+    in ``/v1/info`` ``cached_personas`` and in their heartbeats' ``cached_personas``.
 
-
-@torch.no_grad()
-def voice_from_audio(mimi: MimiModel, audio: np.ndarray) -> VoicePrompt:
-    """Mimi codes of a 24 kHz mono clip, its last frame zero-padded (as the reference does)."""
-    frames = -(-len(audio) // FRAME_SAMPLES)
-    padded = np.zeros(frames * FRAME_SAMPLES, dtype=np.float32)
-    padded[: len(audio)] = audio
-    param = next(mimi.parameters())
-    codes = mimi.encode(torch.from_numpy(padded).view(1, 1, -1).to(param))
-    return VoicePrompt(codes=codes[0].long())
-
-
-def voice_from_pt(bundle: ModelBundle, path: Path) -> VoicePrompt:
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many kinds for a damaged file
-        raise PersonaError(f"{path}: not a readable PersonaPlex voice file ({exc})") from exc
-    if not isinstance(saved, dict) or "embeddings" not in saved or "cache" not in saved:
-        raise PersonaError(f"{path}: expected a dict with 'embeddings' and 'cache' (a PersonaPlex voice)")
-    embeddings, ring = saved["embeddings"], saved["cache"]
-    dim, codebooks = bundle.lm.dim, bundle.lm.num_codebooks
-    if embeddings.dim() != 4 or tuple(embeddings.shape[1:]) != (1, 1, dim) or embeddings.shape[0] < 1:
-        raise PersonaError(f"{path}: embeddings have shape {tuple(embeddings.shape)}, expected [N, 1, 1, {dim}]")
-    if tuple(ring.shape) != (1, codebooks, 4):
-        raise PersonaError(f"{path}: cache has shape {tuple(ring.shape)}, expected [1, {codebooks}, 4]")
-    return VoicePrompt(embeddings=embeddings.reshape(-1, dim), ring=ring[0].long())
+    Raises ``PersonaFormatError`` or ``PersonaError`` for a persona object a worker would refuse.
+    """
+    return persona_from_message(persona_message).content_hash()

@@ -29,8 +29,9 @@ from .batch import SlotBatch
 from .config import Sampling, SessionSampling
 from .metrics import WorkerMetrics
 from .model import FRAME_BYTES, FRAME_RATE, FRAME_SAMPLES, ModelBundle
-from .persona import Persona, load_voice, prompt_tokens
+from .persona import Persona
 from .priming import PrimedState, Primer, plan_priming
+from .voice_prompt import load_voice, prompt_tokens
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ import torch
 from moshi.models import LMGen, LMModel
 
 from .model import ModelBundle
-from .persona import PersonaError, VoicePrompt
+from .persona import PersonaError
+from .voice_prompt import VoicePrompt
 
 SILENCE_FRAMES = 6  # int(0.5 s * 12.5 Hz), PersonaPlex server.py
 PP_RING = 4  # PersonaPlex's LMGen token ring length (max_delay + 3)

@@ -1,13 +1,13 @@
 """The worker's HTTP/WebSocket server: sessions on ``/v1/sessions``, probes, metrics.
 
-The protocol is documented in docs/worker-protocol.md; the close codes are in ``CloseCode``.
+The protocol is documented in docs/worker-protocol.md; the close codes are in ``CloseCode``. Draining
+(SIGTERM: no new sessions, calls in progress go on) is driven by ``drain.py``; registration with the
+gateways' routing store by ``registration.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import enum
 import json
@@ -28,17 +28,18 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from .config import SessionSampling, WorkerSettings
 from .metrics import WorkerMetrics
 from .model import FRAME_BYTES, LOADERS, ModelBundle
-from .persona import Persona, PersonaError
+from .persona import Persona, PersonaError, PersonaFormatError, persona_from_message
 from .pool import PoolConfig, PoolFull, PoolStopped, Session, SessionEnded, SessionPool
+from .registration import Registration
 
 log = logging.getLogger(__name__)
 
 
 class CloseCode(enum.IntEnum):
     NORMAL = 1000  # the session ended (by the client's "end" or by the worker)
-    GOING_AWAY = 1001  # the worker is shutting down (uvicorn itself closes with 1012 on SIGTERM)
+    GOING_AWAY = 1001  # the worker is shutting down: a drain's deadline passed, or it was told to stop at once
     INTERNAL_ERROR = 1011
-    TRY_AGAIN_LATER = 1013  # the worker is still loading its model
+    TRY_AGAIN_LATER = 1013  # the worker takes no sessions now: loading its model, or draining
     BAD_REQUEST = 4400  # malformed start message or audio frame
     START_TIMEOUT = 4408  # no start message in time
     PERSONA_REJECTED = 4422  # the persona cannot be primed (unknown voice, bad clip, prompt too long)
@@ -61,7 +62,53 @@ class Worker:
     bundle: ModelBundle | None = None
     pool: SessionPool | None = None
     load_error: str | None = None
-    sessions: set[Session] = field(default_factory=set)
+    sessions: set[Session] = field(default_factory=set)  # started (ready sent), until their handler ends
+    starting: int = 0  # admitted session requests not yet started (reading the start message, priming)
+    draining: bool = False  # SIGTERM: new sessions are refused, those in progress go on
+    closing: bool = False  # the drain is over: sessions still running are being closed with 1001
+    registration: Registration | None = None  # heartbeats to the routing store (redis_url set)
+    _changed: asyncio.Event | None = field(default=None, repr=False)
+
+    @property
+    def active_session_ids(self) -> list[str]:
+        """Ids of the sessions in progress (the gateway's call ids), sorted."""
+        return sorted({session.id for session in self.sessions})
+
+    @property
+    def busy(self) -> int:
+        """Sessions in progress and session requests being started."""
+        return len(self.sessions) + self.starting
+
+    def changed(self) -> asyncio.Event:
+        """Set whenever a session request or a session ends (event loop only)."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
+    def _notify(self) -> None:
+        self.changed().set()
+
+    def start_draining(self) -> bool:
+        """Refuse new sessions from now on, and fail readiness (``announce()`` tells the routing store).
+        False if the worker was draining already."""
+        if self.draining:
+            return False
+        self.draining = True
+        self.metrics.draining.set(1)
+        return True
+
+    async def announce(self) -> None:
+        """Tell the routing store (if any) the worker's state now, e.g. that it drains."""
+        if self.registration is not None and self.pool is not None:
+            await self.registration.beat()
+
+    def close_sessions(self, reason: str = "shutdown") -> int:
+        """End every session in progress (they close with 1001 for ``shutdown``); new starts end too."""
+        self.closing = True
+        sessions = list(self.sessions)
+        for session in sessions:
+            session.close(reason)
+        return len(sessions)
 
     def load(self) -> None:
         """Load the model and start the pool (blocking: run it off the event loop)."""
@@ -98,11 +145,23 @@ def create_app(settings: WorkerSettings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         threading.Thread(target=_load_quietly, args=(worker,), name="model-load", daemon=True).start()
-        yield
-        for session in list(worker.sessions):
-            session.close("shutdown")
-        if worker.pool is not None:
-            worker.pool.stop()
+        heartbeats: asyncio.Task[None] | None = None
+        if settings.redis_url is not None:
+            worker.registration = Registration(worker, settings)
+            heartbeats = asyncio.create_task(worker.registration.run(), name="heartbeats")
+        try:
+            yield
+        finally:
+            worker.close_sessions("shutdown")
+            if heartbeats is not None:
+                heartbeats.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeats
+            if worker.registration is not None:
+                await worker.registration.farewell()
+                await worker.registration.close()
+            if worker.pool is not None:
+                worker.pool.stop()
 
     async def healthz(request: Request) -> Response:
         return _healthz(worker)
@@ -147,6 +206,8 @@ def _healthz(worker: Worker) -> Response:
 
 
 def _readyz(worker: Worker) -> Response:
+    if worker.draining:
+        return JSONResponse({"ready": False, "reason": "draining"}, status_code=503)
     if worker.pool is None:
         reason = worker.load_error or "loading the model"
         return JSONResponse({"ready": False, "reason": reason}, status_code=503)
@@ -161,14 +222,17 @@ def _metrics(worker: Worker) -> Response:
 
 def _info(worker: Worker) -> Response:
     if worker.pool is None or worker.bundle is None:
-        return JSONResponse({"ready": False}, status_code=503)
+        return JSONResponse({"ready": False, "draining": worker.draining}, status_code=503)
     return JSONResponse({
-        "ready": True,
+        "ready": not worker.draining and worker.pool.alive,
+        "draining": worker.draining,
+        "worker_id": worker.settings.resolved_worker_id(),
         "model": worker.bundle.name,
         "device": str(worker.bundle.device),
         "slots": worker.pool.config.capacity,
         "free_slots": worker.pool.free_slots,
         "voices": sorted(worker.bundle.voices),
+        "active_sessions": worker.active_session_ids,
         "cached_personas": worker.pool.cached_personas,
         "frame_bytes": FRAME_BYTES,
         "sample_rate": 24000,
@@ -178,15 +242,34 @@ def _info(worker: Worker) -> Response:
 # ---------------------------------------------------------------------------- sessions
 
 
+DRAINING_REASON = "the worker is draining"
+
+
 async def _session(worker: Worker, ws: WebSocket) -> None:
     await ws.accept()
+    if worker.draining:  # before anything else: the gateway tries another worker
+        worker.metrics.sessions_refused.labels("draining").inc()
+        await _close(ws, CloseCode.TRY_AGAIN_LATER, DRAINING_REASON)
+        return
+    worker.starting += 1
+    try:
+        await _admitted_session(worker, ws)
+    finally:
+        worker._notify()
+
+
+async def _admitted_session(worker: Worker, ws: WebSocket) -> None:
     opened = time.monotonic()
     session: Session | None = None
+    starting = True
     try:
         if worker.pool is None:
             raise ProtocolError(CloseCode.TRY_AGAIN_LATER, worker.load_error or "the worker is loading its model")
         start = await _receive_start(ws, worker.settings)
         persona, sampling, session_id = _parse_start(start, worker.settings)
+        if worker.draining:  # the start came after the drain began: no slot taken yet
+            worker.metrics.sessions_refused.labels("draining").inc()
+            raise ProtocolError(CloseCode.TRY_AGAIN_LATER, DRAINING_REASON)
         try:
             session = await worker.pool.open_session(persona, session_id, sampling=sampling)
         except PoolFull as exc:
@@ -196,6 +279,11 @@ async def _session(worker: Worker, ws: WebSocket) -> None:
         except PersonaError as exc:
             raise ProtocolError(CloseCode.PERSONA_REJECTED, str(exc)) from exc
         worker.sessions.add(session)
+        worker.starting -= 1
+        starting = False
+        if worker.closing:  # it was priming while a drain ran out of time
+            session.close("shutdown")
+            raise ProtocolError(CloseCode.GOING_AWAY, "the worker is shutting down")
         log.info("session started", extra={"session": session.id, "slot": session.slot,
                                            "persona": session.persona_hash, "persona_cached": session.cached,
                                            "sampling": "greedy" if worker.settings.sampling.greedy
@@ -224,10 +312,15 @@ async def _session(worker: Worker, ws: WebSocket) -> None:
             session.close("worker_error")
         await _close(ws, CloseCode.INTERNAL_ERROR, "internal error")
     finally:
+        if starting:
+            worker.starting -= 1
         if session is not None:
             worker.sessions.discard(session)
-            log.info("session ended", extra={"session": session.id, "reason": session.end_reason,
-                                             "seconds": round(time.monotonic() - opened, 2)})
+            extra = {"session": session.id, "reason": session.end_reason,
+                     "seconds": round(time.monotonic() - opened, 2)}
+            if worker.draining:
+                extra["sessions_left"] = worker.busy
+            log.info("session ended", extra=extra)
 
 
 async def _receive_start(ws: WebSocket, settings: WorkerSettings) -> dict[str, Any]:
@@ -253,36 +346,21 @@ def _parse_start(
     start: dict[str, Any], settings: WorkerSettings
 ) -> tuple[Persona, SessionSampling, str | None]:
     spec = start.get("persona")
-    if not isinstance(spec, dict):
-        raise ProtocolError(CloseCode.BAD_REQUEST, "start.persona must be an object")
-    unknown = set(spec) - {"prompt", "voice", "voice_audio_base64", "sampling"}
-    if unknown:
-        raise ProtocolError(CloseCode.BAD_REQUEST, f"start.persona has unknown fields: {sorted(unknown)}")
-    prompt = spec.get("prompt", "")
-    voice = spec.get("voice")
-    audio_b64 = spec.get("voice_audio_base64")
-    session_id = start.get("session_id")
-    if not isinstance(prompt, str):
-        raise ProtocolError(CloseCode.BAD_REQUEST, "start.persona.prompt must be a string")
-    if voice is not None and not isinstance(voice, str):
-        raise ProtocolError(CloseCode.BAD_REQUEST, "start.persona.voice must be a preset name (string)")
-    if session_id is not None and (not isinstance(session_id, str) or not 0 < len(session_id) <= 128):
-        raise ProtocolError(CloseCode.BAD_REQUEST, "start.session_id must be a string of 1 to 128 characters")
-    audio = None
-    if audio_b64 is not None:
-        if not isinstance(audio_b64, str):
-            raise ProtocolError(CloseCode.BAD_REQUEST, "start.persona.voice_audio_base64 must be a string")
-        if len(audio_b64) > settings.max_voice_bytes * 4 // 3 + 4:
-            raise ProtocolError(CloseCode.PERSONA_REJECTED, f"voice clip over {settings.max_voice_bytes} bytes")
-        try:
-            audio = base64.b64decode(audio_b64, validate=True)
-        except binascii.Error as exc:
-            raise ProtocolError(CloseCode.BAD_REQUEST, "start.persona.voice_audio_base64 is not base64") from exc
-    sampling = _parse_sampling(spec.get("sampling", {}), settings)
     try:
-        return Persona(prompt=prompt, voice=voice, voice_audio=audio), sampling, session_id
+        persona = persona_from_message(spec, max_voice_bytes=settings.max_voice_bytes)
+    except PersonaFormatError as exc:
+        raise ProtocolError(CloseCode.BAD_REQUEST, str(exc)) from exc
     except PersonaError as exc:
         raise ProtocolError(CloseCode.PERSONA_REJECTED, str(exc)) from exc
+    session_id = start.get("session_id")
+    if session_id is not None and (
+        not isinstance(session_id, str) or not 0 < len(session_id) <= 128
+        or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in session_id)
+    ):
+        raise ProtocolError(
+            CloseCode.BAD_REQUEST, "start.session_id must be a string of 1 to 128 characters, no control characters")
+    sampling = _parse_sampling(spec.get("sampling", {}), settings)
+    return persona, sampling, session_id
 
 
 def _parse_sampling(spec: Any, settings: WorkerSettings) -> SessionSampling:

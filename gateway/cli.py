@@ -125,28 +125,17 @@ def _settings(args: argparse.Namespace):
 
 
 def _run_worker(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from agent_runtime import logs
-    from agent_runtime.server import create_app
+    from agent_runtime.drain import serve
 
     settings = _settings(args)
     logs.configure(args.log_level)
     print(
         f"personagate worker: model {settings.model}, sessions on ws://{settings.host}:{settings.port}/v1/sessions"
-        f" (ready when http://{settings.host}:{settings.port}/readyz says so)",
+        f" (ready when http://{settings.host}:{settings.port}/readyz says so; SIGTERM drains, Ctrl-C stops)",
         file=sys.stderr,
     )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        ws_max_size=settings.max_voice_bytes * 2,
-        ws_ping_interval=10,
-        ws_ping_timeout=10,
-    )
-    return 0
+    return serve(settings)
 
 
 def _run_session(args: argparse.Namespace) -> int:

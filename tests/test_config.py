@@ -169,12 +169,14 @@ def _never_start_a_server(monkeypatch):
     """Make `personagate worker` fail fast instead of serving forever if its settings were accepted."""
     import uvicorn
 
+    import agent_runtime.drain
     import agent_runtime.server
 
     def refuse(*args, **kwargs):
         raise AssertionError("the worker was started: its settings should have been refused")
 
     monkeypatch.setattr(agent_runtime.server, "create_app", refuse)
+    monkeypatch.setattr(agent_runtime.drain, "serve", refuse)
     monkeypatch.setattr(uvicorn, "run", refuse)
 
 
@@ -186,3 +188,49 @@ def test_the_worker_command_reports_a_broken_config_file(tmp_path, capsys, monke
         main(["worker", "--config", str(config)])
     assert exit_info.value.code == 2
     assert "sampling.tmep" in capsys.readouterr().err
+
+
+def test_registration_and_drain_defaults():
+    """No Redis: no registration. The routing identity defaults to the listen address and HOSTNAME:PORT;
+    a drain waits up to an hour (the longest call)."""
+    import socket
+
+    s = load_worker_settings(port=9001)
+    assert s.redis_url is None and s.redis_prefix == "{pg}"
+    assert s.resolved_advertise_url() == "ws://127.0.0.1:9001/v1/sessions"
+    assert s.resolved_worker_id() == f"{socket.gethostname()}:9001"
+    assert (s.heartbeat_seconds, s.worker_ttl_seconds, s.drain_seconds) == (1.0, 3.0, 3600.0)
+    assert load_worker_settings(host="::1").resolved_advertise_url() == "ws://[::1]:8765/v1/sessions"
+
+
+def test_redis_urls_of_every_kind_are_accepted():
+    for url in ("redis://redis:6379/0", "rediss://:pw@redis.example:6380", "unix:///run/redis/redis.sock?db=1",
+                "redis+sentinel://s1:26379,s2:26379/mymaster/0"):
+        assert load_worker_settings(redis_url=url).redis_url == url
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"redis_url": "http://redis:6379"}, "redis_url: .*expected a redis://"),
+    ({"redis_url": "redis://"}, "redis_url: .*needs a host"),
+    ({"redis_url": "redis://u:secret@redis:sixty"}, r"redis_url: .*bad port in 'redis://u:\*\*\*@redis:sixty'"),
+    ({"redis_url": "redis+sentinel://s1/mymaster"}, "redis_url: .*host:port"),
+    ({"redis_prefix": "pg"}, "redis_prefix: .*hash tag"),
+    ({"advertise_url": "http://10.0.0.7:8765/v1/sessions"}, "advertise_url: .*ws:// or wss://"),
+    ({"advertise_url": "ws://0.0.0.0:8765/v1/sessions"}, "advertise_url: .*listen address"),
+    ({"worker_id": "gpu\n1"}, "worker_id: .*control characters"),
+    ({"heartbeat_seconds": 2.0}, "at least twice heartbeat_seconds"),
+    ({"drain_seconds": -1}, "drain_seconds:"),
+    ({"redis_url": "redis://redis:6379", "host": "0.0.0.0"}, "advertise_url is needed"),
+    ({"redis_url": "redis://redis:6379", "port": 0}, "advertise_url is needed"),
+], ids=["scheme", "no-host", "port-redacted", "sentinel", "prefix", "advertise-scheme", "advertise-wildcard",
+        "worker-id", "ttl", "drain", "wildcard-host", "port-0"])
+def test_bad_registration_settings_are_refused(overrides, message):
+    with pytest.raises(SettingsError, match=message) as err:
+        load_worker_settings(**overrides)
+    assert "secret" not in str(err.value)
+
+
+def test_listening_on_every_address_with_redis_needs_the_advertised_url():
+    s = load_worker_settings(redis_url="redis://redis:6379", host="0.0.0.0",
+                             advertise_url="ws://10.0.0.7:8765/v1/sessions")
+    assert s.resolved_advertise_url() == "ws://10.0.0.7:8765/v1/sessions"

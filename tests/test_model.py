@@ -37,8 +37,9 @@ from agent_runtime.model import (
     tiny_lm_kwargs,
     tiny_voice_presets,
 )
-from agent_runtime.persona import Persona, VoicePrompt, load_voice, prompt_tokens, voice_from_pt
+from agent_runtime.persona import Persona
 from agent_runtime.priming import PrimedState, Primer, delay_frames, plan_priming, prompt_frames
+from agent_runtime.voice_prompt import VoicePrompt, load_voice, prompt_tokens, voice_from_pt
 from agent_runtime.voices import PRESET_VOICES
 
 GREEDY = {"use_sampling": False}

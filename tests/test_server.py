@@ -204,7 +204,9 @@ async def test_a_malformed_frame_closes_only_its_own_session(worker):
     ("hello worker", "not JSON"),
     (json.dumps({"type": "begin", "persona": {"prompt": "x", "voice": "tiny-low"}}), '"type": "start"'),
     (json.dumps(["start"]), '"type": "start"'),
-], ids=["binary", "not-json", "wrong-type", "not-an-object"])
+    (json.dumps({"type": "start", "persona": {"prompt": "x", "voice": "tiny-low", "mood": "calm"}}), "unknown fields"),
+    (_start(session_id="call\n1"), "no control characters"),  # ids go into the routing store's indexes
+], ids=["binary", "not-json", "wrong-type", "not-an-object", "unknown-persona-field", "control-char-id"])
 async def test_a_malformed_start_is_refused_with_4400(worker, first, reason):
     """A first message that is not a JSON start message is refused with 4400 and a reason that
     says what was wrong, so a gateway author can fix the client."""
@@ -358,10 +360,13 @@ async def test_probes_info_and_metrics(worker):
         before = (await http.get("/metrics")).text
         started_before = _metric(before, "personagate_worker_sessions_started_total")
 
-        ws, _ = await _open(worker)
+        session_id = f"call-{uuid.uuid4().hex[:8]}"
+        ws, _ = await _open(worker, _start(session_id=session_id))
+        during = (await http.get("/v1/info")).json()
         await _talk(ws, _tone_frames(3), linger=0.3)
         assert (await _end(ws))[0] == 1000
         await _wait_free_slots(worker, SLOTS, within=5)
+        assert session_id in during["active_sessions"] and during["draining"] is False
 
         health = await http.get("/healthz")
         assert health.status_code == 200 and health.json() == {"status": "ok"}
@@ -371,12 +376,15 @@ async def test_probes_info_and_metrics(worker):
         info = (await http.get("/v1/info")).json()
         assert info["slots"] == SLOTS and info["frame_bytes"] == FRAME_BYTES and info["sample_rate"] == 24_000
         assert {"tiny-low", "tiny-high"} <= set(info["voices"])
+        assert info["ready"] is True and info["draining"] is False and session_id not in info["active_sessions"]
+        assert info["worker_id"].endswith(f":{worker.rsplit(':', 1)[1]}")  # HOSTNAME:PORT by default
 
         response = await http.get("/metrics")
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
         metrics = response.text
     assert _metric(metrics, "personagate_worker_slots_capacity") == float(SLOTS)
     assert f"personagate_worker_slots_capacity {float(SLOTS)}" in metrics
+    assert _metric(metrics, "personagate_worker_draining") == 0.0
     assert _metric(metrics, "personagate_worker_tick_step_seconds_count") > 0
     assert "# TYPE personagate_worker_tick_step_seconds histogram" in metrics
     assert _metric(metrics, "personagate_worker_sessions_started_total") >= started_before + 1

@@ -11,6 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from agent_runtime.persona import persona_key
 from agent_runtime.voices import PreparedClip
 
 from ..worker_client import persona_message
@@ -42,6 +43,12 @@ class PersonaConfig:
             voice_audio=self.voice_clip.flac_bytes() if self.voice_clip is not None else None,
             sampling=self.sampling.model_dump(),
         )
+
+    @cached_property
+    def persona_key(self) -> str:
+        """The key a worker caches this persona's primed state under (what it reports in ``cached_personas``):
+        routing prefers a worker that has it."""
+        return persona_key(self.worker_persona)
 
     @cached_property
     def version(self) -> str:
