@@ -60,6 +60,8 @@ class ModelBundle:
     voices: dict[str, Path | torch.Tensor] = field(default_factory=dict)
     text_pad_id: int = 3
     text_epad_id: int = 0
+    # Seeded random weights (the tiny model; PersonaPlex's architecture for speed benchmarks only).
+    random_weights: bool = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -196,9 +198,11 @@ def load_tiny(seed: int = 1234, device: str | torch.device = "cpu") -> ModelBund
         )
         mimi = moshi_loaders.get_mimi(None, TINY_MIMI_CONFIG, device=device, num_codebooks=AGENT_CODEBOOKS)
         _randomise_codebooks(mimi, seed)
-    return _finish_bundle(
+    bundle = _finish_bundle(
         "tiny", lm, mimi, tokenizer, device, silence=None, sine=None, voices=dict(tiny_voice_presets())
     )
+    bundle.random_weights = True
+    return bundle
 
 
 def tiny_voice_presets() -> dict[str, torch.Tensor]:
@@ -237,7 +241,10 @@ def _randomise_codebooks(mimi: MimiModel, seed: int) -> None:
     # A fresh Mimi's codebooks are all zero, which maps every frame to code 0. Initialise them the way
     # vector quantisers are initialised from data: each stage's entries are drawn from the residuals of
     # varied synthetic audio (tones, noise, silence), so that different audio gets different codes.
+    # Random draws come from a CPU generator (the same codebooks on any device); tensors then move to
+    # the codec's device.
     gen = torch.Generator().manual_seed(seed)
+    device = next(mimi.parameters()).device
     t = torch.arange(FRAME_SAMPLES * 4) / SAMPLE_RATE
     clips = [torch.zeros_like(t)]
     for i in range(63):
@@ -245,7 +252,7 @@ def _randomise_codebooks(mimi: MimiModel, seed: int) -> None:
         amp = 0.02 + 0.5 * torch.rand(1, generator=gen).item()
         tone = amp * torch.sin(2 * torch.pi * freq * t)
         clips.append(tone + 0.05 * torch.rand(1, generator=gen).item() * torch.randn(t.shape, generator=gen))
-    audio = torch.stack(clips).unsqueeze(1)
+    audio = torch.stack(clips).unsqueeze(1).to(device)
     with torch.no_grad():
         latent = mimi._encode_to_unquantized_latent(audio)
         for rvq in (mimi.quantizer.rvq_first, mimi.quantizer.rvq_rest):
@@ -254,7 +261,9 @@ def _randomise_codebooks(mimi: MimiModel, seed: int) -> None:
                 codebook = layer._codebook
                 vectors = residual.transpose(1, 2).reshape(-1, residual.shape[1])
                 pick = torch.randint(0, vectors.shape[0], (codebook.embedding_sum.shape[0],), generator=gen)
-                jitter = 0.01 * vectors.std() * torch.randn(codebook.embedding_sum.shape, generator=gen)
+                noise = torch.randn(codebook.embedding_sum.shape, generator=gen).to(device)
+                jitter = 0.01 * vectors.std() * noise
+                pick = pick.to(device)
                 codebook.embedding_sum.copy_(vectors[pick] + jitter)
                 codebook.cluster_usage.fill_(1.0)
                 codebook._initialized.fill_(1.0)
@@ -265,6 +274,76 @@ def _randomise_codebooks(mimi: MimiModel, seed: int) -> None:
 # --------------------------------------------------------------------------- PersonaPlex
 
 PERSONAPLEX_LM_KWARGS: dict[str, Any] = moshi_loaders._lm_kwargs | {"dep_q": 16}
+PERSONAPLEX_DTYPE = torch.bfloat16  # PersonaPlex's loader casts everything to bf16; fp32 7B does not fit 24 GB
+
+
+def build_personaplex_lm(lm_kwargs: dict[str, Any] | None, device: str | torch.device) -> LMModel:
+    """PersonaPlex-7B's language model, unloaded: moshi's 7B layout with 16 depth steps, in bf16.
+
+    The one place that builds the architecture: ``load_personaplex`` builds it on ``meta`` and loads
+    the checkpoint into it; ``load_personaplex_random`` builds it on the device with moshi's default
+    (seeded) initialisation. ``lm_kwargs`` defaults to PersonaPlex-7B's shapes.
+    """
+    with torch.device(device):
+        lm = LMModel(device=device, dtype=PERSONAPLEX_DTYPE, **dict(lm_kwargs or PERSONAPLEX_LM_KWARGS))
+    return lm.eval()
+
+
+def build_personaplex_mimi(mimi_config: dict[str, Any] | None, device: str | torch.device = "cpu") -> MimiModel:
+    """PersonaPlex's Mimi codec (moshi's, 8 codebooks, fp32), unloaded; ``mimi_config`` defaults to
+    the real one."""
+    return moshi_loaders.get_mimi(None, mimi_config, device=device, num_codebooks=AGENT_CODEBOOKS)
+
+
+def _check_vocabulary(tokenizer: sentencepiece.SentencePieceProcessor, lm_kwargs: dict[str, Any], where: str) -> None:
+    if tokenizer.vocab_size() > lm_kwargs["text_card"]:
+        raise CheckpointError(
+            f"{where}: vocabulary of {tokenizer.vocab_size()} pieces, expected at most {lm_kwargs['text_card']}"
+        )
+
+
+def _personaplex_bundle(
+    lm: LMModel,
+    mimi: MimiModel,
+    tokenizer: sentencepiece.SentencePieceProcessor,
+    device: torch.device,
+    voices: dict[str, Path | torch.Tensor],
+) -> ModelBundle:
+    silence = torch.tensor(PERSONAPLEX_SILENCE_CODES) if mimi.cardinality == 2048 else None
+    sine = torch.tensor(PERSONAPLEX_SINE_CODES) if mimi.cardinality == 2048 else None
+    return _finish_bundle("personaplex", lm, mimi, tokenizer, device, silence, sine, voices)
+
+
+def load_personaplex_random(
+    seed: int = 1234,
+    device: str | torch.device | None = None,
+    *,
+    lm_kwargs: dict[str, Any] | None = None,
+    mimi_config: dict[str, Any] | None = None,
+) -> ModelBundle:
+    """PersonaPlex-7B's exact architecture (``build_personaplex_lm``, the real-size Mimi) with seeded
+    random weights, for speed benchmarks only (``personagate bench worker --random-weights``): a step
+    costs the same whatever the weights hold, but what this model says and sounds like is noise.
+
+    The text tokenizer is a stand-in (the tiny model's, trained in-process; PersonaPlex's 32k
+    SentencePiece model is part of the checkpoint) and the voices are the tiny model's clips, primed
+    through Mimi like any voice clip. Never served: ``LOADERS`` does not offer it.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    started = time.monotonic()
+    tokenizer = train_tiny_tokenizer()
+    lm_kwargs = dict(lm_kwargs or PERSONAPLEX_LM_KWARGS)
+    _check_vocabulary(tokenizer, lm_kwargs, "stand-in tokenizer")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        lm = build_personaplex_lm(lm_kwargs, device)
+        mimi = build_personaplex_mimi(mimi_config, device)
+        _randomise_codebooks(mimi, seed)
+    bundle = _personaplex_bundle(lm, mimi, tokenizer, device, dict(tiny_voice_presets()))
+    bundle.random_weights = True
+    log.info("PersonaPlex architecture built with random weights (speed benchmarks only)",
+             extra={"device": str(device), "seconds": round(time.monotonic() - started, 1)})
+    return bundle
 
 
 def load_personaplex(
@@ -290,7 +369,6 @@ def load_personaplex(
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder / name}: missing; expected {what}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16  # PersonaPlex's loader casts everything to bf16; fp32 7B does not fit 24 GB
     started = time.monotonic()
 
     tok_path = folder / moshi_loaders.TEXT_TOKENIZER_NAME
@@ -301,16 +379,12 @@ def load_personaplex(
         raise CheckpointError(f"{tok_path}: not a SentencePiece model ({exc})") from exc
 
     lm_kwargs = dict(lm_kwargs or PERSONAPLEX_LM_KWARGS)
-    if tokenizer.vocab_size() > lm_kwargs["text_card"]:
-        raise CheckpointError(
-            f"{tok_path}: vocabulary of {tokenizer.vocab_size()} pieces, expected at most {lm_kwargs['text_card']}"
-        )
-    with torch.device("meta"):
-        lm = LMModel(device="meta", dtype=dtype, **lm_kwargs)
-    _load_safetensors_into(lm, folder / "model.safetensors", device, dtype, progress, "language model")
+    _check_vocabulary(tokenizer, lm_kwargs, str(tok_path))
+    lm = build_personaplex_lm(lm_kwargs, "meta")
+    _load_safetensors_into(lm, folder / "model.safetensors", device, PERSONAPLEX_DTYPE, progress, "language model")
     lm.eval()
 
-    mimi = moshi_loaders.get_mimi(None, mimi_config, device="cpu", num_codebooks=AGENT_CODEBOOKS)
+    mimi = build_personaplex_mimi(mimi_config, "cpu")
     _load_safetensors_into(mimi, folder / moshi_loaders.MIMI_NAME, device, None, progress, "Mimi codec")
     mimi.to(device).eval()
 
@@ -321,9 +395,7 @@ def load_personaplex(
         hint = "unpack voices.tgz there (tar -xzf voices.tgz)" if (folder / "voices.tgz").is_file() else ""
         log.warning("no voice presets in the checkpoint: sessions must send a voice clip",
                     extra={"folder": str(folder / "voices"), "hint": hint})
-    silence = torch.tensor(PERSONAPLEX_SILENCE_CODES) if mimi.cardinality == 2048 else None
-    sine = torch.tensor(PERSONAPLEX_SINE_CODES) if mimi.cardinality == 2048 else None
-    bundle = _finish_bundle("personaplex", lm, mimi, tokenizer, device, silence, sine, voices)
+    bundle = _personaplex_bundle(lm, mimi, tokenizer, device, voices)
     log.info(
         "checkpoint loaded",
         extra={"folder": str(folder), "device": str(device), "seconds": round(time.monotonic() - started, 1),
@@ -434,4 +506,5 @@ def encode_frame_codes(mimi: MimiModel, frame: torch.Tensor) -> torch.Tensor:
     return codes[0, :, 0]
 
 
+# What a worker may serve. ``load_personaplex_random`` is deliberately not here: benchmarks only.
 LOADERS: dict[str, Callable[..., ModelBundle]] = {"tiny": load_tiny, "personaplex": load_personaplex}

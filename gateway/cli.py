@@ -2,7 +2,7 @@
 
     personagate up [--model tiny|personaplex] [--weights DIR] [--tenants DIR]   (the main job)
     personagate worker [--model tiny|personaplex] [--weights DIR] [--slots N] [--port 8765]
-    personagate bench worker [--json] [--batch-sizes 1,4,16,32]
+    personagate bench worker [--json] [--batch-sizes 1,4,16,32] [--model personaplex --random-weights]
     personagate session ws://127.0.0.1:8765/v1/sessions [--play in.wav] [--record out.wav] [--seconds 5]
     personagate tenants validate [DIR]
     personagate tenants token TENANT | --operator
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     bench_worker.add_argument("--ticks", type=int, default=100, help="measured ticks per batch size")
     bench_worker.add_argument("--max-slots", type=int, default=128, help="largest batch the capacity search tries")
     bench_worker.add_argument("--warmup", type=int, default=5, help="unmeasured ticks per batch size")
+    bench_worker.add_argument("--random-weights", action="store_true",
+                              help="with --model personaplex and no --weights: PersonaPlex-7B's architecture with "
+                                   "seeded random weights, for speed figures only (benchmarks only, never served)")
 
     session = commands.add_parser("session", help="talk to a worker: play a wav, record the agent, print JSON")
     session.add_argument("url", nargs="?", default="ws://127.0.0.1:8765/v1/sessions")
@@ -284,6 +287,11 @@ def _run_up(args: argparse.Namespace) -> int:
 def _run_bench(args: argparse.Namespace) -> int:
     from agent_runtime.bench import run_worker_bench
 
+    if args.random_weights:
+        if args.model != "personaplex" or args.weights is not None:
+            print("personagate: --random-weights needs --model personaplex and no --weights", file=sys.stderr)
+            return 2
+        args.model = None  # the settings' model stays the default; the bench builds PersonaPlex itself
     settings = _settings(args)
     try:
         sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
@@ -291,7 +299,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         print("personagate: --batch-sizes must be comma-separated integers", file=sys.stderr)
         return 2
     return run_worker_bench(
-        settings, sizes, ticks=args.ticks, warmup=args.warmup, as_json=args.json, max_slots=args.max_slots
+        settings, sizes, ticks=args.ticks, warmup=args.warmup, as_json=args.json, max_slots=args.max_slots,
+        random_weights=args.random_weights,
     )
 
 
