@@ -2,7 +2,9 @@
 WebRTC signalling joins it later.
 
 The live tenant configuration (``TenantRegistry``) is loaded before the app serves, then watched for
-changes by a background task for as long as the app runs.
+changes by a background task for as long as the app runs; the calls (``Calls``: routing, worker sessions,
+their background loops) start with it and end with it. ``/healthz`` is liveness; ``/readyz`` is 200 only
+while tenants are loaded, the routing store answers and the gateway is not draining.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .admin.api import Admin, install
 from .admin.tokens import TokenFile
+from .calls import Calls
 from .config import GatewaySettings
 from .metrics import GatewayMetrics
 from .tenants.loader import ClipCache
@@ -34,10 +37,13 @@ admin's token reaches its own tenant only (403 elsewhere). Tokens are made with
 """
 
 
-def create_app(settings: GatewaySettings, *, registry: TenantRegistry | None = None) -> FastAPI:
-    metrics = registry.metrics if registry is not None else GatewayMetrics()
+def create_app(
+    settings: GatewaySettings, *, registry: TenantRegistry | None = None, calls: Calls | None = None,
+) -> FastAPI:
+    metrics = registry.metrics if registry is not None else calls.metrics if calls is not None else GatewayMetrics()
     registry = registry or TenantRegistry(settings.tenants_dir, poll_seconds=settings.tenants_poll_seconds,
                                           metrics=metrics)
+    calls = calls or Calls.from_settings(settings, registry, metrics)
     admin = Admin(
         registry=registry,
         store=TenantStore(settings.tenants_dir, history_versions=settings.history_versions),
@@ -51,8 +57,10 @@ def create_app(settings: GatewaySettings, *, registry: TenantRegistry | None = N
         await asyncio.to_thread(registry.reload)
         watcher = asyncio.create_task(registry.watch(), name="tenant-watch")
         try:
+            await calls.startup()
             yield
         finally:
+            await calls.close()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
@@ -60,11 +68,17 @@ def create_app(settings: GatewaySettings, *, registry: TenantRegistry | None = N
     app = FastAPI(title="personagate gateway", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.admin = admin
     app.state.registry = registry
+    app.state.calls = calls
     install(app, admin)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> JSONResponse:
         return JSONResponse({"status": "ok", "tenants_serving": len(registry.tenants)})
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        ready, details = calls.readiness()
+        return JSONResponse({"ready": ready, **details}, status_code=200 if ready else 503)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_() -> Response:

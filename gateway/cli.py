@@ -7,6 +7,8 @@
     personagate tenants validate [DIR]
     personagate tenants token TENANT | --operator
     personagate gateway [--config gateway.yaml] [--tenants DIR] [--admin-tokens FILE] [--host H] [--port 8080]
+                        [--redis-url URL | --worker http://127.0.0.1:8765 ...]
+    personagate bench routing [--redis-url URL] [--workers 4 --slots 32 --claims 20000 --concurrency 64]
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ def main(argv: list[str] | None = None) -> int:
                               help="with --model personaplex and no --weights: PersonaPlex-7B's architecture with "
                                    "seeded random weights, for speed figures only (benchmarks only, never served)")
 
+    bench_routing = bench_targets.add_parser(
+        "routing", help="slot claims per second and claim latency: Redis (with --redis-url) and the embedded store")
+    bench_routing.add_argument("--redis-url", help="a Redis to measure (its keys go under a private prefix and are "
+                                                   "deleted afterwards); omit: the embedded store only")
+    bench_routing.add_argument("--workers", type=int, default=4, help="workers registered (default 4)")
+    bench_routing.add_argument("--slots", type=int, default=32, help="slots per worker (default 32)")
+    bench_routing.add_argument("--claims", type=int, default=20000, help="claim + release cycles per store")
+    bench_routing.add_argument("--concurrency", type=int, default=64, help="cycles in flight at once (default 64)")
+
     session = commands.add_parser("session", help="talk to a worker: play a wav, record the agent, print JSON")
     session.add_argument("url", nargs="?", default="ws://127.0.0.1:8765/v1/sessions")
     session.add_argument("--prompt", default="You are a friendly agent at a call center. Greet the caller.")
@@ -68,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     gateway.add_argument("--admin-tokens", type=Path, help="admin API tokens file (default: none, API disabled)")
     gateway.add_argument("--host", help="listen address (default 127.0.0.1)")
     gateway.add_argument("--port", type=int, help="HTTP port (default 8080)")
+    gateway.add_argument("--redis-url", help="the routing Redis shared with the workers (default: none, the "
+                                             "embedded store, which polls --worker)")
+    gateway.add_argument("--worker", action="append", metavar="URL",
+                         help="without --redis-url: a worker's HTTP base URL; repeat for several "
+                              "(default http://127.0.0.1:8765)")
     gateway.add_argument("--log-level", default="info")
 
     up = commands.add_parser("up", help="the whole stack on one machine: a worker and the gateway, supervised")
@@ -78,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--http-port", type=int, default=8080, help="the gateway's HTTP port (admin API)")
     up.add_argument("--state-dir", type=Path, default=Path(".personagate"),
                     help="where the local operator token is kept (default: .personagate)")
+    up.add_argument("--redis-url", help="route through this Redis (worker heartbeats, gateway claims) instead of "
+                                        "the embedded store")
 
     args = parser.parse_args(argv)
     if args.command == "up":
@@ -90,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_worker(args)
     if args.command == "session":
         return _run_session(args)
+    if args.target == "routing":
+        return _run_bench_routing(args)
     return _run_bench(args)
 
 
@@ -246,24 +266,36 @@ def _run_token(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def _run_gateway(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
 
     from agent_runtime import logs
     from gateway.app import create_app
     from gateway.config import SettingsError, load_gateway_settings
+    from gateway.serving import GracefulServer
 
     try:
         settings = load_gateway_settings(args.config, tenants_dir=args.tenants, admin_tokens_file=args.admin_tokens,
-                                         host=args.host, http_port=args.port)
+                                         host=args.host, http_port=args.port, redis_url=args.redis_url,
+                                         workers=args.worker)
     except SettingsError as exc:
         print(f"personagate: {exc}", file=sys.stderr)
         return 2
     logs.configure(args.log_level)
+    if args.log_level.lower() == "info":
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per worker poll (every second)
     admin = "off (no admin_tokens_file)" if settings.admin_tokens_file is None else \
         f"http://{settings.host}:{settings.http_port}/v1/admin (docs at /docs)"
-    print(f"personagate gateway: tenants from {settings.tenants_dir}, admin API {admin}", file=sys.stderr)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.http_port, log_config=None)
-    return 0
+    routing = "Redis" if settings.redis_url else "embedded, workers " + " ".join(settings.workers)
+    print(f"personagate gateway: tenants from {settings.tenants_dir}, admin API {admin}, routing {routing} "
+          f"(SIGTERM drains calls for up to {settings.drain_seconds:g} s, Ctrl-C stops)", file=sys.stderr)
+    app = create_app(settings)
+    calls = app.state.calls
+    config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_config=None)
+    server = GracefulServer(config, drain=lambda: calls.drain(settings.drain_seconds), stop=calls.stop)
+    server.run()
+    return 0 if server.started else 1
 
 
 def _run_up(args: argparse.Namespace) -> int:
@@ -280,8 +312,21 @@ def _run_up(args: argparse.Namespace) -> int:
     if args.greedy:
         worker_args.append("--greedy")
     options = UpOptions(host=args.host, worker_port=args.worker_port, http_port=args.http_port,
-                        tenants=args.tenants, state_dir=args.state_dir, worker_args=tuple(worker_args))
+                        tenants=args.tenants, state_dir=args.state_dir, worker_args=tuple(worker_args),
+                        redis_url=args.redis_url)
     return asyncio.run(run_up(options))
+
+
+def _run_bench_routing(args: argparse.Namespace) -> int:
+    from gateway.routing import bench
+
+    for name in ("workers", "slots", "claims", "concurrency"):
+        if getattr(args, name) < 1:
+            print(f"personagate: --{name} must be at least 1", file=sys.stderr)
+            return 2
+    bench.main(args.redis_url, workers=args.workers, slots=args.slots, claims=args.claims,
+               concurrency=args.concurrency)
+    return 0
 
 
 def _run_bench(args: argparse.Namespace) -> int:

@@ -3,10 +3,12 @@ command line (each overriding the one before), validated at start."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from agent_runtime.settings_files import LayeredSettings, SettingsError, load_settings
@@ -29,6 +31,58 @@ class GatewaySettings(LayeredSettings):
         None, description="YAML file of SHA-256 hashes of admin API tokens; without it the admin API is off")
     max_clip_bytes: int = Field(5_000_000, ge=1024, le=MAX_CLIP_BYTES, description="largest voice clip upload")
     history_versions: int = Field(50, ge=1, le=10_000, description="versions kept per file in a tenant's history")
+    # Calls and routing (gateway/calls.py, gateway/routing/).
+    redis_url: str | None = Field(
+        None, description="the routing Redis shared by gateways and workers: redis://, rediss://, unix:// or "
+                          "redis+sentinel:// URL; unset: the embedded store (one machine; the gateway polls `workers`)")
+    redis_prefix: str = Field("{pg}", description="key prefix in Redis, a hash tag; the same as the workers'")
+    workers: list[str] = Field(
+        ["http://127.0.0.1:8765"], min_length=1,
+        description="without redis_url: the workers' HTTP base URLs, whose /v1/info the gateway reads every second")
+    call_lease_seconds: float = Field(
+        15.0, ge=3, le=3600, description="a call's lease in the routing store; renewed every third of it")
+    worker_ttl_seconds: float = Field(
+        3.0, ge=2, le=600, description="without redis_url: how long one /v1/info reading keeps a worker alive")
+    drain_seconds: float = Field(
+        3600.0, ge=0, description="on SIGTERM: how long calls in progress may go on before they are ended")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        if not url:
+            return None
+        scheme = urlsplit(url).scheme
+        if scheme not in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"):
+            raise ValueError("expected a redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel:// URL, "
+                             f"got scheme {scheme!r}")
+        if scheme.endswith("+sentinel"):
+            from .routing.redis_store import parse_sentinel_url
+
+            parse_sentinel_url(url)  # its ValueError says what is wrong
+        elif scheme != "unix" and not urlsplit(url).hostname:
+            raise ValueError(f"a {scheme}:// URL needs a host, e.g. redis://redis:6379/0")
+        return url
+
+    @field_validator("redis_prefix")
+    @classmethod
+    def _redis_prefix(cls, prefix: str) -> str:
+        if not re.fullmatch(r"\{[^{}]+\}[^{}]*", prefix):
+            raise ValueError(f"must start with a hash tag such as '{{pg}}' (one Redis Cluster slot), got {prefix!r}")
+        return prefix
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, urls: list[str]) -> list[str]:
+        out: list[str] = []
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+                raise ValueError(f"a worker is its HTTP base URL, e.g. http://127.0.0.1:8765; got {url!r}")
+            url = url.rstrip("/")
+            if url in out:
+                raise ValueError(f"worker {url!r} is listed twice")
+            out.append(url)
+        return out
 
 
 def load_gateway_settings(config_file: Path | None = None, **overrides: Any) -> GatewaySettings:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 disable_created_metrics()
+
+# start(): a claim (sub-millisecond), a WebSocket to the worker and its priming (a few ms cached, more if not).
+CALL_START_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# A re-home: the promise is under 1 s.
+REHOME_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0)
+CALL_START_RESULTS = ("live", "no_capacity", "tenant_limit", "unavailable", "draining", "persona_rejected", "error")
 
 
 class GatewayMetrics:
@@ -34,4 +40,42 @@ class GatewayMetrics:
             "personagate_gateway_http_requests_total",
             "HTTP requests answered (admin API, probes), by method, route template and status code.",
             ["method", "route", "status"], registry=r,
+        )
+        # Calls (gateway/calls.py): a front end's call with its agent session on a worker.
+        self.calls_active = Gauge(
+            "personagate_gateway_calls_active",
+            "Calls with an agent session (being started, live or moving to another worker).", registry=r,
+        )
+        self.call_starts = Counter(
+            "personagate_gateway_call_starts_total",
+            "Agent sessions asked for by front ends, by result: live, or why not (no_capacity, tenant_limit, "
+            "unavailable, draining, persona_rejected, error).",
+            ["result"], registry=r,
+        )
+        for result in CALL_START_RESULTS:
+            self.call_starts.labels(result=result)
+        self.call_start_seconds = Histogram(
+            "personagate_gateway_call_start_seconds",
+            "From a front end asking for an agent session to the worker's ready (claim, connect, priming).",
+            buckets=CALL_START_BUCKETS, registry=r,
+        )
+        self.calls_ended = Counter(
+            "personagate_gateway_calls_ended_total",
+            "Calls that were live and ended, by reason (hangup, no_worker, shutdown, worker_ended, ...).",
+            ["reason"], registry=r,
+        )
+        self.call_rehome_seconds = Histogram(
+            "personagate_gateway_call_rehome_seconds",
+            "From losing a call's worker to the new worker's ready (the caller hears comfort noise meanwhile).",
+            buckets=REHOME_BUCKETS, registry=r,
+        )
+        self.call_frames_dropped = Counter(
+            "personagate_gateway_call_frames_dropped_total",
+            "80 ms frames dropped by a call's bounded queues: caller (not yet sent to a worker: the worker was "
+            "slow or being replaced) and agent (the front end did not read them in time).",
+            ["direction"], registry=r,
+        )
+        self.call_filler_frames = Counter(
+            "personagate_gateway_call_filler_frames_total",
+            "80 ms comfort-noise frames played while calls moved to another worker.", registry=r,
         )

@@ -3,6 +3,9 @@ process (so the model's compute never shares an interpreter with the gateway's r
 supervised together: both start, both are reported ready, and both stop when either stops or on
 Ctrl-C / SIGTERM.
 
+Routing: by default the gateway's embedded store, fed by reading the worker's ``/v1/info`` every second
+(no Redis needed); with ``--redis-url`` both the worker (heartbeats) and the gateway (claims) use that Redis.
+
 On first use it makes an operator token for the admin API and keeps it in the state folder
 (``.personagate/`` by default), so the local admin API works without any set-up.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -33,6 +37,7 @@ class UpOptions:
     tenants: Path
     state_dir: Path
     worker_args: tuple[str, ...]  # --model, --weights, --slots, --device, --greedy as given
+    redis_url: str | None = None  # routing through Redis instead of the gateway's embedded store
 
 
 def operator_token(state_dir: Path) -> tuple[str, Path]:
@@ -55,11 +60,17 @@ def operator_token(state_dir: Path) -> tuple[str, Path]:
 async def run_up(options: UpOptions) -> int:
     token, tokens_file = operator_token(options.state_dir)
     cli = [sys.executable, "-m", "gateway.cli"]
+    worker_env = None
+    routing: list[str] = ["--worker", f"http://{_url_host(options.host)}:{options.worker_port}"]
+    if options.redis_url:
+        worker_env = os.environ | {"PERSONAGATE_WORKER_REDIS_URL": options.redis_url}
+        routing = ["--redis-url", options.redis_url]
     worker = await asyncio.create_subprocess_exec(
-        *cli, "worker", "--host", options.host, "--port", str(options.worker_port), *options.worker_args)
+        *cli, "worker", "--host", options.host, "--port", str(options.worker_port), *options.worker_args,
+        env=worker_env)
     gateway = await asyncio.create_subprocess_exec(
         *cli, "gateway", "--host", options.host, "--port", str(options.http_port), "--tenants", str(options.tenants),
-        "--admin-tokens", str(tokens_file))
+        "--admin-tokens", str(tokens_file), *routing)
     children = {"worker": worker, "gateway": gateway}
 
     stop = asyncio.Event()
@@ -89,6 +100,15 @@ async def run_up(options: UpOptions) -> int:
         await _stop(children)
 
 
+def _url_host(host: str) -> str:
+    """The host part of a URL that reaches a server listening on ``host``."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
 async def _until_ready(options: UpOptions) -> bool:
     checks = [f"http://{options.host}:{options.worker_port}/readyz", f"http://{options.host}:{options.http_port}/healthz"]
     deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_SECONDS
@@ -112,6 +132,7 @@ def _say_ready(options: UpOptions, token: str, tokens_file: Path) -> None:
     print(f"""
 personagate is up.
   worker        {worker}
+  routing       {"Redis at " + _redact(options.redis_url) if options.redis_url else "embedded (no Redis)"}
   tenants       {options.tenants} (edits apply to new calls within seconds)
   admin API     {admin}/v1/admin   (docs: {admin}/docs)
   admin token   {token}   (operator; kept in {tokens_file.parent})
@@ -122,6 +143,10 @@ List the tenants:
   curl -H 'Authorization: Bearer {token}' {admin}/v1/admin/tenants
 Ctrl-C stops everything.
 """, flush=True)
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//([^@/:]*):[^@/]*@", r"//\1:***@", url)
 
 
 async def _stop(children: dict[str, asyncio.subprocess.Process]) -> None:

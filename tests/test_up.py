@@ -39,6 +39,12 @@ def test_up_serves_a_worker_and_the_admin_api_and_stops_both_on_ctrl_c(tmp_path)
         assert (tmp_path / ".personagate" / "operator-token").stat().st_mode & 0o077 == 0
 
         assert httpx.get(f"http://127.0.0.1:{worker_port}/readyz").json()["ready"] is True
+        # The gateway routes to the worker it was started with (embedded store, polling /v1/info).
+        deadline = time.monotonic() + 10
+        while (ready := httpx.get(f"http://127.0.0.1:{http_port}/readyz").json())["workers_alive"] != 1:
+            assert time.monotonic() < deadline, ready
+            time.sleep(0.2)
+        assert ready["ready"] is True and ready["slots_free"] == 2
         tenants = httpx.get(f"http://127.0.0.1:{http_port}/v1/admin/tenants",
                             headers={"Authorization": f"Bearer {token}"}).json()
         assert sorted(t["id"] for t in tenants) == ["harbor-mutual", "northwind-bank"]

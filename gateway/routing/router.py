@@ -27,7 +27,8 @@ from typing import Literal, Self
 
 from .metrics import RoutingMetrics
 
-RefusalReason = Literal["no_capacity", "tenant_limit", "unavailable"]
+# The store's refusals, and the gateway's own "draining" (it is stopping: gateway/calls.py).
+RefusalReason = Literal["no_capacity", "tenant_limit", "unavailable", "draining"]
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ class Refusal(Exception):
     """A claim (or any call, for ``unavailable``) that cannot be served now.
 
     Front ends map ``no_capacity`` to SIP 503 with Retry-After (HTTP 503), ``tenant_limit`` to SIP 486 or
-    480 (HTTP 429), ``unavailable`` (the routing store cannot be reached) to SIP 503 (HTTP 503).
+    480 (HTTP 429), ``unavailable`` (the routing store cannot be reached) to SIP 503 (HTTP 503), and
+    ``draining`` (the gateway itself is stopping; ``Calls.start`` only) to SIP 503 (HTTP 503).
     """
 
     def __init__(self, reason: RefusalReason, detail: str, retry_after_seconds: float = 5.0) -> None:

@@ -1,0 +1,78 @@
+"""Running an ASGI app under uvicorn with a drain on SIGTERM instead of uvicorn's immediate shutdown.
+
+uvicorn's own handling closes every connection on the first SIGTERM. ``GracefulServer`` takes the signals
+over (``handle_exit``, which uvicorn installs for SIGINT and SIGTERM) and tells uvicorn to stop only once
+the app has had its say:
+
+- the first **SIGTERM** runs ``drain()`` (refuse new work, let what is in progress finish up to a deadline,
+  end the rest), then stops uvicorn;
+- **SIGINT** (Ctrl-C), or a second SIGTERM during a drain, cancels the drain and runs ``stop()`` (end
+  everything now), then stops uvicorn.
+
+The signals are not re-raised afterwards (uvicorn would): the exit status stays 0. The gateway
+(``personagate gateway``) uses it; the worker's ``agent_runtime/drain.py`` does the same for its sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from types import FrameType
+
+import uvicorn
+
+log = logging.getLogger(__name__)
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server with SIGTERM → ``drain()`` and SIGINT / a second SIGTERM → ``stop()``."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        drain: Callable[[], Awaitable[object]],
+        stop: Callable[[], Awaitable[object]],
+    ) -> None:
+        super().__init__(config)
+        self._drain_fn = drain
+        self._stop_fn = stop
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.draining: asyncio.Task[None] | None = None
+        self.stopping: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """uvicorn's signal handler (main thread, between two bytecodes): hand the signal to the loop."""
+        if self._loop is None or self._loop.is_closed():
+            self.should_exit = True
+            return
+        self._loop.call_soon_threadsafe(self.on_signal, sig)
+
+    def on_signal(self, sig: int) -> None:
+        """What a signal does (event loop thread); tests call it to stand in for the signal."""
+        name = signal.Signals(sig).name
+        if sig == signal.SIGTERM and self.draining is None and self.stopping is None:
+            log.info("%s: draining", name)
+            self.draining = asyncio.create_task(self._then_exit(self._drain_fn), name="drain")
+            return
+        if self.stopping is None:
+            log.warning("%s: stopping at once", name)
+            if self.draining is not None:
+                self.draining.cancel()
+            self.stopping = asyncio.create_task(self._then_exit(self._stop_fn), name="stop")
+
+    async def _then_exit(self, step: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            raise  # a drain cut short by a second signal: stop() takes over and exits
+        except Exception:
+            log.exception("shutting down failed; exiting anyway")
+        self.should_exit = True
