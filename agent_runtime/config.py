@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 import socket
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -12,6 +11,8 @@ from urllib.parse import urlsplit
 import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
+
+from gateway.routing.redis_store import check_redis_prefix, check_redis_url
 
 from .settings_files import LayeredSettings, SettingsError, load_settings
 
@@ -109,35 +110,12 @@ class WorkerSettings(LayeredSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, url: str | None) -> str | None:
-        if url is None or url == "":
-            return None
-        parts = urlsplit(url)
-        if parts.scheme in ("redis", "rediss"):
-            if not parts.hostname:
-                raise ValueError(f"a {parts.scheme}:// URL needs a host, e.g. redis://redis:6379/0; got {_redact(url)!r}")
-            try:
-                parts.port  # noqa: B018 (a port that is not a number raises here)
-            except ValueError as exc:
-                raise ValueError(f"bad port in {_redact(url)!r}: {exc}") from exc
-        elif parts.scheme == "unix":
-            if not parts.path:
-                raise ValueError(f"a unix:// URL needs a socket path, e.g. unix:///run/redis.sock; got {_redact(url)!r}")
-        elif parts.scheme in ("redis+sentinel", "rediss+sentinel"):
-            from gateway.routing.redis_store import parse_sentinel_url
-
-            parse_sentinel_url(url)  # its ValueError says what is wrong
-        else:
-            raise ValueError(
-                "expected a redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel:// URL, "
-                f"got scheme {parts.scheme!r}")
-        return url
+        return check_redis_url(url) if url else None
 
     @field_validator("redis_prefix")
     @classmethod
     def _redis_prefix(cls, prefix: str) -> str:
-        if not re.fullmatch(r"\{[^{}]+\}[^{}]*", prefix):
-            raise ValueError(f"must start with a hash tag such as '{{pg}}' (one Redis Cluster slot), got {prefix!r}")
-        return prefix
+        return check_redis_prefix(prefix)
 
     @field_validator("advertise_url")
     @classmethod
@@ -201,11 +179,6 @@ class WorkerSettings(LayeredSettings):
         if device.startswith("cuda"):
             return 32
         return 8 if self.model == "tiny" else 1
-
-
-def _redact(url: str) -> str:
-    """A URL fit for a message: its password replaced."""
-    return re.sub(r"//([^@/:]*):[^@/]*@", r"//\1:***@", url)
 
 
 def load_worker_settings(config_file: Path | None = None, **overrides: Any) -> WorkerSettings:

@@ -8,22 +8,20 @@
 - **SIGINT** (Ctrl-C), or a second SIGTERM during a drain, stops at once: sessions are closed with 1001
   and the process exits 0.
 
-uvicorn's own handling would close every WebSocket with 1012 on the first signal, so ``WorkerServer``
-takes the signals over (``handle_exit``, which uvicorn installs for SIGINT and SIGTERM) and sets
-uvicorn's ``should_exit`` only once the sessions are gone. The signals are not re-raised afterwards (as
-uvicorn would do): the exit status stays 0.
+uvicorn's own handling would close every WebSocket with 1012 on the first signal; ``WorkerServer`` is
+the gateway's ``GracefulServer`` (gateway/serving.py), which takes the signals over and lets uvicorn stop
+only once the drain or stop below is done, with exit status 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
-import socket
 import time
-from types import FrameType
 
 import uvicorn
+
+from gateway.serving import GracefulServer
 
 from .config import WorkerSettings
 from .server import Worker, create_app
@@ -33,37 +31,12 @@ log = logging.getLogger(__name__)
 CLOSE_WAIT_SECONDS = 5.0  # for sessions told to close to send their close frames
 
 
-class WorkerServer(uvicorn.Server):
-    """uvicorn's server with the worker's signal handling (see the module docstring)."""
+class WorkerServer(GracefulServer):
+    """uvicorn's server with the worker's drain (see the module docstring)."""
 
     def __init__(self, config: uvicorn.Config, worker: Worker) -> None:
-        super().__init__(config)
+        super().__init__(config, drain=lambda: self.drain(worker.settings.drain_seconds), stop=self.stop_now)
         self.worker = worker
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._drain: asyncio.Task[None] | None = None
-        self._stopping: asyncio.Task[None] | None = None
-
-    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        """uvicorn's signal handler (main thread, between two bytecodes): hand the signal to the loop."""
-        if self._loop is None or self._loop.is_closed():
-            self.should_exit = True
-            return
-        self._loop.call_soon_threadsafe(self._on_signal, sig)
-
-    def _on_signal(self, sig: int) -> None:
-        name = signal.Signals(sig).name
-        if sig == signal.SIGTERM and self._drain is None and self._stopping is None:
-            self._drain = asyncio.create_task(self.drain(self.worker.settings.drain_seconds), name="drain")
-            return
-        if self._stopping is None:
-            log.warning("%s: stopping at once", name, extra={"sessions": self.worker.busy})
-            if self._drain is not None:
-                self._drain.cancel()
-            self._stopping = asyncio.create_task(self.stop_now(), name="stop")
 
     async def drain(self, deadline_seconds: float) -> None:
         """Refuse new sessions, wait up to ``deadline_seconds`` for those in progress to end, close the
@@ -86,7 +59,6 @@ class WorkerServer(uvicorn.Server):
             await _wait_idle(worker, time.monotonic() + CLOSE_WAIT_SECONDS)
             log.info("drain finished: stragglers closed", extra={
                 "sessions": stragglers, "seconds": round(time.monotonic() - started, 2)})
-        self.should_exit = True
 
     async def stop_now(self) -> None:
         worker = self.worker
@@ -96,7 +68,6 @@ class WorkerServer(uvicorn.Server):
         if closed or worker.starting:
             await _wait_idle(worker, time.monotonic() + CLOSE_WAIT_SECONDS)
         log.info("stopped: %d session(s) closed", closed)
-        self.should_exit = True
 
 
 async def _wait_idle(worker: Worker, deadline: float) -> bool:

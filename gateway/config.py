@@ -3,7 +3,6 @@ command line (each overriding the one before), validated at start."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -13,6 +12,7 @@ from pydantic_settings import SettingsConfigDict
 
 from agent_runtime.settings_files import LayeredSettings, SettingsError, load_settings
 
+from .routing.redis_store import check_redis_prefix, check_redis_url
 from .tenants.loader import MAX_CLIP_BYTES
 
 __all__ = ["GatewaySettings", "SettingsError", "load_gateway_settings"]
@@ -49,26 +49,12 @@ class GatewaySettings(LayeredSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, url: str | None) -> str | None:
-        if not url:
-            return None
-        scheme = urlsplit(url).scheme
-        if scheme not in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"):
-            raise ValueError("expected a redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel:// URL, "
-                             f"got scheme {scheme!r}")
-        if scheme.endswith("+sentinel"):
-            from .routing.redis_store import parse_sentinel_url
-
-            parse_sentinel_url(url)  # its ValueError says what is wrong
-        elif scheme != "unix" and not urlsplit(url).hostname:
-            raise ValueError(f"a {scheme}:// URL needs a host, e.g. redis://redis:6379/0")
-        return url
+        return check_redis_url(url) if url else None
 
     @field_validator("redis_prefix")
     @classmethod
     def _redis_prefix(cls, prefix: str) -> str:
-        if not re.fullmatch(r"\{[^{}]+\}[^{}]*", prefix):
-            raise ValueError(f"must start with a hash tag such as '{{pg}}' (one Redis Cluster slot), got {prefix!r}")
-        return prefix
+        return check_redis_prefix(prefix)
 
     @field_validator("workers")
     @classmethod

@@ -10,7 +10,7 @@ the app has had its say:
   everything now), then stops uvicorn.
 
 The signals are not re-raised afterwards (uvicorn would): the exit status stays 0. The gateway
-(``personagate gateway``) uses it; the worker's ``agent_runtime/drain.py`` does the same for its sessions.
+(``personagate gateway``) uses it, and the worker's ``WorkerServer`` (``agent_runtime/drain.py``) builds on it.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ class RedisRouter(Router):
                 url_or_client, max_connections=max_connections, timeout=timeout, **connection,
             )
             self.client: Any = Redis.from_pool(pool)
-            self.where = _redact(url_or_client)
+            self.where = redact(url_or_client)
         elif isinstance(url_or_client, SentinelSettings):
             s = url_or_client
             sentinel = Sentinel(
@@ -265,5 +265,35 @@ class RedisRouter(Router):
             await self.client.aclose()
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
+    """A URL fit for a message or a log: its password replaced."""
     return re.sub(r"//([^@/]*):([^@/]*)@", r"//\1:***@", url)
+
+
+def check_redis_url(url: str) -> str:
+    """``url`` if a routing store can be reached with it (redis://, rediss://, unix://, or Sentinel),
+    else ValueError saying what is wrong (settings validators of workers and gateways call this)."""
+    parts = urlsplit(url)
+    if parts.scheme in ("redis", "rediss"):
+        if not parts.hostname:
+            raise ValueError(f"a {parts.scheme}:// URL needs a host, e.g. redis://redis:6379/0; got {redact(url)!r}")
+        try:
+            parts.port  # noqa: B018 (a port that is not a number raises here)
+        except ValueError as exc:
+            raise ValueError(f"bad port in {redact(url)!r}: {exc}") from exc
+    elif parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"a unix:// URL needs a socket path, e.g. unix:///run/redis.sock; got {redact(url)!r}")
+    elif parts.scheme in ("redis+sentinel", "rediss+sentinel"):
+        parse_sentinel_url(url)  # its ValueError says what is wrong
+    else:
+        raise ValueError("expected a redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel:// URL, "
+                         f"got scheme {parts.scheme!r}")
+    return url
+
+
+def check_redis_prefix(prefix: str) -> str:
+    """Every key of the store starts with ``prefix``, which must be a hash tag (one Redis Cluster slot)."""
+    if not re.fullmatch(r"\{[^{}]+\}[^{}]*", prefix):
+        raise ValueError(f"must start with a hash tag such as '{{pg}}' (one Redis Cluster slot), got {prefix!r}")
+    return prefix
