@@ -1,7 +1,7 @@
 """``personagate up``: the whole stack on one machine — a worker and a gateway, each in its own
 process (so the model's compute never shares an interpreter with the gateway's real-time work),
-supervised together: both start, both are reported ready, and both stop when either stops or on
-Ctrl-C / SIGTERM.
+supervised together: both start, both are reported ready, and both stop when either stops. Ctrl-C
+stops both at once; SIGTERM drains both (calls in progress finish; a second signal stops at once).
 
 Routing: by default the gateway's embedded store, fed by reading the worker's ``/v1/info`` every second
 (no Redis needed); with ``--redis-url`` both the worker (heartbeats) and the gateway (claims) use that Redis.
@@ -73,13 +73,13 @@ async def run_up(options: UpOptions) -> int:
         "--admin-tokens", str(tokens_file), *routing)
     children = {"worker": worker, "gateway": gateway}
 
-    stop = asyncio.Event()
+    signals: asyncio.Queue[int] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
 
     exits = {name: asyncio.create_task(proc.wait(), name=name) for name, proc in children.items()}
-    stopping = asyncio.create_task(stop.wait())
+    stopping = asyncio.create_task(signals.get())
     ready = asyncio.create_task(_until_ready(options))
     try:
         done, _ = await asyncio.wait([ready, stopping, *exits.values()], return_when=asyncio.FIRST_COMPLETED)
@@ -90,14 +90,17 @@ async def run_up(options: UpOptions) -> int:
         for name in failed:
             print(f"personagate up: the {name} stopped (exit {children[name].returncode}); stopping the rest",
                   file=sys.stderr)
-        if not failed and not stop.is_set():
+        if not failed and not stopping.done():
             print("personagate up: not ready in time; stopping", file=sys.stderr)
             failed = ["timeout"]
         return 1 if failed else 0
     finally:
         ready.cancel()
+        # SIGTERM is passed on as a drain (calls in progress finish); Ctrl-C, a child's failure or a
+        # second signal stop everything at once.
+        first = stopping.result() if stopping.done() and not stopping.cancelled() else signal.SIGINT
         stopping.cancel()
-        await _stop(children)
+        await _stop(children, first, signals)
 
 
 def _url_host(host: str) -> str:
@@ -149,11 +152,17 @@ def _redact(url: str) -> str:
     return re.sub(r"//([^@/:]*):[^@/]*@", r"//\1:***@", url)
 
 
-async def _stop(children: dict[str, asyncio.subprocess.Process]) -> None:
-    for proc in children.values():
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
+async def _stop(children: dict[str, asyncio.subprocess.Process], sig: int, signals: asyncio.Queue[int]) -> None:
+    _signal(children, sig)
+    if sig == signal.SIGTERM:
+        print("personagate up: draining: calls in progress finish (Ctrl-C stops at once)", file=sys.stderr)
+        exited = asyncio.gather(*(proc.wait() for proc in children.values()))
+        again = asyncio.create_task(signals.get())
+        await asyncio.wait([exited, again], return_when=asyncio.FIRST_COMPLETED)
+        again.cancel()
+        if exited.done():
+            return
+        _signal(children, signal.SIGINT)
     for proc in children.values():
         try:
             await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_SECONDS)
@@ -161,3 +170,10 @@ async def _stop(children: dict[str, asyncio.subprocess.Process]) -> None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+
+
+def _signal(children: dict[str, asyncio.subprocess.Process], sig: int) -> None:
+    for proc in children.values():
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)

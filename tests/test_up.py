@@ -68,3 +68,25 @@ def test_up_serves_a_worker_and_the_admin_api_and_stops_both_on_ctrl_c(tmp_path)
     finally:
         if up.poll() is None:
             up.kill()
+
+
+def test_sigterm_on_up_drains_both_and_exits(tmp_path):
+    """SIGTERM (systemd, kill) is passed on as a drain: with no calls in progress both processes
+    finish at once and `up` exits 0."""
+    shutil.copytree(REPO / "tenants", tmp_path / "tenants")
+    worker_port, http_port = free_port(), free_port()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "up", "--worker-port", str(worker_port), "--http-port", str(http_port),
+         "--slots", "1"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env=os.environ | {"PYTHONPATH": str(REPO)},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while up.stdout.readline().strip() != "Ctrl-C stops everything.":
+            assert up.poll() is None and time.monotonic() < deadline
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(30) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
