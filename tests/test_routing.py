@@ -211,6 +211,16 @@ async def test_draining_workers_get_no_claims_and_keep_their_calls(make: MakeRou
     assert (await by_worker(router))["w1"] == (0, 4)
 
 
+async def test_a_drained_worker_restarted_under_the_same_id_takes_calls_again(make: MakeRouter):
+    """A worker that said farewell while draining (deadline already passed) and comes back before any
+    reaper ran is not stuck draining for good."""
+    router = make()
+    await router.heartbeat(worker(1, draining=True), ttl_seconds=0.001)  # the farewell heartbeat
+    await asyncio.sleep(0.01)
+    await router.heartbeat(worker(1))  # the restarted worker, same id
+    assert (await router.claim("c0", "acme", None)).worker_id == "w1"
+
+
 async def test_a_worker_whose_heartbeat_stops_is_reaped_after_its_ttl_with_its_reservations(make: MakeRouter):
     metrics = RoutingMetrics()
     router = make(metrics=metrics)

@@ -133,8 +133,11 @@ class EmbeddedRouter(Router):
             worker = self._fleet.get(w)
             if worker is None:
                 worker = self._fleet[w] = _Worker(state.url, state.capacity, now + ttl)
+            # A drain is sticky while the worker lives; one that comes back after its deadline passed
+            # (restarted under the same id before a reaper removed it) starts afresh.
+            restarted = worker.deadline <= now
             worker.url, worker.capacity, worker.deadline = state.url, state.capacity, now + ttl
-            worker.draining = worker.draining or state.draining
+            worker.draining = state.draining or (worker.draining and not restarted)
             worker.personas = set(state.cached_personas)
             recovered = []
             for call in state.active_calls:

@@ -146,6 +146,9 @@ local ttl_ms, lease_ms, np = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV
 local now = now_ms()
 redis.call('HSET', K_CAP, w, cap)
 redis.call('HSET', K_URL, w, url)
+-- A drain is sticky while the worker lives; one that comes back after its deadline passed (restarted
+-- under the same id before a reaper removed it) starts afresh.
+if tonumber(redis.call('ZSCORE', K_ALIVE, w) or 0) <= now then redis.call('SREM', K_DRAIN, w) end
 redis.call('ZADD', K_ALIVE, now + ttl_ms, w)
 if ARGV[4] == '1' then redis.call('SADD', K_DRAIN, w) end
 local want = {}
