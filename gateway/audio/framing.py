@@ -1,0 +1,122 @@
+"""Re-chunking between 20 ms line packets and 80 ms model frames.
+
+A resampler emits irregular counts (soxr holds back a little, and ratios like 16 -> 24 kHz do not divide
+every packet evenly), so both directions go through a ``Rechunker``: samples of any count in, chunks of an
+exact size out, no sample lost, duplicated or reordered. Its storage is allocated once.
+
+- ``LineToModel(line_rate)``: line packets (int16 at the line rate) -> 1920-sample 24 kHz frames as the
+  3840 bytes ``AgentCall.send`` takes.
+- ``ModelToLine(line_rate)``: agent frames (3840 bytes, or int16 samples) -> line packets of
+  ``line_rate * packet_ms / 1000`` int16 samples, for the ``OutboundPacer``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .resample import MODEL_RATE, StreamResampler
+
+MODEL_FRAME_SAMPLES = 1920  # 80 ms at 24 kHz: one model step
+MODEL_FRAME_BYTES = MODEL_FRAME_SAMPLES * 2
+PACKET_MS = 20
+
+
+class Rechunker:
+    """Samples of any count in, chunks of exactly ``chunk`` samples out (FIFO).
+
+    Holds at most ``capacity`` samples (default: four chunks); pushing more than fits raises
+    OverflowError, since losing audio silently here would be a bug (pop chunks as they become ready).
+    """
+
+    def __init__(self, chunk: int, dtype: np.dtype | type | str = np.int16, capacity: int | None = None) -> None:
+        if chunk < 1:
+            raise ValueError("chunk must be at least 1 sample")
+        self.chunk = chunk
+        self.dtype = np.dtype(dtype)
+        self._buf = np.zeros(capacity or 4 * chunk, dtype=self.dtype)
+        self._len = 0  # samples waiting at the start of _buf
+
+    @property
+    def pending(self) -> int:
+        """Samples waiting for a chunk to fill."""
+        return self._len
+
+    def push(self, samples: np.ndarray) -> None:
+        n = len(samples)
+        if self._len + n > len(self._buf):
+            raise OverflowError(f"{self._len + n} samples pending, capacity {len(self._buf)}: pop chunks first")
+        self._buf[self._len:self._len + n] = samples
+        self._len += n
+
+    def pop(self) -> np.ndarray | None:
+        """The next full chunk (a new array), or None while fewer than ``chunk`` samples wait."""
+        if self._len < self.chunk:
+            return None
+        out = self._buf[:self.chunk].copy()
+        rest = self._len - self.chunk
+        if rest:
+            self._buf[:rest] = self._buf[self.chunk:self._len]  # at most a few chunks: one memmove
+        self._len = rest
+        return out
+
+    def clear(self) -> None:
+        self._len = 0
+
+
+class LineToModel:
+    """Caller audio: line packets at ``line_rate`` -> 80 ms model frames (s16le bytes, 24 kHz)."""
+
+    def __init__(self, line_rate: int, *, quality: str = "HQ") -> None:
+        self.line_rate = line_rate
+        self.resampler = StreamResampler(line_rate, MODEL_RATE, np.int16, quality=quality)
+        # room for a frame in progress plus a burst of several packets' worth of resampled audio
+        self._frames = Rechunker(MODEL_FRAME_SAMPLES, np.int16, capacity=8 * MODEL_FRAME_SAMPLES)
+
+    def push(self, packet: np.ndarray | bytes) -> list[bytes]:
+        """One line packet (int16 samples or s16le bytes, any length); returns the model frames it
+        completes (usually none or one)."""
+        samples = np.frombuffer(packet, dtype="<i2") if isinstance(packet, bytes | bytearray | memoryview) else packet
+        frames = self._frames
+        frames.push(self.resampler.process(samples))
+        out: list[bytes] = []
+        while (frame := frames.pop()) is not None:
+            out.append(frame.astype("<i2", copy=False).tobytes())
+        return out
+
+    @property
+    def delay_seconds(self) -> float:
+        """Caller audio received but not yet in a frame: the resampler's hold-back plus the partial frame."""
+        return self.resampler.delay_seconds + self._frames.pending / MODEL_RATE
+
+    def reset(self) -> None:
+        """Start afresh (after hold, or a re-INVITE that changed the codec's rate: make a new one then)."""
+        self.resampler.reset()
+        self._frames.clear()
+
+
+class ModelToLine:
+    """Agent audio: 80 ms model frames -> line packets of ``packet_ms`` at ``line_rate`` (int16)."""
+
+    def __init__(self, line_rate: int, *, packet_ms: int = PACKET_MS, quality: str = "HQ") -> None:
+        if line_rate * packet_ms % 1000:
+            raise ValueError(f"{packet_ms} ms is not a whole number of samples at {line_rate} Hz")
+        self.line_rate = line_rate
+        self.packet_samples = line_rate * packet_ms // 1000
+        self.resampler = StreamResampler(MODEL_RATE, line_rate, np.int16, quality=quality)
+        frame_out = -(-MODEL_FRAME_SAMPLES * line_rate // MODEL_RATE)
+        self._packets = Rechunker(self.packet_samples, np.int16, capacity=4 * frame_out + 4 * self.packet_samples)
+
+    def push(self, frame: np.ndarray | bytes) -> list[np.ndarray]:
+        """One agent frame (3840 bytes s16le, or 1920 int16 samples); returns the line packets it completes
+        (usually four, as int16 arrays of ``packet_samples``)."""
+        samples = np.frombuffer(frame, dtype="<i2") if isinstance(frame, bytes | bytearray | memoryview) else frame
+        packets = self._packets
+        packets.push(self.resampler.process(samples))
+        out: list[np.ndarray] = []
+        while (packet := packets.pop()) is not None:
+            out.append(packet)
+        return out
+
+    def reset(self) -> None:
+        self.resampler.reset()
+        self._packets.clear()
