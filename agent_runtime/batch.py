@@ -36,6 +36,7 @@ class StepOutput:
     pcm: np.ndarray  # [B, 1920] float32 in [-1, 1]
     text_tokens: list[int]  # [B]
     produced: np.ndarray  # [B] bool: the slot executed and produced a frame
+    pcm16: np.ndarray | None = None  # [B, 1920] s16le, when the batch has exact samples (echo.py): sent as is
 
 
 class SlotBatch:

@@ -81,7 +81,7 @@ class WorkerSettings(LayeredSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=0, le=65535)
-    model: Literal["tiny", "personaplex"] = "tiny"
+    model: Literal["tiny", "personaplex", "echo"] = "tiny"  # echo: no model, the caller's audio back (echo.py)
     weights: Path | None = Field(None, description="PersonaPlex checkpoint folder (--model personaplex)")
     device: str | None = Field(None, description="cpu, cuda, cuda:1 ...; default: cuda if present")
     slots: int | None = Field(None, ge=1, le=256, description="sessions stepped together; default by device")
@@ -142,7 +142,7 @@ class WorkerSettings(LayeredSettings):
     def _weights_for_personaplex(self) -> WorkerSettings:
         if self.model == "personaplex" and self.weights is None:
             raise ValueError("model 'personaplex' needs weights: the checkpoint folder (--weights DIR)")
-        if self.model == "tiny" and self.weights is not None:
+        if self.model != "personaplex" and self.weights is not None:
             raise ValueError("weights are only used with model 'personaplex'")
         return self
 
@@ -173,9 +173,12 @@ class WorkerSettings(LayeredSettings):
 
     def resolved_slots(self, device: str) -> int:
         """Slots per worker: 32 calls on a GPU (PersonaPlex on an H100); on a CPU, 8 tiny-model calls
-        keep real time on 2 cores, while a CPU PersonaPlex cannot keep even one."""
+        keep real time on 2 cores, while a CPU PersonaPlex cannot keep even one. The echo model costs
+        nothing per step: 128, so that the gateway, not the worker, is what a benchmark finds the limit of."""
         if self.slots is not None:
             return self.slots
+        if self.model == "echo":
+            return 128
         if device.startswith("cuda"):
             return 32
         return 8 if self.model == "tiny" else 1

@@ -27,6 +27,7 @@ import numpy as np
 
 from .batch import SlotBatch
 from .config import Sampling, SessionSampling
+from .echo import EchoBatch, EchoBundle, EchoPrimed
 from .metrics import WorkerMetrics
 from .model import FRAME_BYTES, FRAME_RATE, FRAME_SAMPLES, ModelBundle
 from .persona import Persona
@@ -36,6 +37,7 @@ from .voice_prompt import load_voice, prompt_tokens
 log = logging.getLogger(__name__)
 
 FRAME_SECONDS = 1 / FRAME_RATE
+Primed = PrimedState | EchoPrimed  # what a slot is installed from
 
 
 class PoolFull(Exception):
@@ -131,18 +133,26 @@ class Session:
 
 
 class SessionPool:
-    def __init__(self, bundle: ModelBundle, config: PoolConfig, metrics: WorkerMetrics | None = None) -> None:
+    """``bundle`` is a model's, or an ``EchoBundle`` (echo.py: the same pool, clock and sessions, no model)."""
+
+    def __init__(self, bundle: ModelBundle | EchoBundle, config: PoolConfig,
+                 metrics: WorkerMetrics | None = None) -> None:
         self.bundle = bundle
         self.config = config
         self.metrics = metrics or WorkerMetrics()
         self.metrics.slots_capacity.set(config.capacity)
         self.metrics.slots_active.set(0)
-        # The primer clones the modules, which must happen before the batch puts them in streaming mode.
-        self.primer = Primer(bundle, config.sampling.lm_gen_kwargs())
-        self.batch = SlotBatch(bundle, config.capacity, config.sampling)
+        self.primer: Primer | None = None
+        self.batch: SlotBatch | EchoBatch
+        if isinstance(bundle, EchoBundle):
+            self.batch = EchoBatch(config.capacity)
+        else:
+            # The primer clones the modules, which must happen before the batch puts them in streaming mode.
+            self.primer = Primer(bundle, config.sampling.lm_gen_kwargs())
+            self.batch = SlotBatch(bundle, config.capacity, config.sampling)
         self._prime_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="primer")
-        self._prime_cache: collections.OrderedDict[str, PrimedState] = collections.OrderedDict()
-        self._priming: dict[str, asyncio.Future[PrimedState]] = {}
+        self._prime_cache: collections.OrderedDict[str, Primed] = collections.OrderedDict()
+        self._priming: dict[str, asyncio.Future[Primed]] = {}
         self._lock = threading.Lock()
         self._free = list(range(config.capacity - 1, -1, -1))
         self._control: collections.deque = collections.deque()
@@ -228,13 +238,13 @@ class SessionPool:
                 session.end_reason = "start_failed"
                 self._release(session)
             raise
-        session.cached = cached
+        session.cached = cached or isinstance(self.bundle, EchoBundle)  # an echo has nothing to prime
         session.start_seconds = time.perf_counter() - requested
-        self.metrics.session_start_seconds.labels("hit" if cached else "miss").observe(session.start_seconds)
+        self.metrics.session_start_seconds.labels("hit" if session.cached else "miss").observe(session.start_seconds)
         self.metrics.sessions_started.inc()
         return session
 
-    async def _primed(self, persona: Persona) -> tuple[PrimedState, bool]:
+    async def _primed(self, persona: Persona) -> tuple[Primed, bool]:
         key = persona.content_hash()
         primed = self._prime_cache.get(key)
         if primed is not None:
@@ -250,7 +260,7 @@ class SessionPool:
             pending.add_done_callback(lambda done: self._remember(key, done))
         return await asyncio.shield(pending), False
 
-    def _remember(self, key: str, done: asyncio.Future[PrimedState]) -> None:
+    def _remember(self, key: str, done: asyncio.Future[Primed]) -> None:
         del self._priming[key]
         if done.cancelled() or done.exception() is not None:
             return
@@ -260,7 +270,10 @@ class SessionPool:
             self._prime_cache.popitem(last=False)
         self.metrics.persona_prime_seconds.observe(primed.prime_seconds)
 
-    def _prime_blocking(self, persona: Persona, key: str) -> PrimedState:
+    def _prime_blocking(self, persona: Persona, key: str) -> Primed:
+        if isinstance(self.bundle, EchoBundle):
+            return self.bundle.prime(persona, key)
+        assert self.primer is not None
         voice = load_voice(self.bundle, persona, self.primer.mimi)
         plan = plan_priming(self.bundle, voice, prompt_tokens(self.bundle, persona.prompt))
         primed = self.primer.prime(plan, key)
@@ -350,7 +363,7 @@ class SessionPool:
         if not executing.any():
             return
         out = self.batch.step(pcm, executing)
-        pcm16 = (out.pcm * 32767).astype("<i2")
+        pcm16 = out.pcm16 if out.pcm16 is not None else (out.pcm * 32767).astype("<i2")
         for slot in np.flatnonzero(out.produced):
             session = self._active.get(int(slot))
             if session is not None:

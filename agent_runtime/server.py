@@ -26,6 +26,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from .config import SessionSampling, WorkerSettings
+from .echo import EchoBundle, load_echo
 from .metrics import WorkerMetrics
 from .model import FRAME_BYTES, LOADERS, ModelBundle
 from .persona import Persona, PersonaError, PersonaFormatError, persona_from_message
@@ -59,7 +60,7 @@ class Worker:
 
     settings: WorkerSettings
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
-    bundle: ModelBundle | None = None
+    bundle: ModelBundle | EchoBundle | None = None
     pool: SessionPool | None = None
     load_error: str | None = None
     sessions: set[Session] = field(default_factory=set)  # started (ready sent), until their handler ends
@@ -114,8 +115,11 @@ class Worker:
         """Load the model and start the pool (blocking: run it off the event loop)."""
         s = self.settings
         try:
+            bundle: ModelBundle | EchoBundle
             if s.model == "personaplex":
                 bundle = LOADERS["personaplex"](s.weights, s.device)
+            elif s.model == "echo":
+                bundle = load_echo()
             else:
                 bundle = LOADERS["tiny"](s.seed, s.device or "cpu")
             config = PoolConfig(

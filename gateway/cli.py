@@ -1,7 +1,7 @@
 """The ``personagate`` command.
 
-    personagate up [--model tiny|personaplex] [--weights DIR] [--tenants DIR]   (the main job)
-    personagate worker [--model tiny|personaplex] [--weights DIR] [--slots N] [--port 8765]
+    personagate up [--model tiny|personaplex|echo] [--weights DIR] [--tenants DIR]   (the main job)
+    personagate worker [--model tiny|personaplex|echo] [--weights DIR] [--slots N] [--port 8765]
     personagate bench worker [--json] [--batch-sizes 1,4,16,32] [--model personaplex --random-weights]
     personagate session ws://127.0.0.1:8765/v1/sessions [--play in.wav] [--record out.wav] [--seconds 5]
     personagate tenants validate [DIR]
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML settings file (environment and flags override it)")
-    parser.add_argument("--model", choices=["tiny", "personaplex"], help="tiny (default) or personaplex")
+    parser.add_argument("--model", choices=["tiny", "personaplex", "echo"],
+                        help="tiny (default), personaplex, or echo (no model: the caller's audio one frame later)")
     parser.add_argument("--weights", type=Path, help="PersonaPlex checkpoint folder (nvidia/personaplex-7b-v1)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present)")
     parser.add_argument("--slots", type=int, help="sessions per worker (default: 32 on a GPU, 8 tiny-model ones on a CPU)")
@@ -332,6 +333,10 @@ def _run_bench_routing(args: argparse.Namespace) -> int:
 def _run_bench(args: argparse.Namespace) -> int:
     from agent_runtime.bench import run_worker_bench
 
+    if args.model == "echo":
+        print("personagate: bench worker measures a model; the echo model has none (it measures the gateway)",
+              file=sys.stderr)
+        return 2
     if args.random_weights:
         if args.model != "personaplex" or args.weights is not None:
             print("personagate: --random-weights needs --model personaplex and no --weights", file=sys.stderr)
