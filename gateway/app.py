@@ -1,5 +1,6 @@
-"""The gateway's HTTP app: the tenant admin API (``/v1/admin``, docs at ``/docs``), probes and metrics.
-WebRTC signalling joins it later.
+"""The gateway's HTTP app: the tenant admin API (``/v1/admin``, docs at ``/docs``), probes and metrics;
+with ``sip_enabled``, the SIP front end (``gateway/sip``) starts and stops with it. WebRTC signalling joins
+it later.
 
 The live tenant configuration (``TenantRegistry``) is loaded before the app serves, then watched for
 changes by a background task for as long as the app runs; the calls (``Calls``: routing, worker sessions,
@@ -56,10 +57,18 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(registry.reload)
         watcher = asyncio.create_task(registry.watch(), name="tenant-watch")
+        sip = None
         try:
             await calls.startup()
+            if settings.sip_enabled:
+                from .sip.server import SipServer
+
+                sip = app.state.sip = SipServer(settings, registry, calls)
+                await sip.start()
             yield
         finally:
+            if sip is not None:
+                await sip.stop()  # BYE to calls in progress, 503 to calls being set up; the endpoint destroyed
             await calls.close()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -69,6 +78,7 @@ def create_app(
     app.state.admin = admin
     app.state.registry = registry
     app.state.calls = calls
+    app.state.sip = None
     install(app, admin)
 
     @app.get("/healthz", include_in_schema=False)

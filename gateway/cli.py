@@ -8,6 +8,7 @@
     personagate tenants token TENANT | --operator
     personagate gateway [--config gateway.yaml] [--tenants DIR] [--admin-tokens FILE] [--host H] [--port 8080]
                         [--redis-url URL | --worker http://127.0.0.1:8765 ...]
+    personagate call sip:NUMBER@HOST:PORT [--play in.wav] [--record out.wav] [--seconds N]
     personagate bench routing [--redis-url URL] [--workers 4 --slots 32 --claims 20000 --concurrency 64]
 """
 
@@ -84,7 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     gateway.add_argument("--worker", action="append", metavar="URL",
                          help="without --redis-url: a worker's HTTP base URL; repeat for several "
                               "(default http://127.0.0.1:8765)")
+    gateway.add_argument("--sip", action="store_const", const=True, help="answer SIP calls (UDP; default off)")
+    gateway.add_argument("--sip-host", help="SIP/RTP listen address (default 127.0.0.1)")
+    gateway.add_argument("--sip-port", type=int, help="SIP UDP port (default 5060); implies --sip")
     gateway.add_argument("--log-level", default="info")
+
+    call = commands.add_parser(
+        "call", help="place a SIP call (pjsua2): play a wav, record what comes back, print timings as JSON")
+    call.add_argument("uri", help="sip:NUMBER@HOST:PORT, e.g. sip:+14155550186@127.0.0.1:5060")
+    call.add_argument("--play", type=Path, help="caller audio once answered: a wav/flac file (default: silence)")
+    call.add_argument("--record", type=Path, help="write what comes back after 200 OK to this wav file (16 kHz)")
+    call.add_argument("--seconds", type=float, help="how long to stay on the call once answered "
+                                                    "(default: the --play file, or 5 s)")
+    call.add_argument("--timeout", type=float, default=30.0, help="give up if not answered in this many seconds")
+    call.add_argument("--host", default="127.0.0.1", help="the caller's own SIP/RTP address (default 127.0.0.1)")
 
     up = commands.add_parser("up", help="the whole stack on one machine: a worker and the gateway, supervised")
     _worker_options(up)
@@ -108,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_worker(args)
     if args.command == "session":
         return _run_session(args)
+    if args.command == "call":
+        return _run_call(args)
     if args.target == "routing":
         return _run_bench_routing(args)
     return _run_bench(args)
@@ -213,6 +229,36 @@ def _run_session(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_call(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+    import soundfile
+    import soxr
+
+    from gateway.sip.caller import place_call
+    from gateway.sip.ua import CLOCK_RATE
+
+    if not args.uri.startswith(("sip:", "sips:")):
+        print(f"personagate: {args.uri!r}: expected sip:NUMBER@HOST:PORT", file=sys.stderr)
+        return 2
+    play = None
+    if args.play is not None:
+        try:
+            audio, rate = soundfile.read(args.play, dtype="float32", always_2d=True)
+        except (OSError, RuntimeError) as exc:
+            print(f"personagate: {args.play}: not a readable audio file ({exc})", file=sys.stderr)
+            return 2
+        mono = soxr.resample(audio.mean(axis=1), rate, CLOCK_RATE)
+        play = np.clip(np.round(mono * 32767), -32768, 32767).astype(np.int16)
+    seconds = args.seconds or (len(play) / CLOCK_RATE if play is not None and len(play) else 5.0)
+    result = place_call(args.uri, play, seconds, host=args.host, timeout=args.timeout)
+    if args.record is not None:
+        soundfile.write(args.record, result.audio, CLOCK_RATE, subtype="PCM_16")
+    print(json.dumps(result.report, indent=2))
+    return 0 if result.report["answered"] else 1
+
+
 def _tenant_persona(name: str, tenants: Path) -> dict[str, object] | None:
     """The worker persona of ``TENANT/PERSONA`` in the tenants folder, or None after saying why."""
     from gateway.tenants.loader import TENANT_FILE, ClipCache, load_tenant
@@ -279,7 +325,8 @@ def _run_gateway(args: argparse.Namespace) -> int:
     try:
         settings = load_gateway_settings(args.config, tenants_dir=args.tenants, admin_tokens_file=args.admin_tokens,
                                          host=args.host, http_port=args.port, redis_url=args.redis_url,
-                                         workers=args.worker)
+                                         workers=args.worker, sip_host=args.sip_host, sip_port=args.sip_port,
+                                         sip_enabled=True if args.sip or args.sip_port is not None else None)
     except SettingsError as exc:
         print(f"personagate: {exc}", file=sys.stderr)
         return 2
@@ -289,7 +336,8 @@ def _run_gateway(args: argparse.Namespace) -> int:
     admin = "off (no admin_tokens_file)" if settings.admin_tokens_file is None else \
         f"http://{settings.host}:{settings.http_port}/v1/admin (docs at /docs)"
     routing = "Redis" if settings.redis_url else "embedded, workers " + " ".join(settings.workers)
-    print(f"personagate gateway: tenants from {settings.tenants_dir}, admin API {admin}, routing {routing} "
+    sip = f"udp {settings.sip_host}:{settings.sip_port}" if settings.sip_enabled else "off"
+    print(f"personagate gateway: tenants from {settings.tenants_dir}, admin API {admin}, routing {routing}, SIP {sip} "
           f"(SIGTERM drains calls for up to {settings.drain_seconds:g} s, Ctrl-C stops)", file=sys.stderr)
     app = create_app(settings)
     calls = app.state.calls

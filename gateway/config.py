@@ -3,6 +3,7 @@ command line (each overriding the one before), validated at start."""
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -45,6 +46,29 @@ class GatewaySettings(LayeredSettings):
         3.0, ge=2, le=600, description="without redis_url: how long one /v1/info reading keeps a worker alive")
     drain_seconds: float = Field(
         3600.0, ge=0, description="on SIGTERM: how long calls in progress may go on before they are ended")
+    # SIP front end (gateway/sip/).
+    sip_enabled: bool = Field(False, description="answer SIP calls (UDP on sip_host:sip_port); 'personagate up' turns "
+                                                 "it on")
+    sip_host: str = Field("127.0.0.1", description="the SIP (UDP) and RTP listen address")
+    sip_port: int = Field(5060, ge=0, le=65535, description="the SIP UDP port (0: any free port)")
+    sip_allow: list[str] = Field(
+        ["127.0.0.0/8", "::1/128"],
+        description="trunks admitted by source address (CIDRs); INVITEs from elsewhere get 403")
+    sip_max_calls: int = Field(256, ge=1, le=4096, description="pjsua's call table (capped by the library's build)")
+    sip_answer_timeout_seconds: float = Field(
+        20.0, gt=0, le=300, description="from INVITE to a primed session; later → 503 with Retry-After")
+    sip_retry_after_seconds: float = Field(5.0, ge=1, le=3600, description="Retry-After on a 503 for a priming timeout")
+    sip_log_level: int = Field(1, ge=0, le=6, description="pjsua's own log level (stderr)")
+
+    @field_validator("sip_allow")
+    @classmethod
+    def _sip_allow(cls, networks: list[str]) -> list[str]:
+        for net in networks:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"sip_allow: {net!r} is not an address or CIDR network ({exc})") from None
+        return networks
 
     @field_validator("redis_url")
     @classmethod

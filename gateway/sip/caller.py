@@ -1,0 +1,176 @@
+"""``personagate call``: a real SIP user agent (pjsua2) that places one call, plays a file into it, records
+what comes back, and reports timings as JSON.
+
+    personagate call sip:+14155550186@127.0.0.1:5060 --play in.wav --record out.wav --seconds 5
+
+Report: the final answer (status, reason, Retry-After), seconds from INVITE to the first 180/183 and to
+200 OK, seconds from 200 OK to the first non-silent audio that is not ringback (the agent), and the
+interval between received 20 ms frames at our media port (p50/p99, in ms; the port is clocked by the
+conference bridge, so this measures the bridge's delivery, while ``rx_jitter_ms`` is pjmedia's RTP
+inter-arrival jitter estimate from the stream's statistics), plus RTP packets received and lost.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pjsua2 as pj
+
+from .leg import Leg, LegEvent
+from .media import MediaBuffers
+from .ua import BYTES_PER_FRAME, CLOCK_RATE, UaConfig, UserAgent, call_op
+
+SILENCE_DBFS = -50.0
+
+
+class _CallerBuffers(MediaBuffers):
+    """Keeps every received frame with its arrival time; plays the whole file (no shedding)."""
+
+    def __init__(self) -> None:
+        super().__init__(inbound_frames=None, outbound_frames=None)  # type: ignore[arg-type]
+        self.times: collections.deque[float] = collections.deque()
+        self.recording = False
+
+    def frame_received(self, frame: pj.MediaFrame) -> None:
+        if not self.recording or frame.type != pj.PJMEDIA_FRAME_TYPE_AUDIO or frame.size != BYTES_PER_FRAME:
+            return
+        self.times.append(time.monotonic())
+        self.inbound.append(pj.ByteVector(frame.buf))
+
+
+class _Account(pj.Account):
+    def onIncomingCall(self, prm: pj.OnIncomingCallParam) -> None:
+        call = pj.Call(self, prm.callId)
+        call.hangup(call_op(486))
+
+
+@dataclass
+class CallResult:
+    report: dict[str, Any]
+    audio: np.ndarray  # what came back after 200 OK: 16 kHz s16
+
+
+def is_ringback(pcm: np.ndarray, rate: int = CLOCK_RATE) -> bool:
+    """Mostly 440 + 480 Hz: the gateway's ringback, not the agent."""
+    spectrum = np.abs(np.fft.rfft(pcm.astype(np.float64))) ** 2
+    freqs = np.fft.rfftfreq(len(pcm), 1 / rate)
+    band = spectrum[(freqs >= 400) & (freqs <= 520)].sum()
+    return band > 0.8 * spectrum.sum()
+
+
+def place_call(uri: str, play: np.ndarray | None, seconds: float, *, host: str = "127.0.0.1",
+               timeout: float = 30.0) -> CallResult:
+    """Call ``uri``; once answered, play ``play`` (16 kHz s16) and record for ``seconds``; then hang up."""
+    events: queue.SimpleQueue[tuple[float, LegEvent]] = queue.SimpleQueue()
+    buffers = _CallerBuffers()
+
+    def make_account(ua: UserAgent) -> pj.Account:
+        account = _Account()
+        cfg = pj.AccountConfig()
+        cfg.idUri = f"sip:caller@{host}:{ua.config.port}"
+        cfg.mediaConfig.transportConfig.boundAddress = host
+        account.create(cfg, True)
+        return account
+
+    ua = UserAgent(UaConfig(host=host, port=0, max_calls=4, user_agent="personagate-call", log_level=0),
+                   make_account=make_account)
+    ua.start()
+    serials: list[int] = []  # the leg itself stays on the pjsua thread (its destructor must run there)
+
+    def dial() -> None:
+        assert ua.account is not None
+        leg = Leg(ua, ua.account, buffers=buffers)
+        leg.events = lambda event: events.put((time.monotonic(), event))
+        ua.keep(leg.serial, leg)
+        serials.append(leg.serial)
+        leg.makeCall(uri, call_op())
+
+    def on_leg(fn_name: str) -> Any:
+        def run() -> Any:
+            leg = ua.kept(serials[0])
+            return getattr(leg, fn_name)() if leg is not None else {}
+        return run
+
+    report: dict[str, Any] = {"uri": uri}
+    began = time.monotonic()
+    answered_at: float | None = None
+    ended = False
+    stats: dict[str, Any] = {}
+
+    def wait_events(until: float) -> None:
+        """Handle events until ``until``, the call ends, or (before the answer) it is answered."""
+        nonlocal answered_at, ended
+        while not ended and time.monotonic() < until:
+            was_answered = answered_at is not None
+            try:
+                at, event = events.get(timeout=max(0.001, min(0.05, until - time.monotonic())))
+            except queue.Empty:
+                continue
+            elapsed = round(at - began, 4)
+            if event.kind == "provisional":
+                report.setdefault(f"seconds_to_{event.status}", elapsed)
+            elif event.kind == "response":
+                report["status"], report["reason"] = event.status, event.reason
+                if "retry-after" in event.headers:
+                    report["retry_after"] = event.headers["retry-after"]
+            elif event.kind == "confirmed":
+                answered_at = at
+                report["seconds_to_200"] = elapsed
+                buffers.recording = True
+                if play is not None and len(play):
+                    whole = len(play) - len(play) % (BYTES_PER_FRAME // 2)
+                    buffers.push_out(play[:whole].astype("<i2").tobytes())
+            elif event.kind == "disconnected":
+                ended = True
+                report.setdefault("status", event.status)
+                report.setdefault("reason", event.reason)
+            if not was_answered and answered_at is not None:
+                return
+
+    try:
+        ua.submit(dial).result(10)
+        wait_events(began + timeout)
+        if answered_at is None and not ended:
+            report["error"] = f"no answer within {timeout:g} s"
+        if answered_at is not None:
+            wait_events(answered_at + seconds)
+            report["hung_up"] = "gateway" if ended else "caller"
+        if not ended:
+            if answered_at is not None:
+                stats = ua.submit(on_leg("stream_stats")).result(5)
+            ua.post(on_leg("bye"))
+            wait_events(time.monotonic() + 5)
+    finally:
+        ua.stop()
+    times = list(buffers.times)
+    pcm = np.frombuffer(b"".join(bytes(v) for v in buffers.inbound), "<i2")
+    report.update(_audio_report(pcm, times, answered_at))
+    report.update(stats)
+    report["answered"] = answered_at is not None
+    return CallResult(report, pcm)
+
+
+def _audio_report(pcm: np.ndarray, times: list[float], answered_at: float | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"seconds_received": round(len(pcm) / CLOCK_RATE, 2)}
+    n = BYTES_PER_FRAME // 2
+    first = None
+    for i, at in enumerate(times):
+        frame = pcm[i * n:(i + 1) * n].astype(np.float64)
+        if len(frame) < n:
+            break
+        rms = np.sqrt(np.mean(frame**2)) / 32768
+        if rms > 0 and 20 * np.log10(rms) > SILENCE_DBFS and not is_ringback(frame):
+            first = at
+            break
+    if first is not None and answered_at is not None:
+        out["seconds_200_to_first_audio"] = round(first - answered_at, 4)
+    if len(times) > 2:
+        gaps = np.diff(np.array(times)) * 1000
+        out["frame_interval_ms"] = {"p50": round(float(np.percentile(gaps, 50)), 2),
+                                    "p99": round(float(np.percentile(gaps, 99)), 2)}
+    return out

@@ -1,0 +1,269 @@
+"""An inbound SIP call's life on the asyncio side: an explicit state machine over one ``Leg``.
+
+**States** (``SipCallState``; ``history`` keeps when each was entered)::
+
+    ringing ──► progress ──► answering ──► live ──► ending ──► ended
+       │           │             │
+       └───────────┴─────────────┴──► refused (4xx/5xx sent) / cancelled (CANCEL or BYE before live)
+
+- ``ringing``: 180 sent (the server routed the dialed number on the pjsua thread and sent it at once).
+- ``progress``: 183 Session Progress with SDP sent; the caller hears ringback as early media while
+  ``Calls.start`` claims a slot and primes the persona on a worker.
+- ``answering``: the session is ready; 200 OK sent, waiting for the ACK (audio already flows both ways).
+- ``live``: ACK received. Ends by BYE from the caller (the agent call ends with ``hangup``) or by the agent
+  call ending by itself (``no_worker``, ``worker_ended``, ``shutdown``: the gateway sends BYE).
+- ``refused``: ``Refusal`` no_capacity / unavailable / draining → 503 with Retry-After; tenant_limit →
+  486; the session not ready within ``answer_timeout`` → 503 with Retry-After; the persona refused by the
+  worker → 500.
+- ``cancelled``: CANCEL (or the dialog dying) before the call was live: the claim and the session are
+  released (``Calls.start`` is cancelled, or the fresh agent call ended).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import math
+import time
+from typing import TYPE_CHECKING
+
+from ..calls import AgentCall, Calls, PersonaRejected
+from ..routing import Refusal
+from .leg import Leg, LegEvent
+from .media import RINGBACK, MediaBridge, MediaBuffers
+
+if TYPE_CHECKING:
+    from ..tenants.tenant import PersonaConfig, Tenant
+    from .ua import UserAgent
+
+log = logging.getLogger(__name__)
+
+
+class SipCallState(enum.StrEnum):
+    RINGING = "ringing"
+    PROGRESS = "progress"
+    ANSWERING = "answering"
+    LIVE = "live"
+    ENDING = "ending"
+    ENDED = "ended"
+    REFUSED = "refused"
+    CANCELLED = "cancelled"
+
+
+S = SipCallState
+TRANSITIONS: dict[SipCallState, frozenset[SipCallState]] = {
+    S.RINGING: frozenset({S.PROGRESS, S.REFUSED, S.CANCELLED}),
+    S.PROGRESS: frozenset({S.ANSWERING, S.REFUSED, S.CANCELLED}),
+    S.ANSWERING: frozenset({S.LIVE, S.ENDING, S.CANCELLED}),
+    S.LIVE: frozenset({S.ENDING}),
+    S.ENDING: frozenset({S.ENDED}),
+    S.ENDED: frozenset(),
+    S.REFUSED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+
+BUSY = 486
+UNAVAILABLE = 503
+
+
+def refusal_answer(exc: Refusal) -> tuple[int, str, dict[str, str]]:
+    """The SIP answer to a ``Refusal``: 486 for the tenant's own limit, else 503 with Retry-After."""
+    if exc.reason == "tenant_limit":
+        return BUSY, "Busy Here", {}
+    reason = {"no_capacity": "No Agent Available", "unavailable": "Service Unavailable",
+              "draining": "Gateway Draining"}.get(exc.reason, "Service Unavailable")
+    return UNAVAILABLE, reason, {"Retry-After": str(max(1, math.ceil(exc.retry_after_seconds)))}
+
+
+class InboundCall:
+    """Made on the pjsua thread when an INVITE is routed (180 already sent); runs on the event loop."""
+
+    def __init__(self, *, ua: UserAgent, leg: Leg, sip_call_id: str, number: str, caller: str, tenant: Tenant,
+                 persona: PersonaConfig, calls: Calls, answer_timeout: float, retry_after: float,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.ua = ua
+        self.leg_serial = leg.serial
+        self._leg = leg  # used only on the pjsua thread (``_command``); never touched from the loop
+        self.sip_call_id = sip_call_id
+        self.number = number
+        self.caller = caller
+        self.tenant = tenant
+        self.persona = persona
+        self.calls = calls
+        self.answer_timeout = answer_timeout
+        self.retry_after = retry_after
+        self.loop = loop
+        self.buffers: MediaBuffers = leg.buffers
+        self.state = S.RINGING
+        self.history: list[tuple[SipCallState, float]] = [(S.RINGING, time.monotonic())]
+        self.agent: AgentCall | None = None
+        self.answer: tuple[int, str] | None = None  # a refusal sent
+        self.end_reason: str | None = None
+        self.first_agent_audio: float | None = None
+        self._gone = asyncio.Event()  # the dialog is over (CANCEL, BYE, or any disconnect)
+        self._confirmed = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        leg.events = lambda event: loop.call_soon_threadsafe(self._on_event, event)
+
+    # ------------------------------------------------------------------ pjsua → loop
+
+    def _on_event(self, event: LegEvent) -> None:
+        if event.kind == "confirmed":
+            self._confirmed.set()
+        elif event.kind == "disconnected":
+            self._gone.set()
+
+    def _command(self, fn_name: str, *args: object) -> None:
+        leg = self._leg
+
+        def run() -> None:
+            getattr(leg, fn_name)(*args)
+
+        self.ua.post(run)
+
+    def _to(self, state: SipCallState) -> None:
+        if state not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"SIP call {self.sip_call_id}: no transition {self.state} -> {state}")
+        self.state = state
+        self.history.append((state, time.monotonic()))
+
+    @property
+    def done(self) -> bool:
+        return self.state in (S.ENDED, S.REFUSED, S.CANCELLED)
+
+    # ------------------------------------------------------------------ the call
+
+    def begin(self) -> None:
+        self.task = asyncio.create_task(self._run(), name=f"sip-call-{self.sip_call_id}")
+
+    async def _run(self) -> None:
+        try:
+            await self._set_up()
+            if self.agent is not None:
+                await self._converse(self.agent)
+        except asyncio.CancelledError:  # the gateway is stopping
+            self._hang_up(503, "Gateway Stopping")
+            if self.agent is not None:
+                await self.agent.end("shutdown")
+            raise
+        except Exception:
+            log.exception("SIP call failed", extra={"sip_call_id": self.sip_call_id})
+            self._hang_up(500, "Server Internal Error")
+            if self.agent is not None:
+                await self.agent.end("error")
+        finally:
+            self._release_leg_ref()
+
+    def _hang_up(self, status: int, reason: str) -> None:
+        """BYE if answered, else this final answer (a no-op once the dialog is over)."""
+        self.buffers.ringback = None
+        if any(state is S.ANSWERING for state, _ in self.history):
+            self._command("bye")
+        else:
+            self._command("respond", status, reason, {"Retry-After": str(max(1, math.ceil(self.retry_after)))})
+
+    def _release_leg_ref(self) -> None:
+        # The leg is dropped on the pjsua thread once disconnected; the loop's reference goes with the call.
+        leg, self._leg = self._leg, None
+        if leg is not None:
+            self.ua.post(lambda: leg)  # the last reference dies on the pjsua thread
+
+    async def _set_up(self) -> None:
+        self._to(S.PROGRESS)
+        self.buffers.ringback = RINGBACK
+        self._command("respond", 183, "Session Progress")
+        start = asyncio.create_task(self.calls.start(self._agent_call_id(), self.tenant, self.persona),
+                                    name=f"sip-start-{self.sip_call_id}")
+        gone = asyncio.create_task(self._gone.wait())
+        try:
+            await asyncio.wait({start, gone}, timeout=self.answer_timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not start.done():
+                start.cancel()  # releases whatever was claimed
+                with contextlib.suppress(BaseException):
+                    await start
+        if start.cancelled():
+            if self._gone.is_set():
+                self._to(S.CANCELLED)
+                log.info("SIP call cancelled before answer", extra={"sip_call_id": self.sip_call_id})
+            else:
+                self._refuse(UNAVAILABLE, "Agent Not Ready", {"Retry-After": str(max(1, math.ceil(self.retry_after)))},
+                             "the session was not ready in time")
+            return
+        try:
+            agent = start.result()
+        except Refusal as exc:
+            self._refuse(*refusal_answer(exc), exc.reason)
+            return
+        except PersonaRejected as exc:
+            self._refuse(500, "Persona Rejected", {}, str(exc))
+            return
+        if self._gone.is_set():  # CANCEL raced the session's start
+            await agent.end("hangup")
+            self._to(S.CANCELLED)
+            return
+        self.agent = agent
+
+    def _refuse(self, status: int, reason: str, headers: dict[str, str], why: str) -> None:
+        self.buffers.ringback = None
+        self._to(S.REFUSED)
+        self.answer = (status, reason)
+        self._command("respond", status, reason, headers)
+        log.info("SIP call refused: %d %s", status, reason, extra={
+            "sip_call_id": self.sip_call_id, "number": self.number, "tenant": self.tenant.id, "why": why})
+
+    async def _converse(self, agent: AgentCall) -> None:
+        bridge = MediaBridge(self.buffers, agent, on_agent_audio=self._agent_audio)
+        bridge.start()
+        self.buffers.ringback = None
+        self._to(S.ANSWERING)
+        self._command("respond", 200, "OK")
+        ended = asyncio.create_task(agent.wait_ended())
+        gone = asyncio.create_task(self._gone.wait())
+        confirmed = asyncio.create_task(self._confirmed.wait())
+        try:
+            await asyncio.wait({ended, gone, confirmed}, return_when=asyncio.FIRST_COMPLETED)
+            if confirmed.done() and not gone.done() and not ended.done():
+                self._to(S.LIVE)
+                log.info("SIP call live", extra={
+                    "sip_call_id": self.sip_call_id, "number": self.number, "tenant": self.tenant.id,
+                    "persona": agent.persona_name, "setup_seconds": round(time.monotonic() - self.history[0][1], 3)})
+                await asyncio.wait({ended, gone}, return_when=asyncio.FIRST_COMPLETED)
+            self._to(S.ENDING)
+            if gone.done():
+                self.end_reason = "hangup"
+                await agent.end("hangup")
+            else:
+                self.end_reason = agent.end_reason
+                self._command("bye")
+        finally:
+            for task in (ended, gone, confirmed):
+                task.cancel()
+            await bridge.stop()
+        self._to(S.ENDED)
+        log.info("SIP call ended", extra={
+            "sip_call_id": self.sip_call_id, "reason": self.end_reason, "underruns": self.buffers.underruns,
+            "sheds": self.buffers.sheds})
+
+    def _agent_audio(self) -> None:
+        if self.first_agent_audio is None:
+            self.first_agent_audio = time.monotonic()
+
+    def _agent_call_id(self) -> str:
+        """The SIP Call-ID as the call id (at most 128 characters: longer ones are shortened, kept unique)."""
+        call_id = self.sip_call_id
+        if len(call_id) <= 128:
+            return call_id
+        import hashlib
+
+        return call_id[:100] + "~" + hashlib.sha256(call_id.encode()).hexdigest()[:27]
+
+    async def stop(self) -> None:
+        """End the call now (the gateway is stopping): BYE or 503, and the agent call ended."""
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task

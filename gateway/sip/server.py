@@ -1,0 +1,164 @@
+"""The gateway's SIP front end: a pjsua2 user agent on its own thread that answers INVITEs with agent calls.
+
+    sip = SipServer(settings, registry, calls)   # the app's lifespan does this
+    await sip.start()                            # listening on settings.sip_host:sip_port (UDP)
+    ...
+    await sip.stop()                             # BYE / 503 to every call, the endpoint destroyed
+
+An INVITE is decided on the pjsua thread at once (``_incoming``): a source address outside ``sip_allow`` →
+403; the Request-URI's user is the dialed number → ``TenantRegistry.route``: no tenant → 404, after hours →
+the tenant's status and reason, otherwise 180 Ringing and an ``InboundCall`` on the event loop takes over
+(``inbound.py``: 183 with ringback, the session claimed and primed, 200 OK when it is ready).
+
+Trunks are authenticated by source address only (``sip_allow``, CIDRs); digest authentication and REGISTER
+to a PBX or carrier are not here yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+from urllib.parse import unquote
+
+import pjsua2 as pj
+
+from ..tenants.tenant import Rejection
+from .inbound import InboundCall
+from .leg import Leg
+from .media import MediaBuffers
+from .ua import UaConfig, UserAgent
+
+if TYPE_CHECKING:
+    from ..calls import Calls
+    from ..config import GatewaySettings
+    from ..tenants.registry import TenantRegistry
+
+log = logging.getLogger(__name__)
+
+_REQUEST_LINE = re.compile(r"^INVITE\s+(?:sips?|tel):([^@;>\s]+)", re.IGNORECASE)
+
+
+def dialed_number(message: str) -> str | None:
+    """The Request-URI's user part of an INVITE (``sip:+14155550186@host`` → ``+14155550186``), unescaped,
+    with visual separators ('-', '.', '(', ')') removed as RFC 3966 allows."""
+    match = _REQUEST_LINE.match(message)
+    if match is None:
+        return None
+    user = unquote(match.group(1).split(";", 1)[0])
+    return re.sub(r"[-.()]", "", user)
+
+
+def source_ip(address: str) -> str:
+    """``"1.2.3.4:5060"`` / ``"[::1]:5060"`` → the address without the port."""
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") else address
+    return host.strip("[]")
+
+
+class AllowList:
+    """Trunks admitted by source address (CIDRs)."""
+
+    def __init__(self, networks: Sequence[str]) -> None:
+        self.networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+
+    def __contains__(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.networks if net.version == ip.version)
+
+
+class _Account(pj.Account):
+    """The gateway's one account: no registration; every INVITE arrives here (pjsua thread)."""
+
+    def __init__(self, server: SipServer) -> None:
+        super().__init__()
+        self.server = server
+
+    def onIncomingCall(self, prm: pj.OnIncomingCallParam) -> None:
+        self.server._incoming(self, prm.callId, prm.rdata.wholeMsg, prm.rdata.srcAddress)
+
+
+class SipServer:
+    def __init__(self, settings: GatewaySettings, registry: TenantRegistry, calls: Calls) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.calls = calls
+        self.allow = AllowList(settings.sip_allow)
+        self.ua: UserAgent | None = None
+        self.port: int | None = None
+        self.active: dict[int, InboundCall] = {}
+        self.invites: dict[str, int] = {}  # by answer: "180", "404", ...
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        s = self.settings
+        self.ua = UserAgent(UaConfig(host=s.sip_host, port=s.sip_port, max_calls=s.sip_max_calls,
+                                     log_level=s.sip_log_level), make_account=self._make_account)
+        self.port = await asyncio.to_thread(self.ua.start)
+        log.info("SIP listening on udp %s:%d", s.sip_host, self.port, extra={"allow": s.sip_allow})
+
+    async def stop(self) -> None:
+        for call in list(self.active.values()):
+            await call.stop()
+        if self.ua is not None:
+            await asyncio.to_thread(self.ua.stop)
+            self.ua = None
+
+    def _make_account(self, ua: UserAgent) -> pj.Account:
+        account = _Account(self)
+        cfg = pj.AccountConfig()
+        cfg.idUri = f"sip:personagate@{self.settings.sip_host}:{ua.config.port or 5060}"
+        cfg.mediaConfig.transportConfig.boundAddress = self.settings.sip_host
+        cfg.callConfig.timerUse = pj.PJSUA_SIP_TIMER_OPTIONAL
+        account.create(cfg, True)
+        return account
+
+    def _count(self, answer: int) -> None:
+        self.invites[str(answer)] = self.invites.get(str(answer), 0) + 1
+
+    # ------------------------------------------------------------------ the pjsua thread
+
+    def _incoming(self, account: pj.Account, call_index: int, message: str, source: str) -> None:
+        assert self.ua is not None and self._loop is not None
+        leg = Leg(self.ua, account, call_index, buffers=MediaBuffers())
+        self.ua.keep(leg.serial, leg)
+        sip_call_id = leg.getInfo().callIdString
+        ip = source_ip(source)
+        number = dialed_number(message)
+        if ip not in self.allow:
+            return self._refuse(leg, 403, "Forbidden", f"source {ip} is not in sip_allow", number, sip_call_id)
+        if number is None:
+            return self._refuse(leg, 404, "Not Found", "no number in the Request-URI", number, sip_call_id)
+        routed = self.registry.route(number)
+        if routed is None:
+            return self._refuse(leg, 404, "Not Found", "no tenant has this number", number, sip_call_id)
+        tenant, answer = routed
+        if isinstance(answer, Rejection):
+            return self._refuse(leg, answer.status, answer.reason, f"{tenant.id}: after hours", number, sip_call_id)
+        leg.respond(180, "Ringing")
+        self._count(180)
+        call = InboundCall(ua=self.ua, leg=leg, sip_call_id=sip_call_id, number=number, caller=source,
+                           tenant=tenant, persona=answer, calls=self.calls,
+                           answer_timeout=self.settings.sip_answer_timeout_seconds,
+                           retry_after=self.settings.sip_retry_after_seconds, loop=self._loop)
+        self._loop.call_soon_threadsafe(self._begin, call)
+
+    def _refuse(self, leg: Leg, status: int, reason: str, why: str, number: str | None, sip_call_id: str) -> None:
+        leg.respond(status, reason)
+        self._count(status)
+        log.info("INVITE refused: %d %s", status, reason, extra={
+            "sip_call_id": sip_call_id, "number": number, "why": why})
+
+    # ------------------------------------------------------------------ the event loop
+
+    def _begin(self, call: InboundCall) -> None:
+        self.active[call.leg_serial] = call
+        call.begin()
+        assert call.task is not None
+        call.task.add_done_callback(lambda _: self.active.pop(call.leg_serial, None))

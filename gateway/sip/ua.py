@@ -1,0 +1,250 @@
+"""The pjsua thread: the one thread that owns pjsua2's ``Endpoint`` and every Call and Account object.
+
+pjsua2 is a client library wrapped for Python with SWIG; it is safe from Python only when one thread drives
+it (telephony notes §3): ``uaConfig.threadCnt = 0`` (no pjsua worker threads) and ``mainThreadOnly = True``
+(callbacks from pjlib's other threads are posted to ours), and this thread runs ``libHandleEvents(10)`` in a
+loop. Everything else reaches pjsua through ``UserAgent.submit(fn)`` / ``UserAgent.post(fn)``: a thread-safe
+queue of callables run between two ``libHandleEvents`` calls. Objects made here (calls, media ports) are
+dropped here too, so their C++ destructors never run on another thread (garbage collection on an
+unregistered thread asserts in pjlib: pjproject #2416, #3856, #4353).
+
+The conference bridge runs on the null sound device's clock thread (no sound card on a server): media
+ports' frame callbacks run there, holding the GIL, so they only copy bytes (``media.py``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import gc
+import logging
+import os
+import queue
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pjsua2 as pj
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# The conference bridge's clock, and the rate of our media ports. 16 kHz, deliberately: it is G.722's own
+# rate, so wideband calls cross the bridge with no conversion at all, and PCMU/PCMA (8 kHz) are converted
+# once by pjmedia's large-filter resampler (``quality`` 10) at the stream port; the one conversion to the
+# model's 24 kHz happens outside the bridge, in a stateful soxr resampler per direction (``media.py``).
+# A 24 kHz bridge would make pjmedia do that conversion too, with its own filter, for every codec; an 8 kHz
+# bridge would throw away G.722's upper band.
+CLOCK_RATE = 16_000
+PTIME_MS = 20
+SAMPLES_PER_FRAME = CLOCK_RATE * PTIME_MS // 1000  # 320
+BYTES_PER_FRAME = SAMPLES_PER_FRAME * 2  # 640: one 20 ms frame of s16le mono at the bridge's clock
+
+# Offered in this order; every other codec the wheel has is disabled (telephone-event is always offered).
+CODECS = ("PCMU/8000/1", "PCMA/8000/1", "G722/16000/1")
+
+
+@dataclass(frozen=True)
+class UaConfig:
+    host: str = "127.0.0.1"
+    port: int = 5060  # 0: any free port (the caller)
+    max_calls: int = 256
+    user_agent: str = "personagate"
+    log_level: int = 1  # pjsua's own log (0-6) on stderr
+
+
+class UserAgent:
+    """A pjsua2 Endpoint on its own thread. ``start()`` returns once the UDP transport listens."""
+
+    def __init__(self, config: UaConfig, *, make_account: Callable[[UserAgent], pj.Account] | None = None) -> None:
+        self.config = config
+        self._make_account = make_account
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._started = concurrent.futures.Future[int]()
+        self.ep: pj.Endpoint | None = None
+        self.account: pj.Account | None = None
+        self.bound_port = 0
+        self._keep: dict[object, object] = {}  # pjsua objects kept alive until dropped on this thread
+
+    # ------------------------------------------------------------------ any thread
+
+    def start(self, timeout: float = 10.0) -> int:
+        """Start the thread and the endpoint; returns the SIP port it listens on."""
+        self._thread = threading.Thread(target=self._run, name="pjsua", daemon=True)
+        self._thread.start()
+        self.bound_port = self._started.result(timeout)
+        return self.bound_port
+
+    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Run ``fn`` on the pjsua thread; its result (or exception) in the future."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+                future.set_exception(exc)
+
+        self._commands.put(run)
+        return future
+
+    def post(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the pjsua thread; failures are logged."""
+
+        def run() -> None:
+            try:
+                fn()
+            except Exception:
+                log.exception("pjsua command failed")
+
+        self._commands.put(run)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Hang up every call, destroy the endpoint, end the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def on_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    # ------------------------------------------------------------------ the pjsua thread
+
+    def keep(self, key: object, obj: object) -> None:
+        self._keep[key] = obj
+
+    def kept(self, key: object) -> object | None:
+        return self._keep.get(key)
+
+    def drop(self, key: object) -> None:
+        """Forget a kept object; its destructor runs now, on this thread."""
+        self._keep.pop(key, None)
+
+    def _run(self) -> None:
+        try:
+            port = self._create()
+        except BaseException as exc:  # noqa: BLE001 - handed to start()
+            self._started.set_exception(exc)
+            self._destroy()
+            return
+        self._started.set_result(port)
+        try:
+            while not self._stop.is_set():
+                self._run_commands()
+                self.ep.libHandleEvents(10)
+        finally:
+            self._shutdown()
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    def _create(self) -> int:
+        cfg = self.config
+        ep = self.ep = pj.Endpoint()
+        with _stdout_to_stderr():  # pjlib greets on stdout before any log setting applies
+            ep.libCreate()
+        ep_cfg = pj.EpConfig()
+        ep_cfg.uaConfig.threadCnt = 0
+        ep_cfg.uaConfig.mainThreadOnly = True
+        # PJSUA_MAX_CALLS is a compile-time cap; pjsua2's maxCalls is honoured up to it (pjproject #4488).
+        ep_cfg.uaConfig.maxCalls = cfg.max_calls
+        ep_cfg.uaConfig.userAgent = cfg.user_agent
+        ep_cfg.logConfig.level = cfg.log_level
+        ep_cfg.logConfig.consoleLevel = cfg.log_level
+        med = ep_cfg.medConfig
+        med.clockRate = CLOCK_RATE
+        med.sndClockRate = CLOCK_RATE
+        med.audioFramePtime = PTIME_MS
+        med.ptime = PTIME_MS
+        med.channelCount = 1
+        med.noVad = True  # continuous RTP: no silence suppression, the model hears every frame
+        med.ecTailLen = 0  # no echo canceller on a server
+        med.quality = 10  # the bridge's resampler (8 kHz codecs <-> the 16 kHz bridge): the large filter
+        med.maxMediaPorts = max(254, 2 * cfg.max_calls + 16)
+        ep.libInit(ep_cfg)
+        tcfg = pj.TransportConfig()
+        tcfg.port = cfg.port
+        tcfg.boundAddress = cfg.host
+        transport = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
+        bound = ep.transportGetInfo(transport).localName  # "host:port"
+        ep.libStart()
+        ep.audDevManager().setNullDev()  # no sound card: the null device only clocks the bridge
+        for codec in ep.codecEnum2():
+            ep.codecSetPriority(codec.codecId, 0)
+        for rank, name in enumerate(CODECS):
+            with contextlib.suppress(pj.Error):
+                ep.codecSetPriority(name, 250 - rank)
+        if self._make_account is not None:
+            self.account = self._make_account(self)
+        return int(bound.rsplit(":", 1)[1])
+
+    def _shutdown(self) -> None:
+        ep = self.ep
+        if ep is None:
+            return
+        with contextlib.suppress(Exception):
+            self._run_commands()
+        with contextlib.suppress(Exception):
+            ep.hangupAllCalls()
+            for _ in range(30):  # let the BYEs out and the calls disconnect
+                ep.libHandleEvents(10)
+                self._run_commands()
+        self._destroy()
+
+    def _destroy(self) -> None:
+        self._keep.clear()
+        account, self.account = self.account, None
+        if account is not None:
+            with contextlib.suppress(Exception):
+                account.shutdown()
+        del account
+        gc.collect()  # the calls' and ports' destructors before libDestroy (pjproject #4353), on this thread
+        ep, self.ep = self.ep, None
+        if ep is not None:
+            with contextlib.suppress(Exception):
+                ep.libDestroy()
+        del ep
+        gc.collect()
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def header(name: str, value: str) -> Any:
+    h = pj.SipHeader()
+    h.hName = name
+    h.hValue = value
+    return h
+
+
+def call_op(status: int = 0, reason: str = "", headers: dict[str, str] | None = None) -> pj.CallOpParam:
+    prm = pj.CallOpParam(True)
+    if status:
+        prm.statusCode = status
+    if reason:
+        prm.reason = reason
+    for name, value in (headers or {}).items():
+        prm.txOption.headers.append(header(name, value))
+    return prm

@@ -1,0 +1,141 @@
+"""The SIP front end with real peers on loopback: a `personagate worker` (tiny model, one slot), a
+`personagate gateway` answering SIP, and `personagate call` (a second pjsua2 endpoint) as the caller."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile
+
+from tests.conftest import free_port, serve
+
+pytest.importorskip("pjsua2")
+
+ROOT = Path(__file__).resolve().parent.parent
+OPEN_NUMBER = "+14155550186"  # harbor-mutual's catastrophe line: answered at any hour
+CLOSED_NUMBER = "+442079460318"  # northwind-bank, whose hours (in the test's copy) are always closed
+CALL_TIMEOUT = 30
+
+
+def udp_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tenants(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tenants")
+    shutil.copytree(ROOT / "tenants" / "harbor-mutual", folder / "harbor-mutual")
+    shutil.copytree(ROOT / "tenants" / "northwind-bank", folder / "northwind-bank")
+    yaml = folder / "northwind-bank" / "tenant.yaml"
+    text = re.sub(r'"\d\d:\d\d-\d\d:\d\d"', "closed", yaml.read_text())
+    yaml.write_text(text)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def stack(tenants: Path) -> Iterator[dict[str, str]]:
+    """A one-slot worker and a gateway with SIP on a free UDP port; yields their addresses."""
+    env = os.environ | {"NO_TORCH_COMPILE": "1"}
+    worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
+    worker = [sys.executable, "-m", "gateway.cli", "worker", "--port", str(worker_port), "--slots", "1", "--greedy"]
+    gateway = [sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants", str(tenants),
+               "--worker", f"http://127.0.0.1:{worker_port}", "--sip-port", str(sip_port)]
+    with serve(worker, f"http://127.0.0.1:{worker_port}/readyz", env=env), \
+            serve(gateway, f"http://127.0.0.1:{http_port}/readyz", env=env):
+        http = f"http://127.0.0.1:{http_port}"
+        _until(lambda: _ready(http)["slots_free"] == 1, "the gateway sees the worker's free slot")
+        yield {"sip": f"127.0.0.1:{sip_port}", "http": http, "worker": f"http://127.0.0.1:{worker_port}"}
+
+
+def _ready(http: str) -> dict:
+    return httpx.get(f"{http}/readyz", timeout=5).json()
+
+
+def _until(check, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.1)
+
+
+def _call_command(stack: dict[str, str], number: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "gateway.cli", "call", f"sip:{number}@{stack['sip']}", "--timeout",
+            str(CALL_TIMEOUT), *args]
+
+
+def call(stack: dict[str, str], number: str, *args: str) -> dict:
+    done = subprocess.run(_call_command(stack, number, *args), check=False, capture_output=True, text=True,
+                          timeout=CALL_TIMEOUT + 15)
+    assert done.returncode in (0, 1), done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_call_is_answered_when_primed_and_agent_audio_comes_back(stack: dict[str, str], tmp_path: Path) -> None:
+    rate = 16_000
+    t = np.arange(int(1.5 * rate)) / rate
+    soundfile.write(tmp_path / "in.wav", 0.3 * np.sin(2 * np.pi * 300 * t), rate)
+    report = call(stack, OPEN_NUMBER, "--play", str(tmp_path / "in.wav"), "--seconds", "2",
+                  "--record", str(tmp_path / "out.wav"))
+    assert report["status"] == 200 and report["answered"], report
+    assert 0 < report["seconds_to_180"] <= report["seconds_to_183"] <= report["seconds_to_200"], report
+    assert report["seconds_to_180"] < 1.0, report
+    assert report["hung_up"] == "caller"
+    assert report["seconds_received"] >= 1.8, report
+    assert report["seconds_200_to_first_audio"] < 1.5, report  # the tiny model's agent audio
+    assert report["rtp_packets_lost"] == 0 and report["rtp_packets_received"] >= 90, report
+    assert 19 <= report["frame_interval_ms"]["p50"] <= 21, report
+    recorded, recorded_rate = soundfile.read(tmp_path / "out.wav")
+    assert recorded_rate == 16_000 and len(recorded) >= 1.8 * 16_000
+    # the caller hung up (BYE): the agent call ends and its slot is free again
+    _until(lambda: _ready(stack["http"])["calls"] == 0, "the gateway has no call")
+
+
+def test_unknown_number_is_404(stack: dict[str, str]) -> None:
+    report = call(stack, "+15550000000", "--seconds", "1")
+    assert report["status"] == 404 and not report["answered"], report
+    assert "seconds_to_180" not in report
+
+
+def test_after_hours_gets_the_tenants_answer(stack: dict[str, str]) -> None:
+    report = call(stack, CLOSED_NUMBER, "--seconds", "1")
+    assert report["status"] == 480, report
+    assert report["reason"].startswith("Closed - open Mon-Fri"), report
+
+
+def test_full_worker_is_503_with_retry_after_and_bye_frees_the_slot(stack: dict[str, str]) -> None:
+    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    holder = subprocess.Popen(_call_command(stack, OPEN_NUMBER, "--seconds", "3"), stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        _until(lambda: _ready(stack["http"])["calls"] == 1, "the first call holds the only slot")
+        refused = call(stack, OPEN_NUMBER, "--seconds", "1")
+        assert refused["status"] == 503 and not refused["answered"], refused
+        assert int(refused["retry_after"]) >= 1, refused
+        assert "seconds_to_180" in refused  # it rang, then was refused
+        out, _ = holder.communicate(timeout=CALL_TIMEOUT)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    first = json.loads(out)
+    assert first["status"] == 200 and first["hung_up"] == "caller", first
+    # the BYE freed the slot: the next call is answered
+    _until(lambda: _ready(stack["http"])["slots_free"] == 1 and _ready(stack["http"])["calls"] == 0,
+           "the slot is free again")
+    again = call(stack, OPEN_NUMBER, "--seconds", "1")
+    assert again["status"] == 200 and again["answered"], again
