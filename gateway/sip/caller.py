@@ -32,9 +32,22 @@ class _CallerBuffers(MediaBuffers):
     """Keeps every received frame with its arrival time; plays the whole file (no shedding)."""
 
     def __init__(self) -> None:
-        super().__init__(inbound_frames=None, outbound_frames=None)  # type: ignore[arg-type]
+        super().__init__(inbound_frames=None)
         self.times: collections.deque[float] = collections.deque()
         self.recording = False
+        self.playing: collections.deque[pj.ByteVector] = collections.deque()
+        self._silence = pj.ByteVector(bytes(BYTES_PER_FRAME))
+
+    def play(self, pcm: bytes) -> None:
+        self.playing.extend(pj.ByteVector(pcm[i:i + BYTES_PER_FRAME]) for i in range(0, len(pcm), BYTES_PER_FRAME))
+
+    def frame_requested(self, frame: pj.MediaFrame) -> None:
+        frame.type = pj.PJMEDIA_FRAME_TYPE_AUDIO
+        try:
+            frame.buf = self.playing.popleft()
+        except IndexError:
+            frame.buf = self._silence
+        frame.size = BYTES_PER_FRAME
 
     def frame_received(self, frame: pj.MediaFrame) -> None:
         if not self.recording or frame.type != pj.PJMEDIA_FRAME_TYPE_AUDIO or frame.size != BYTES_PER_FRAME:
@@ -57,10 +70,10 @@ class CallResult:
 
 def is_ringback(pcm: np.ndarray, rate: int = CLOCK_RATE) -> bool:
     """Mostly 440 + 480 Hz: the gateway's ringback, not the agent."""
-    spectrum = np.abs(np.fft.rfft(pcm.astype(np.float64))) ** 2
+    spectrum = np.abs(np.fft.rfft(pcm.astype(np.float64) * np.hanning(len(pcm)))) ** 2
     freqs = np.fft.rfftfreq(len(pcm), 1 / rate)
-    band = spectrum[(freqs >= 400) & (freqs <= 520)].sum()
-    return band > 0.8 * spectrum.sum()
+    band = spectrum[(freqs >= 350) & (freqs <= 570)].sum()
+    return band > 0.6 * spectrum.sum()
 
 
 def place_call(uri: str, play: np.ndarray | None, seconds: float, *, host: str = "127.0.0.1",
@@ -124,7 +137,7 @@ def place_call(uri: str, play: np.ndarray | None, seconds: float, *, host: str =
                 buffers.recording = True
                 if play is not None and len(play):
                     whole = len(play) - len(play) % (BYTES_PER_FRAME // 2)
-                    buffers.push_out(play[:whole].astype("<i2").tobytes())
+                    buffers.play(play[:whole].astype("<i2").tobytes())
             elif event.kind == "disconnected":
                 ended = True
                 report.setdefault("status", event.status)

@@ -244,9 +244,10 @@ class InboundCall:
                 task.cancel()
             await bridge.stop()
         self._to(S.ENDED)
+        stats = self.buffers.pacer.stats()
         log.info("SIP call ended", extra={
-            "sip_call_id": self.sip_call_id, "reason": self.end_reason, "underruns": self.buffers.underruns,
-            "sheds": self.buffers.sheds})
+            "sip_call_id": self.sip_call_id, "reason": self.end_reason, "outbound_underruns": stats.underruns,
+            "outbound_shed": stats.shed, "caller_frames_dropped": self.buffers.inbound_dropped})
 
     def _agent_audio(self) -> None:
         if self.first_agent_audio is None:

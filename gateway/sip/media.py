@@ -6,12 +6,12 @@ Two halves on two threads:
   holding the GIL. Its callbacks only copy: a received frame is copied (a C++ vector copy, no Python loop)
   into the inbound queue; a requested frame is the next prepared outbound frame, a ringback frame, or
   silence. Nothing there calls pjsua, allocates big objects, or waits.
-- ``MediaBridge`` (asyncio, one per call) does the rest: 4 × 20 ms caller frames → one stateful soxr
-  resampler (16 → 24 kHz) → 80 ms frames → ``AgentCall.send``; agent frames → a second stateful resampler
-  (24 → 16 kHz) → 20 ms frames → the outbound queue, which is shallow (``OUTBOUND_FRAMES``) and sheds its
-  oldest frames instead of building lag, so barge-in stays immediate.
+- ``MediaBridge`` (asyncio, one per call) does the rest: 20 ms caller frames → ``LineToModel`` (a stateful
+  soxr resampler, 16 → 24 kHz, and exact 80 ms framing) → ``AgentCall.send``; agent frames → ``ModelToLine``
+  (24 → 16 kHz, 20 ms packets) → ``OutboundPacer``, which is shallow and sheds instead of building lag, so
+  barge-in stays immediate, and counts underruns (silence played) and sheds.
 
-The framing and resampling here are deliberately small; ``gateway/audio`` (resamplers, pacer) replaces them.
+Resampling, framing and the outbound pacer are ``gateway/audio``'s.
 """
 
 from __future__ import annotations
@@ -19,28 +19,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
-import threading
 from collections.abc import Callable
 
 import numpy as np
 import pjsua2 as pj
-import soxr
 
+from ..audio import LineToModel, ModelToLine, OutboundPacer
 from ..calls import AgentCall
-from ..worker_client import FRAME_BYTES, AgentAudio
+from ..worker_client import AgentAudio
 from .ua import BYTES_PER_FRAME, CLOCK_RATE, PTIME_MS, SAMPLES_PER_FRAME
 
 MODEL_RATE = 24_000
 INBOUND_FRAMES = 25  # 500 ms of caller audio waiting for the asyncio side; older frames are dropped
-OUTBOUND_FRAMES = 8  # 160 ms (two model frames) of agent audio ahead of the bridge; more is shed
 FRAMES_PER_WAKE = 4  # the asyncio side is woken once per 80 ms of caller audio
 
 
 def _vector(pcm: bytes) -> pj.ByteVector:
     return pj.ByteVector(pcm)
-
-
-SILENCE = _vector(bytes(BYTES_PER_FRAME))
 
 
 def ringback_frames(rate: int = CLOCK_RATE) -> tuple[pj.ByteVector, ...]:
@@ -62,23 +57,18 @@ RINGBACK = ringback_frames()
 
 
 class MediaBuffers:
-    """What the bridge thread and the asyncio side share: bounded deques (append and popleft are atomic)."""
+    """What the bridge thread and the asyncio side share: a bounded deque of caller frames (append and
+    popleft are atomic) and the outbound pacer (``gateway/audio``: shallow, sheds, counts underruns)."""
 
-    def __init__(self, *, inbound_frames: int = INBOUND_FRAMES, outbound_frames: int | None = OUTBOUND_FRAMES
-                 ) -> None:
+    def __init__(self, *, inbound_frames: int | None = INBOUND_FRAMES) -> None:
         self.inbound: collections.deque[pj.ByteVector] = collections.deque(maxlen=inbound_frames)
-        self.outbound: collections.deque[pj.ByteVector] = collections.deque()
-        self.outbound_frames = outbound_frames  # None: unbounded (a caller playing a file)
+        self.pacer = OutboundPacer(SAMPLES_PER_FRAME)
+        self._out = np.zeros(SAMPLES_PER_FRAME, dtype=np.int16)  # the pacer copies each packet into it
         self.ringback: tuple[pj.ByteVector, ...] | None = None
         self._ring_at = 0
         self.received = 0
-        self.sent = 0
-        self.underruns = 0  # the bridge asked for agent audio and none was there (silence was sent)
-        self.sheds = 0  # agent frames dropped because the outbound queue was full
         self.inbound_dropped = 0
-        self.first_agent_audio: float | None = None
         self.notify: Callable[[], None] | None = None  # wakes the asyncio side (thread-safe)
-        self._lock = threading.Lock()  # only between push_out's shed and the bridge's popleft
 
     # the bridge's clock thread
 
@@ -94,18 +84,12 @@ class MediaBuffers:
 
     def frame_requested(self, frame: pj.MediaFrame) -> None:
         frame.type = pj.PJMEDIA_FRAME_TYPE_AUDIO
-        try:
-            frame.buf = self.outbound.popleft()
-            self.sent += 1
-        except IndexError:
-            ringback = self.ringback
-            if ringback is not None:
-                frame.buf = ringback[self._ring_at % len(ringback)]
-                self._ring_at += 1
-            else:
-                if self.sent:
-                    self.underruns += 1
-                frame.buf = SILENCE
+        ringback = self.ringback
+        if ringback is not None and not self.pacer.depth:
+            frame.buf = ringback[self._ring_at % len(ringback)]
+            self._ring_at += 1
+        else:
+            frame.buf = pj.ByteVector(self.pacer.get(self._out).tobytes())
         frame.size = BYTES_PER_FRAME
 
     # the asyncio side
@@ -118,18 +102,6 @@ class MediaBuffers:
             except IndexError:
                 break
         return b"".join(bytes(c) for c in chunks)
-
-    def push_out(self, pcm: bytes) -> None:
-        """Queue 20 ms frames (``pcm`` a multiple of 640 bytes) for the caller, shedding the oldest."""
-        frames = [_vector(pcm[i:i + BYTES_PER_FRAME]) for i in range(0, len(pcm), BYTES_PER_FRAME)]
-        with self._lock:
-            self.outbound.extend(frames)
-            while self.outbound_frames is not None and len(self.outbound) > self.outbound_frames:
-                try:
-                    self.outbound.popleft()
-                except IndexError:
-                    break
-                self.sheds += 1
 
 
 class FramePort(pj.AudioMediaPort):
@@ -179,33 +151,26 @@ class MediaBridge:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _caller_to_agent(self) -> None:
-        up = soxr.ResampleStream(CLOCK_RATE, MODEL_RATE, 1, dtype="int16", quality="HQ")
-        pending = bytearray()
+        line = LineToModel(CLOCK_RATE)
         self.buffers.take_inbound()  # what arrived before the call was live (ringing) is not the agent's
         while True:
             await self._wake.wait()
             self._wake.clear()
             pcm = self.buffers.take_inbound()
-            if not pcm:
-                continue
-            pending += up.resample_chunk(np.frombuffer(pcm, "<i2")).tobytes()
-            while len(pending) >= FRAME_BYTES:
-                self.call.send(bytes(pending[:FRAME_BYTES]))
-                del pending[:FRAME_BYTES]
+            if pcm:
+                for frame in line.push(pcm):
+                    self.call.send(frame)
 
     async def _agent_to_caller(self) -> None:
-        down = soxr.ResampleStream(MODEL_RATE, CLOCK_RATE, 1, dtype="int16", quality="HQ")
-        pending = bytearray()
+        line = ModelToLine(CLOCK_RATE, packet_ms=PTIME_MS)
+        pacer = self.buffers.pacer
         async for event in self.call.frames():
             if not isinstance(event, AgentAudio):
                 continue
-            pending += down.resample_chunk(np.frombuffer(event.pcm, "<i2")).tobytes()
-            whole = len(pending) - len(pending) % BYTES_PER_FRAME
-            if whole:
-                self.buffers.push_out(bytes(pending[:whole]))
-                del pending[:whole]
-                if self._on_agent_audio is not None and not event.filler:
-                    self._on_agent_audio()
+            for packet in line.push(event.pcm):
+                pacer.put(packet, filler=event.filler)
+            if self._on_agent_audio is not None and not event.filler:
+                self._on_agent_audio()
 
 
-__all__ = ["RINGBACK", "SAMPLES_PER_FRAME", "FramePort", "MediaBridge", "MediaBuffers"]
+__all__ = ["RINGBACK", "FramePort", "MediaBridge", "MediaBuffers"]
