@@ -12,9 +12,10 @@ from gateway.audio.framing import MODEL_FRAME_BYTES, MODEL_FRAME_SAMPLES
 MODEL_RATE = 24_000
 
 
-def _through_model_to_line(signal: np.ndarray, line_rate: int = 8000, quality: str = "HQ") -> np.ndarray:
+def _through_model_to_line(signal: np.ndarray, line_rate: int = 8000, quality: str = "HQ",
+                           engine: str = "fir") -> np.ndarray:
     """Agent audio at 24 kHz (int16), fed frame by frame, as the line packets that come out."""
-    path = ModelToLine(line_rate, quality=quality)
+    path = ModelToLine(line_rate, quality=quality, engine=engine)
     packets: list[np.ndarray] = []
     for start in range(0, len(signal) - MODEL_FRAME_SAMPLES + 1, MODEL_FRAME_SAMPLES):
         packets += path.push(signal[start:start + MODEL_FRAME_SAMPLES].tobytes())
@@ -35,31 +36,37 @@ def _db(ratio: float) -> float:
     return 10 * np.log10(max(ratio, 1e-30))
 
 
-@pytest.mark.parametrize("quality", ["HQ", "VHQ"])
-def test_caller_hears_no_alias_of_a_5khz_agent_tone_on_an_8khz_line(quality: str) -> None:
+ENGINES = [("fir", "HQ"), ("fir", "VHQ"), ("soxr", "HQ"), ("soxr", "VHQ")]
+
+
+@pytest.mark.parametrize(("engine", "quality"), ENGINES)
+def test_caller_hears_no_alias_of_a_5khz_agent_tone_on_an_8khz_line(engine: str, quality: str) -> None:
     t = np.arange(2 * MODEL_RATE) / MODEL_RATE
     tone = (0.5 * 32767 * np.sin(2 * np.pi * 5000 * t)).astype(np.int16)
     tone_power = _band_power(tone.astype(np.float64), MODEL_RATE, 12_000)
-    line = _through_model_to_line(tone, quality=quality)[800:]  # past the stream's first 100 ms
+    line = _through_model_to_line(tone, quality=quality, engine=engine)[800:]  # past the first 100 ms
     alias_db = _db(_band_power(line, 8000, 4000) / tone_power)
     assert alias_db < -60, f"alias in band at {alias_db:.1f} dB under the tone"
 
 
-def test_caller_hears_no_alias_of_a_4_to_12khz_agent_sweep_on_an_8khz_line() -> None:
+@pytest.mark.parametrize("engine", ["fir", "soxr"])
+def test_caller_hears_no_alias_of_a_4_to_12khz_agent_sweep_on_an_8khz_line(engine: str) -> None:
     seconds = 4
     t = np.arange(seconds * MODEL_RATE) / MODEL_RATE
     phase = 2 * np.pi * (4000 * t + (12000 - 4000) / (2 * seconds) * t**2)  # linear chirp 4 -> 12 kHz
     sweep = (0.5 * 32767 * np.sin(phase)).astype(np.int16)
     sweep_power = _band_power(sweep.astype(np.float64), MODEL_RATE, 12_000)
-    line = _through_model_to_line(sweep)
+    line = _through_model_to_line(sweep, engine=engine)
     alias_db = _db(_band_power(line, 8000, 4000) / sweep_power)
     assert alias_db < -60, f"alias in band at {alias_db:.1f} dB under the sweep"
 
 
-def test_caller_hears_a_1khz_agent_tone_at_its_level_on_an_8khz_line() -> None:
+@pytest.mark.parametrize("engine", ["fir", "soxr"])
+@pytest.mark.parametrize("hz", [300, 1000, 3400])
+def test_caller_hears_agent_tones_across_the_phone_band_at_their_level(engine: str, hz: int) -> None:
     t = np.arange(2 * MODEL_RATE) / MODEL_RATE
-    tone = (0.5 * 32767 * np.sin(2 * np.pi * 1000 * t)).astype(np.int16)
-    line = _through_model_to_line(tone)[800:-800]
+    tone = (0.5 * 32767 * np.sin(2 * np.pi * hz * t)).astype(np.int16)
+    line = _through_model_to_line(tone, engine=engine)[800:-800]
     level_db = _db(np.mean(line**2) / np.mean(tone.astype(np.float64) ** 2))
     assert abs(level_db) < 0.1
 
@@ -77,11 +84,16 @@ def _speech_like(rate: int, seconds: float, seed: int = 7) -> np.ndarray:
     return (0.3 * 32767 * x / np.abs(x).max()).astype(np.int16)
 
 
+@pytest.mark.parametrize("engine", ["fir", "soxr"])
 @pytest.mark.parametrize("line_rate", [8000, 16000])
-def test_caller_and_agent_hear_speech_unchanged_through_8k_24k_8k_round_trip(line_rate: int) -> None:
+def test_caller_and_agent_hear_speech_unchanged_through_8k_24k_8k_round_trip(line_rate: int, engine: str) -> None:
     x = _speech_like(line_rate, 4.0)
     packet = line_rate // 50
-    inbound, outbound = LineToModel(line_rate), ModelToLine(line_rate)
+    inbound, outbound = LineToModel(line_rate, engine=engine), ModelToLine(line_rate, engine=engine)
+    expected_lag = 0
+    if engine == "fir":  # a constant delay, reported; soxr's streams are time-aligned
+        expected_lag = round((inbound.resampler.delay_seconds + outbound.resampler.delay_seconds) * line_rate)
+        assert expected_lag == {8000: 86, 16000: 88}[line_rate]  # 5.4 ms each way at 8 kHz, 2.75 ms at 16
     packets: list[np.ndarray] = []
     for start in range(0, len(x), packet):
         for frame in inbound.push(x[start:start + packet]):
@@ -89,18 +101,13 @@ def test_caller_and_agent_hear_speech_unchanged_through_8k_24k_8k_round_trip(lin
             packets += outbound.push(frame)
     y = np.concatenate(packets).astype(np.float64)
     ref = x.astype(np.float64)
-    # Align by cross-correlation: soxr's streams are time-aligned, so the lag must come out as 0.
+    # Align by cross-correlation: the best lag must be the reported delay.
     core = slice(line_rate // 4, len(y) - line_rate // 4)
-    lags = range(-8, 9)
+    lags = range(expected_lag - 8, expected_lag + 9)
     errors = [np.sum((y[core] - np.roll(ref, lag)[core]) ** 2) for lag in lags]
-    lag = list(lags)[int(np.argmin(errors))]
-    assert lag == 0
+    assert list(lags)[int(np.argmin(errors))] == expected_lag
     snr = _db(np.sum(ref[core] ** 2) / min(errors))
     assert snr > 50, f"round trip SNR {snr:.1f} dB"
-    # what is still inside the two paths is what they report as held back
-    held = len(x) - len(y)
-    assert held > 0
-    assert held < (inbound.delay_seconds + 0.08 + 0.05) * line_rate
 
 
 def test_caller_hears_every_sample_once_when_packets_vary_in_size() -> None:
@@ -121,11 +128,12 @@ def test_caller_hears_every_sample_once_when_packets_vary_in_size() -> None:
     assert np.array_equal(out, (counter[:len(out)] % 30000).astype(np.int16))
 
 
-def test_caller_frames_are_exact_80ms_with_nothing_lost_over_a_long_call_of_irregular_packets() -> None:
+@pytest.mark.parametrize("engine", ["fir", "soxr"])
+def test_caller_frames_are_exact_80ms_with_nothing_lost_over_a_long_call_of_irregular_packets(engine: str) -> None:
     """Ten minutes of 16 kHz line audio in packets of 10-30 ms: frames of exactly 3840 bytes, and as many
-    samples come out as went in, less what the resampler and the partial frame hold."""
+    samples come out as went in, less what the resampler holds and the partial frame."""
     rng = np.random.default_rng(5)
-    path = LineToModel(16000)
+    path = LineToModel(16000, engine=engine)
     sent = frames = 0
     packet = np.zeros(480, dtype=np.int16)
     while sent < 16000 * 600:
@@ -135,7 +143,8 @@ def test_caller_frames_are_exact_80ms_with_nothing_lost_over_a_long_call_of_irre
             frames += 1
         sent += n
     expected = sent * 3 / 2  # samples at 24 kHz
-    assert frames * MODEL_FRAME_SAMPLES == pytest.approx(expected - path.delay_seconds * MODEL_RATE, abs=1)
+    held = path.resampler.held_samples + path.pending_samples
+    assert frames * MODEL_FRAME_SAMPLES == pytest.approx(expected - held, abs=1e-6)
 
 
 def test_resampler_rejects_the_wrong_sample_type() -> None:
@@ -145,16 +154,46 @@ def test_resampler_rejects_the_wrong_sample_type() -> None:
         StreamResampler(8000, 24000, quality="LQ")
 
 
-def test_resampler_float32_stream_matches_its_int16_twin() -> None:
+@pytest.mark.parametrize("engine", ["fir", "soxr"])
+def test_resampler_float32_stream_matches_its_int16_twin(engine: str) -> None:
     x = _speech_like(8000, 1.0)
-    a, b = StreamResampler(8000, 24000, np.int16), StreamResampler(8000, 24000, np.float32)
+    a = StreamResampler(8000, 24000, np.int16, engine=engine)
+    b = StreamResampler(8000, 24000, np.float32, engine=engine)
     ya = np.concatenate([a.process(x[i:i + 160]) for i in range(0, len(x), 160)])
     yb = np.concatenate([b.process((x[i:i + 160] / 32768).astype(np.float32)) for i in range(0, len(x), 160)])
     assert len(ya) == len(yb)
     assert np.max(np.abs(ya / 32768 - yb)) < 2 / 32768
     tail = a.flush()
-    assert len(ya) + len(tail) == pytest.approx(3 * len(x), abs=2)
-    assert a.delay_samples == 0
+    assert len(ya) + len(tail) >= 3 * len(x) - 2
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_fir_resampler_gives_the_same_output_whatever_the_packet_sizes(dtype: type) -> None:
+    """The filter state carries across packets: any split of the input gives the same samples (no clicks),
+    up to float32 rounding (summation order differs between a whole-period packet and a ragged one)."""
+    x = _speech_like(16000, 2.0)
+    if dtype is np.float32:
+        x = (x / 32768).astype(np.float32)
+    whole = StreamResampler(16000, 24000, dtype).process(x)
+    rng = np.random.default_rng(11)
+    split, parts, i = StreamResampler(16000, 24000, dtype), [], 0
+    while i < len(x):
+        n = int(rng.integers(0, 700))
+        parts.append(split.process(x[i:i + n]))
+        i += n
+    joined = np.concatenate(parts)
+    assert len(joined) == len(whole) == 3 * len(x) // 2
+    tolerance = 1 if dtype is np.int16 else 1e-6  # one LSB where rounding lands on the other side
+    assert np.max(np.abs(joined.astype(np.float64) - whole)) <= tolerance
+
+
+def test_fir_resampler_gives_exactly_20ms_per_20ms_packet_on_every_line_rate() -> None:
+    for rate in (8000, 16000, 48000):
+        for a, b in ((rate, MODEL_RATE), (MODEL_RATE, rate)):
+            r = StreamResampler(a, b)
+            sizes = [len(r.process(np.zeros(a // 50, dtype=np.int16))) for _ in range(20)]
+            assert sizes[1:] == [b // 50] * 19 and b // 50 - 2 <= sizes[0] <= b // 50, (a, b, sizes)
+            assert r.delay_seconds < 0.006
 
 
 def _packet(value: int, samples: int = 160) -> np.ndarray:
@@ -238,5 +277,42 @@ def test_agent_frames_become_four_20ms_packets_on_every_line_rate() -> None:
     for rate in (8000, 16000, 48000):
         path = ModelToLine(rate)
         counts = [len(path.push(np.zeros(MODEL_FRAME_SAMPLES, dtype=np.int16))) for _ in range(50)]
-        assert sum(counts) >= 4 * 50 - 4 * 3  # what soxr holds back: under three frames
-        assert all(0 <= c <= 12 for c in counts)
+        assert counts[1:] == [4] * 49 and counts[0] in (3, 4)
+
+
+def test_soxr_engine_holds_agent_audio_back_in_bursts() -> None:
+    """Why soxr is not the default: some 80 ms frames give three packets, others five or more."""
+    path = ModelToLine(8000, engine="soxr")
+    counts = [len(path.push(np.zeros(MODEL_FRAME_SAMPLES, dtype=np.int16))) for _ in range(50)]
+    assert min(counts[5:]) <= 3 and max(counts[5:]) >= 5
+
+
+def _mouth_to_ear_ms(line_rate: int, engine: str, offset: int) -> float:
+    """A click from the caller through LineToModel, a model that answers at once, ModelToLine and the
+    pacer drained by a 20 ms clock: how long after it was spoken it is played (packets arrive, and the
+    clock ticks, at the end of each 20 ms)."""
+    packet = line_rate // 50
+    inbound, outbound = LineToModel(line_rate, engine=engine), ModelToLine(line_rate, engine=engine)
+    pacer = OutboundPacer(packet)
+    x = np.zeros(packet * 100, dtype=np.int16)
+    spoken = packet * 50 + offset
+    x[spoken] = 20000
+    played = []
+    for i in range(100):
+        for frame in inbound.push(x[i * packet:(i + 1) * packet]):
+            for p in outbound.push(frame):
+                pacer.put(p)
+        played.append(pacer.get())
+    heard = int(np.argmax(np.abs(np.concatenate(played))))
+    tick, within = divmod(heard, packet)
+    return ((tick + 1) * 0.02 + within / line_rate - spoken / line_rate) * 1000
+
+
+@pytest.mark.parametrize("line_rate", [8000, 16000])
+def test_caller_hears_an_instant_agent_within_the_frame_the_packet_and_the_filter_delays(line_rate: int) -> None:
+    """The 80 ms frame is the floor (a sound early in a frame waits for the frame to fill, one late in it
+    waits for the frame's earlier audio to play); the FIR resamplers add their 5.4 ms (8 kHz) or 2.75 ms
+    (16 kHz) each way and nothing else, wherever the sound falls. (soxr: 200 ms at 8 kHz, 160 at 16.)"""
+    filters = 2 * StreamResampler(line_rate, MODEL_RATE).delay_seconds * 1000
+    for offset in range(0, 4 * line_rate // 50, line_rate // 200):
+        assert _mouth_to_ear_ms(line_rate, "fir", offset) == pytest.approx(80 + filters, abs=0.01)

@@ -1,7 +1,6 @@
 """Re-chunking between 20 ms line packets and 80 ms model frames.
 
-A resampler emits irregular counts (soxr holds back a little, and ratios like 16 -> 24 kHz do not divide
-every packet evenly), so both directions go through a ``Rechunker``: samples of any count in, chunks of an
+A resampler may emit irregular counts (soxr's bursts; a packet that ends between two output samples), so both directions go through a ``Rechunker``: samples of any count in, chunks of an
 exact size out, no sample lost, duplicated or reordered. Its storage is allocated once.
 
 - ``LineToModel(line_rate)``: line packets (int16 at the line rate) -> 1920-sample 24 kHz frames as the
@@ -66,9 +65,9 @@ class Rechunker:
 class LineToModel:
     """Caller audio: line packets at ``line_rate`` -> 80 ms model frames (s16le bytes, 24 kHz)."""
 
-    def __init__(self, line_rate: int, *, quality: str = "HQ") -> None:
+    def __init__(self, line_rate: int, *, quality: str = "HQ", engine: str = "fir") -> None:
         self.line_rate = line_rate
-        self.resampler = StreamResampler(line_rate, MODEL_RATE, np.int16, quality=quality)
+        self.resampler = StreamResampler(line_rate, MODEL_RATE, np.int16, quality=quality, engine=engine)
         # room for a frame in progress plus a burst of several packets' worth of resampled audio
         self._frames = Rechunker(MODEL_FRAME_SAMPLES, np.int16, capacity=8 * MODEL_FRAME_SAMPLES)
 
@@ -84,8 +83,13 @@ class LineToModel:
         return out
 
     @property
+    def pending_samples(self) -> int:
+        """24 kHz samples waiting for their frame to fill."""
+        return self._frames.pending
+
+    @property
     def delay_seconds(self) -> float:
-        """Caller audio received but not yet in a frame: the resampler's hold-back plus the partial frame."""
+        """How long caller audio waits here now: the resampler's delay plus the partial frame."""
         return self.resampler.delay_seconds + self._frames.pending / MODEL_RATE
 
     def reset(self) -> None:
@@ -97,12 +101,13 @@ class LineToModel:
 class ModelToLine:
     """Agent audio: 80 ms model frames -> line packets of ``packet_ms`` at ``line_rate`` (int16)."""
 
-    def __init__(self, line_rate: int, *, packet_ms: int = PACKET_MS, quality: str = "HQ") -> None:
+    def __init__(self, line_rate: int, *, packet_ms: int = PACKET_MS, quality: str = "HQ",
+                 engine: str = "fir") -> None:
         if line_rate * packet_ms % 1000:
             raise ValueError(f"{packet_ms} ms is not a whole number of samples at {line_rate} Hz")
         self.line_rate = line_rate
         self.packet_samples = line_rate * packet_ms // 1000
-        self.resampler = StreamResampler(MODEL_RATE, line_rate, np.int16, quality=quality)
+        self.resampler = StreamResampler(MODEL_RATE, line_rate, np.int16, quality=quality, engine=engine)
         frame_out = -(-MODEL_FRAME_SAMPLES * line_rate // MODEL_RATE)
         self._packets = Rechunker(self.packet_samples, np.int16, capacity=4 * frame_out + 4 * self.packet_samples)
 
