@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--host", default="127.0.0.1", help="listen address of both (default 127.0.0.1)")
     up.add_argument("--worker-port", type=int, default=8765)
     up.add_argument("--http-port", type=int, default=8080, help="the gateway's HTTP port (admin API)")
+    up.add_argument("--sip-port", type=int, default=5060, help="the gateway's SIP UDP port (default 5060)")
     up.add_argument("--state-dir", type=Path, default=Path(".personagate"),
                     help="where the local operator token is kept (default: .personagate)")
     up.add_argument("--redis-url", help="route through this Redis (worker heartbeats, gateway claims) instead of "
@@ -362,7 +363,7 @@ def _run_up(args: argparse.Namespace) -> int:
         worker_args.append("--greedy")
     options = UpOptions(host=args.host, worker_port=args.worker_port, http_port=args.http_port,
                         tenants=args.tenants, state_dir=args.state_dir, worker_args=tuple(worker_args),
-                        redis_url=args.redis_url)
+                        redis_url=args.redis_url, sip_port=args.sip_port)
     return asyncio.run(run_up(options))
 
 

@@ -1,4 +1,4 @@
-"""``personagate up``: the whole stack on one machine — a worker and a gateway, each in its own
+"""``personagate up``: the whole stack on one machine — a worker and a gateway (HTTP and SIP), each in its own
 process (so the model's compute never shares an interpreter with the gateway's real-time work),
 supervised together: both start, both are reported ready, and both stop when either stops. Ctrl-C
 stops both at once; SIGTERM drains both (calls in progress finish; a second signal stops at once).
@@ -38,6 +38,7 @@ class UpOptions:
     state_dir: Path
     worker_args: tuple[str, ...]  # --model, --weights, --slots, --device, --greedy as given
     redis_url: str | None = None  # routing through Redis instead of the gateway's embedded store
+    sip_port: int = 5060  # the gateway's SIP (UDP) port, on ``host``
 
 
 def operator_token(state_dir: Path) -> tuple[str, Path]:
@@ -70,7 +71,7 @@ async def run_up(options: UpOptions) -> int:
         env=worker_env)
     gateway = await asyncio.create_subprocess_exec(
         *cli, "gateway", "--host", options.host, "--port", str(options.http_port), "--tenants", str(options.tenants),
-        "--admin-tokens", str(tokens_file), *routing)
+        "--admin-tokens", str(tokens_file), "--sip-host", options.host, "--sip-port", str(options.sip_port), *routing)
     children = {"worker": worker, "gateway": gateway}
 
     signals: asyncio.Queue[int] = asyncio.Queue()
@@ -137,10 +138,13 @@ personagate is up.
   worker        {worker}
   routing       {"Redis at " + _redact(options.redis_url) if options.redis_url else "embedded (no Redis)"}
   tenants       {options.tenants} (edits apply to new calls within seconds)
+  SIP           udp {_url_host(options.host)}:{options.sip_port}   (trunks from loopback; the dialed number picks the tenant)
   admin API     {admin}/v1/admin   (docs: {admin}/docs)
   admin token   {token}   (operator; kept in {tokens_file.parent})
 
-Talk to a tenant's persona:
+Call a tenant's number over SIP (a real pjsua2 caller; plays the wav, records the agent, prints timings):
+  .venv/bin/personagate call sip:+14155550186@{_url_host(options.host)}:{options.sip_port} --play caller.wav --record agent.wav
+Talk to a tenant's persona without SIP:
   .venv/bin/personagate session {worker} --persona harbor-mutual/claims --record agent.wav
 List the tenants:
   curl -H 'Authorization: Bearer {token}' {admin}/v1/admin/tenants

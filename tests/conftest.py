@@ -28,6 +28,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def udp_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def serve(command: list[str], ready_url: str, *, env: dict[str, str] | None = None, timeout: float = 60.0
           ) -> Iterator[subprocess.Popen]:

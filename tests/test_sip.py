@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import free_port, serve
+from tests.conftest import free_port, serve, udp_free_port
 
 pytest.importorskip("pjsua2")
 
@@ -27,12 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 OPEN_NUMBER = "+14155550186"  # harbor-mutual's catastrophe line: answered at any hour
 CLOSED_NUMBER = "+442079460318"  # northwind-bank, whose hours (in the test's copy) are always closed
 CALL_TIMEOUT = 30
-
-
-def udp_free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

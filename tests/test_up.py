@@ -14,17 +14,17 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import free_port
+from tests.conftest import free_port, udp_free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_up_serves_a_worker_and_the_admin_api_and_stops_both_on_ctrl_c(tmp_path):
     shutil.copytree(REPO / "tenants", tmp_path / "tenants")
-    worker_port, http_port = free_port(), free_port()
+    worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
     up = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "up", "--worker-port", str(worker_port), "--http-port", str(http_port),
-         "--slots", "2"],
+         "--sip-port", str(sip_port), "--slots", "2"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env=os.environ | {"PYTHONPATH": str(REPO)},
     )
@@ -57,6 +57,16 @@ def test_up_serves_a_worker_and_the_admin_api_and_stops_both_on_ctrl_c(tmp_path)
         assert talk.returncode == 0, talk.stderr
         assert json.loads(talk.stdout)["close"] == [1000, "session ended: client_end"]
 
+        # The printed SIP call works: a real pjsua2 caller through the gateway to the tiny model and back.
+        assert any(f"personagate call sip:+14155550186@127.0.0.1:{sip_port}" in line for line in lines)
+        dialed = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "call", f"sip:+14155550186@127.0.0.1:{sip_port}", "--seconds", "1"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert dialed.returncode == 0, dialed.stderr[-3000:]
+        report = json.loads(dialed.stdout)
+        assert report["status"] == 200 and report["seconds_received"] >= 0.9, report
+
         up.send_signal(signal.SIGINT)
         assert up.wait(60) == 0
         for port in (worker_port, http_port):
@@ -74,10 +84,10 @@ def test_sigterm_on_up_drains_both_and_exits(tmp_path):
     """SIGTERM (systemd, kill) is passed on as a drain: with no calls in progress both processes
     finish at once and `up` exits 0."""
     shutil.copytree(REPO / "tenants", tmp_path / "tenants")
-    worker_port, http_port = free_port(), free_port()
+    worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
     up = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "up", "--worker-port", str(worker_port), "--http-port", str(http_port),
-         "--slots", "1"],
+         "--sip-port", str(sip_port), "--slots", "1"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env=os.environ | {"PYTHONPATH": str(REPO)},
     )
