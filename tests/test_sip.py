@@ -149,3 +149,67 @@ def test_full_worker_is_503_with_retry_after_and_bye_frees_the_slot(stack: dict[
            "the slot is free again")
     again = call(stack, OPEN_NUMBER, "--seconds", "1")
     assert again["status"] == 200 and again["answered"], again
+
+
+@pytest.fixture(scope="module")
+def stuck_stack(tenants: Path) -> Iterator[dict[str, str]]:
+    """A gateway whose only worker never finishes priming, with a 1.5 s answer timeout."""
+    env = os.environ | {"PERSONAGATE_GATEWAY_SIP_ANSWER_TIMEOUT_SECONDS": "1.5",
+                        "PERSONAGATE_GATEWAY_SIP_RETRY_AFTER_SECONDS": "7"}
+    worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
+    worker = [sys.executable, "-m", "tests.stuck_worker", str(worker_port)]
+    gateway = [sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants", str(tenants),
+               "--worker", f"http://127.0.0.1:{worker_port}", "--sip-port", str(sip_port)]
+    with serve(worker, f"http://127.0.0.1:{worker_port}/readyz", env=env), \
+            serve(gateway, f"http://127.0.0.1:{http_port}/readyz", env=env):
+        http = f"http://127.0.0.1:{http_port}"
+        _until(lambda: _ready(http)["slots_free"] == 2, "the gateway sees the stuck worker's slots")
+        yield {"sip": f"127.0.0.1:{sip_port}", "http": http}
+
+
+def test_priming_timeout_is_503_and_releases_the_slot(stuck_stack: dict[str, str]) -> None:
+    began = time.monotonic()
+    report = call(stuck_stack, OPEN_NUMBER, "--seconds", "1")
+    assert report["status"] == 503 and report["retry_after"] == "7", report
+    assert "seconds_to_180" in report and "seconds_to_183" in report, report
+    assert 1.4 <= time.monotonic() - began <= 10, report
+    _until(lambda: _ready(stuck_stack["http"])["calls"] == 0, "the claim is released", timeout=5)
+
+
+def test_cancel_before_answer_releases_the_claim(stuck_stack: dict[str, str]) -> None:
+    command = [*_call_command(stuck_stack, OPEN_NUMBER, "--seconds", "1"), "--timeout", "0.8"]
+    caller = subprocess.Popen(command,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        _until(lambda: _ready(stuck_stack["http"])["calls"] == 1, "the call is being set up", timeout=5)
+        out, _ = caller.communicate(timeout=CALL_TIMEOUT)
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait()
+    report = json.loads(out)
+    assert report["status"] == 487 and not report["answered"], report  # 487 Request Terminated: CANCEL worked
+    _until(lambda: _ready(stuck_stack["http"])["calls"] == 0, "the claim is released", timeout=3)
+
+
+def test_sip_helpers() -> None:
+    from gateway.routing import Refusal
+    from gateway.sip.inbound import refusal_answer
+    from gateway.sip.leg import parse_response
+    from gateway.sip.server import AllowList, dialed_number, source_ip
+
+    assert dialed_number("INVITE sip:+14155550186@10.0.0.1:5060;transport=udp SIP/2.0\r\n") == "+14155550186"
+    assert dialed_number("INVITE sip:%2B1-415-555-0186@gw SIP/2.0\r\n") == "+14155550186"
+    assert dialed_number("INVITE tel:+442079460318 SIP/2.0\r\n") == "+442079460318"
+    assert dialed_number("OPTIONS sip:gw SIP/2.0\r\n") is None
+    assert source_ip("127.0.0.1:5060") == "127.0.0.1" and source_ip("[::1]:5060") == "::1"
+    allow = AllowList(["127.0.0.0/8", "10.1.0.0/16", "::1/128"])
+    assert "127.0.0.1" in allow and "10.1.2.3" in allow and "::1" in allow
+    assert "10.2.0.1" not in allow and "not-an-ip" not in allow
+    assert refusal_answer(Refusal("tenant_limit", "x")) == (486, "Busy Here", {})
+    for reason in ("no_capacity", "unavailable", "draining"):
+        status, _, headers = refusal_answer(Refusal(reason, "x", 2.5))
+        assert status == 503 and headers == {"Retry-After": "3"}
+    response = parse_response("SIP/2.0 503 No Agent\r\nRetry-After: 5\r\nCSeq: 1 INVITE\r\n\r\n")
+    assert response is not None and response.status == 503 and response.headers["retry-after"] == "5"
+    assert parse_response("INVITE sip:x SIP/2.0\r\n\r\n") is None
