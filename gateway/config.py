@@ -54,7 +54,9 @@ class GatewaySettings(LayeredSettings):
     sip_allow: list[str] = Field(
         ["127.0.0.0/8", "::1/128"],
         description="trunks admitted by source address (CIDRs); INVITEs from elsewhere get 403")
-    sip_max_calls: int = Field(256, ge=1, le=4096, description="pjsua's call table (capped by the library's build)")
+    sip_max_calls: int = Field(
+        256, ge=1, le=4096, description="pjsua's call table; capped by the library's build (PJSUA_MAX_CALLS: 4 in the "
+                                        "pjsua2-python 2.15.1 wheel)")
     sip_answer_timeout_seconds: float = Field(
         20.0, gt=0, le=300, description="from INVITE to a primed session; later → 503 with Retry-After")
     sip_retry_after_seconds: float = Field(5.0, ge=1, le=3600, description="Retry-After on a 503 for a priming timeout")

@@ -213,3 +213,31 @@ def test_sip_helpers() -> None:
     response = parse_response("SIP/2.0 503 No Agent\r\nRetry-After: 5\r\nCSeq: 1 INVITE\r\n\r\n")
     assert response is not None and response.status == 503 and response.headers["retry-after"] == "5"
     assert parse_response("INVITE sip:x SIP/2.0\r\n\r\n") is None
+
+
+def test_agent_call_ending_by_itself_sends_bye(tenants: Path) -> None:
+    """The worker dies mid-call and no other worker can take the call (no_worker): the gateway hangs up."""
+    env = os.environ | {"NO_TORCH_COMPILE": "1"}
+    worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
+    worker = [sys.executable, "-m", "gateway.cli", "worker", "--model", "echo", "--port", str(worker_port),
+              "--slots", "1"]
+    gateway = [sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants", str(tenants),
+               "--worker", f"http://127.0.0.1:{worker_port}", "--sip-port", str(sip_port)]
+    with serve(gateway, f"http://127.0.0.1:{http_port}/readyz", env=env), \
+            serve(worker, f"http://127.0.0.1:{worker_port}/readyz", env=env) as worker_proc:
+        stack = {"sip": f"127.0.0.1:{sip_port}", "http": f"http://127.0.0.1:{http_port}"}
+        _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the gateway sees the worker")
+        caller = subprocess.Popen(_call_command(stack, OPEN_NUMBER, "--seconds", "20"), stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+        try:
+            _until(lambda: _ready(stack["http"])["calls"] == 1, "the call is up")
+            time.sleep(0.5)
+            worker_proc.kill()
+            out, _ = caller.communicate(timeout=CALL_TIMEOUT)  # the call's rehome deadline is 5 s
+        finally:
+            if caller.poll() is None:
+                caller.kill()
+                caller.wait()
+    report = json.loads(out)
+    assert report["status"] == 200 and report["hung_up"] == "gateway", report
+    assert report["seconds_received"] < 15, report
