@@ -118,6 +118,7 @@ def test_call_is_answered_when_primed_and_the_echo_comes_back(stack: dict[str, s
 def test_unknown_number_is_404(stack: dict[str, str]) -> None:
     report = call(stack, "+15550000000", "--seconds", "1")
     assert report["status"] == 404 and not report["answered"], report
+    assert _metrics(stack["http"])['personagate_gateway_sip_invites_total{answer="404"}'] >= 1
     assert "seconds_to_180" not in report
 
 
@@ -149,6 +150,21 @@ def test_full_worker_is_503_with_retry_after_and_bye_frees_the_slot(stack: dict[
            "the slot is free again")
     again = call(stack, OPEN_NUMBER, "--seconds", "1")
     assert again["status"] == 200 and again["answered"], again
+    metrics = _metrics(stack["http"])
+    assert metrics['personagate_gateway_sip_invites_total{answer="503"}'] >= 1
+    assert metrics['personagate_gateway_sip_invites_total{answer="200"}'] >= 2
+    assert metrics["personagate_gateway_sip_setup_seconds_count"] >= 2
+    assert metrics["personagate_gateway_sip_first_agent_audio_seconds_count"] >= 2
+    assert metrics["personagate_gateway_sip_calls_active"] == 0
+
+
+def _metrics(http: str) -> dict[str, float]:
+    samples = {}
+    for line in httpx.get(f"{http}/metrics", timeout=5).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +206,7 @@ def test_cancel_before_answer_releases_the_claim(stuck_stack: dict[str, str]) ->
     report = json.loads(out)
     assert report["status"] == 487 and not report["answered"], report  # 487 Request Terminated: CANCEL worked
     _until(lambda: _ready(stuck_stack["http"])["calls"] == 0, "the claim is released", timeout=3)
+    assert _metrics(stuck_stack["http"])['personagate_gateway_sip_invites_total{answer="cancelled"}'] >= 1
 
 
 def test_sip_helpers() -> None:

@@ -33,6 +33,7 @@ from ..calls import AgentCall, Calls, PersonaRejected
 from ..routing import Refusal
 from .leg import Leg, LegEvent
 from .media import RINGBACK, MediaBridge, MediaBuffers
+from .metrics import SipMetrics
 
 if TYPE_CHECKING:
     from ..tenants.tenant import PersonaConfig, Tenant
@@ -82,7 +83,7 @@ class InboundCall:
 
     def __init__(self, *, ua: UserAgent, leg: Leg, sip_call_id: str, number: str, caller: str, tenant: Tenant,
                  persona: PersonaConfig, calls: Calls, answer_timeout: float, retry_after: float,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, metrics: SipMetrics) -> None:
         self.ua = ua
         self.leg_serial = leg.serial
         self._leg = leg  # used only on the pjsua thread (``_command``); never touched from the loop
@@ -95,6 +96,7 @@ class InboundCall:
         self.answer_timeout = answer_timeout
         self.retry_after = retry_after
         self.loop = loop
+        self.metrics = metrics
         self.buffers: MediaBuffers = leg.buffers
         self.state = S.RINGING
         self.history: list[tuple[SipCallState, float]] = [(S.RINGING, time.monotonic())]
@@ -102,6 +104,7 @@ class InboundCall:
         self.answer: tuple[int, str] | None = None  # a refusal sent
         self.end_reason: str | None = None
         self.first_agent_audio: float | None = None
+        self.answered_at: float | None = None
         self._gone = asyncio.Event()  # the dialog is over (CANCEL, BYE, or any disconnect)
         self._confirmed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -188,6 +191,7 @@ class InboundCall:
         if start.cancelled():
             if self._gone.is_set():
                 self._to(S.CANCELLED)
+                self.metrics.invites.labels(answer="cancelled").inc()
                 log.info("SIP call cancelled before answer", extra={"sip_call_id": self.sip_call_id})
             else:
                 self._refuse(UNAVAILABLE, "Agent Not Ready", {"Retry-After": str(max(1, math.ceil(self.retry_after)))},
@@ -204,6 +208,7 @@ class InboundCall:
         if self._gone.is_set():  # CANCEL raced the session's start
             await agent.end("hangup")
             self._to(S.CANCELLED)
+            self.metrics.invites.labels(answer="cancelled").inc()
             return
         self.agent = agent
 
@@ -212,6 +217,7 @@ class InboundCall:
         self._to(S.REFUSED)
         self.answer = (status, reason)
         self._command("respond", status, reason, headers)
+        self.metrics.invites.labels(answer=str(status)).inc()
         log.info("SIP call refused: %d %s", status, reason, extra={
             "sip_call_id": self.sip_call_id, "number": self.number, "tenant": self.tenant.id, "why": why})
 
@@ -221,6 +227,9 @@ class InboundCall:
         self.buffers.ringback = None
         self._to(S.ANSWERING)
         self._command("respond", 200, "OK")
+        self.answered_at = time.monotonic()
+        self.metrics.invites.labels(answer="200").inc()
+        self.metrics.setup_seconds.observe(self.answered_at - self.history[0][1])
         ended = asyncio.create_task(agent.wait_ended())
         gone = asyncio.create_task(self._gone.wait())
         confirmed = asyncio.create_task(self._confirmed.wait())
@@ -245,6 +254,9 @@ class InboundCall:
             await bridge.stop()
         self._to(S.ENDED)
         stats = self.buffers.pacer.stats()
+        self.metrics.outbound_underruns.inc(stats.underruns)
+        self.metrics.outbound_shed.inc(stats.shed)
+        self.metrics.caller_frames_dropped.inc(self.buffers.inbound_dropped)
         log.info("SIP call ended", extra={
             "sip_call_id": self.sip_call_id, "reason": self.end_reason, "outbound_underruns": stats.underruns,
             "outbound_shed": stats.shed, "caller_frames_dropped": self.buffers.inbound_dropped})
@@ -252,6 +264,8 @@ class InboundCall:
     def _agent_audio(self) -> None:
         if self.first_agent_audio is None:
             self.first_agent_audio = time.monotonic()
+            if self.answered_at is not None:
+                self.metrics.first_agent_audio_seconds.observe(self.first_agent_audio - self.answered_at)
 
     def _agent_call_id(self) -> str:
         """The SIP Call-ID as the call id (at most 128 characters: longer ones are shortened, kept unique)."""

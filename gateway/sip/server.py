@@ -30,6 +30,7 @@ from ..tenants.tenant import Rejection
 from .inbound import InboundCall
 from .leg import Leg
 from .media import MediaBuffers
+from .metrics import SipMetrics
 from .ua import UaConfig, UserAgent
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class SipServer:
         self.ua: UserAgent | None = None
         self.port: int | None = None
         self.active: dict[int, InboundCall] = {}
-        self.invites: dict[str, int] = {}  # by answer: "180", "404", ...
+        self.metrics = SipMetrics(calls.metrics.registry)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
@@ -119,9 +120,6 @@ class SipServer:
         account.create(cfg, True)
         return account
 
-    def _count(self, answer: int) -> None:
-        self.invites[str(answer)] = self.invites.get(str(answer), 0) + 1
-
     # ------------------------------------------------------------------ the pjsua thread
 
     def _incoming(self, account: pj.Account, call_index: int, message: str, source: str) -> None:
@@ -142,16 +140,16 @@ class SipServer:
         if isinstance(answer, Rejection):
             return self._refuse(leg, answer.status, answer.reason, f"{tenant.id}: after hours", number, sip_call_id)
         leg.respond(180, "Ringing")
-        self._count(180)
         call = InboundCall(ua=self.ua, leg=leg, sip_call_id=sip_call_id, number=number, caller=source,
                            tenant=tenant, persona=answer, calls=self.calls,
                            answer_timeout=self.settings.sip_answer_timeout_seconds,
-                           retry_after=self.settings.sip_retry_after_seconds, loop=self._loop)
+                           retry_after=self.settings.sip_retry_after_seconds, loop=self._loop,
+                           metrics=self.metrics)
         self._loop.call_soon_threadsafe(self._begin, call)
 
     def _refuse(self, leg: Leg, status: int, reason: str, why: str, number: str | None, sip_call_id: str) -> None:
         leg.respond(status, reason)
-        self._count(status)
+        self.metrics.invites.labels(answer=str(status)).inc()
         log.info("INVITE refused: %d %s", status, reason, extra={
             "sip_call_id": sip_call_id, "number": number, "why": why})
 
@@ -159,6 +157,11 @@ class SipServer:
 
     def _begin(self, call: InboundCall) -> None:
         self.active[call.leg_serial] = call
+        self.metrics.calls_active.set(len(self.active))
         call.begin()
         assert call.task is not None
-        call.task.add_done_callback(lambda _: self.active.pop(call.leg_serial, None))
+        call.task.add_done_callback(lambda _: self._done(call))
+
+    def _done(self, call: InboundCall) -> None:
+        self.active.pop(call.leg_serial, None)
+        self.metrics.calls_active.set(len(self.active))

@@ -1,0 +1,40 @@
+"""The SIP front end's Prometheus metrics, on the gateway's registry (``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# INVITE to 200 OK: routing, the claim and the persona's priming (a few ms cached; seconds if not).
+SETUP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0)
+# 200 OK to the agent's first audio queued for the caller.
+FIRST_AUDIO_BUCKETS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
+
+
+class SipMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.invites = Counter(
+            "personagate_gateway_sip_invites_total",
+            "INVITEs by the gateway's final answer: 200, 403 (source not allowed), 404 (unknown number), the "
+            "tenant's after-hours status, 486 (tenant limit), 503 (no slot, store unavailable, draining, priming "
+            "timeout), 500, or cancelled (CANCEL or hang-up before the answer).",
+            ["answer"], registry=r,
+        )
+        self.calls_active = Gauge(
+            "personagate_gateway_sip_calls_active", "SIP calls being set up (ringing) or answered.", registry=r)
+        self.setup_seconds = Histogram(
+            "personagate_gateway_sip_setup_seconds", "From the INVITE to 200 OK sent (the session primed).",
+            buckets=SETUP_BUCKETS, registry=r)
+        self.first_agent_audio_seconds = Histogram(
+            "personagate_gateway_sip_first_agent_audio_seconds",
+            "From 200 OK sent to the agent's first audio queued for the caller.",
+            buckets=FIRST_AUDIO_BUCKETS, registry=r)
+        self.outbound_underruns = Counter(
+            "personagate_gateway_sip_outbound_underruns_total",
+            "20 ms packets the bridge asked for when no agent audio was queued (silence was sent).", registry=r)
+        self.outbound_shed = Counter(
+            "personagate_gateway_sip_outbound_shed_total",
+            "20 ms packets of agent audio dropped to keep the outbound buffer shallow.", registry=r)
+        self.caller_frames_dropped = Counter(
+            "personagate_gateway_sip_caller_frames_dropped_total",
+            "20 ms caller frames dropped because the event loop did not take them in time.", registry=r)
