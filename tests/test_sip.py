@@ -258,3 +258,24 @@ def test_agent_call_ending_by_itself_sends_bye(tenants: Path) -> None:
     report = json.loads(out)
     assert report["status"] == 200 and report["hung_up"] == "gateway", report
     assert report["seconds_received"] < 15, report
+
+
+@pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+def test_sipp_call_with_pcmu_rtp(stack: dict[str, str], tmp_path: Path) -> None:
+    """A third-party UA (sipp) offering PCMU only: answered, its RTP reaches the gateway, BYE answered."""
+    before = _metrics(stack["http"])
+    t = np.arange(int(1.5 * 8000)) / 8000
+    soundfile.write(tmp_path / "caller-pcmu.wav", 0.3 * np.sin(2 * np.pi * 600 * t), 8000, subtype="ULAW")
+    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    done = subprocess.run(
+        ["sipp", "-sf", str(ROOT / "tests" / "sipp" / "pcmu_call.xml"), "-s", OPEN_NUMBER, stack["sip"],
+         "-i", "127.0.0.1", "-p", str(udp_free_port()), "-mp", str(udp_free_port()), "-m", "1", "-timeout", "20",
+         "-timeout_error", "-nostdin", "-trace_err"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=40, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
+    after = _metrics(stack["http"])
+    answered = 'personagate_gateway_sip_invites_total{answer="200"}'
+    assert after[answered] == before.get(answered, 0) + 1
+    received = "personagate_gateway_sip_rtp_packets_received_total"
+    assert after[received] - before[received] >= 60, (before[received], after[received])  # 1.5 s at 50 packets/s

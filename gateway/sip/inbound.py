@@ -105,6 +105,7 @@ class InboundCall:
         self.end_reason: str | None = None
         self.first_agent_audio: float | None = None
         self.answered_at: float | None = None
+        self.rtp: dict[str, object] = {}  # the audio stream's receive statistics, when the dialog ended
         self._gone = asyncio.Event()  # the dialog is over (CANCEL, BYE, or any disconnect)
         self._confirmed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -116,6 +117,7 @@ class InboundCall:
         if event.kind == "confirmed":
             self._confirmed.set()
         elif event.kind == "disconnected":
+            self.rtp = event.stats
             self._gone.set()
 
     def _command(self, fn_name: str, *args: object) -> None:
@@ -248,6 +250,9 @@ class InboundCall:
             else:
                 self.end_reason = agent.end_reason
                 self._command("bye")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await self._gone.wait()  # the BYE's answer: the dialog is over, its RTP counted
         finally:
             for task in (ended, gone, confirmed):
                 task.cancel()
@@ -257,9 +262,10 @@ class InboundCall:
         self.metrics.outbound_underruns.inc(stats.underruns)
         self.metrics.outbound_shed.inc(stats.shed)
         self.metrics.caller_frames_dropped.inc(self.buffers.inbound_dropped)
+        self.metrics.observe_rtp(self.rtp)
         log.info("SIP call ended", extra={
             "sip_call_id": self.sip_call_id, "reason": self.end_reason, "outbound_underruns": stats.underruns,
-            "outbound_shed": stats.shed, "caller_frames_dropped": self.buffers.inbound_dropped})
+            "outbound_shed": stats.shed, "caller_frames_dropped": self.buffers.inbound_dropped, **self.rtp})
 
     def _agent_audio(self) -> None:
         if self.first_agent_audio is None:

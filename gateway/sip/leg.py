@@ -31,6 +31,7 @@ class LegEvent:
     status: int = 0
     reason: str = ""
     headers: dict[str, str] = field(default_factory=dict)
+    stats: dict[str, object] = field(default_factory=dict)  # "disconnected": the audio stream's RTP statistics
 
 
 def parse_response(message: str) -> LegEvent | None:
@@ -59,6 +60,7 @@ class Leg(pj.Call):
         self.events: Callable[[LegEvent], None] = lambda event: None
         self.port: FramePort | None = None
         self.over = False
+        self.rtp_stats: dict[str, object] = {}  # taken as the audio stream is destroyed (before DISCONNECTED)
 
     def onCallState(self, prm: pj.OnCallStateParam) -> None:
         info = self.getInfo()
@@ -69,8 +71,12 @@ class Leg(pj.Call):
             self.events(LegEvent("confirmed", info.lastStatusCode, info.lastReason))
         elif info.state == pj.PJSIP_INV_STATE_DISCONNECTED and not self.over:
             self.over = True
-            self.events(LegEvent("disconnected", info.lastStatusCode, info.lastReason))
+            self.events(LegEvent("disconnected", info.lastStatusCode, info.lastReason, stats=self.rtp_stats or self.stream_stats()))
             self.ua.post(self._release)
+
+    def onStreamDestroyed(self, prm: pj.OnStreamDestroyedParam) -> None:
+        if not self.rtp_stats:
+            self.rtp_stats = self.stream_stats(prm.streamIdx)
 
     def _response(self, event: pj.SipEvent) -> None:
         """A final response to our INVITE, with its headers (e.g. Retry-After), as a ``response`` event."""
@@ -113,10 +119,10 @@ class Leg(pj.Call):
         else:
             self.answer(call_op(status, reason, headers))
 
-    def stream_stats(self) -> dict[str, object]:
+    def stream_stats(self, index: int = 0) -> dict[str, object]:
         """RTP receive statistics of the audio stream (pjmedia's RTCP view): packets, loss, jitter."""
         try:
-            rx = self.getStreamStat(0).rtcp.rxStat
+            rx = self.getStreamStat(index).rtcp.rxStat
         except pj.Error:
             return {}
         return {"rtp_packets_received": rx.pkt, "rtp_packets_lost": rx.loss,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # INVITE to 200 OK: routing, the claim and the persona's priming (a few ms cached; seconds if not).
 SETUP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0)
 # 200 OK to the agent's first audio queued for the caller.
 FIRST_AUDIO_BUCKETS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
+JITTER_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1)
 
 
 class SipMetrics:
@@ -35,6 +38,23 @@ class SipMetrics:
         self.outbound_shed = Counter(
             "personagate_gateway_sip_outbound_shed_total",
             "20 ms packets of agent audio dropped to keep the outbound buffer shallow.", registry=r)
+        self.rtp_packets_received = Counter(
+            "personagate_gateway_sip_rtp_packets_received_total", "RTP packets received from callers.", registry=r)
+        self.rtp_packets_lost = Counter(
+            "personagate_gateway_sip_rtp_packets_lost_total", "RTP packets from callers that never arrived.",
+            registry=r)
+        self.rtp_jitter_seconds = Histogram(
+            "personagate_gateway_sip_rtp_jitter_seconds",
+            "Each call's mean RTP inter-arrival jitter from the caller (pjmedia's RFC 3550 estimate).",
+            buckets=JITTER_BUCKETS, registry=r)
         self.caller_frames_dropped = Counter(
             "personagate_gateway_sip_caller_frames_dropped_total",
             "20 ms caller frames dropped because the event loop did not take them in time.", registry=r)
+
+    def observe_rtp(self, stats: dict[str, Any]) -> None:
+        """A call's receive statistics (``Leg.stream_stats``) when it ended."""
+        if not stats:
+            return
+        self.rtp_packets_received.inc(stats["rtp_packets_received"])
+        self.rtp_packets_lost.inc(stats["rtp_packets_lost"])
+        self.rtp_jitter_seconds.observe(stats["rx_jitter_ms"]["mean"] / 1000)
