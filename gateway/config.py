@@ -60,6 +60,8 @@ class GatewaySettings(LayeredSettings):
     sip_answer_timeout_seconds: float = Field(
         20.0, gt=0, le=300, description="from INVITE to a primed session; later → 503 with Retry-After")
     sip_retry_after_seconds: float = Field(5.0, ge=1, le=3600, description="Retry-After on a 503 for a priming timeout")
+    sip_media_timeout_seconds: float = Field(
+        30.0, ge=1, le=3600, description="an answered call with no RTP from the caller this long is hung up (BYE)")
     sip_log_level: int = Field(1, ge=0, le=6, description="pjsua's own log level (stderr)")
 
     @field_validator("sip_allow")

@@ -41,8 +41,8 @@ def tenants(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(tenants: Path) -> Iterator[dict[str, str]]:
-    """A one-slot worker and a gateway with SIP on a free UDP port; yields their addresses."""
-    env = os.environ | {"NO_TORCH_COMPILE": "1"}
+    """A one-slot echo worker and a gateway with SIP on a free UDP port (media timeout 2 s); their addresses."""
+    env = os.environ | {"NO_TORCH_COMPILE": "1", "PERSONAGATE_GATEWAY_SIP_MEDIA_TIMEOUT_SECONDS": "2"}
     worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
     worker = [sys.executable, "-m", "gateway.cli", "worker", "--model", "echo", "--port", str(worker_port),
               "--slots", "1"]
@@ -279,3 +279,19 @@ def test_sipp_call_with_pcmu_rtp(stack: dict[str, str], tmp_path: Path) -> None:
     assert after[answered] == before.get(answered, 0) + 1
     received = "personagate_gateway_sip_rtp_packets_received_total"
     assert after[received] - before[received] >= 60, (before[received], after[received])  # 1.5 s at 50 packets/s
+
+
+@pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+def test_no_rtp_from_the_caller_is_hung_up(stack: dict[str, str], tmp_path: Path) -> None:
+    """The stack's media timeout is 2 s: a caller that sends no RTP at all gets BYE from the gateway."""
+    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    began = time.monotonic()
+    done = subprocess.run(
+        ["sipp", "-sf", str(ROOT / "tests" / "sipp" / "silent_call.xml"), "-s", OPEN_NUMBER, stack["sip"],
+         "-i", "127.0.0.1", "-p", str(udp_free_port()), "-mp", str(udp_free_port()), "-m", "1", "-timeout", "20",
+         "-timeout_error", "-nostdin", "-trace_err"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=40, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert 1.5 <= time.monotonic() - began <= 8
+    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
+    assert _metrics(stack["http"])['personagate_gateway_calls_ended_total{reason="media_timeout"}'] == 1

@@ -10,8 +10,9 @@
 - ``progress``: 183 Session Progress with SDP sent; the caller hears ringback as early media while
   ``Calls.start`` claims a slot and primes the persona on a worker.
 - ``answering``: the session is ready; 200 OK sent, waiting for the ACK (audio already flows both ways).
-- ``live``: ACK received. Ends by BYE from the caller (the agent call ends with ``hangup``) or by the agent
-  call ending by itself (``no_worker``, ``worker_ended``, ``shutdown``: the gateway sends BYE).
+- ``live``: ACK received. Ends by BYE from the caller (the agent call ends with ``hangup``), by the agent
+  call ending by itself (``no_worker``, ``worker_ended``, ``shutdown``: the gateway sends BYE), or by no RTP
+  from the caller for ``media_timeout`` seconds (``media_timeout``: BYE).
 - ``refused``: ``Refusal`` no_capacity / unavailable / draining → 503 with Retry-After; tenant_limit →
   486; the session not ready within ``answer_timeout`` → 503 with Retry-After; the persona refused by the
   worker → 500.
@@ -82,7 +83,7 @@ class InboundCall:
     """Made on the pjsua thread when an INVITE is routed (180 already sent); runs on the event loop."""
 
     def __init__(self, *, ua: UserAgent, leg: Leg, sip_call_id: str, number: str, caller: str, tenant: Tenant,
-                 persona: PersonaConfig, calls: Calls, answer_timeout: float, retry_after: float,
+                 persona: PersonaConfig, calls: Calls, answer_timeout: float, retry_after: float, media_timeout: float,
                  loop: asyncio.AbstractEventLoop, metrics: SipMetrics) -> None:
         self.ua = ua
         self.leg_serial = leg.serial
@@ -95,6 +96,7 @@ class InboundCall:
         self.calls = calls
         self.answer_timeout = answer_timeout
         self.retry_after = retry_after
+        self.media_timeout = media_timeout
         self.loop = loop
         self.metrics = metrics
         self.buffers: MediaBuffers = leg.buffers
@@ -235,26 +237,31 @@ class InboundCall:
         ended = asyncio.create_task(agent.wait_ended())
         gone = asyncio.create_task(self._gone.wait())
         confirmed = asyncio.create_task(self._confirmed.wait())
+        silent = asyncio.create_task(self._media_watch())
         try:
-            await asyncio.wait({ended, gone, confirmed}, return_when=asyncio.FIRST_COMPLETED)
-            if confirmed.done() and not gone.done() and not ended.done():
+            await asyncio.wait({ended, gone, confirmed, silent}, return_when=asyncio.FIRST_COMPLETED)
+            if confirmed.done() and not gone.done() and not ended.done() and not silent.done():
                 self._to(S.LIVE)
                 log.info("SIP call live", extra={
                     "sip_call_id": self.sip_call_id, "number": self.number, "tenant": self.tenant.id,
                     "persona": agent.persona_name, "setup_seconds": round(time.monotonic() - self.history[0][1], 3)})
-                await asyncio.wait({ended, gone}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({ended, gone, silent}, return_when=asyncio.FIRST_COMPLETED)
             self._to(S.ENDING)
             if gone.done():
                 self.end_reason = "hangup"
                 await agent.end("hangup")
             else:
+                if silent.done() and not ended.done():
+                    log.warning("no RTP from the caller for %g s: hanging up", self.media_timeout,
+                                extra={"sip_call_id": self.sip_call_id})
+                    await agent.end("media_timeout")
                 self.end_reason = agent.end_reason
                 self._command("bye")
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(2.0):
                         await self._gone.wait()  # the BYE's answer: the dialog is over, its RTP counted
         finally:
-            for task in (ended, gone, confirmed):
+            for task in (ended, gone, confirmed, silent):
                 task.cancel()
             await bridge.stop()
         self._to(S.ENDED)
@@ -266,6 +273,23 @@ class InboundCall:
         log.info("SIP call ended", extra={
             "sip_call_id": self.sip_call_id, "reason": self.end_reason, "outbound_underruns": stats.underruns,
             "outbound_shed": stats.shed, "caller_frames_dropped": self.buffers.inbound_dropped, **self.rtp})
+
+    async def _media_watch(self) -> None:
+        """Returns once no RTP has come from the caller for ``media_timeout`` seconds (checked every second)."""
+        leg = self._leg
+        last, since = -1, time.monotonic()
+        while True:
+            await asyncio.sleep(min(1.0, self.media_timeout / 2))
+            try:
+                async with asyncio.timeout(2.0):
+                    stats = await asyncio.wrap_future(self.ua.submit(lambda: leg.stream_stats() if leg else {}))
+            except TimeoutError:
+                continue
+            received = stats.get("rtp_packets_received", 0)
+            if received != last:
+                last, since = received, time.monotonic()
+            elif time.monotonic() - since >= self.media_timeout:
+                return
 
     def _agent_audio(self) -> None:
         if self.first_agent_audio is None:

@@ -143,7 +143,8 @@ class SipServer:
         call = InboundCall(ua=self.ua, leg=leg, sip_call_id=sip_call_id, number=number, caller=source,
                            tenant=tenant, persona=answer, calls=self.calls,
                            answer_timeout=self.settings.sip_answer_timeout_seconds,
-                           retry_after=self.settings.sip_retry_after_seconds, loop=self._loop,
+                           retry_after=self.settings.sip_retry_after_seconds,
+                           media_timeout=self.settings.sip_media_timeout_seconds, loop=self._loop,
                            metrics=self.metrics)
         self._loop.call_soon_threadsafe(self._begin, call)
 
