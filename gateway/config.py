@@ -62,6 +62,9 @@ class GatewaySettings(LayeredSettings):
     sip_retry_after_seconds: float = Field(5.0, ge=1, le=3600, description="Retry-After on a 503 for a priming timeout")
     sip_media_timeout_seconds: float = Field(
         30.0, ge=1, le=3600, description="an answered call with no RTP from the caller this long is hung up (BYE)")
+    sip_max_call_seconds: float | None = Field(
+        None, gt=0, description="a cap on every call's duration from the answer, below the tenants' own "
+                                "limits.max_call_seconds (which always apply); unset: the tenants' limits only")
     sip_log_level: int = Field(1, ge=0, le=6, description="pjsua's own log level (stderr)")
 
     @field_validator("sip_allow")

@@ -41,8 +41,10 @@ def tenants(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(tenants: Path) -> Iterator[dict[str, str]]:
-    """A one-slot echo worker and a gateway with SIP on a free UDP port (media timeout 2 s); their addresses."""
-    env = os.environ | {"NO_TORCH_COMPILE": "1", "PERSONAGATE_GATEWAY_SIP_MEDIA_TIMEOUT_SECONDS": "2"}
+    """A one-slot echo worker and a gateway with SIP on a free UDP port (media timeout 2 s, calls cut at 4 s);
+    yields their addresses."""
+    env = os.environ | {"NO_TORCH_COMPILE": "1", "PERSONAGATE_GATEWAY_SIP_MEDIA_TIMEOUT_SECONDS": "2",
+                        "PERSONAGATE_GATEWAY_SIP_MAX_CALL_SECONDS": "4"}
     worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
     worker = [sys.executable, "-m", "gateway.cli", "worker", "--model", "echo", "--port", str(worker_port),
               "--slots", "1"]
@@ -295,3 +297,11 @@ def test_no_rtp_from_the_caller_is_hung_up(stack: dict[str, str], tmp_path: Path
     assert 1.5 <= time.monotonic() - began <= 8
     _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
     assert _metrics(stack["http"])['personagate_gateway_calls_ended_total{reason="media_timeout"}'] == 1
+
+
+def test_a_call_is_cut_at_its_maximum_duration(stack: dict[str, str]) -> None:
+    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    report = call(stack, OPEN_NUMBER, "--seconds", "15")
+    assert report["status"] == 200 and report["hung_up"] == "gateway", report
+    assert 3.5 <= report["seconds_received"] <= 6, report
+    assert _metrics(stack["http"])['personagate_gateway_calls_ended_total{reason="max_duration"}'] == 1

@@ -12,7 +12,9 @@
 - ``answering``: the session is ready; 200 OK sent, waiting for the ACK (audio already flows both ways).
 - ``live``: ACK received. Ends by BYE from the caller (the agent call ends with ``hangup``), by the agent
   call ending by itself (``no_worker``, ``worker_ended``, ``shutdown``: the gateway sends BYE), or by no RTP
-  from the caller for ``media_timeout`` seconds (``media_timeout``: BYE).
+  from the caller for ``media_timeout`` seconds (``media_timeout``: BYE), or by reaching the tenant's
+  ``limits.max_call_seconds`` (or the gateway's ``sip_max_call_seconds``, if lower) from the answer
+  (``max_duration``: BYE).
 - ``refused``: ``Refusal`` no_capacity / unavailable / draining → 503 with Retry-After; tenant_limit →
   486; the session not ready within ``answer_timeout`` → 503 with Retry-After; the persona refused by the
   worker → 500.
@@ -84,6 +86,7 @@ class InboundCall:
 
     def __init__(self, *, ua: UserAgent, leg: Leg, sip_call_id: str, number: str, caller: str, tenant: Tenant,
                  persona: PersonaConfig, calls: Calls, answer_timeout: float, retry_after: float, media_timeout: float,
+                 max_call_seconds: float | None,
                  loop: asyncio.AbstractEventLoop, metrics: SipMetrics) -> None:
         self.ua = ua
         self.leg_serial = leg.serial
@@ -97,6 +100,7 @@ class InboundCall:
         self.answer_timeout = answer_timeout
         self.retry_after = retry_after
         self.media_timeout = media_timeout
+        self.max_call_seconds = max_call_seconds  # the gateway's cap; the tenant's limits.max_call_seconds applies too
         self.loop = loop
         self.metrics = metrics
         self.buffers: MediaBuffers = leg.buffers
@@ -238,14 +242,16 @@ class InboundCall:
         gone = asyncio.create_task(self._gone.wait())
         confirmed = asyncio.create_task(self._confirmed.wait())
         silent = asyncio.create_task(self._media_watch())
+        limit = min(self.tenant.spec.limits.max_call_seconds, self.max_call_seconds or math.inf)
+        too_long = asyncio.create_task(asyncio.sleep(limit))
         try:
-            await asyncio.wait({ended, gone, confirmed, silent}, return_when=asyncio.FIRST_COMPLETED)
-            if confirmed.done() and not gone.done() and not ended.done() and not silent.done():
+            await asyncio.wait({ended, gone, confirmed, silent, too_long}, return_when=asyncio.FIRST_COMPLETED)
+            if confirmed.done() and not any(t.done() for t in (gone, ended, silent, too_long)):
                 self._to(S.LIVE)
                 log.info("SIP call live", extra={
                     "sip_call_id": self.sip_call_id, "number": self.number, "tenant": self.tenant.id,
                     "persona": agent.persona_name, "setup_seconds": round(time.monotonic() - self.history[0][1], 3)})
-                await asyncio.wait({ended, gone, silent}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({ended, gone, silent, too_long}, return_when=asyncio.FIRST_COMPLETED)
             self._to(S.ENDING)
             if gone.done():
                 self.end_reason = "hangup"
@@ -255,13 +261,17 @@ class InboundCall:
                     log.warning("no RTP from the caller for %g s: hanging up", self.media_timeout,
                                 extra={"sip_call_id": self.sip_call_id})
                     await agent.end("media_timeout")
+                elif too_long.done() and not ended.done():
+                    log.info("the call reached its maximum duration (%g s): hanging up", limit,
+                             extra={"sip_call_id": self.sip_call_id, "tenant": self.tenant.id})
+                    await agent.end("max_duration")
                 self.end_reason = agent.end_reason
                 self._command("bye")
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(2.0):
                         await self._gone.wait()  # the BYE's answer: the dialog is over, its RTP counted
         finally:
-            for task in (ended, gone, confirmed, silent):
+            for task in (ended, gone, confirmed, silent, too_long):
                 task.cancel()
             await bridge.stop()
         self._to(S.ENDED)
@@ -270,8 +280,14 @@ class InboundCall:
         self.metrics.outbound_shed.inc(stats.shed)
         self.metrics.caller_frames_dropped.inc(self.buffers.inbound_dropped)
         self.metrics.observe_rtp(self.rtp)
-        log.info("SIP call ended", extra={
-            "sip_call_id": self.sip_call_id, "reason": self.end_reason, "outbound_underruns": stats.underruns,
+        began = self.history[0][1]
+        log.info("SIP call ended", extra={  # the call record: one JSON line per answered call
+            "sip_call_id": self.sip_call_id, "tenant": self.tenant.id, "persona": agent.persona_name,
+            "number": self.number, "caller": self.caller, "worker_id": agent.worker_id, "reason": self.end_reason,
+            "setup_seconds": round(self.answered_at - began, 3) if self.answered_at else None,
+            "first_agent_audio_seconds": round(self.first_agent_audio - self.answered_at, 3)
+            if self.first_agent_audio and self.answered_at else None,
+            "seconds": round(time.monotonic() - began, 2), "outbound_underruns": stats.underruns,
             "outbound_shed": stats.shed, "caller_frames_dropped": self.buffers.inbound_dropped, **self.rtp})
 
     async def _media_watch(self) -> None:

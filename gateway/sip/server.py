@@ -144,7 +144,8 @@ class SipServer:
                            tenant=tenant, persona=answer, calls=self.calls,
                            answer_timeout=self.settings.sip_answer_timeout_seconds,
                            retry_after=self.settings.sip_retry_after_seconds,
-                           media_timeout=self.settings.sip_media_timeout_seconds, loop=self._loop,
+                           media_timeout=self.settings.sip_media_timeout_seconds,
+                           max_call_seconds=self.settings.sip_max_call_seconds, loop=self._loop,
                            metrics=self.metrics)
         self._loop.call_soon_threadsafe(self._begin, call)
 
