@@ -171,9 +171,10 @@ def _metrics(http: str) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def stuck_stack(tenants: Path) -> Iterator[dict[str, str]]:
-    """A gateway whose only worker never finishes priming, with a 1.5 s answer timeout."""
+    """A gateway whose only worker never finishes priming, with a 1.5 s answer timeout; trunks from 127.0.0.1 only."""
     env = os.environ | {"PERSONAGATE_GATEWAY_SIP_ANSWER_TIMEOUT_SECONDS": "1.5",
-                        "PERSONAGATE_GATEWAY_SIP_RETRY_AFTER_SECONDS": "7"}
+                        "PERSONAGATE_GATEWAY_SIP_RETRY_AFTER_SECONDS": "7",
+                        "PERSONAGATE_GATEWAY_SIP_ALLOW": '["127.0.0.1/32"]'}
     worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
     worker = [sys.executable, "-m", "tests.stuck_worker", str(worker_port)]
     gateway = [sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants", str(tenants),
@@ -209,6 +210,12 @@ def test_cancel_before_answer_releases_the_claim(stuck_stack: dict[str, str]) ->
     assert report["status"] == 487 and not report["answered"], report  # 487 Request Terminated: CANCEL worked
     _until(lambda: _ready(stuck_stack["http"])["calls"] == 0, "the claim is released", timeout=3)
     assert _metrics(stuck_stack["http"])['personagate_gateway_sip_invites_total{answer="cancelled"}'] >= 1
+
+
+def test_a_source_outside_the_allow_list_is_403(stuck_stack: dict[str, str]) -> None:
+    report = call(stuck_stack, OPEN_NUMBER, "--seconds", "1", "--host", "127.0.0.2")
+    assert report["status"] == 403 and "seconds_to_180" not in report, report
+    assert _metrics(stuck_stack["http"])['personagate_gateway_sip_invites_total{answer="403"}'] == 1
 
 
 def test_sip_helpers() -> None:
