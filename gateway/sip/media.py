@@ -7,7 +7,7 @@ Two halves on two threads:
   into the inbound queue; a requested frame is the next prepared outbound frame, a ringback frame, or
   silence. Nothing there calls pjsua, allocates big objects, or waits.
 - ``MediaBridge`` (asyncio, one per call) does the rest: 20 ms caller frames → ``LineToModel`` (a stateful
-  soxr resampler, 16 → 24 kHz, and exact 80 ms framing) → ``AgentCall.send``; agent frames → ``ModelToLine``
+  resampler from ``gateway/audio``, 16 → 24 kHz, and exact 80 ms framing) → ``AgentCall.send``; agent frames → ``ModelToLine``
   (24 → 16 kHz, 20 ms packets) → ``OutboundPacer``, which is shallow and sheds instead of building lag, so
   barge-in stays immediate, and counts underruns (silence played) and sheds.
 

@@ -35,7 +35,7 @@ T = TypeVar("T")
 # The conference bridge's clock, and the rate of our media ports. 16 kHz, deliberately: it is G.722's own
 # rate, so wideband calls cross the bridge with no conversion at all, and PCMU/PCMA (8 kHz) are converted
 # once by pjmedia's large-filter resampler (``quality`` 10) at the stream port; the one conversion to the
-# model's 24 kHz happens outside the bridge, in a stateful soxr resampler per direction (``media.py``).
+# model's 24 kHz happens outside the bridge, in a stateful resampler per direction (``gateway/audio``, via ``media.py``).
 # A 24 kHz bridge would make pjmedia do that conversion too, with its own filter, for every codec; an 8 kHz
 # bridge would throw away G.722's upper band.
 CLOCK_RATE = 16_000
