@@ -187,7 +187,6 @@ def _run_session(args: argparse.Namespace) -> int:
     import httpx
     import numpy as np
     import soundfile
-    import soxr
 
     from gateway.worker_client import WorkerRefused, persona_message, talk
 
@@ -209,12 +208,9 @@ def _run_session(args: argparse.Namespace) -> int:
         persona = persona_message(args.prompt, voice=voice)
     caller = np.zeros(0, dtype=np.float32)
     if args.play is not None:
-        try:
-            audio, rate = soundfile.read(args.play, dtype="float32", always_2d=True)
-        except (OSError, RuntimeError) as exc:
-            print(f"personagate: {args.play}: not a readable audio file ({exc})", file=sys.stderr)
+        caller = _read_mono(args.play, 24_000)
+        if caller is None:
             return 2
-        caller = soxr.resample(audio.mean(axis=1), rate, 24_000).astype(np.float32)
     seconds = args.seconds or (len(caller) / 24_000 if len(caller) else 5.0)
     try:
         report, agent = asyncio.run(talk(args.url, persona, caller_audio=caller, seconds=seconds))
@@ -235,7 +231,6 @@ def _run_call(args: argparse.Namespace) -> int:
 
     import numpy as np
     import soundfile
-    import soxr
 
     from gateway.sip.caller import place_call
     from gateway.sip.ua import CLOCK_RATE
@@ -245,12 +240,9 @@ def _run_call(args: argparse.Namespace) -> int:
         return 2
     play = None
     if args.play is not None:
-        try:
-            audio, rate = soundfile.read(args.play, dtype="float32", always_2d=True)
-        except (OSError, RuntimeError) as exc:
-            print(f"personagate: {args.play}: not a readable audio file ({exc})", file=sys.stderr)
+        mono = _read_mono(args.play, CLOCK_RATE)
+        if mono is None:
             return 2
-        mono = soxr.resample(audio.mean(axis=1), rate, CLOCK_RATE)
         play = np.clip(np.round(mono * 32767), -32768, 32767).astype(np.int16)
     seconds = args.seconds or (len(play) / CLOCK_RATE if play is not None and len(play) else 5.0)
     result = place_call(args.uri, play, seconds, host=args.host, timeout=args.timeout)
@@ -258,6 +250,20 @@ def _run_call(args: argparse.Namespace) -> int:
         soundfile.write(args.record, result.audio, CLOCK_RATE, subtype="PCM_16")
     print(json.dumps(result.report, indent=2))
     return 0 if result.report["answered"] else 1
+
+
+def _read_mono(path: Path, rate: int):
+    """A wav/flac file as mono float32 at ``rate``, or None after saying why it cannot be read."""
+    import numpy as np
+    import soundfile
+    import soxr
+
+    try:
+        audio, source_rate = soundfile.read(path, dtype="float32", always_2d=True)
+    except (OSError, RuntimeError) as exc:
+        print(f"personagate: {path}: not a readable audio file ({exc})", file=sys.stderr)
+        return None
+    return soxr.resample(audio.mean(axis=1), source_rate, rate).astype(np.float32)
 
 
 def _tenant_persona(name: str, tenants: Path) -> dict[str, object] | None:

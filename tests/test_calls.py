@@ -39,7 +39,7 @@ from gateway.serving import GracefulServer
 from gateway.tenants.registry import TenantRegistry
 from gateway.tenants.tenant import PersonaConfig, Tenant
 from gateway.worker_client import AgentAudio, WorkerSession
-from tests.conftest import free_port, serve
+from tests.conftest import free_port, serve, stop_process
 from tests.redis_server import RedisServer
 
 FRAME = 0.08
@@ -90,7 +90,7 @@ def workers(n: int, *, redis: RedisServer | None = None, prefix: str = "", slots
                        "--greedy"]
             log = stack.enter_context(tempfile.TemporaryFile())
             proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
-            stack.callback(_stop, proc)
+            stack.callback(stop_process, proc)
             out[worker_id] = (port, proc, log)
         deadline = time.monotonic() + 90
         for worker_id, (port, proc, log) in out.items():
@@ -106,15 +106,6 @@ def _ready(port: int) -> bool:
     with contextlib.suppress(httpx.HTTPError):
         return httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
     return False
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @dataclass
