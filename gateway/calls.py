@@ -74,6 +74,7 @@ CALLER_BACKLOG_FRAMES = 4  # caller frames waiting for the worker; older ones ar
 AGENT_BACKLOG_EVENTS = 32  # agent frames and text waiting for the front end; older ones are dropped
 PING_TIMEOUT_SECONDS = 0.5  # a worker the reaper calls dead, but that answers a ping this fast, keeps its calls
 CLOSE_TIMEOUT_SECONDS = 1.0  # for a worker to close a session we ended
+LOOP_STOP_SECONDS = 5.0  # for the background loops to stop once cancelled
 MAX_CALL_ID = 128  # the worker protocol's session_id limit
 
 # Close codes after which the call stays with its worker's verdict instead of moving: 1000 is the worker
@@ -685,11 +686,14 @@ class Calls:
     async def close(self) -> None:
         """End every call (``shutdown``), stop the loops, close the router."""
         await self.stop()
-        for task in self._loops:
+        tasks = [*self._loops, *self._side_tasks]
+        for task in tasks:
             task.cancel()
-        for task in list(self._side_tasks):
-            task.cancel()
-        await asyncio.gather(*self._loops, *self._side_tasks, return_exceptions=True)
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=LOOP_STOP_SECONDS)
+            if stuck:
+                log.error("background tasks did not stop in time; leaving them",
+                          extra={"tasks": sorted(t.get_name() for t in stuck)})
         self._loops = []
         if self._http is not None:
             await self._http.aclose()
@@ -740,6 +744,10 @@ class Calls:
                 raise
             except Exception:
                 log.exception("background step %s failed; retrying", getattr(step, "__name__", step))
+            if _cancelling():
+                # A cancel that a step turned into an ordinary failure (a Redis call's own timeout firing
+                # at the same moment, say) must still stop the loop, or close() waits for it forever.
+                raise asyncio.CancelledError
 
     def _store(self, ok: bool) -> None:
         self.store_reachable = ok

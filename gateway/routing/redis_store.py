@@ -163,6 +163,11 @@ class RedisRouter(Router):
                 raise  # a bug in a script, not an outage
             raise self._unavailable(exc) from exc
         except (RedisError, OSError, TimeoutError) as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # The caller is being cancelled and the cancel surfaced as a timeout or a dropped
+                # connection: stop, rather than report an outage the caller's loop would retry.
+                raise asyncio.CancelledError from exc
             raise self._unavailable(exc) from exc
         if not self._reachable:
             self._reachable = True
