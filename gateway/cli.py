@@ -8,7 +8,7 @@
     personagate tenants token TENANT | --operator
     personagate gateway [--config gateway.yaml] [--tenants DIR] [--admin-tokens FILE] [--host H] [--port 8080]
                         [--redis-url URL | --worker http://127.0.0.1:8765 ...]
-    personagate call sip:NUMBER@HOST:PORT [--play in.wav] [--record out.wav] [--seconds N]
+    personagate call sip:NUMBER@HOST:PORT [--play in.wav] [--record out.wav] [--seconds N] [--dtmf 0@2.0]
     personagate bench routing [--redis-url URL] [--workers 4 --slots 32 --claims 20000 --concurrency 64]
 """
 
@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
                                                     "(default: the --play file, or 5 s)")
     call.add_argument("--timeout", type=float, default=30.0, help="give up if not answered in this many seconds")
     call.add_argument("--host", default="127.0.0.1", help="the caller's own SIP/RTP address (default 127.0.0.1)")
+    call.add_argument("--dtmf", action="append", default=[], metavar="DIGITS@SECONDS",
+                      help="send DIGITS (RFC 4733) this many seconds after the answer, e.g. 0@2.0; repeatable")
+    call.add_argument("--accept-refer", action="store_true",
+                      help="answer a REFER 202 and call its target (default: refuse it, 603)")
 
     up = commands.add_parser("up", help="the whole stack on one machine: a worker and the gateway, supervised")
     _worker_options(up)
@@ -245,7 +249,16 @@ def _run_call(args: argparse.Namespace) -> int:
             return 2
         play = np.clip(np.round(mono * 32767), -32768, 32767).astype(np.int16)
     seconds = args.seconds or (len(play) / CLOCK_RATE if play is not None and len(play) else 5.0)
-    result = place_call(args.uri, play, seconds, host=args.host, timeout=args.timeout)
+    dtmf = []
+    for item in args.dtmf:
+        digits, _, at = item.partition("@")
+        try:
+            dtmf.append((digits, float(at or 0)))
+        except ValueError:
+            print(f"personagate: --dtmf {item!r}: expected DIGITS@SECONDS", file=sys.stderr)
+            return 2
+    result = place_call(args.uri, play, seconds, host=args.host, timeout=args.timeout, dtmf=dtmf,
+                        refer_answer=202 if args.accept_refer else 603)
     if args.record is not None:
         soundfile.write(args.record, result.audio, CLOCK_RATE, subtype="PCM_16")
     print(json.dumps(result.report, indent=2))

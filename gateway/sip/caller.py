@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import queue
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,8 +78,12 @@ def is_ringback(pcm: np.ndarray, rate: int = CLOCK_RATE) -> bool:
 
 
 def place_call(uri: str, play: np.ndarray | None, seconds: float, *, host: str = "127.0.0.1",
-               timeout: float = 30.0) -> CallResult:
-    """Call ``uri``; once answered, play ``play`` (16 kHz s16) and record for ``seconds``; then hang up."""
+               timeout: float = 30.0, dtmf: Sequence[tuple[str, float]] = (), refer_answer: int = 603) -> CallResult:
+    """Call ``uri``; once answered, play ``play`` (16 kHz s16) and record for ``seconds``; then hang up.
+
+    ``dtmf``: (digits, seconds after the answer) sent as RFC 4733 telephone-events. A REFER received is
+    answered ``refer_answer`` (603 refuses it; 202 accepts it and pjsua calls the Refer-To target, reporting
+    that call's progress in NOTIFYs); its Refer-To URI goes in the report as ``refer_to``."""
     events: queue.SimpleQueue[tuple[float, LegEvent]] = queue.SimpleQueue()
     buffers = _CallerBuffers()
 
@@ -98,16 +103,19 @@ def place_call(uri: str, play: np.ndarray | None, seconds: float, *, host: str =
     def dial() -> None:
         assert ua.account is not None
         leg = Leg(ua, ua.account, buffers=buffers)
+        leg.refer_answer = refer_answer
         leg.events = lambda event: events.put((time.monotonic(), event))
         ua.keep(leg.serial, leg)
         serials.append(leg.serial)
         leg.makeCall(uri, call_op())
 
-    def on_leg(fn_name: str) -> Any:
+    def on_leg(fn_name: str, *args: Any) -> Any:
         def run() -> Any:
             leg = ua.kept(serials[0])
-            return getattr(leg, fn_name)() if leg is not None else {}
+            return getattr(leg, fn_name)(*args) if leg is not None else {}
         return run
+
+    pending = sorted(dtmf, key=lambda item: item[1])
 
     report: dict[str, Any] = {"uri": uri}
     began = time.monotonic()
@@ -120,6 +128,11 @@ def place_call(uri: str, play: np.ndarray | None, seconds: float, *, host: str =
         nonlocal answered_at, ended
         while not ended and time.monotonic() < until:
             was_answered = answered_at is not None
+            while pending and answered_at is not None and time.monotonic() >= answered_at + pending[0][1]:
+                digits, _ = pending.pop(0)
+                ua.post(on_leg("dial_dtmf", digits))
+                report.setdefault("dtmf_sent", []).append({"digits": digits,
+                                                           "at": round(time.monotonic() - answered_at, 3)})
             try:
                 at, event = events.get(timeout=max(0.001, min(0.05, until - time.monotonic())))
             except queue.Empty:
@@ -138,6 +151,10 @@ def place_call(uri: str, play: np.ndarray | None, seconds: float, *, host: str =
                 if play is not None and len(play):
                     whole = len(play) - len(play) % (BYTES_PER_FRAME // 2)
                     buffers.play(play[:whole].astype("<i2").tobytes())
+            elif event.kind == "refer":
+                report.setdefault("refers", []).append({"refer_to": event.headers["refer_to"],
+                                                        "answer": event.status, "at": elapsed})
+                report["refer_to"] = event.headers["refer_to"]
             elif event.kind == "disconnected":
                 ended = True
                 report.setdefault("status", event.status)

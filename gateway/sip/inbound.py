@@ -14,7 +14,9 @@
   call ending by itself (``no_worker``, ``worker_ended``, ``shutdown``: the gateway sends BYE), or by no RTP
   from the caller for ``media_timeout`` seconds (``media_timeout``: BYE), or by reaching the tenant's
   ``limits.max_call_seconds`` (or the gateway's ``sip_max_call_seconds``, if lower) from the answer
-  (``max_duration``: BYE).
+  (``max_duration``: BYE), or by a blind transfer the caller's side reports done (``transfer``: the tenant's
+  ``escalation.dtmf_digit`` pressed → REFER to ``escalation.transfer_to``; a 2xx NOTIFY → BYE; a refused
+  REFER, a failure NOTIFY or none within ``TRANSFER_TIMEOUT`` keeps the caller with the agent).
 - ``refused``: ``Refusal`` no_capacity / unavailable / draining → 503 with Retry-After; tenant_limit →
   486; the session not ready within ``answer_timeout`` → 503 with Retry-After; the persona refused by the
   worker → 500.
@@ -70,6 +72,7 @@ TRANSITIONS: dict[SipCallState, frozenset[SipCallState]] = {
 
 BUSY = 486
 UNAVAILABLE = 503
+TRANSFER_TIMEOUT = 10.0  # seconds from the REFER to a final NOTIFY; after it the caller stays with the agent
 
 
 def refusal_answer(exc: Refusal) -> tuple[int, str, dict[str, str]]:
@@ -115,6 +118,12 @@ class InboundCall:
         self._gone = asyncio.Event()  # the dialog is over (CANCEL, BYE, or any disconnect)
         self._confirmed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.dtmf: list[str] = []  # digits received, in order
+        self.transfer_result: str | None = None  # the last escalation's: success, failed, timeout
+        self.transfer_timeout = TRANSFER_TIMEOUT
+        self._transfer_final: asyncio.Future[LegEvent] | None = None  # a REFER awaiting its final NOTIFY
+        self._escalation: asyncio.Task[None] | None = None
+        self._transferred = asyncio.Event()  # the escalation target took the call
         leg.events = lambda event: loop.call_soon_threadsafe(self._on_event, event)
 
     # ------------------------------------------------------------------ pjsua → loop
@@ -125,6 +134,52 @@ class InboundCall:
         elif event.kind == "disconnected":
             self.rtp = event.stats
             self._gone.set()
+        elif event.kind == "dtmf":
+            self._digit(event.reason, event.headers.get("method", "rfc4733"))
+        elif event.kind == "transfer":
+            log.info("transfer progress: %d %s", event.status, event.reason,
+                     extra={"sip_call_id": self.sip_call_id, "final": bool(event.headers.get("final"))})
+            final = self._transfer_final
+            if final is not None and not final.done() and (event.headers.get("final") or event.status >= 200):
+                final.set_result(event)
+
+    def _digit(self, digit: str, method: str) -> None:
+        self.dtmf.append(digit)
+        self.metrics.dtmf.labels(method=method).inc()
+        escalation = self.tenant.spec.escalation
+        escalate = (escalation is not None and digit == escalation.dtmf_digit and self.state in (S.ANSWERING, S.LIVE)
+                    and (self._escalation is None or self._escalation.done()) and not self._transferred.is_set())
+        log.info("DTMF %s (%s)%s", digit, method, ": escalating" if escalate else "",
+                 extra={"sip_call_id": self.sip_call_id, "tenant": self.tenant.id})
+        if escalate:
+            assert escalation is not None
+            self._escalation = asyncio.create_task(self._escalate(escalation.transfer_to),
+                                                   name=f"sip-transfer-{self.sip_call_id}")
+
+    async def _escalate(self, target: str) -> None:
+        """Blind transfer to ``target`` (REFER); 2xx ends the call (``transfer``), anything else keeps it."""
+        final = self._transfer_final = self.loop.create_future()
+        self._command("transfer", target)
+        try:
+            async with asyncio.timeout(self.transfer_timeout):
+                event = await final
+        except TimeoutError:
+            result, status = "timeout", None
+        else:
+            status = event.status
+            result = "success" if 200 <= status < 300 else "failed"
+        finally:
+            self._transfer_final = None
+        self.transfer_result = result
+        self.metrics.transfers.labels(result=result).inc()
+        extra = {"sip_call_id": self.sip_call_id, "tenant": self.tenant.id, "transfer_to": target,
+                 "status": status, "result": result}
+        if result == "success":
+            log.info("call transferred to %s", target, extra=extra)
+            self._transferred.set()
+        else:
+            log.warning("transfer to %s did not complete (%s): the caller stays with the agent", target, result,
+                        extra=extra)
 
     def _command(self, fn_name: str, *args: object) -> None:
         leg = self._leg
@@ -244,20 +299,24 @@ class InboundCall:
         silent = asyncio.create_task(self._media_watch())
         limit = min(self.tenant.spec.limits.max_call_seconds, self.max_call_seconds or math.inf)
         too_long = asyncio.create_task(asyncio.sleep(limit))
+        transferred = asyncio.create_task(self._transferred.wait())
         try:
-            await asyncio.wait({ended, gone, confirmed, silent, too_long}, return_when=asyncio.FIRST_COMPLETED)
-            if confirmed.done() and not any(t.done() for t in (gone, ended, silent, too_long)):
+            await asyncio.wait({ended, gone, confirmed, silent, too_long, transferred},
+                               return_when=asyncio.FIRST_COMPLETED)
+            if confirmed.done() and not any(t.done() for t in (gone, ended, silent, too_long, transferred)):
                 self._to(S.LIVE)
                 log.info("SIP call live", extra={
                     "sip_call_id": self.sip_call_id, "number": self.number, "tenant": self.tenant.id,
                     "persona": agent.persona_name, "setup_seconds": round(time.monotonic() - self.history[0][1], 3)})
-                await asyncio.wait({ended, gone, silent, too_long}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({ended, gone, silent, too_long, transferred}, return_when=asyncio.FIRST_COMPLETED)
             self._to(S.ENDING)
             if gone.done():
                 self.end_reason = "hangup"
                 await agent.end("hangup")
             else:
-                if silent.done() and not ended.done():
+                if transferred.done() and not ended.done():
+                    await agent.end("transfer")  # the caller is with a human now: the session is released
+                elif silent.done() and not ended.done():
                     log.warning("no RTP from the caller for %g s: hanging up", self.media_timeout,
                                 extra={"sip_call_id": self.sip_call_id})
                     await agent.end("media_timeout")
@@ -271,8 +330,12 @@ class InboundCall:
                     async with asyncio.timeout(2.0):
                         await self._gone.wait()  # the BYE's answer: the dialog is over, its RTP counted
         finally:
-            for task in (ended, gone, confirmed, silent, too_long):
+            for task in (ended, gone, confirmed, silent, too_long, transferred):
                 task.cancel()
+            if self._escalation is not None and not self._escalation.done():
+                self._escalation.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._escalation
             await bridge.stop()
         self._to(S.ENDED)
         stats = self.buffers.pacer.stats()
@@ -288,7 +351,8 @@ class InboundCall:
             "first_agent_audio_seconds": round(self.first_agent_audio - self.answered_at, 3)
             if self.first_agent_audio and self.answered_at else None,
             "seconds": round(time.monotonic() - began, 2), "outbound_underruns": stats.underruns,
-            "outbound_shed": stats.shed, "caller_frames_dropped": self.buffers.inbound_dropped, **self.rtp})
+            "outbound_shed": stats.shed, "caller_frames_dropped": self.buffers.inbound_dropped,
+            "dtmf": "".join(self.dtmf), "transfer": self.transfer_result, **self.rtp})
 
     async def _media_watch(self) -> None:
         """Returns once no RTP has come from the caller for ``media_timeout`` seconds (checked every second)."""

@@ -27,7 +27,11 @@ _serials = itertools.count(1)
 
 @dataclass(frozen=True)
 class LegEvent:
-    kind: str  # "provisional" (1xx), "confirmed", "response" (a final response to our INVITE), "disconnected"
+    # "provisional" (1xx), "confirmed", "response" (a final response to our INVITE), "disconnected", "dtmf" (a
+    # digit received: ``reason`` is the digit, ``headers["method"]`` rfc4733 or info), "transfer" (the NOTIFY
+    # sipfrag status of our REFER, or the REFER's own failure: ``headers["final"]`` "1" when final), "refer" (a
+    # REFER received: ``headers["refer_to"]``)
+    kind: str
     status: int = 0
     reason: str = ""
     headers: dict[str, str] = field(default_factory=dict)
@@ -55,11 +59,13 @@ class Leg(pj.Call):
                  buffers: MediaBuffers) -> None:
         super().__init__(account, call_id)
         self.ua = ua
+        self.account = account
         self.serial = next(_serials)
         self.buffers = buffers
         self.events: Callable[[LegEvent], None] = lambda event: None
         self.port: FramePort | None = None
         self.over = False
+        self.refer_answer = 603  # the answer to a REFER received
         self.rtp_stats: dict[str, object] = {}  # taken as the audio stream is destroyed (before DISCONNECTED)
 
     def onCallState(self, prm: pj.OnCallStateParam) -> None:
@@ -73,6 +79,27 @@ class Leg(pj.Call):
             self.over = True
             self.events(LegEvent("disconnected", info.lastStatusCode, info.lastReason, stats=self.rtp_stats or self.stream_stats()))
             self.ua.post(self._release)
+
+    def onDtmfDigit(self, prm: pj.OnDtmfDigitParam) -> None:
+        # One callback per key press: pjmedia folds an RFC 4733 event's repeated and end packets into one
+        # digit, and a retransmitted INFO is absorbed by its transaction.
+        method = "info" if prm.method == pj.PJSUA_DTMF_METHOD_SIP_INFO else "rfc4733"
+        self.events(LegEvent("dtmf", 0, str(prm.digit), {"method": method}))
+
+    def onCallTransferStatus(self, prm: pj.OnCallTransferStatusParam) -> None:
+        self.events(LegEvent("transfer", prm.statusCode, prm.reason, {"final": "1" if prm.finalNotify else ""}))
+        if prm.finalNotify:
+            prm.cont = False
+
+    def onCallTransferRequest(self, prm: pj.OnCallTransferRequestParam) -> None:
+        """A REFER received (only callers see one): reported; refused unless ``refer_answer`` says 202, when
+        pjsua calls the target on a new leg (kept until it ends; its events are not reported)."""
+        self.events(LegEvent("refer", self.refer_answer, "", {"refer_to": str(prm.dstUri)}))
+        prm.statusCode = self.refer_answer
+        if 200 <= self.refer_answer < 300:
+            new = Leg(self.ua, self.account, buffers=MediaBuffers(inbound_frames=None))
+            self.ua.keep(new.serial, new)
+            prm.newCall = new  # pjsua2 needs the Call object for the new call (without one it crashes)
 
     def onStreamDestroyed(self, prm: pj.OnStreamDestroyedParam) -> None:
         if not self.rtp_stats:
@@ -128,6 +155,19 @@ class Leg(pj.Call):
         return {"rtp_packets_received": rx.pkt, "rtp_packets_lost": rx.loss,
                 "rx_jitter_ms": {"mean": round(rx.jitterUsec.mean / 1000, 2),
                                  "max": round(rx.jitterUsec.max / 1000, 2)}}
+
+    def transfer(self, uri: str) -> None:
+        """Blind transfer: REFER the other side to ``uri``; the outcome comes as ``transfer`` events."""
+        if not self.over:
+            try:
+                self.xfer(uri, call_op())
+            except pj.Error as exc:
+                self.events(LegEvent("transfer", 500, f"REFER not sent: {exc.reason}", {"final": "1"}))
+
+    def dial_dtmf(self, digits: str) -> None:
+        """Send ``digits`` as RFC 4733 telephone-events."""
+        if not self.over:
+            self.dialDtmf(digits)
 
     def bye(self) -> None:
         if not self.over:

@@ -51,6 +51,17 @@ class SipMetrics:
             "personagate_gateway_sip_caller_frames_dropped_total",
             "20 ms caller frames dropped because the event loop did not take them in time.", registry=r)
 
+        self.dtmf = Counter(
+            "personagate_gateway_sip_dtmf_total",
+            "DTMF digits received from callers, by method: rfc4733 (telephone-event) or info (SIP INFO).",
+            ["method"], registry=r)
+        self.transfers = Counter(
+            "personagate_gateway_sip_transfers_total",
+            "Blind transfers (REFER) to the tenant's escalation target by result: success (2xx NOTIFY: the call "
+            "ends), failed (REFER refused or a final failure NOTIFY: the caller stays with the agent), timeout "
+            "(no final result in time: the caller stays).",
+            ["result"], registry=r)
+
     def observe_rtp(self, stats: dict[str, Any]) -> None:
         """A call's receive statistics (``Leg.stream_stats``) when it ended."""
         if not stats:

@@ -1,0 +1,128 @@
+"""DTMF and escalation by REFER on live SIP calls, with real peers on loopback: a `personagate worker` (echo),
+a `personagate gateway` answering SIP, `personagate call` sending RFC 4733 digits (and answering the REFER),
+sipp as the transfer target (a plain UAS) and as a caller sending a digit by SIP INFO."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port, serve, udp_free_port
+from tests.test_sip import _metrics, _ready, _until
+
+pytest.importorskip("pjsua2")
+
+ROOT = Path(__file__).resolve().parent.parent
+NUMBER = "+14155550186"  # harbor-mutual's catastrophe line: answered at any hour; escalation digit 0
+CALL_TIMEOUT = 30
+needs_sipp = pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A one-slot echo worker and a SIP gateway whose tenant escalates digit 0 to a loopback URI (where a
+    test may run a sipp UAS)."""
+    folder = tmp_path_factory.mktemp("tenants")
+    shutil.copytree(ROOT / "tenants" / "harbor-mutual", folder / "harbor-mutual")
+    target_port = udp_free_port()
+    target = f"sip:humans@127.0.0.1:{target_port}"
+    yaml = folder / "harbor-mutual" / "tenant.yaml"
+    text, n = re.subn(r"transfer_to: \S+", f"transfer_to: {target}", yaml.read_text())
+    assert n == 1
+    yaml.write_text(text)
+    env = os.environ | {"NO_TORCH_COMPILE": "1"}
+    worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
+    worker = [sys.executable, "-m", "gateway.cli", "worker", "--model", "echo", "--port", str(worker_port),
+              "--slots", "1"]
+    gateway = [sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants", str(folder),
+               "--worker", f"http://127.0.0.1:{worker_port}", "--sip-port", str(sip_port)]
+    with serve(worker, f"http://127.0.0.1:{worker_port}/readyz", env=env), \
+            serve(gateway, f"http://127.0.0.1:{http_port}/readyz", env=env):
+        http = f"http://127.0.0.1:{http_port}"
+        _until(lambda: _ready(http)["slots_free"] == 1, "the gateway sees the worker's free slot")
+        yield {"sip": f"127.0.0.1:{sip_port}", "http": http, "target": target, "target_port": str(target_port)}
+
+
+def call(stack: dict[str, str], *args: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "call", f"sip:{NUMBER}@{stack['sip']}", "--timeout",
+                           str(CALL_TIMEOUT), *args], check=False, capture_output=True, text=True,
+                          timeout=CALL_TIMEOUT + 30)
+    assert done.returncode in (0, 1), done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def _count(metrics: dict[str, float], name: str) -> float:
+    return metrics.get(name, 0.0)
+
+
+def test_refused_refer_keeps_the_caller_with_the_agent(stack: dict[str, str]) -> None:
+    """Digit 5 is counted and does nothing; digit 0 makes the gateway REFER the caller to the tenant's
+    transfer_to; the caller refuses (603): the call goes on with the agent until the caller hangs up."""
+    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    before = _metrics(stack["http"])
+    report = call(stack, "--seconds", "4", "--dtmf", "5@0.5", "--dtmf", "0@1.5")
+    assert report["status"] == 200 and report["answered"], report
+    assert [r["refer_to"] for r in report.get("refers", [])] == [stack["target"]], report
+    assert report["refers"][0]["answer"] == 603
+    assert report["hung_up"] == "caller", report  # the gateway kept the call
+    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
+    after = _metrics(stack["http"])
+    rfc = 'personagate_gateway_sip_dtmf_total{method="rfc4733"}'
+    assert _count(after, rfc) - _count(before, rfc) == 2  # one count per key press, not per RTP packet
+    failed = 'personagate_gateway_sip_transfers_total{result="failed"}'
+    assert _count(after, failed) - _count(before, failed) == 1
+    hangup = 'personagate_gateway_calls_ended_total{reason="hangup"}'
+    assert _count(after, hangup) - _count(before, hangup) == 1
+
+
+@needs_sipp
+def test_accepted_refer_ends_the_call_with_transfer(stack: dict[str, str], tmp_path: Path) -> None:
+    """The caller accepts the REFER (202) and calls the target (a sipp UAS); the NOTIFY's 200 makes the
+    gateway end its call (reason transfer, the agent session released)."""
+    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    before = _metrics(stack["http"])
+    target = subprocess.Popen(
+        ["sipp", "-sn", "uas", "-i", "127.0.0.1", "-p", stack["target_port"], "-mp", str(udp_free_port()),
+         "-m", "1", "-timeout", "25", "-nostdin"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        report = call(stack, "--seconds", "8", "--dtmf", "0@1.0", "--accept-refer")
+    finally:
+        try:
+            target.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            target.kill()
+            target.wait(timeout=5)
+    assert report["status"] == 200 and report["answered"], report
+    assert report.get("refer_to") == stack["target"], report
+    assert report["hung_up"] == "gateway", report
+    _until(lambda: _ready(stack["http"])["calls"] == 0 and _ready(stack["http"])["slots_free"] == 1,
+           "the agent session is released")
+    after = _metrics(stack["http"])
+    success = 'personagate_gateway_sip_transfers_total{result="success"}'
+    assert _count(after, success) - _count(before, success) == 1
+    ended = 'personagate_gateway_calls_ended_total{reason="transfer"}'
+    assert _count(after, ended) - _count(before, ended) == 1
+
+
+@needs_sipp
+def test_dtmf_by_sip_info_is_counted(stack: dict[str, str], tmp_path: Path) -> None:
+    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    before = _metrics(stack["http"])
+    done = subprocess.run(
+        ["sipp", "-sf", str(ROOT / "tests" / "sipp" / "info_dtmf_call.xml"), "-s", NUMBER, stack["sip"],
+         "-i", "127.0.0.1", "-p", str(udp_free_port()), "-mp", str(udp_free_port()), "-m", "1", "-timeout", "20",
+         "-timeout_error", "-nostdin", "-trace_err"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=40, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
+    info = 'personagate_gateway_sip_dtmf_total{method="info"}'
+    assert _count(_metrics(stack["http"]), info) - _count(before, info) == 1
