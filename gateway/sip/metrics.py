@@ -23,6 +23,10 @@ class SipMetrics:
             "timeout), 500, or cancelled (CANCEL or hang-up before the answer).",
             ["answer"], registry=r,
         )
+        self.invites_shed = Counter(
+            "personagate_gateway_sip_invites_shed_total",
+            "INVITEs beyond the flood rate (server.FLOOD_RATE a second), held a moment, then refused 503 with "
+            "Retry-After (also counted in invites_total{answer=\"503\"}).", registry=r)
         self.calls_active = Gauge(
             "personagate_gateway_sip_calls_active", "SIP calls being set up (ringing) or answered.", registry=r)
         self.setup_seconds = Histogram(

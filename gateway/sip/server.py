@@ -10,6 +10,15 @@ An INVITE is decided on the pjsua thread at once (``_incoming``): a source addre
 the tenant's status and reason, otherwise 180 Ringing and an ``InboundCall`` on the event loop takes over
 (``inbound.py``: 183 with ringback, the session claimed and primed, 200 OK when it is ready).
 
+**Floods.** pjsua creates an INVITE's RTP and RTCP sockets before ``_incoming`` sees it, and pjlib returns a
+closed socket's ioqueue slot only 500 ms later (``PJ_IOQUEUE_KEY_FREE_DELAY``); the wheel's ioqueue has 64 slots
+(``PJ_IOQUEUE_MAX_HANDLES``), and when none is free pjlib *aborts the process* (an assertion in
+``pj_ioqueue_register_sock2``). Measured: a burst of INVITEs refused in a few ms each (about 1000 a second)
+killed the gateway within 50 of them. So beyond ``FLOOD_RATE`` INVITEs in a second the gateway refuses each
+with 503 and Retry-After *after holding it* ``FLOOD_HOLD_SECONDS``: pjsua's call table (4 calls in the wheel)
+stays full, so pjsua itself answers the rest 486 Busy Here at once, without opening sockets, and calls end at
+most ``PJSUA_MAX_CALLS / FLOOD_HOLD_SECONDS`` times a second (``personagate_gateway_sip_invites_shed_total``).
+
 Trunks are authenticated by source address only (``sip_allow``, CIDRs); digest authentication and REGISTER
 to a PBX or carrier are not here yet.
 """
@@ -20,6 +29,8 @@ import asyncio
 import ipaddress
 import logging
 import re
+import time
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
@@ -39,6 +50,10 @@ if TYPE_CHECKING:
     from ..tenants.registry import TenantRegistry
 
 log = logging.getLogger(__name__)
+
+# At most this many INVITEs a second are handled normally; the rest are held, then refused 503 (see above).
+FLOOD_RATE = 10
+FLOOD_HOLD_SECONDS = 0.25
 
 _REQUEST_LINE = re.compile(r"^INVITE\s+(?:sips?|tel):([^@;>\s]+)", re.IGNORECASE)
 
@@ -95,6 +110,7 @@ class SipServer:
         self.active: dict[int, InboundCall] = {}
         self.metrics = SipMetrics(calls.metrics.registry)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._arrivals: deque[float] = deque()  # INVITEs in the last second (pjsua thread)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -129,6 +145,8 @@ class SipServer:
         sip_call_id = leg.getInfo().callIdString
         ip = source_ip(source)
         number = dialed_number(message)
+        if self._flooded():
+            return self._shed(leg, number, sip_call_id)
         if ip not in self.allow:
             return self._refuse(leg, 403, "Forbidden", f"source {ip} is not in sip_allow", number, sip_call_id)
         if number is None:
@@ -148,6 +166,30 @@ class SipServer:
                            max_call_seconds=self.settings.sip_max_call_seconds, loop=self._loop,
                            metrics=self.metrics)
         self._loop.call_soon_threadsafe(self._begin, call)
+
+    def _flooded(self) -> bool:
+        now = time.monotonic()
+        while self._arrivals and self._arrivals[0] < now - 1.0:
+            self._arrivals.popleft()
+        if len(self._arrivals) >= FLOOD_RATE:
+            return True
+        self._arrivals.append(now)
+        return False
+
+    def _shed(self, leg: Leg, number: str | None, sip_call_id: str) -> None:
+        """503 after ``FLOOD_HOLD_SECONDS``: meanwhile the call holds its slot in pjsua's table."""
+        assert self.ua is not None and self._loop is not None
+        self.metrics.invites_shed.inc()
+        self.metrics.invites.labels(answer="503").inc()
+        retry = {"Retry-After": str(max(1, round(self.settings.sip_retry_after_seconds)))}
+        ua = self.ua
+
+        def refuse() -> None:
+            ua.post(lambda: leg.respond(503, "Service Unavailable", retry))
+
+        self._loop.call_soon_threadsafe(self._loop.call_later, FLOOD_HOLD_SECONDS, refuse)
+        log.info("INVITE refused: 503, more than %d INVITEs in a second", FLOOD_RATE, extra={
+            "sip_call_id": sip_call_id, "number": number, "why": "flood"})
 
     def _refuse(self, leg: Leg, status: int, reason: str, why: str, number: str | None, sip_call_id: str) -> None:
         leg.respond(status, reason)
