@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -126,3 +127,20 @@ def test_dtmf_by_sip_info_is_counted(stack: dict[str, str], tmp_path: Path) -> N
     _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
     info = 'personagate_gateway_sip_dtmf_total{method="info"}'
     assert _count(_metrics(stack["http"]), info) - _count(before, info) == 1
+
+
+def test_transfer_without_a_final_notify_times_out_and_keeps_the_caller(stack: dict[str, str]) -> None:
+    """The caller accepts the REFER but the target never answers (a socket that swallows the INVITE): no final
+    NOTIFY within the gateway's 10 s, so the transfer counts as a timeout and the caller stays with the agent."""
+    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    before = _metrics(stack["http"])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:
+        sink.bind(("127.0.0.1", int(stack["target_port"])))
+        report = call(stack, "--seconds", "13", "--dtmf", "0@0.5", "--accept-refer")
+    assert report["status"] == 200 and report["answered"], report
+    assert report.get("refer_to") == stack["target"], report
+    assert report["hung_up"] == "caller", report
+    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
+    after = _metrics(stack["http"])
+    timeout = 'personagate_gateway_sip_transfers_total{result="timeout"}'
+    assert _count(after, timeout) - _count(before, timeout) == 1
