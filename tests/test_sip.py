@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -39,22 +40,34 @@ def tenants(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def stack(tenants: Path) -> Iterator[dict[str, str]]:
-    """A one-slot echo worker and a gateway with SIP on a free UDP port (media timeout 2 s, calls cut at 4 s);
-    yields their addresses."""
-    env = os.environ | {"NO_TORCH_COMPILE": "1", "PERSONAGATE_GATEWAY_SIP_MEDIA_TIMEOUT_SECONDS": "2",
-                        "PERSONAGATE_GATEWAY_SIP_MAX_CALL_SECONDS": "4"}
+@contextlib.contextmanager
+def echo_stack(tenants: Path, env: dict[str, str] | None = None, *, gateway_first: bool = False
+               ) -> Iterator[tuple[dict[str, str], subprocess.Popen, subprocess.Popen]]:
+    """A one-slot echo worker and a gateway with SIP on a free UDP port, both real processes; yields
+    their addresses ({"sip", "port", "http", "worker"}), the worker process and the gateway process
+    once the gateway sees the worker's free slot."""
+    env = os.environ | {"NO_TORCH_COMPILE": "1"} | (env or {})
     worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
-    worker = [sys.executable, "-m", "gateway.cli", "worker", "--model", "echo", "--port", str(worker_port),
-              "--slots", "1"]
-    gateway = [sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants", str(tenants),
-               "--worker", f"http://127.0.0.1:{worker_port}", "--sip-port", str(sip_port)]
-    with serve(worker, f"http://127.0.0.1:{worker_port}/readyz", env=env), \
-            serve(gateway, f"http://127.0.0.1:{http_port}/readyz", env=env):
+    worker = serve([sys.executable, "-m", "gateway.cli", "worker", "--model", "echo", "--port", str(worker_port),
+                    "--slots", "1"], f"http://127.0.0.1:{worker_port}/readyz", env=env)
+    gateway = serve([sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants",
+                     str(tenants), "--worker", f"http://127.0.0.1:{worker_port}", "--sip-port", str(sip_port)],
+                    f"http://127.0.0.1:{http_port}/readyz", env=env)
+    with contextlib.ExitStack() as started:
+        procs = [started.enter_context(cm) for cm in ((gateway, worker) if gateway_first else (worker, gateway))]
+        worker_proc, gateway_proc = procs[::-1] if gateway_first else procs
         http = f"http://127.0.0.1:{http_port}"
         _until(lambda: _ready(http)["slots_free"] == 1, "the gateway sees the worker's free slot")
-        yield {"sip": f"127.0.0.1:{sip_port}", "http": http, "worker": f"http://127.0.0.1:{worker_port}"}
+        yield ({"sip": f"127.0.0.1:{sip_port}", "port": str(sip_port), "http": http,
+                "worker": f"http://127.0.0.1:{worker_port}"}, worker_proc, gateway_proc)
+
+
+@pytest.fixture(scope="module")
+def stack(tenants: Path) -> Iterator[dict[str, str]]:
+    """The echo stack with a media timeout of 2 s and calls cut at 4 s."""
+    with echo_stack(tenants, {"PERSONAGATE_GATEWAY_SIP_MEDIA_TIMEOUT_SECONDS": "2",
+                              "PERSONAGATE_GATEWAY_SIP_MAX_CALL_SECONDS": "4"}) as (addresses, _, _):
+        yield addresses
 
 
 def _ready(http: str) -> dict:
@@ -243,16 +256,7 @@ def test_sip_helpers() -> None:
 
 def test_agent_call_ending_by_itself_sends_bye(tenants: Path) -> None:
     """The worker dies mid-call and no other worker can take the call (no_worker): the gateway hangs up."""
-    env = os.environ | {"NO_TORCH_COMPILE": "1"}
-    worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
-    worker = [sys.executable, "-m", "gateway.cli", "worker", "--model", "echo", "--port", str(worker_port),
-              "--slots", "1"]
-    gateway = [sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants", str(tenants),
-               "--worker", f"http://127.0.0.1:{worker_port}", "--sip-port", str(sip_port)]
-    with serve(gateway, f"http://127.0.0.1:{http_port}/readyz", env=env), \
-            serve(worker, f"http://127.0.0.1:{worker_port}/readyz", env=env) as worker_proc:
-        stack = {"sip": f"127.0.0.1:{sip_port}", "http": f"http://127.0.0.1:{http_port}"}
-        _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the gateway sees the worker")
+    with echo_stack(tenants, gateway_first=True) as (stack, worker_proc, _):
         caller = subprocess.Popen(_call_command(stack, OPEN_NUMBER, "--seconds", "20"), stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL, text=True)
         try:

@@ -5,7 +5,6 @@ sipp as the transfer target (a plain UAS) and as a caller sending a digit by SIP
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
@@ -16,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, serve, udp_free_port
-from tests.test_sip import _metrics, _ready, _until
+from tests.conftest import udp_free_port
+from tests.test_sip import _metrics, _ready, _until, echo_stack
 
 pytest.importorskip("pjsua2")
 
@@ -39,17 +38,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     text, n = re.subn(r"transfer_to: \S+", f"transfer_to: {target}", yaml.read_text())
     assert n == 1
     yaml.write_text(text)
-    env = os.environ | {"NO_TORCH_COMPILE": "1"}
-    worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
-    worker = [sys.executable, "-m", "gateway.cli", "worker", "--model", "echo", "--port", str(worker_port),
-              "--slots", "1"]
-    gateway = [sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants", str(folder),
-               "--worker", f"http://127.0.0.1:{worker_port}", "--sip-port", str(sip_port)]
-    with serve(worker, f"http://127.0.0.1:{worker_port}/readyz", env=env), \
-            serve(gateway, f"http://127.0.0.1:{http_port}/readyz", env=env):
-        http = f"http://127.0.0.1:{http_port}"
-        _until(lambda: _ready(http)["slots_free"] == 1, "the gateway sees the worker's free slot")
-        yield {"sip": f"127.0.0.1:{sip_port}", "http": http, "target": target, "target_port": str(target_port)}
+    with echo_stack(folder) as (addresses, _, _):
+        yield addresses | {"target": target, "target_port": str(target_port)}
 
 
 def call(stack: dict[str, str], *args: str) -> dict:

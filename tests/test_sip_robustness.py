@@ -6,7 +6,6 @@ The status codes asserted are what pjsua2 (the 2.15.1 wheel) actually answers; s
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import socket
 import subprocess
@@ -21,8 +20,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import free_port, serve, udp_free_port
-from tests.test_sip import OPEN_NUMBER, _metrics, _ready, _until, tenants  # noqa: F401 - tenants is a fixture
+from tests.conftest import udp_free_port
+from tests.test_sip import OPEN_NUMBER, _metrics, _ready, _until, echo_stack, tenants  # noqa: F401 - tenants is a fixture
 
 pytest.importorskip("pjsua2")
 
@@ -31,17 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def stack(tenants: Path) -> Iterator[dict[str, str]]:  # noqa: F811 - the fixture imported above
-    env = os.environ | {"NO_TORCH_COMPILE": "1"}
-    worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
-    worker = [sys.executable, "-m", "gateway.cli", "worker", "--model", "echo", "--port", str(worker_port),
-              "--slots", "1"]
-    gateway = [sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants", str(tenants),
-               "--worker", f"http://127.0.0.1:{worker_port}", "--sip-port", str(sip_port)]
-    with serve(worker, f"http://127.0.0.1:{worker_port}/readyz", env=env), \
-            serve(gateway, f"http://127.0.0.1:{http_port}/readyz", env=env) as gateway_proc:
-        http = f"http://127.0.0.1:{http_port}"
-        _until(lambda: _ready(http)["slots_free"] == 1, "the gateway sees the worker's free slot")
-        yield {"sip": f"127.0.0.1:{sip_port}", "port": str(sip_port), "http": http, "proc": gateway_proc}
+    with echo_stack(tenants) as (addresses, _, gateway_proc):
+        yield addresses | {"proc": gateway_proc}
 
 
 # ---------------------------------------------------------------------------------------------- raw SIP
