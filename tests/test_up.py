@@ -19,21 +19,34 @@ from tests.conftest import free_port, udp_free_port
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_up_serves_a_worker_and_the_admin_api_and_stops_both_on_ctrl_c(tmp_path):
+def _start_up(tmp_path: Path, slots: int) -> tuple[subprocess.Popen, int, int, int]:
+    """`personagate up` with the shipped tenants in ``tmp_path`` on free ports: (process, worker port,
+    HTTP port, SIP port). Read its ready message with ``_ready_lines``."""
     shutil.copytree(REPO / "tenants", tmp_path / "tenants")
     worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
     up = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "up", "--worker-port", str(worker_port), "--http-port", str(http_port),
-         "--sip-port", str(sip_port), "--slots", "2"],
+         "--sip-port", str(sip_port), "--slots", str(slots)],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env=os.environ | {"PYTHONPATH": str(REPO)},
     )
+    return up, worker_port, http_port, sip_port
+
+
+def _ready_lines(up: subprocess.Popen) -> list[str]:
+    """What `up` printed up to the end of its ready message."""
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    while "Ctrl-C stops everything." not in lines:
+        assert up.poll() is None and time.monotonic() < deadline, "".join(lines)
+        lines.append(up.stdout.readline().strip())
+    return lines
+
+
+def test_up_serves_a_worker_and_the_admin_api_and_stops_both_on_ctrl_c(tmp_path):
+    up, worker_port, http_port, sip_port = _start_up(tmp_path, slots=2)
     try:
-        lines = []
-        deadline = time.monotonic() + 120
-        while "Ctrl-C stops everything." not in lines:
-            assert up.poll() is None and time.monotonic() < deadline, "".join(lines)
-            lines.append(up.stdout.readline().strip())
+        lines = _ready_lines(up)
         token = (tmp_path / ".personagate" / "operator-token").read_text().strip()
         assert any(token in line for line in lines)  # the token is printed for the person who ran it
         assert (tmp_path / ".personagate" / "operator-token").stat().st_mode & 0o077 == 0
@@ -83,18 +96,9 @@ def test_up_serves_a_worker_and_the_admin_api_and_stops_both_on_ctrl_c(tmp_path)
 def test_sigterm_on_up_drains_both_and_exits(tmp_path):
     """SIGTERM (systemd, kill) is passed on as a drain: with no calls in progress both processes
     finish at once and `up` exits 0."""
-    shutil.copytree(REPO / "tenants", tmp_path / "tenants")
-    worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
-    up = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "up", "--worker-port", str(worker_port), "--http-port", str(http_port),
-         "--sip-port", str(sip_port), "--slots", "1"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env=os.environ | {"PYTHONPATH": str(REPO)},
-    )
+    up, _, _, _ = _start_up(tmp_path, slots=1)
     try:
-        deadline = time.monotonic() + 120
-        while up.stdout.readline().strip() != "Ctrl-C stops everything.":
-            assert up.poll() is None and time.monotonic() < deadline
+        _ready_lines(up)
         up.send_signal(signal.SIGTERM)
         assert up.wait(30) == 0
     finally:
