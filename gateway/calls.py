@@ -76,6 +76,42 @@ PING_TIMEOUT_SECONDS = 0.5  # a worker the reaper calls dead, but that answers a
 CLOSE_TIMEOUT_SECONDS = 1.0  # for a worker to close a session we ended
 LOOP_STOP_SECONDS = 5.0  # for the background loops to stop once cancelled
 MAX_CALL_ID = 128  # the worker protocol's session_id limit
+STEP_WINDOW = 750  # the step round trips a call keeps for its record: the last minute's
+
+
+class StepRoundTrips:
+    """A call's worker step round trips: when each caller frame not yet answered was sent, and the last
+    ``STEP_WINDOW`` round trips (the worker answers every caller frame with one agent frame, in order)."""
+
+    def __init__(self, observe: Callable[[float], None]) -> None:
+        self._observe = observe
+        self._sent: collections.deque[float] = collections.deque(maxlen=CALLER_BACKLOG_FRAMES * 4)
+        self._window = np.zeros(STEP_WINDOW, dtype=np.float32)
+        self._count = 0
+
+    def sent(self) -> None:
+        self._sent.append(time.monotonic())
+
+    def answered(self) -> None:
+        if not self._sent:
+            return
+        seconds = time.monotonic() - self._sent.popleft()
+        self._window[self._count % STEP_WINDOW] = seconds
+        self._count += 1
+        self._observe(seconds)
+
+    def restart(self) -> None:
+        """A new session (re-homed): frames sent to the old one will never be answered."""
+        self._sent.clear()
+
+    def summary(self) -> dict[str, float] | None:
+        """p50, p95 and max of the window, in milliseconds; None before the first answer."""
+        if not self._count:
+            return None
+        window = self._window[:min(self._count, STEP_WINDOW)]
+        p50, p95 = np.percentile(window, (50, 95))
+        return {"p50_ms": round(float(p50) * 1000, 1), "p95_ms": round(float(p95) * 1000, 1),
+                "max_ms": round(float(window.max()) * 1000, 1)}
 
 # Close codes after which the call stays with its worker's verdict instead of moving: 1000 is the worker
 # ending the session, 44xx a protocol error that another worker would repeat.
@@ -172,6 +208,7 @@ class AgentCall:
         self.rehomes: list[Rehome] = []
         self.caller_frames_dropped = 0
         self.agent_events_dropped = 0
+        self.steps = StepRoundTrips(calls.metrics.agent_step_seconds.observe)
         self._session: WorkerSession | None = None
         self._caller: collections.deque[bytes] = collections.deque(maxlen=CALLER_BACKLOG_FRAMES)
         self._wake_sender = asyncio.Event()
@@ -311,6 +348,7 @@ class AgentCall:
                     await session.send(frame)
                 except ConnectionClosed:
                     break  # the supervisor sees the close and re-homes the call
+                self.steps.sent()
 
     async def _supervise(self) -> None:
         """Agent events from the current worker to frames(); when the worker is lost, re-home."""
@@ -319,8 +357,10 @@ class AgentCall:
                 session = self._session
                 assert session is not None
                 async for event in session.events():
-                    if self._filling and isinstance(event, AgentAudio):
-                        self._stop_filler()
+                    if isinstance(event, AgentAudio):
+                        self.steps.answered()
+                        if self._filling:
+                            self._stop_filler()
                     self._emit(event)
                 if self._ending:
                     return
@@ -392,6 +432,7 @@ class AgentCall:
             now = time.monotonic()
             seconds = now - lost_at
             self._session = session
+            self.steps.restart()
             self.rehomes.append(Rehome(first, claim.worker_id, cause, seconds, now - opening, session.persona_cached))
             self._to(CallState.LIVE)
             calls.metrics.call_rehome_seconds.observe(seconds)
@@ -627,7 +668,7 @@ class Calls:
                 log.info("call ended", extra={
                     "call": call.call_id, "tenant": call.tenant, "reason": call.end_reason,
                     "worker_id": call.worker_id, "rehomes": len(call.rehomes),
-                    "seconds": round(time.monotonic() - began, 2)})
+                    "seconds": round(time.monotonic() - began, 2), "agent_step_round_trip": call.steps.summary()})
         self.metrics.calls_active.set(len(self._calls))
         if not self._calls:
             self._idle.set()

@@ -10,6 +10,7 @@
                         [--redis-url URL | --worker http://127.0.0.1:8765 ...]
     personagate call sip:NUMBER@HOST:PORT [--play in.wav] [--record out.wav] [--seconds N] [--dtmf 0@2.0]
     personagate bench routing [--redis-url URL] [--workers 4 --slots 32 --claims 20000 --concurrency 64]
+    personagate bench sip [--calls 1,2,4] [--seconds 20] [--json]
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     bench_routing.add_argument("--slots", type=int, default=32, help="slots per worker (default 32)")
     bench_routing.add_argument("--claims", type=int, default=20000, help="claim + release cycles per store")
     bench_routing.add_argument("--concurrency", type=int, default=64, help="cycles in flight at once (default 64)")
+
+    bench_sip = bench_targets.add_parser(
+        "sip", help="concurrent calls through one gateway and an echo worker: packet interval, loss, latency")
+    bench_sip.add_argument("--calls", default="1,2,4", help="comma-separated counts of concurrent calls")
+    bench_sip.add_argument("--seconds", type=float, default=20.0, help="length of each round's calls (default 20)")
+    bench_sip.add_argument("--json", action="store_true", help="print one JSON document")
 
     session = commands.add_parser("session", help="talk to a worker: play a wav, record the agent, print JSON")
     session.add_argument("url", nargs="?", default="ws://127.0.0.1:8765/v1/sessions")
@@ -131,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_call(args)
     if args.target == "routing":
         return _run_bench_routing(args)
+    if args.target == "sip":
+        return _run_bench_sip(args)
     return _run_bench(args)
 
 
@@ -384,6 +393,20 @@ def _run_up(args: argparse.Namespace) -> int:
                         tenants=args.tenants, state_dir=args.state_dir, worker_args=tuple(worker_args),
                         redis_url=args.redis_url, sip_port=args.sip_port)
     return asyncio.run(run_up(options))
+
+
+def _run_bench_sip(args: argparse.Namespace) -> int:
+    from gateway.sip import bench
+
+    try:
+        counts = [int(c) for c in args.calls.split(",") if c.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1 or args.seconds < 5:
+        print("personagate: --calls takes counts of at least 1 (e.g. 1,2,4) and --seconds at least 5",
+              file=sys.stderr)
+        return 2
+    return bench.run(counts, args.seconds, as_json=args.json)
 
 
 def _run_bench_routing(args: argparse.Namespace) -> int:

@@ -56,7 +56,11 @@ class GatewaySettings(LayeredSettings):
         description="trunks admitted by source address (CIDRs); INVITEs from elsewhere get 403")
     sip_max_calls: int = Field(
         256, ge=1, le=4096, description="pjsua's call table; capped by the library's build (PJSUA_MAX_CALLS: 4 in the "
-                                        "pjsua2-python 2.15.1 wheel)")
+                                        "pjsua2-python 2.15.1 wheel, 512 built by deploy/pjsua2/build.sh)")
+    sip_outbound_cushion_packets: int = Field(
+        2, ge=0, le=4, description="20 ms packets of agent audio the outbound buffer may keep against the worker's "
+                                   "jitter: each adds up to 20 ms to what the caller hears; 0 is the least latency, "
+                                   "with a gap whenever an agent frame is late")
     sip_answer_timeout_seconds: float = Field(
         20.0, gt=0, le=300, description="from INVITE to a primed session; later → 503 with Retry-After")
     sip_retry_after_seconds: float = Field(5.0, ge=1, le=3600, description="Retry-After on a 503 for a priming timeout")

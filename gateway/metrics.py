@@ -10,6 +10,8 @@ disable_created_metrics()
 CALL_START_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # A re-home: the promise is under 1 s.
 REHOME_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0)
+# A worker step's round trip: the model's tick is budgeted at 80 ms, so most of a healthy call sits well below.
+AGENT_STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5)
 CALL_START_RESULTS = ("live", "no_capacity", "tenant_limit", "unavailable", "draining", "persona_rejected", "error")
 
 
@@ -68,6 +70,12 @@ class GatewayMetrics:
             "personagate_gateway_call_rehome_seconds",
             "From losing a call's worker to the new worker's ready (the caller hears comfort noise meanwhile).",
             buckets=REHOME_BUCKETS, registry=r,
+        )
+        self.agent_step_seconds = Histogram(
+            "personagate_gateway_agent_step_round_trip_seconds",
+            "From sending a caller frame to a worker to receiving the agent frame of the same step: what the "
+            "worker (its queue, its tick, the model) and the connection to it add to every call's latency.",
+            buckets=AGENT_STEP_BUCKETS, registry=r,
         )
         self.call_frames_dropped = Counter(
             "personagate_gateway_call_frames_dropped_total",

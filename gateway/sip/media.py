@@ -32,6 +32,8 @@ from .ua import BYTES_PER_FRAME, CLOCK_RATE, PTIME_MS, SAMPLES_PER_FRAME
 MODEL_RATE = 24_000
 INBOUND_FRAMES = 25  # 500 ms of caller audio waiting for the asyncio side; older frames are dropped
 FRAMES_PER_WAKE = 4  # the asyncio side is woken once per 80 ms of caller audio
+CUSHION_PACKETS = 2  # outbound packets kept against the worker's jitter (the gateway's sip_outbound_cushion_packets)
+LINE_FRAME_MODEL_SAMPLES = MODEL_RATE * PTIME_MS // 1000  # one 20 ms line frame, resampled: 480
 
 
 def _vector(pcm: bytes) -> pj.ByteVector:
@@ -60,15 +62,18 @@ class MediaBuffers:
     """What the bridge thread and the asyncio side share: a bounded deque of caller frames (append and
     popleft are atomic) and the outbound pacer (``gateway/audio``: shallow, sheds, counts underruns)."""
 
-    def __init__(self, *, inbound_frames: int | None = INBOUND_FRAMES) -> None:
+    def __init__(self, *, inbound_frames: int | None = INBOUND_FRAMES, cushion_packets: int = CUSHION_PACKETS) -> None:
         self.inbound: collections.deque[pj.ByteVector] = collections.deque(maxlen=inbound_frames)
-        self.pacer = OutboundPacer(SAMPLES_PER_FRAME)
+        self.pacer = OutboundPacer(SAMPLES_PER_FRAME, cushion_packets=cushion_packets)
         self._out = np.zeros(SAMPLES_PER_FRAME, dtype=np.int16)  # the pacer copies each packet into it
         self.ringback: tuple[pj.ByteVector, ...] | None = None
         self._ring_at = 0
         self.received = 0
         self.inbound_dropped = 0
         self.notify: Callable[[], None] | None = None  # wakes the asyncio side (thread-safe)
+        # Caller frames that complete the next model frame: the asyncio side is woken as that frame fills, not
+        # on a count of its own, which would hold a frame back up to 60 ms depending on when the call began.
+        self.wake_frames = FRAMES_PER_WAKE
 
     # the bridge's clock thread
 
@@ -79,7 +84,7 @@ class MediaBuffers:
             self.inbound_dropped += 1
         self.inbound.append(pj.ByteVector(frame.buf))
         self.received += 1
-        if self.received % FRAMES_PER_WAKE == 0 and self.notify is not None:
+        if len(self.inbound) >= self.wake_frames and self.notify is not None:
             self.notify()
 
     def frame_requested(self, frame: pj.MediaFrame) -> None:
@@ -152,14 +157,20 @@ class MediaBridge:
 
     async def _caller_to_agent(self) -> None:
         line = LineToModel(CLOCK_RATE)
-        self.buffers.take_inbound()  # what arrived before the call was live (ringing) is not the agent's
+        buffers = self.buffers
+        buffers.take_inbound()  # what arrived before the call was live (ringing) is not the agent's
         while True:
             await self._wake.wait()
             self._wake.clear()
-            pcm = self.buffers.take_inbound()
-            if pcm:
-                for frame in line.push(pcm):
-                    self.call.send(frame)
+            while True:
+                pcm = buffers.take_inbound()
+                if pcm:
+                    for frame in line.push(pcm):
+                        self.call.send(frame)
+                filled = round(line.pending_samples / LINE_FRAME_MODEL_SAMPLES)
+                buffers.wake_frames = max(1, FRAMES_PER_WAKE - filled)
+                if len(buffers.inbound) < buffers.wake_frames:  # a frame that came meanwhile did not wake us
+                    break
 
     async def _agent_to_caller(self) -> None:
         line = ModelToLine(CLOCK_RATE, packet_ms=PTIME_MS)

@@ -140,7 +140,8 @@ class SipServer:
 
     def _incoming(self, account: pj.Account, call_index: int, message: str, source: str) -> None:
         assert self.ua is not None and self._loop is not None
-        leg = Leg(self.ua, account, call_index, buffers=MediaBuffers())
+        leg = Leg(self.ua, account, call_index,
+                  buffers=MediaBuffers(cushion_packets=self.settings.sip_outbound_cushion_packets))
         self.ua.keep(leg.serial, leg)
         sip_call_id = leg.getInfo().callIdString
         ip = source_ip(source)

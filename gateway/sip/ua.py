@@ -162,7 +162,8 @@ class UserAgent:
         # PJSUA_MAX_CALLS is a compile-time cap and maxCalls is silently clamped to it (pjproject #4488): the
         # pjsua2-python 2.15.1 wheel is built with pjproject's default, 4 (measured: the 5th makeCall fails
         # with PJ_ETOOMANY whatever maxCalls says; pjsua answers a 5th INVITE itself, busy). More calls per
-        # process need pjproject built from source with a config_site.h (PJSUA_MAX_CALLS, PJ_IOQUEUE_MAX_HANDLES).
+        # process need pjproject built from source with a config_site.h (PJSUA_MAX_CALLS, PJ_IOQUEUE_MAX_HANDLES):
+        # deploy/pjsua2/build.sh (512 calls, an epoll ioqueue of 4096 sockets).
         ep_cfg.uaConfig.maxCalls = cfg.max_calls
         ep_cfg.uaConfig.userAgent = cfg.user_agent
         ep_cfg.logConfig.level = cfg.log_level
