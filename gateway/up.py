@@ -114,20 +114,41 @@ def _url_host(host: str) -> str:
 
 
 async def _until_ready(options: UpOptions) -> bool:
-    checks = [f"http://{options.host}:{options.worker_port}/readyz", f"http://{options.host}:{options.http_port}/healthz"]
+    """Until a call placed now would be answered: the worker ready, and the gateway ready (tenants loaded, the
+    routing store answering) with the worker in view. Says once what each is waiting for, when it changes."""
+    worker = f"http://{options.host}:{options.worker_port}/readyz"
+    gateway = f"http://{options.host}:{options.http_port}/readyz"
     deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_SECONDS
+    said = None
     async with httpx.AsyncClient(timeout=2.0) as client:
         while asyncio.get_running_loop().time() < deadline:
-            states = []
-            for url in checks:
-                try:
-                    states.append((await client.get(url)).status_code == 200)
-                except httpx.HTTPError:
-                    states.append(False)
-            if all(states):
+            waiting = await _not_ready(client, worker, gateway)
+            if waiting is None:
                 return True
+            if waiting != said:
+                print(f"personagate up: waiting: {waiting}", file=sys.stderr, flush=True)
+                said = waiting
             await asyncio.sleep(0.5)
     return False
+
+
+async def _not_ready(client: httpx.AsyncClient, worker: str, gateway: str) -> str | None:
+    """What the stack still waits for, or None when it can take a call."""
+    try:
+        if (await client.get(worker)).status_code != 200:
+            return "the worker is loading its model"
+    except httpx.HTTPError:
+        return "the worker is starting"
+    try:
+        answer = await client.get(gateway)
+        details = answer.json()
+    except (httpx.HTTPError, ValueError):
+        return "the gateway is starting"
+    if answer.status_code != 200:
+        return f"the gateway: {details.get('reason', 'not ready')}"
+    if not details.get("workers_alive"):
+        return "the gateway to see the worker"
+    return None
 
 
 def _say_ready(options: UpOptions, token: str, tokens_file: Path) -> None:
