@@ -12,7 +12,7 @@ import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from gateway.routing.redis_store import check_redis_prefix, check_redis_url
+from gateway.routing.redis_store import RedisPrefixSetting, RedisUrlSetting
 
 from .settings_files import LayeredSettings, SettingsError, load_settings
 
@@ -95,10 +95,10 @@ class WorkerSettings(LayeredSettings):
     # Shutdown: SIGTERM drains (no new sessions, calls in progress go on) for at most this long.
     drain_seconds: float = Field(3600.0, ge=0, description="how long a drain waits for calls in progress to end")
     # Routing (agent_runtime/registration.py): with a Redis URL the worker heartbeats its state there.
-    redis_url: str | None = Field(
+    redis_url: RedisUrlSetting = Field(
         None, description="the gateways' routing Redis: redis://, rediss://, unix:// or redis+sentinel:// URL; "
                           "unset: no registration (the single-machine gateway reads /v1/info)")
-    redis_prefix: str = Field("{pg}", description="key prefix in Redis, a hash tag; the same as the gateways'")
+    redis_prefix: RedisPrefixSetting = Field("{pg}", description="key prefix in Redis, a hash tag; the same as the gateways'")
     advertise_url: str | None = Field(
         None, description="the ws:// URL gateways reach this worker's sessions at; "
                           "default ws://HOST:PORT/v1/sessions (set it when listening on 0.0.0.0)")
@@ -106,16 +106,6 @@ class WorkerSettings(LayeredSettings):
     heartbeat_seconds: float = Field(1.0, gt=0, le=60, description="how often the worker heartbeats to Redis")
     worker_ttl_seconds: float = Field(
         3.0, gt=0, le=600, description="how long a heartbeat keeps the worker alive in the routing store")
-
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_url(cls, url: str | None) -> str | None:
-        return check_redis_url(url) if url else None
-
-    @field_validator("redis_prefix")
-    @classmethod
-    def _redis_prefix(cls, prefix: str) -> str:
-        return check_redis_prefix(prefix)
 
     @field_validator("advertise_url")
     @classmethod

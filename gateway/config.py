@@ -13,7 +13,7 @@ from pydantic_settings import SettingsConfigDict
 
 from agent_runtime.settings_files import LayeredSettings, SettingsError, load_settings
 
-from .routing.redis_store import check_redis_prefix, check_redis_url
+from .routing.redis_store import RedisPrefixSetting, RedisUrlSetting
 from .tenants.loader import MAX_CLIP_BYTES
 
 __all__ = ["GatewaySettings", "SettingsError", "load_gateway_settings"]
@@ -33,10 +33,10 @@ class GatewaySettings(LayeredSettings):
     max_clip_bytes: int = Field(5_000_000, ge=1024, le=MAX_CLIP_BYTES, description="largest voice clip upload")
     history_versions: int = Field(50, ge=1, le=10_000, description="versions kept per file in a tenant's history")
     # Calls and routing (gateway/calls.py, gateway/routing/).
-    redis_url: str | None = Field(
+    redis_url: RedisUrlSetting = Field(
         None, description="the routing Redis shared by gateways and workers: redis://, rediss://, unix:// or "
                           "redis+sentinel:// URL; unset: the embedded store (one machine; the gateway polls `workers`)")
-    redis_prefix: str = Field("{pg}", description="key prefix in Redis, a hash tag; the same as the workers'")
+    redis_prefix: RedisPrefixSetting = Field("{pg}", description="key prefix in Redis, a hash tag; the same as the workers'")
     workers: list[str] = Field(
         ["http://127.0.0.1:8765"], min_length=1,
         description="without redis_url: the workers' HTTP base URLs, whose /v1/info the gateway reads every second")
@@ -80,16 +80,6 @@ class GatewaySettings(LayeredSettings):
             except ValueError as exc:
                 raise ValueError(f"sip_allow: {net!r} is not an address or CIDR network ({exc})") from None
         return networks
-
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_url(cls, url: str | None) -> str | None:
-        return check_redis_url(url) if url else None
-
-    @field_validator("redis_prefix")
-    @classmethod
-    def _redis_prefix(cls, prefix: str) -> str:
-        return check_redis_prefix(prefix)
 
     @field_validator("workers")
     @classmethod

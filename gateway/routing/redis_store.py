@@ -26,9 +26,10 @@ import asyncio
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from pydantic import AfterValidator
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
@@ -302,3 +303,8 @@ def check_redis_prefix(prefix: str) -> str:
     if not re.fullmatch(r"\{[^{}]+\}[^{}]*", prefix):
         raise ValueError(f"must start with a hash tag such as '{{pg}}' (one Redis Cluster slot), got {prefix!r}")
     return prefix
+
+
+# The settings fields of workers and gateways: an empty URL is no Redis (the single-machine store).
+RedisUrlSetting = Annotated[str | None, AfterValidator(lambda url: check_redis_url(url) if url else None)]
+RedisPrefixSetting = Annotated[str, AfterValidator(check_redis_prefix)]
