@@ -64,6 +64,7 @@ class HumanLeg:
         self.ring_timeout = ring_timeout
         self.loop = loop
         self.sip_call_id = sip_call_id  # the caller's, for logs
+        self.human_sip_call_id: str | None = None  # our INVITE's Call-ID, to find the call in the PBX's logs
         self.status: int | None = None  # the final answer to our INVITE
         self.reason = ""
         self.rang = False  # a 1xx came
@@ -87,7 +88,7 @@ class HumanLeg:
         joined = False
         try:
             try:
-                await asyncio.wrap_future(self.ua.submit(self._dial))
+                self.human_sip_call_id = await asyncio.wrap_future(self.ua.submit(self._dial))
             except DialError as exc:
                 self.reason = str(exc)
                 return "failed"
@@ -122,7 +123,7 @@ class HumanLeg:
 
     # ------------------------------------------------------------------ pjsua thread
 
-    def _dial(self) -> None:
+    def _dial(self) -> str:
         assert self.ua.account is not None
         leg = Leg(self.ua, self.ua.account, buffers=MediaBuffers(inbound_frames=1))
         leg.tap = False  # its audio only ever goes to the caller's, once joined
@@ -134,6 +135,7 @@ class HumanLeg:
             self.ua.drop(leg.serial)
             raise DialError(exc.reason) from None
         self._dialed_serial = leg.serial
+        return leg.getInfo().callIdString
 
     def _join(self) -> bool:
         caller = self.ua.kept(self.caller_serial)

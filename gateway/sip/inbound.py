@@ -2,9 +2,9 @@
 
 **States** (``SipCallState``; ``history`` keeps when each was entered)::
 
-    ringing ──► progress ──► answering ──► live ──► ending ──► ended
-       │           │             │  │         │          ▲
-       │           │             │  └──────► bridged ──┘
+    ringing ──► progress ──► answering ──► live ──────────► ending ──► ended
+       │           │             │   │        │               ▲
+       │           │             │   └────────┴──► bridged ───┘
        └───────────┴─────────────┴──► refused (4xx/5xx sent) / cancelled (CANCEL or BYE before live)
 
 - ``ringing``: 180 sent (the server routed the dialed number on the pjsua thread and sent it at once).
@@ -131,7 +131,7 @@ class InboundCall:
         self._confirmed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.dtmf: list[str] = []  # digits received, in order
-        self.transfer_result: str | None = None  # the last escalation's: success, failed, timeout, busy, no_answer
+        self.transfer_result: str | None = None  # the last escalation attempt's (see metrics.transfers)
         self.transfer_method: str | None = None  # refer, or bridge (the fallback)
         self.transfer_attempts: list[dict[str, object]] = []
         self.bridge_fallback = bridge_fallback
@@ -435,7 +435,7 @@ class InboundCall:
         if human is None:
             return {}
         return {"human_leg_seconds": round(human.seconds, 2) if human.seconds is not None else None,
-                "bridge_ended_by": self.bridge_ended_by,
+                "bridge_ended_by": self.bridge_ended_by, "human_sip_call_id": human.human_sip_call_id,
                 "human_rtp_packets_received": human.rtp.get("rtp_packets_received")}
 
     async def _media_watch(self) -> None:
