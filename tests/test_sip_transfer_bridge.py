@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -114,9 +115,9 @@ _SEND_BYE = """  <pause milliseconds="{pause_ms}"/>
   <recv response="200"/>
 </scenario>
 """
-_BUSY = """  <send>
+_REFUSE = """  <send>
     <![CDATA[
-      SIP/2.0 486 Busy Here
+      SIP/2.0 {status}
       [last_Via:]
       [last_From:]
       [last_To:];tag=[pid]SIPpTag01[call_number]
@@ -158,7 +159,7 @@ _CANCELLED = """  <recv request="CANCEL"/>
 SCENARIOS = {
     "answers": (_KEEP_NOTHING, _RINGING + _ANSWER + _WAIT_BYE),  # answers, echoes RTP, waits for the BYE
     "hangs_up": (_KEEP_PARTIES, _RINGING + _ANSWER + _SEND_BYE),  # answers, then hangs up itself
-    "busy": (_KEEP_NOTHING, _BUSY),
+    "refuses": (_KEEP_NOTHING, _REFUSE),  # a final failure answer
     "no_answer": (_KEEP_CSEQ, _RINGING + _CANCELLED),  # rings until cancelled
 }
 
@@ -309,12 +310,14 @@ def test_human_hanging_up_ends_the_callers_leg(stack: dict[str, str], tmp_path: 
            and _ready(stack["http"])["slots_free"] == 1, "the call is over, the slot free")
 
 
-def test_busy_human_keeps_the_caller_with_the_agent(stack: dict[str, str], tmp_path: Path) -> None:
-    """The human side answers 486: the caller stays with the agent (the echo agent still returns the caller's
-    tone afterwards) until the caller hangs up."""
+@pytest.mark.parametrize(("answer", "result"), [("486 Busy Here", "busy"), ("503 Service Unavailable", "failed")])
+def test_busy_human_keeps_the_caller_with_the_agent(stack: dict[str, str], tmp_path: Path, answer: str,
+                                                    result: str) -> None:
+    """The human side answers 486 (or an error): the caller stays with the agent (the echo agent still returns
+    the caller's tone afterwards) until the caller hangs up."""
     _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
     before = _metrics(stack["http"])
-    human = Human(stack, tmp_path, "busy")
+    human = Human(stack, tmp_path, "refuses", status=answer)
     report = _report(_caller(stack, "--seconds", "4", "--dtmf", "0@0.5", "--play",
                              str(_tone_file(tmp_path / "in.wav", 2, 1.5)), "--record", str(tmp_path / "out.wav")))
     assert human.finished() == 0, human.errors()
@@ -324,7 +327,7 @@ def test_busy_human_keeps_the_caller_with_the_agent(stack: dict[str, str], tmp_p
     assert tone > -25 and share > 0.8, (tone, share)  # the agent (echo) is still there
     _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
     after = _metrics(stack["http"])
-    assert _delta(before, after, _transfers("busy", "bridge")) == 1
+    assert _delta(before, after, _transfers(result, "bridge")) == 1
     assert _delta(before, after, 'personagate_gateway_calls_ended_total{reason="hangup"}') == 1
 
 
@@ -369,3 +372,26 @@ def test_transfer_settings_are_validated() -> None:
         with pytest.raises(SettingsError) as err:
             load_gateway_settings(sip_transfer_ring_seconds=bad)
         assert "sip_transfer_ring_seconds" in str(err.value)
+
+
+def test_without_the_fallback_a_refused_refer_keeps_the_caller_with_the_agent(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """sip_transfer_bridge_fallback off: after the refused REFER the gateway calls nobody (no INVITE reaches
+    the target) and the caller stays with the agent."""
+    folder = tmp_path_factory.mktemp("tenants")
+    shutil.copytree(ROOT / "tenants" / "harbor-mutual", folder / "harbor-mutual")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as target:
+        target.bind(("127.0.0.1", 0))
+        yaml = folder / "harbor-mutual" / "tenant.yaml"
+        yaml.write_text(re.sub(r"transfer_to: \S+", f"transfer_to: sip:humans@127.0.0.1:{target.getsockname()[1]}",
+                               yaml.read_text()))
+        with echo_stack(folder, {"PERSONAGATE_GATEWAY_SIP_TRANSFER_BRIDGE_FALLBACK": "false"}) as (stack, _, _):
+            report = _report(_caller(stack, "--seconds", "2.5", "--dtmf", "0@0.5"))
+            assert report["refers"][0]["answer"] == 603 and report["hung_up"] == "caller", report
+            _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
+            metrics = _metrics(stack["http"])
+        target.settimeout(0.1)
+        with pytest.raises(TimeoutError):
+            target.recv(65535)  # the gateway never called the target
+    assert _count(metrics, _transfers("failed", "refer")) == 1
+    assert not any('method="bridge"' in name for name in metrics), metrics
