@@ -29,9 +29,10 @@ pytestmark = pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (pack
 ROOT = Path(__file__).resolve().parent.parent
 NUMBER = "+14155550186"  # harbor-mutual's catastrophe line: answered at any hour; escalation digit 0
 RATE = 16_000
-RING_SECONDS = 2.0
+RING_SECONDS = 3.0
 CALL_TIMEOUT = 30
 TONE_HZ = 1000.0
+TONE_AFTER = 5.0  # seconds from the answer to the tone the caller plays once bridged
 
 _UAS_HEAD = """<?xml version="1.0" encoding="ISO-8859-1" ?>
 <!DOCTYPE scenario SYSTEM "sipp.dtd">
@@ -167,7 +168,7 @@ SCENARIOS = {
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A one-slot echo worker and a SIP gateway whose tenant escalates digit 0 to a loopback URI (where each
-    test runs sipp as the human), with a ring timeout of 2 s for the gateway's own call."""
+    test runs sipp as the human), with a ring timeout of 3 s for the gateway's own call."""
     folder = tmp_path_factory.mktemp("tenants")
     shutil.copytree(ROOT / "tenants" / "harbor-mutual", folder / "harbor-mutual")
     target_port = udp_free_port()
@@ -265,7 +266,8 @@ def test_refused_refer_bridges_the_caller_to_the_human(stack: dict[str, str], tm
     _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
     before = _metrics(stack["http"])
     human = Human(stack, tmp_path, "answers")
-    caller = _caller(stack, "--seconds", "7", "--dtmf", "0@0.5", "--play", str(_tone_file(tmp_path / "in.wav", 4, 2)),
+    caller = _caller(stack, "--seconds", "7.5", "--dtmf", "0@0.5", "--play",
+                     str(_tone_file(tmp_path / "in.wav", TONE_AFTER, 1.5)),
                      "--record", str(tmp_path / "out.wav"))
     began = time.monotonic()
     try:
@@ -282,11 +284,11 @@ def test_refused_refer_bridges_the_caller_to_the_human(stack: dict[str, str], tm
     assert report["status"] == 200 and report["answered"], report
     assert report["refers"][0]["answer"] == 603, report
     assert report["hung_up"] == "caller", report
-    assert released_after < 3.5, released_after  # well before the tone starts (4 s after the answer)
+    assert released_after < TONE_AFTER, released_after  # before the tone starts (measured from before the answer)
     audio, rate = soundfile.read(tmp_path / "out.wav")
     assert rate == RATE
-    quiet, _ = _level(audio, 1.5, 3.5)
-    tone, share = _level(audio, 4.5, 5.8)
+    quiet, _ = _level(audio, 1.5, TONE_AFTER - 0.5)
+    tone, share = _level(audio, TONE_AFTER + 0.5, TONE_AFTER + 1.4)
     print(f"bridged: agent released {released_after:.2f} s after dialing; before the tone {quiet:.1f} dBFS, "
           f"tone back through the human {tone:.1f} dBFS ({share:.0%} at {TONE_HZ:g} Hz)")
     assert quiet < -45, quiet  # no agent (and no ringback) once bridged
@@ -332,12 +334,12 @@ def test_busy_human_keeps_the_caller_with_the_agent(stack: dict[str, str], tmp_p
 
 
 def test_unanswered_human_is_cancelled_after_the_ring_timeout(stack: dict[str, str], tmp_path: Path) -> None:
-    """The human's phone rings and nobody answers: after the ring timeout (2 s here) the gateway cancels its
+    """The human's phone rings and nobody answers: after the ring timeout (3 s here) the gateway cancels its
     INVITE and the caller stays with the agent."""
     _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
     before = _metrics(stack["http"])
     human = Human(stack, tmp_path, "no_answer")
-    report = _report(_caller(stack, "--seconds", "5", "--dtmf", "0@0.5"))
+    report = _report(_caller(stack, "--seconds", "6", "--dtmf", "0@0.5"))
     assert human.finished() == 0, human.errors()  # the CANCEL came (sipp answered it 200, then 487)
     assert report["status"] == 200 and report["hung_up"] == "caller", report
     _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
