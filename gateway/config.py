@@ -69,6 +69,12 @@ class GatewaySettings(LayeredSettings):
     sip_max_call_seconds: float | None = Field(
         None, gt=0, description="a cap on every call's duration from the answer, below the tenants' own "
                                 "limits.max_call_seconds (which always apply); unset: the tenants' limits only")
+    sip_transfer_bridge_fallback: bool = Field(
+        True, description="when the escalation REFER is refused or fails, call the tenant's escalation.transfer_to "
+                          "from the gateway and bridge the caller to whoever answers (the agent is released)")
+    sip_transfer_ring_seconds: float = Field(
+        30.0, gt=0, le=300, description="how long the gateway's call to the escalation target may ring before it is "
+                                        "cancelled and the caller stays with the agent")
     sip_log_level: int = Field(1, ge=0, le=6, description="pjsua's own log level (stderr)")
 
     @field_validator("sip_allow")

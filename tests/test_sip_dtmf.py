@@ -68,7 +68,7 @@ def test_refused_refer_keeps_the_caller_with_the_agent(stack: dict[str, str]) ->
     after = _metrics(stack["http"])
     rfc = 'personagate_gateway_sip_dtmf_total{method="rfc4733"}'
     assert _count(after, rfc) - _count(before, rfc) == 2  # one count per key press, not per RTP packet
-    failed = 'personagate_gateway_sip_transfers_total{result="failed"}'
+    failed = 'personagate_gateway_sip_transfers_total{method="refer",result="failed"}'
     assert _count(after, failed) - _count(before, failed) == 1
     hangup = 'personagate_gateway_calls_ended_total{reason="hangup"}'
     assert _count(after, hangup) - _count(before, hangup) == 1
@@ -98,7 +98,7 @@ def test_accepted_refer_ends_the_call_with_transfer(stack: dict[str, str], tmp_p
     _until(lambda: _ready(stack["http"])["calls"] == 0 and _ready(stack["http"])["slots_free"] == 1,
            "the agent session is released")
     after = _metrics(stack["http"])
-    success = 'personagate_gateway_sip_transfers_total{result="success"}'
+    success = 'personagate_gateway_sip_transfers_total{method="refer",result="success"}'
     assert _count(after, success) - _count(before, success) == 1
     ended = 'personagate_gateway_calls_ended_total{reason="transfer"}'
     assert _count(after, ended) - _count(before, ended) == 1
@@ -132,5 +132,5 @@ def test_transfer_without_a_final_notify_times_out_and_keeps_the_caller(stack: d
     assert report["hung_up"] == "caller", report
     _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
     after = _metrics(stack["http"])
-    timeout = 'personagate_gateway_sip_transfers_total{result="timeout"}'
+    timeout = 'personagate_gateway_sip_transfers_total{method="refer",result="timeout"}'
     assert _count(after, timeout) - _count(before, timeout) == 1

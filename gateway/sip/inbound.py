@@ -2,8 +2,9 @@
 
 **States** (``SipCallState``; ``history`` keeps when each was entered)::
 
-    ringing ──► progress ──► answering ──► live ──► ending ──► ended
-       │           │             │
+    ringing ──► progress ──► answering ──► live ──────────► ending ──► ended
+       │           │             │   │        │               ▲
+       │           │             │   └────────┴──► bridged ───┘
        └───────────┴─────────────┴──► refused (4xx/5xx sent) / cancelled (CANCEL or BYE before live)
 
 - ``ringing``: 180 sent (the server routed the dialed number on the pjsua thread and sent it at once).
@@ -15,8 +16,15 @@
   from the caller for ``media_timeout`` seconds (``media_timeout``: BYE), or by reaching the tenant's
   ``limits.max_call_seconds`` (or the gateway's ``sip_max_call_seconds``, if lower) from the answer
   (``max_duration``: BYE), or by a blind transfer the caller's side reports done (``transfer``: the tenant's
-  ``escalation.dtmf_digit`` pressed → REFER to ``escalation.transfer_to``; a 2xx NOTIFY → BYE; a refused
-  REFER, a failure NOTIFY or none within ``TRANSFER_TIMEOUT`` keeps the caller with the agent).
+  ``escalation.dtmf_digit`` pressed → REFER to ``escalation.transfer_to``; a 2xx NOTIFY → BYE; no final
+  NOTIFY within ``TRANSFER_TIMEOUT`` keeps the caller with the agent; a refused REFER or a failure NOTIFY
+  falls back to a bridged call, below, unless ``sip_transfer_bridge_fallback`` is off).
+- ``bridged``: the REFER failed, so the gateway called ``escalation.transfer_to`` itself (``bridge.py``; the
+  caller talked to the agent while it rang) and the human answered: the caller's audio and the human's are
+  joined in the conference bridge, the agent session is ended (``transfer``, its slot freed). Ends when
+  either side hangs up (the gateway BYEs the other) or by the caller's media timeout; the maximum duration
+  does not apply (no agent any more). A human side that fails (busy, no answer within
+  ``sip_transfer_ring_seconds``, an error) keeps the caller ``live`` with the agent.
 - ``refused``: ``Refusal`` no_capacity / unavailable / draining → 503 with Retry-After; tenant_limit →
   486; the session not ready within ``answer_timeout`` → 503 with Retry-After; the persona refused by the
   worker → 500.
@@ -36,6 +44,7 @@ from typing import TYPE_CHECKING
 
 from ..calls import AgentCall, Calls, PersonaRejected
 from ..routing import Refusal
+from .bridge import HumanLeg
 from .leg import Leg, LegEvent
 from .media import RINGBACK, MediaBridge, MediaBuffers
 from .metrics import SipMetrics
@@ -52,6 +61,7 @@ class SipCallState(enum.StrEnum):
     PROGRESS = "progress"
     ANSWERING = "answering"
     LIVE = "live"
+    BRIDGED = "bridged"
     ENDING = "ending"
     ENDED = "ended"
     REFUSED = "refused"
@@ -62,8 +72,9 @@ S = SipCallState
 TRANSITIONS: dict[SipCallState, frozenset[SipCallState]] = {
     S.RINGING: frozenset({S.PROGRESS, S.REFUSED, S.CANCELLED}),
     S.PROGRESS: frozenset({S.ANSWERING, S.REFUSED, S.CANCELLED}),
-    S.ANSWERING: frozenset({S.LIVE, S.ENDING, S.CANCELLED}),
-    S.LIVE: frozenset({S.ENDING}),
+    S.ANSWERING: frozenset({S.LIVE, S.BRIDGED, S.ENDING, S.CANCELLED}),
+    S.LIVE: frozenset({S.BRIDGED, S.ENDING}),
+    S.BRIDGED: frozenset({S.ENDING}),
     S.ENDING: frozenset({S.ENDED}),
     S.ENDED: frozenset(),
     S.REFUSED: frozenset(),
@@ -90,7 +101,8 @@ class InboundCall:
     def __init__(self, *, ua: UserAgent, leg: Leg, sip_call_id: str, number: str, caller: str, tenant: Tenant,
                  persona: PersonaConfig, calls: Calls, answer_timeout: float, retry_after: float, media_timeout: float,
                  max_call_seconds: float | None,
-                 loop: asyncio.AbstractEventLoop, metrics: SipMetrics) -> None:
+                 loop: asyncio.AbstractEventLoop, metrics: SipMetrics, bridge_fallback: bool = True,
+                 ring_timeout: float = 30.0) -> None:
         self.ua = ua
         self.leg_serial = leg.serial
         self._leg = leg  # used only on the pjsua thread (``_command``); never touched from the loop
@@ -119,7 +131,13 @@ class InboundCall:
         self._confirmed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.dtmf: list[str] = []  # digits received, in order
-        self.transfer_result: str | None = None  # the last escalation's: success, failed, timeout
+        self.transfer_result: str | None = None  # the last escalation attempt's (see metrics.transfers)
+        self.transfer_method: str | None = None  # refer, or bridge (the fallback)
+        self.transfer_attempts: list[dict[str, object]] = []
+        self.bridge_fallback = bridge_fallback
+        self.ring_timeout = ring_timeout
+        self.human: HumanLeg | None = None  # the bridged human's leg
+        self.bridge_ended_by: str | None = None  # caller, human, media_timeout, or shutdown
         self.transfer_timeout = TRANSFER_TIMEOUT
         self._transfer_final: asyncio.Future[LegEvent] | None = None  # a REFER awaiting its final NOTIFY
         self._escalation: asyncio.Task[None] | None = None
@@ -157,7 +175,40 @@ class InboundCall:
                                                    name=f"sip-transfer-{self.sip_call_id}")
 
     async def _escalate(self, target: str) -> None:
-        """Blind transfer to ``target`` (REFER); 2xx ends the call (``transfer``), anything else keeps it."""
+        """Blind transfer to ``target`` (REFER); 2xx ends the call (``transfer``). A refused or failed REFER
+        falls back to the gateway's own call to ``target``, bridged when answered; anything else keeps the
+        caller with the agent."""
+        result = await self._refer(target)
+        if result in ("success", "timeout") or not self.bridge_fallback:
+            return  # a timed-out REFER may still complete on the caller's side: calling the human too could ring twice
+        human = HumanLeg(ua=self.ua, caller_serial=self.leg_serial, target=target, ring_timeout=self.ring_timeout,
+                         loop=self.loop, sip_call_id=self.sip_call_id)
+        log.info("calling %s to bridge the caller (the REFER %s)", target, result,
+                 extra={"sip_call_id": self.sip_call_id, "tenant": self.tenant.id})
+        try:
+            result = await human.connect()
+        except asyncio.CancelledError:
+            if self._gone.is_set():  # the caller hung up while the human's phone rang (the INVITE is cancelled)
+                self._transfer_done("bridge", "abandoned", target, human.status, "the caller hung up")
+            raise
+        self._transfer_done("bridge", result, target, human.status, human.reason)
+        if result == "success":
+            self.human = human
+            self._transferred.set()
+
+    def _transfer_done(self, method: str, result: str, target: str, status: int | None, why: str = "") -> None:
+        self.transfer_method, self.transfer_result = method, result
+        self.transfer_attempts.append({"method": method, "result": result, "status": status})
+        self.metrics.transfers.labels(result=result, method=method).inc()
+        extra = {"sip_call_id": self.sip_call_id, "tenant": self.tenant.id, "transfer_to": target,
+                 "method": method, "status": status, "result": result, "why": why}
+        if result == "success":
+            log.info("call transferred to %s (%s)", target, method, extra=extra)
+        else:
+            log.warning("transfer to %s by %s did not complete (%s): the caller stays with the agent", target,
+                        method, result, extra=extra)
+
+    async def _refer(self, target: str) -> str:
         final = self._transfer_final = self.loop.create_future()
         self._command("transfer", target)
         try:
@@ -170,16 +221,10 @@ class InboundCall:
             result = "success" if 200 <= status < 300 else "failed"
         finally:
             self._transfer_final = None
-        self.transfer_result = result
-        self.metrics.transfers.labels(result=result).inc()
-        extra = {"sip_call_id": self.sip_call_id, "tenant": self.tenant.id, "transfer_to": target,
-                 "status": status, "result": result}
+        self._transfer_done("refer", result, target, status)
         if result == "success":
-            log.info("call transferred to %s", target, extra=extra)
             self._transferred.set()
-        else:
-            log.warning("transfer to %s did not complete (%s): the caller stays with the agent", target, result,
-                        extra=extra)
+        return result
 
     def _command(self, fn_name: str, *args: object) -> None:
         leg = self._leg
@@ -309,6 +354,8 @@ class InboundCall:
                     "sip_call_id": self.sip_call_id, "number": self.number, "tenant": self.tenant.id,
                     "persona": agent.persona_name, "setup_seconds": round(time.monotonic() - self.history[0][1], 3)})
                 await asyncio.wait({ended, gone, silent, too_long, transferred}, return_when=asyncio.FIRST_COMPLETED)
+            if self.human is not None and not gone.done():
+                await self._stay_bridged(agent, bridge, gone, silent)  # returns when a side hangs up
             self._to(S.ENDING)
             if gone.done():
                 self.end_reason = "hangup"
@@ -352,7 +399,44 @@ class InboundCall:
             if self.first_agent_audio and self.answered_at else None,
             "seconds": round(time.monotonic() - began, 2), "outbound_underruns": stats.underruns,
             "outbound_shed": stats.shed, "caller_frames_dropped": self.buffers.inbound_dropped,
-            "dtmf": "".join(self.dtmf), "transfer": self.transfer_result, **self.rtp})
+            "dtmf": "".join(self.dtmf), "transfer": self.transfer_result, "transfer_method": self.transfer_method,
+            "transfer_attempts": self.transfer_attempts, **self._bridge_record(), **self.rtp})
+
+    async def _stay_bridged(self, agent: AgentCall, bridge: MediaBridge, gone: asyncio.Task[bool],
+                            silent: asyncio.Task[None]) -> None:
+        """The caller ⇄ the human (joined in the conference bridge): the agent released, until either side
+        hangs up or the caller's RTP stops; the human's leg is hung up here, the caller's by ``_converse``."""
+        assert self.human is not None
+        human = self.human
+        self._to(S.BRIDGED)
+        await agent.end("transfer")  # the human has the caller: the session and its slot are released
+        await bridge.stop()
+        log.info("caller bridged to %s", human.target, extra={"sip_call_id": self.sip_call_id,
+                                                             "tenant": self.tenant.id})
+        human_gone = asyncio.create_task(human.gone.wait())
+        try:
+            await asyncio.wait({gone, silent, human_gone}, return_when=asyncio.FIRST_COMPLETED)
+            self.bridge_ended_by = ("caller" if gone.done() else "human" if human_gone.done()
+                                    else "media_timeout")
+        finally:
+            human_gone.cancel()
+            if not human.gone.is_set():
+                self.bridge_ended_by = self.bridge_ended_by or "shutdown"
+                human.hang_up()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await human.gone.wait()  # the BYE's answer: the human's RTP statistics are in
+        log.info("bridged call over: %s hung up", self.bridge_ended_by,
+                 extra={"sip_call_id": self.sip_call_id, "human_seconds": round(human.seconds or 0, 2)})
+
+    def _bridge_record(self) -> dict[str, object]:
+        """The human's leg in the call record (bridged calls only)."""
+        human = self.human
+        if human is None:
+            return {}
+        return {"human_leg_seconds": round(human.seconds, 2) if human.seconds is not None else None,
+                "bridge_ended_by": self.bridge_ended_by, "human_sip_call_id": human.human_sip_call_id,
+                "human_rtp_packets_received": human.rtp.get("rtp_packets_received")}
 
     async def _media_watch(self) -> None:
         """Returns once no RTP has come from the caller for ``media_timeout`` seconds (checked every second)."""

@@ -5,6 +5,10 @@ through ``events``, a thread-safe sink given by its owner (the gateway's ``Inbou
 command's caller); its owner acts on it only through the user agent's command queue. When the dialog is
 disconnected the leg disconnects its media port and drops itself (and the port) on the pjsua thread, one
 loop turn later, outside pjsua's callback.
+
+A leg is incoming (made by the server for an INVITE) or outgoing (``dial``: the gateway's own call to a human,
+``bridge.py``). Two legs can be ``join``ed back to back: their audio then goes straight from one to the other
+in pjsua's conference bridge, without passing through either media port.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ class Leg(pj.Call):
         self.port: FramePort | None = None
         self.over = False
         self.refer_answer = 603  # the answer to a REFER received
+        self.tap = True  # False: no media port (a leg only ever bridged to another call, bridge.py)
+        self.peer: Leg | None = None  # the call whose audio ours is bridged with (``join``), instead of the port
         self.rtp_stats: dict[str, object] = {}  # taken as the audio stream is destroyed (before DISCONNECTED)
 
     def onCallState(self, prm: pj.OnCallStateParam) -> None:
@@ -114,6 +120,11 @@ class Leg(pj.Call):
             self.events(response)
 
     def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
+        if self.peer is not None:  # bridged (bridge.py): re-connected after any media change, e.g. a re-INVITE
+            self._connect_peer()
+            return
+        if not self.tap:
+            return
         info = self.getInfo()
         for index, media in enumerate(info.media):
             if media.type != pj.PJMEDIA_TYPE_AUDIO or media.status not in (
@@ -128,6 +139,9 @@ class Leg(pj.Call):
             return
 
     def _release(self) -> None:
+        peer, self.peer = self.peer, None  # no reference cycle left for a garbage collector on another thread
+        if peer is not None and peer.peer is self:
+            peer.peer = None
         port, self.port = self.port, None
         if port is not None:
             with contextlib.suppress(pj.Error):
@@ -163,6 +177,41 @@ class Leg(pj.Call):
                 self.xfer(uri, call_op())
             except pj.Error as exc:
                 self.events(LegEvent("transfer", 500, f"REFER not sent: {exc.reason}", {"final": "1"}))
+
+    def dial(self, uri: str) -> None:
+        """Place this leg as an outgoing call to ``uri`` (INVITE); raises ``pj.Error`` if it cannot be sent
+        (a bad URI, or pjsua's call table full). Its progress comes as events."""
+        self.makeCall(uri, call_op())
+
+    def join(self, other: Leg) -> None:
+        """Bridge this call and ``other`` back to back: each one's audio transmitted to the other in the
+        conference bridge, neither media port in the path any more. A side whose media is not up yet is
+        connected when it comes up (``onCallMediaState``)."""
+        self.peer, other.peer = other, self
+        self._connect_peer()
+
+    def _connect_peer(self) -> None:
+        peer = self.peer
+        mine = self._audio()
+        theirs = peer._audio() if peer is not None else None
+        if peer is None or mine is None or theirs is None:
+            return
+        for leg, audio in ((self, mine), (peer, theirs)):
+            if leg.port is not None:
+                with contextlib.suppress(pj.Error):
+                    leg.port.stopTransmit(audio)
+                    audio.stopTransmit(leg.port)
+        mine.startTransmit(theirs)
+        theirs.startTransmit(mine)
+
+    def _audio(self) -> pj.AudioMedia | None:
+        """The call's audio in the conference bridge, if it is up."""
+        if self.over:
+            return None
+        try:
+            return self.getAudioMedia(-1)
+        except pj.Error:
+            return None
 
     def dial_dtmf(self, digits: str) -> None:
         """Send ``digits`` as RFC 4733 telephone-events."""

@@ -61,10 +61,14 @@ class SipMetrics:
             ["method"], registry=r)
         self.transfers = Counter(
             "personagate_gateway_sip_transfers_total",
-            "Blind transfers (REFER) to the tenant's escalation target by result: success (2xx NOTIFY: the call "
-            "ends), failed (REFER refused or a final failure NOTIFY: the caller stays with the agent), timeout "
-            "(no final result in time: the caller stays).",
-            ["result"], registry=r)
+            "Transfers to the tenant's escalation target, by method and result. method=refer (blind transfer): "
+            "success (2xx NOTIFY: the call ends), failed (REFER refused or a final failure NOTIFY: the gateway "
+            "falls back to a bridged call if enabled, else the caller stays with the agent), timeout (no final "
+            "result in time: the caller stays). method=bridge (the gateway's own call to the target after a "
+            "failed REFER, so one escalation may count once per method): success (answered: caller and human "
+            "bridged, the agent released), busy, no_answer, failed (the caller stays with the agent), abandoned "
+            "(the caller hung up while the target rang).",
+            ["result", "method"], registry=r)
 
     def observe_rtp(self, stats: dict[str, Any]) -> None:
         """A call's receive statistics (``Leg.stream_stats``) when it ended."""

@@ -165,7 +165,8 @@ class SipServer:
                            retry_after=self.settings.sip_retry_after_seconds,
                            media_timeout=self.settings.sip_media_timeout_seconds,
                            max_call_seconds=self.settings.sip_max_call_seconds, loop=self._loop,
-                           metrics=self.metrics)
+                           metrics=self.metrics, bridge_fallback=self.settings.sip_transfer_bridge_fallback,
+                           ring_timeout=self.settings.sip_transfer_ring_seconds)
         self._loop.call_soon_threadsafe(self._begin, call)
 
     def _flooded(self) -> bool:
