@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,6 +29,8 @@ from .metrics import GatewayMetrics
 from .tenants.loader import ClipCache
 from .tenants.registry import TenantRegistry
 from .tenants.store import TenantStore
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Tenant administration for personagate: tenants, personas (YAML, validated exactly as the gateway loads
@@ -80,6 +84,17 @@ def create_app(
     app.state.calls = calls
     app.state.sip = None
     install(app, admin)
+
+    async def drain(deadline_seconds: float) -> None:
+        """SIGTERM: new calls refused; calls in progress, agent sessions first, then SIP calls that no longer
+        have one (bridged to a human), end by themselves within ``deadline_seconds`` or are ended then."""
+        began = time.monotonic()
+        await calls.drain(deadline_seconds)
+        sip = app.state.sip
+        if sip is not None and not await sip.wait_idle(deadline_seconds - (time.monotonic() - began)):
+            log.warning("drain deadline passed with %d SIP call(s) in progress: they are hung up", len(sip.active))
+
+    app.state.drain = drain
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> JSONResponse:

@@ -371,7 +371,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
     app = create_app(settings)
     calls = app.state.calls
     config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_config=None)
-    server = GracefulServer(config, drain=lambda: calls.drain(settings.drain_seconds), stop=calls.stop)
+    server = GracefulServer(config, drain=lambda: app.state.drain(settings.drain_seconds), stop=calls.stop)
     server.run()
     return 0 if server.started else 1
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -170,6 +171,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A one-slot echo worker and a SIP gateway whose tenant escalates digit 0 to a loopback URI (where each
     test runs sipp as the human), with a ring timeout of 3 s for the gateway's own call."""
     folder = tmp_path_factory.mktemp("tenants")
+    target = _escalating_tenant(folder)
+    with echo_stack(folder, {"PERSONAGATE_GATEWAY_SIP_TRANSFER_RING_SECONDS": str(RING_SECONDS)}) as (addresses, _, _):
+        yield addresses | target
+
+
+def _escalating_tenant(folder: Path) -> dict[str, str]:
+    """harbor-mutual in ``folder``, escalating to a free loopback port; the target's URI and port."""
     shutil.copytree(ROOT / "tenants" / "harbor-mutual", folder / "harbor-mutual")
     target_port = udp_free_port()
     target = f"sip:humans@127.0.0.1:{target_port}"
@@ -177,8 +185,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     text, n = re.subn(r"transfer_to: \S+", f"transfer_to: {target}", yaml.read_text())
     assert n == 1
     yaml.write_text(text)
-    with echo_stack(folder, {"PERSONAGATE_GATEWAY_SIP_TRANSFER_RING_SECONDS": str(RING_SECONDS)}) as (addresses, _, _):
-        yield addresses | {"target": target, "target_port": str(target_port)}
+    return {"target": target, "target_port": str(target_port)}
 
 
 class Human:
@@ -397,3 +404,28 @@ def test_without_the_fallback_a_refused_refer_keeps_the_caller_with_the_agent(
             target.recv(65535)  # the gateway never called the target
     assert _count(metrics, _transfers("failed", "refer")) == 1
     assert not any('method="bridge"' in name for name in metrics), metrics
+
+
+def test_gateway_drain_keeps_a_bridged_call_until_it_ends(tmp_path: Path) -> None:
+    """SIGTERM while the caller talks to the human: the bridged call has no agent session, yet the drain waits
+    for it; the human hanging up ends it (the gateway BYEs the caller) and only then the gateway exits, 0."""
+    folder = tmp_path / "tenants"
+    target = _escalating_tenant(folder)
+    with echo_stack(folder) as (addresses, _, gateway):
+        stack = addresses | target
+        human = Human(stack, tmp_path, "hangs_up", pause_ms=6000)
+        caller = _caller(stack, "--seconds", "20", "--dtmf", "0@0.5")
+        try:
+            _until(lambda: _active_sessions(stack) == 0
+                   and _metrics(stack["http"])["personagate_gateway_sip_calls_active"] == 1,
+                   "the caller is bridged to the human", timeout=10)
+            gateway.send_signal(signal.SIGTERM)
+            time.sleep(2.0)
+            assert gateway.poll() is None, "the drain ended with a bridged call in progress"
+            report = _report(caller)
+        finally:
+            if caller.poll() is None:
+                caller.kill()
+        assert human.finished() == 0, human.errors()
+        assert report["answered"] and report["hung_up"] == "gateway", report
+        assert gateway.wait(15) == 0

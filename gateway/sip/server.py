@@ -26,6 +26,7 @@ to a PBX or carrier are not here yet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import re
@@ -108,6 +109,8 @@ class SipServer:
         self.ua: UserAgent | None = None
         self.port: int | None = None
         self.active: dict[int, InboundCall] = {}
+        self._idle = asyncio.Event()  # no call in progress
+        self._idle.set()
         self.metrics = SipMetrics(calls.metrics.registry)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._arrivals: deque[float] = deque()  # INVITEs in the last second (pjsua thread)
@@ -126,6 +129,14 @@ class SipServer:
         if self.ua is not None:
             await asyncio.to_thread(self.ua.stop)
             self.ua = None
+
+    async def wait_idle(self, seconds: float) -> bool:
+        """Until no call is in progress (True), or ``seconds`` pass (False). A drain waits here for the calls
+        with no agent session left — caller and human bridged after an escalation — once agent calls ended."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, seconds)):
+                await self._idle.wait()
+        return self._idle.is_set()
 
     def _make_account(self, ua: UserAgent) -> pj.Account:
         account = _Account(self)
@@ -203,6 +214,7 @@ class SipServer:
 
     def _begin(self, call: InboundCall) -> None:
         self.active[call.leg_serial] = call
+        self._idle.clear()
         self.metrics.calls_active.set(len(self.active))
         call.begin()
         assert call.task is not None
@@ -211,3 +223,5 @@ class SipServer:
     def _done(self, call: InboundCall) -> None:
         self.active.pop(call.leg_serial, None)
         self.metrics.calls_active.set(len(self.active))
+        if not self.active:
+            self._idle.set()
