@@ -352,6 +352,14 @@ def _run_gateway(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"personagate: {exc}", file=sys.stderr)
         return 2
+    if settings.sip_enabled and settings.recordings_dir is not None:
+        from gateway.sip.server import check_recordings_dir
+
+        try:
+            check_recordings_dir(settings.recordings_dir)
+        except RuntimeError as exc:
+            print(f"personagate: {exc}", file=sys.stderr)
+            return 2
     logs.configure(args.log_level)
     if args.log_level.lower() == "info":
         logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per worker poll (every second)

@@ -65,6 +65,11 @@ class GatewaySettings(LayeredSettings):
     sip_max_call_seconds: float | None = Field(
         None, gt=0, description="a cap on every call's duration from the answer, below the tenants' own "
                                 "limits.max_call_seconds (which always apply); unset: the tenants' limits only")
+    recordings_dir: Path | None = Field(
+        None, description="where recordings of calls to tenants with recording.enabled are written "
+                          "(<tenant>/<date>/<time>-<call id>.flac, stereo: caller left, agent right), made if missing "
+                          "and checked writable at start; unset: no call is recorded and no consent announcement is "
+                          "played, whatever the tenants say")
     sip_log_level: int = Field(1, ge=0, le=6, description="pjsua's own log level (stderr)")
 
     @field_validator("sip_allow")
