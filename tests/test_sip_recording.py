@@ -1,6 +1,10 @@
-"""Recording with consent over SIP, end to end: an echo worker, a gateway with ``recordings_dir``, and two
-tenants written for the test: ``recorded`` (``recording.enabled`` with a consent announcement) and
-``unrecorded``. The caller is `personagate call`; the recording is read back from the folder."""
+"""What the caller hears first, over SIP, end to end: the consent announcement of a recorded call, and the
+persona's ``speaks_first``.
+
+Recording: an echo worker, a gateway with ``recordings_dir``, and two tenants written for the test:
+``recorded`` (``recording.enabled`` with a consent announcement) and ``unrecorded``; the caller is
+`personagate call`, and the recording is read back from the folder. ``speaks_first``: the tiny model, which
+makes sound from its first step, so when the agent starts is plain to hear."""
 
 from __future__ import annotations
 
@@ -200,3 +204,88 @@ def test_recording_path_is_tenant_date_call_id() -> None:
     assert hostile.parent == Path("/r/acme/2026-11-25") and "/" not in hostile.name, hostile
     assert recording_path(Path("/r"), "acme", "x" * 500, when).name != recording_path(
         Path("/r"), "acme", "x" * 499, when).name
+
+
+# ---------------------------------------------------------------------------------------------- speaks_first
+
+GREETER_NUMBER = "+15550003001"
+LISTENER_NUMBER = "+15550003002"
+
+
+@pytest.fixture(scope="module")
+def tiny_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The tiny model (seeded random weights: it makes sound, at about -23 dBFS, from its first step,
+    whatever it hears), so whether the caller hears the agent before speaking is plain to measure."""
+    tenants = tmp_path_factory.mktemp("tenants")
+    (tenants / "speakers").mkdir()
+    (tenants / "speakers" / "tenant.yaml").write_text(textwrap.dedent(f"""\
+        tenant: speakers
+        name: speakers
+        numbers:
+          "{GREETER_NUMBER}": greeter
+          "{LISTENER_NUMBER}": listener
+        personas:
+          greeter:
+            prompt: You are a test agent. Greet the caller.
+            voice: {{preset: NATF0}}
+            speaks_first: true
+          listener:
+            prompt: You are a test agent. Let the caller speak first.
+            voice: {{preset: NATF0}}
+            speaks_first: false
+        """))
+    env = os.environ | {"NO_TORCH_COMPILE": "1"}
+    worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
+    worker = [sys.executable, "-m", "gateway.cli", "worker", "--port", str(worker_port), "--slots", "1", "--greedy"]
+    gateway = [sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants", str(tenants),
+               "--worker", f"http://127.0.0.1:{worker_port}", "--sip-port", str(sip_port)]
+    with serve(worker, f"http://127.0.0.1:{worker_port}/readyz", env=env), \
+            serve(gateway, f"http://127.0.0.1:{http_port}/readyz", env=env):
+        http = f"http://127.0.0.1:{http_port}"
+        _until(lambda: _ready(http)["slots_free"] == 1, "the gateway sees the worker's free slot")
+        yield {"sip": f"127.0.0.1:{sip_port}", "http": http}
+
+
+def _loud_from(audio: np.ndarray, dbfs: float = -35.0) -> float | None:
+    """When ``audio`` first has 100 ms above ``dbfs`` (RMS, 20 ms windows), in seconds; None if never."""
+    window = RATE // 50
+    levels = 20 * np.log10(np.sqrt(np.mean(audio[:len(audio) // window * window].reshape(-1, window) ** 2,
+                                           axis=1)) + 1e-9)
+    loud = levels > dbfs
+    for i in range(len(loud) - 4):
+        if loud[i:i + 5].all():
+            return i * window / RATE
+    return None
+
+
+def test_speaks_first_true_the_agent_is_heard_at_once(tiny_stack: dict[str, str], tmp_path: Path) -> None:
+    """``speaks_first: true`` (the default): a caller who says nothing hears the agent right after the answer."""
+    report = call(tiny_stack, GREETER_NUMBER, "--record", str(tmp_path / "out.wav"), "--seconds", "2")
+    assert report["status"] == 200, report
+    heard, _ = soundfile.read(tmp_path / "out.wav")
+    start = _loud_from(heard)
+    assert start is not None and start < 0.6, (start, report)
+
+
+def test_speaks_first_false_the_agent_waits_for_the_caller(tiny_stack: dict[str, str], tmp_path: Path) -> None:
+    """``speaks_first: false``: the caller hears nothing while silent (1.5 s here), and the agent starts only
+    once the caller speaks; the model was not run meanwhile, so it starts by hearing the caller."""
+    _until(lambda: _ready(tiny_stack["http"])["slots_free"] == 1, "the slot is free")
+    silence, speech = 1.5, 1.0
+    t = np.arange(int(speech * RATE)) / RATE
+    played = np.concatenate([np.zeros(int(silence * RATE)), 0.25 * np.sin(2 * np.pi * 300 * t)])
+    soundfile.write(tmp_path / "in.wav", played, RATE, subtype="PCM_16")
+    report = call(tiny_stack, LISTENER_NUMBER, "--play", str(tmp_path / "in.wav"), "--record",
+                  str(tmp_path / "out.wav"), "--seconds", str(silence + speech + 0.5))
+    assert report["status"] == 200, report
+    heard, _ = soundfile.read(tmp_path / "out.wav")
+    start = _loud_from(heard)
+    window = RATE // 50
+    before = heard[:int(silence * RATE) // window * window].reshape(-1, window)
+    from gateway.sip.caller import is_ringback
+
+    # (the last ringback packet in flight as 200 OK left may open the recording: it is not the agent)
+    agent = [frame for frame in before if not is_ringback(frame)]
+    assert len(agent) >= len(before) - 2
+    assert max(np.sqrt(np.mean(frame**2)) for frame in agent) < 10 ** (-50 / 20), "the agent spoke before the caller"
+    assert start is not None and silence < start <= silence + 0.6, (start, report)
