@@ -65,6 +65,10 @@ class GatewaySettings(LayeredSettings):
     sip_max_call_seconds: float | None = Field(
         None, gt=0, description="a cap on every call's duration from the answer, below the tenants' own "
                                 "limits.max_call_seconds (which always apply); unset: the tenants' limits only")
+    sip_caller_first_wait_seconds: float | None = Field(
+        5.0, gt=0, le=300, description="for a persona with speaks_first: false, how long the agent waits for the "
+                                       "caller to speak before it speaks anyway, so a caller who waits for a greeting "
+                                       "is not left in silence; unset: it waits as long as the call lasts")
     recordings_dir: Path | None = Field(
         None, description="where recordings of calls to tenants with recording.enabled are written "
                           "(<tenant>/<date>/<time>-<call id>.flac, stereo: caller left, agent right), made if missing "

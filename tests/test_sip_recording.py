@@ -210,12 +210,14 @@ def test_recording_path_is_tenant_date_call_id() -> None:
 
 GREETER_NUMBER = "+15550003001"
 LISTENER_NUMBER = "+15550003002"
+CALLER_FIRST_WAIT = 2.5
 
 
 @pytest.fixture(scope="module")
 def tiny_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """The tiny model (seeded random weights: it makes sound, at about -23 dBFS, from its first step,
-    whatever it hears), so whether the caller hears the agent before speaking is plain to measure."""
+    whatever it hears), so whether the caller hears the agent before speaking is plain to measure; a
+    speaks_first: false agent waits at most 2.5 s for the caller."""
     tenants = tmp_path_factory.mktemp("tenants")
     (tenants / "speakers").mkdir()
     (tenants / "speakers" / "tenant.yaml").write_text(textwrap.dedent(f"""\
@@ -234,7 +236,7 @@ def tiny_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
             voice: {{preset: NATF0}}
             speaks_first: false
         """))
-    env = os.environ | {"NO_TORCH_COMPILE": "1"}
+    env = os.environ | {"NO_TORCH_COMPILE": "1", "PERSONAGATE_GATEWAY_SIP_CALLER_FIRST_WAIT_SECONDS": str(CALLER_FIRST_WAIT)}
     worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
     worker = [sys.executable, "-m", "gateway.cli", "worker", "--port", str(worker_port), "--slots", "1", "--greedy"]
     gateway = [sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants", str(tenants),
@@ -267,6 +269,17 @@ def test_speaks_first_true_the_agent_is_heard_at_once(tiny_stack: dict[str, str]
     assert start is not None and start < 0.6, (start, report)
 
 
+def _agent_silent_until(heard: np.ndarray, seconds: float) -> None:
+    from gateway.sip.caller import is_ringback
+
+    window = RATE // 50
+    before = heard[:int(seconds * RATE) // window * window].reshape(-1, window)
+    # (the last ringback packet in flight as 200 OK left may open the recording: it is not the agent)
+    agent = [frame for frame in before if not is_ringback(frame)]
+    assert len(agent) >= len(before) - 2
+    assert max(np.sqrt(np.mean(frame**2)) for frame in agent) < 10 ** (-50 / 20), "the agent spoke too early"
+
+
 def test_speaks_first_false_the_agent_waits_for_the_caller(tiny_stack: dict[str, str], tmp_path: Path) -> None:
     """``speaks_first: false``: the caller hears nothing while silent (1.5 s here), and the agent starts only
     once the caller speaks; the model was not run meanwhile, so it starts by hearing the caller."""
@@ -279,13 +292,19 @@ def test_speaks_first_false_the_agent_waits_for_the_caller(tiny_stack: dict[str,
                   str(tmp_path / "out.wav"), "--seconds", str(silence + speech + 0.5))
     assert report["status"] == 200, report
     heard, _ = soundfile.read(tmp_path / "out.wav")
+    _agent_silent_until(heard, silence)
     start = _loud_from(heard)
-    window = RATE // 50
-    before = heard[:int(silence * RATE) // window * window].reshape(-1, window)
-    from gateway.sip.caller import is_ringback
-
-    # (the last ringback packet in flight as 200 OK left may open the recording: it is not the agent)
-    agent = [frame for frame in before if not is_ringback(frame)]
-    assert len(agent) >= len(before) - 2
-    assert max(np.sqrt(np.mean(frame**2)) for frame in agent) < 10 ** (-50 / 20), "the agent spoke before the caller"
     assert start is not None and silence < start <= silence + 0.6, (start, report)
+
+
+def test_speaks_first_false_a_silent_caller_is_not_left_in_silence(tiny_stack: dict[str, str],
+                                                                   tmp_path: Path) -> None:
+    """``speaks_first: false`` and a caller who says nothing, waiting for a greeting: after
+    sip_caller_first_wait_seconds (2.5 s here) the agent speaks first after all."""
+    _until(lambda: _ready(tiny_stack["http"])["slots_free"] == 1, "the slot is free")
+    report = call(tiny_stack, LISTENER_NUMBER, "--record", str(tmp_path / "out.wav"), "--seconds", "4")
+    assert report["status"] == 200, report
+    heard, _ = soundfile.read(tmp_path / "out.wav")
+    _agent_silent_until(heard, CALLER_FIRST_WAIT - 0.2)
+    start = _loud_from(heard)
+    assert start is not None and CALLER_FIRST_WAIT - 0.2 < start <= CALLER_FIRST_WAIT + 0.6, (start, report)

@@ -13,7 +13,7 @@
   From the answer on, a tenant with ``recording.enabled`` (and a gateway with ``recordings_dir``) plays the
   consent announcement first and records the call (``recording.py``); the agent hears nothing, and so says
   nothing, until the announcement has been played, and with ``speaks_first: false`` nothing until the
-  caller speaks (``media.MediaBridge``).
+  caller speaks or ``sip_caller_first_wait_seconds`` pass (``media.MediaBridge``).
 - ``live``: ACK received. Ends by BYE from the caller (the agent call ends with ``hangup``), by the agent
   call ending by itself (``no_worker``, ``worker_ended``, ``shutdown``: the gateway sends BYE), or by no RTP
   from the caller for ``media_timeout`` seconds (``media_timeout``: BYE), or by reaching the tenant's
@@ -96,7 +96,8 @@ class InboundCall:
     def __init__(self, *, ua: UserAgent, leg: Leg, sip_call_id: str, number: str, caller: str, tenant: Tenant,
                  persona: PersonaConfig, calls: Calls, answer_timeout: float, retry_after: float, media_timeout: float,
                  max_call_seconds: float | None,
-                 loop: asyncio.AbstractEventLoop, metrics: SipMetrics, recordings_dir: Path | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop, metrics: SipMetrics, recordings_dir: Path | None = None,
+                 caller_first_wait: float | None = None) -> None:
         self.ua = ua
         self.leg_serial = leg.serial
         self._leg = leg  # used only on the pjsua thread (``_command``); never touched from the loop
@@ -113,6 +114,7 @@ class InboundCall:
         self.loop = loop
         self.metrics = metrics
         self.recordings_dir = recordings_dir
+        self.caller_first_wait = caller_first_wait  # speaks_first: false; None: as long as the call lasts
         self.recorder: CallRecorder | None = None
         self.announced_at: float | None = None  # when the consent announcement's last frame went out
         self.buffers: MediaBuffers = leg.buffers
@@ -339,7 +341,7 @@ class InboundCall:
     async def _converse(self, agent: AgentCall) -> None:
         announced = await self._start_recording()
         bridge = MediaBridge(self.buffers, agent, on_agent_audio=self._agent_audio, hold_until=announced,
-                             wait_for_caller=not self.persona.speaks_first)
+                             wait_for_caller=None if self.persona.speaks_first else self.caller_first_wait or math.inf)
         bridge.start()
         self.buffers.ringback = None
         self._to(S.ANSWERING)
@@ -410,8 +412,8 @@ class InboundCall:
             "dtmf": "".join(self.dtmf), "transfer": self.transfer_result,
             "consent_announced": round(self.announced_at - self.answered_at, 3)
             if self.announced_at and self.answered_at else None,
-            "caller_spoke_seconds": round(bridge.caller_spoke_at - self.answered_at, 3)
-            if bridge.caller_spoke_at and self.answered_at else None,
+            "agent_released_seconds": round(bridge.released_at - self.answered_at, 3)
+            if bridge.released_at and self.answered_at else None, "agent_released_by": bridge.released_by,
             **recording, **self.rtp})
 
     async def _media_watch(self) -> None:

@@ -22,7 +22,8 @@ the agent silent, with its state untouched, simply by not sending caller audio y
   caller's 20 ms frames (``SPEECH_DBFS`` for ``SPEECH_FRAMES`` frames in a row) opens the hold, and the
   frames that fired it go to the agent too (``PRE_ROLL_FRAMES``), so it hears the caller's first syllable.
   Since the model has not stepped until then, it has not greeted anyone: what it says first is an answer
-  to the caller.
+  to the caller. A caller who says nothing (waiting for a greeting) is not left in silence: after
+  ``wait_for_caller`` seconds (``sip_caller_first_wait_seconds``) the agent is released and speaks first.
 
 Resampling, framing and the outbound pacer are ``gateway/audio``'s.
 """
@@ -185,16 +186,20 @@ class MediaBridge:
     """Caller audio to the agent and agent audio to the caller, for one live call (asyncio side)."""
 
     def __init__(self, buffers: MediaBuffers, call: AgentCall, on_agent_audio: Callable[[], None] | None = None,
-                 *, hold_until: asyncio.Event | None = None, wait_for_caller: bool = False) -> None:
+                 *, hold_until: asyncio.Event | None = None, wait_for_caller: float | None = None) -> None:
         """``hold_until``: no caller audio reaches the agent before it is set (the announcement);
-        ``wait_for_caller``: nor, after that, before the caller speaks (``speaks_first: false``)."""
+        ``wait_for_caller``: nor, after that, before the caller speaks (``speaks_first: false``) or this many
+        seconds pass (``math.inf``: however long)."""
         self.buffers = buffers
         self.call = call
         self._wake = asyncio.Event()
         self._on_agent_audio = on_agent_audio
         self._hold_until = hold_until
         self._wait_for_caller = wait_for_caller
-        self.caller_spoke_at: float | None = None  # time.monotonic() when the caller's voice opened the hold
+        # time.monotonic() when the agent first heard the caller, and why then: "answer" (no hold),
+        # "announcement" (its end), "caller" (the caller's voice), "wait" (the caller said nothing in time)
+        self.released_at: float | None = None
+        self.released_by: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -212,7 +217,8 @@ class MediaBridge:
     async def _caller_to_agent(self) -> None:
         line = LineToModel(CLOCK_RATE)
         self.buffers.take_inbound()  # what arrived before the call was live (ringing) is not the agent's
-        pcm = await self._hold()
+        pcm, self.released_by = await self._hold()
+        self.released_at = time.monotonic()
         while True:
             if pcm:
                 for frame in line.push(pcm):
@@ -221,9 +227,9 @@ class MediaBridge:
             self._wake.clear()
             pcm = self.buffers.take_inbound()
 
-    async def _hold(self) -> bytes:
+    async def _hold(self) -> tuple[bytes, str]:
         """Until the agent may hear the caller (see the module's docstring); returns the caller audio it hears
-        first (the pre-roll), dropping the rest."""
+        first (the pre-roll), dropping the rest, and what released it."""
         if self._hold_until is not None:
             until = asyncio.create_task(self._hold_until.wait())
             until.add_done_callback(lambda _: self._wake.set())
@@ -234,8 +240,15 @@ class MediaBridge:
                     self.buffers.take_inbound()  # the caller talking over the notice: not for the agent
             finally:
                 until.cancel()
-        if not self._wait_for_caller:
-            return b""
+        if self._wait_for_caller is None:
+            return b"", "answer" if self._hold_until is None else "announcement"
+        try:
+            async with asyncio.timeout(None if math.isinf(self._wait_for_caller) else self._wait_for_caller):
+                return await self._caller_speaks(), "caller"
+        except TimeoutError:
+            return b"", "wait"
+
+    async def _caller_speaks(self) -> bytes:
         recent: collections.deque[bytes] = collections.deque(maxlen=PRE_ROLL_FRAMES)
         loud = 0
         threshold = (10 ** (SPEECH_DBFS / 20) * 32768) ** 2
@@ -249,7 +262,6 @@ class MediaBridge:
                 samples = np.frombuffer(frame, "<i2").astype(np.float32)
                 loud = loud + 1 if float(np.mean(samples * samples)) > threshold else 0
                 if loud >= SPEECH_FRAMES:
-                    self.caller_spoke_at = time.monotonic()
                     rest = pcm[at + BYTES_PER_FRAME:]
                     return (b"".join(recent) + rest)[-PRE_ROLL_FRAMES * BYTES_PER_FRAME:]
 

@@ -179,7 +179,8 @@ class SipServer:
                            retry_after=self.settings.sip_retry_after_seconds,
                            media_timeout=self.settings.sip_media_timeout_seconds,
                            max_call_seconds=self.settings.sip_max_call_seconds, loop=self._loop,
-                           metrics=self.metrics, recordings_dir=self.settings.recordings_dir)
+                           metrics=self.metrics, recordings_dir=self.settings.recordings_dir,
+                           caller_first_wait=self.settings.sip_caller_first_wait_seconds)
         self._loop.call_soon_threadsafe(self._begin, call)
 
     def _flooded(self) -> bool:
