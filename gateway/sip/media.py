@@ -14,9 +14,9 @@ Two halves on two threads:
   barge-in stays immediate, and counts underruns (silence played) and sheds.
 
 **Holding the agent.** The worker steps a session only when it gets a caller frame, so the bridge can keep
-the agent silent, with its state untouched, simply by not sending caller audio yet (``hold``):
+the agent silent, with its state untouched, simply by not sending caller audio yet (``MediaBridge._hold``):
 
-- while the consent announcement plays (``until`` is set when its last frame has gone out): the agent
+- while the consent announcement plays (``hold_until`` is set when its last frame has gone out): the agent
   neither talks over the notice nor hears the caller during it; its greeting comes after the notice;
 - for a persona with ``speaks_first: false``, until the caller speaks: a simple energy detector on the
   caller's 20 ms frames (``SPEECH_DBFS`` for ``SPEECH_FRAMES`` frames in a row) opens the hold, and the
