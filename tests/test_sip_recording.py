@@ -308,3 +308,27 @@ def test_speaks_first_false_a_silent_caller_is_not_left_in_silence(tiny_stack: d
     _agent_silent_until(heard, CALLER_FIRST_WAIT - 0.2)
     start = _loud_from(heard)
     assert start is not None and CALLER_FIRST_WAIT - 0.2 < start <= CALLER_FIRST_WAIT + 0.6, (start, report)
+
+
+def test_a_recorder_that_cannot_write_fails_alone_and_never_grows(tmp_path: Path) -> None:
+    """A disk that refuses the file ends the recording, not the call: ``put`` (the media clock's side) keeps
+    returning at once, memory stays bounded (the oldest frames are dropped and counted), and ``close`` says
+    the recording is incomplete."""
+    from gateway.sip.recording import CallRecorder
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    recorder = CallRecorder(blocker / "acme" / "call.flac", max_pending_frames=10)
+    recorder.start()
+    frame = bytes(640)
+    for _ in range(25):
+        recorder.put(frame, frame)
+    assert recorder.close(timeout=5) is False
+    assert recorder.error is not None and recorder.frames_written == 0
+    good = CallRecorder(tmp_path / "ok" / "call.flac", max_pending_frames=10)
+    for _ in range(25):  # before the writer runs: only the newest 10 are kept
+        good.put(frame, frame)
+    assert good.frames_dropped == 15
+    good.start()
+    assert good.close(timeout=5) is True
+    assert soundfile.info(tmp_path / "ok" / "call.flac").frames == 10 * 320
