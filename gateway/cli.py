@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="send DIGITS (RFC 4733) this many seconds after the answer, e.g. 0@2.0; repeatable")
     call.add_argument("--accept-refer", action="store_true",
                       help="answer a REFER 202 and call its target (default: refuse it, 603)")
+    call.add_argument("--codec", action="append", default=[], choices=("PCMU", "PCMA", "G722"),
+                      help="offer only this codec; repeat to offer several, in order (default: PCMU PCMA G722)")
 
     up = commands.add_parser("up", help="the whole stack on one machine: a worker and the gateway, supervised")
     _worker_options(up)
@@ -267,7 +269,7 @@ def _run_call(args: argparse.Namespace) -> int:
             print(f"personagate: --dtmf {item!r}: expected DIGITS@SECONDS", file=sys.stderr)
             return 2
     result = place_call(args.uri, play, seconds, host=args.host, timeout=args.timeout, dtmf=dtmf,
-                        refer_answer=202 if args.accept_refer else 603)
+                        refer_answer=202 if args.accept_refer else 603, codecs=args.codec)
     if args.record is not None:
         soundfile.write(args.record, result.audio, CLOCK_RATE, subtype="PCM_16")
     print(json.dumps(result.report, indent=2))
@@ -359,6 +361,14 @@ def _run_gateway(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"personagate: {exc}", file=sys.stderr)
         return 2
+    if settings.sip_enabled and settings.recordings_dir is not None:
+        from gateway.sip.server import check_recordings_dir
+
+        try:
+            check_recordings_dir(settings.recordings_dir)
+        except RuntimeError as exc:
+            print(f"personagate: {exc}", file=sys.stderr)
+            return 2
     logs.configure(args.log_level)
     if args.log_level.lower() == "info":
         logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per worker poll (every second)

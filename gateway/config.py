@@ -75,6 +75,15 @@ class GatewaySettings(LayeredSettings):
     sip_transfer_ring_seconds: float = Field(
         30.0, gt=0, le=300, description="how long the gateway's call to the escalation target may ring before it is "
                                         "cancelled and the caller stays with the agent")
+    sip_caller_first_wait_seconds: float | None = Field(
+        5.0, gt=0, le=300, description="for a persona with speaks_first: false, how long the agent waits for the "
+                                       "caller to speak before it speaks anyway, so a caller who waits for a greeting "
+                                       "is not left in silence; unset: it waits as long as the call lasts")
+    recordings_dir: Path | None = Field(
+        None, description="where recordings of calls to tenants with recording.enabled are written "
+                          "(<tenant>/<date>/<time>-<call id>.flac, stereo: caller left, agent right), made if missing "
+                          "and checked writable at start; unset: no call is recorded and no consent announcement is "
+                          "played, whatever the tenants say")
     sip_log_level: int = Field(1, ge=0, le=6, description="pjsua's own log level (stderr)")
 
     @field_validator("sip_allow")

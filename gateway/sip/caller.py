@@ -24,9 +24,11 @@ import pjsua2 as pj
 
 from .leg import Leg, LegEvent
 from .media import MediaBuffers
-from .ua import BYTES_PER_FRAME, CLOCK_RATE, UaConfig, UserAgent, call_op
+from .ua import BYTES_PER_FRAME, CLOCK_RATE, CODECS, UaConfig, UserAgent, call_op
 
 SILENCE_DBFS = -50.0
+# ``--codec`` names and the pjmedia codec ids they stand for (the gateway's offer, ua.CODECS)
+CODEC_IDS = {codec.split("/", 1)[0]: codec for codec in CODECS}
 
 
 class _CallerBuffers(MediaBuffers):
@@ -78,12 +80,18 @@ def is_ringback(pcm: np.ndarray, rate: int = CLOCK_RATE) -> bool:
 
 
 def place_call(uri: str, play: np.ndarray | None, seconds: float, *, host: str = "127.0.0.1",
-               timeout: float = 30.0, dtmf: Sequence[tuple[str, float]] = (), refer_answer: int = 603) -> CallResult:
+               timeout: float = 30.0, dtmf: Sequence[tuple[str, float]] = (), refer_answer: int = 603,
+               codecs: Sequence[str] = ()) -> CallResult:
     """Call ``uri``; once answered, play ``play`` (16 kHz s16) and record for ``seconds``; then hang up.
 
     ``dtmf``: (digits, seconds after the answer) sent as RFC 4733 telephone-events. A REFER received is
     answered ``refer_answer`` (603 refuses it; 202 accepts it and pjsua calls the Refer-To target, reporting
-    that call's progress in NOTIFYs); its Refer-To URI goes in the report as ``refer_to``."""
+    that call's progress in NOTIFYs); its Refer-To URI goes in the report as ``refer_to``. ``codecs``: names
+    from ``CODEC_IDS`` (PCMU, PCMA, G722), offered in this order and no others (default: all three, PCMU
+    first); the codec the call ended up with goes in the report as ``codec`` (e.g. ``G722/16000``)."""
+    unknown = [name for name in codecs if name not in CODEC_IDS]
+    if unknown:
+        raise ValueError(f"unknown codec {unknown[0]!r}; expected one of {', '.join(CODEC_IDS)}")
     events: queue.SimpleQueue[tuple[float, LegEvent]] = queue.SimpleQueue()
     buffers = _CallerBuffers()
 
@@ -95,8 +103,9 @@ def place_call(uri: str, play: np.ndarray | None, seconds: float, *, host: str =
         account.create(cfg, True)
         return account
 
-    ua = UserAgent(UaConfig(host=host, port=0, max_calls=4, user_agent="personagate-call", log_level=0),
-                   make_account=make_account)
+    offer = tuple(CODEC_IDS[name] for name in codecs) or CODECS
+    ua = UserAgent(UaConfig(host=host, port=0, max_calls=4, user_agent="personagate-call", log_level=0,
+                            codecs=offer), make_account=make_account)
     ua.start()
     serials: list[int] = []  # the leg itself stays on the pjsua thread (its destructor must run there)
 
@@ -113,6 +122,12 @@ def place_call(uri: str, play: np.ndarray | None, seconds: float, *, host: str =
         def run() -> Any:
             leg = ua.kept(serials[0])
             return getattr(leg, fn_name)(*args) if leg is not None else {}
+        return run
+
+    def on_leg_info(fn: Any) -> Any:
+        def run() -> Any:
+            leg = ua.kept(serials[0])
+            return fn(leg) if leg is not None else None
         return run
 
     pending = sorted(dtmf, key=lambda item: item[1])
@@ -173,6 +188,7 @@ def place_call(uri: str, play: np.ndarray | None, seconds: float, *, host: str =
         if not ended:
             if answered_at is not None:
                 stats = ua.submit(on_leg("stream_stats")).result(5)
+                stats["codec"] = ua.submit(on_leg_info(_stream_codec)).result(5)
             ua.post(on_leg("bye"))
             wait_events(time.monotonic() + 5)
     finally:
@@ -183,6 +199,15 @@ def place_call(uri: str, play: np.ndarray | None, seconds: float, *, host: str =
     report.update(stats)
     report["answered"] = answered_at is not None
     return CallResult(report, pcm)
+
+
+def _stream_codec(leg: Leg) -> str | None:
+    """The audio stream's codec as name/clock rate (pjsua thread), e.g. ``PCMA/8000``."""
+    try:
+        info = leg.getStreamInfo(0)
+    except pj.Error:
+        return None
+    return f"{info.codecName}/{info.codecClockRate}"
 
 
 def _audio_report(pcm: np.ndarray, times: list[float], answered_at: float | None) -> dict[str, Any]:

@@ -11,6 +11,10 @@
 - ``progress``: 183 Session Progress with SDP sent; the caller hears ringback as early media while
   ``Calls.start`` claims a slot and primes the persona on a worker.
 - ``answering``: the session is ready; 200 OK sent, waiting for the ACK (audio already flows both ways).
+  From the answer on, a tenant with ``recording.enabled`` (and a gateway with ``recordings_dir``) plays the
+  consent announcement first and records the call (``recording.py``); the agent hears nothing, and so says
+  nothing, until the announcement has been played, and with ``speaks_first: false`` nothing until the
+  caller speaks or ``sip_caller_first_wait_seconds`` pass (``media.MediaBridge``).
 - ``live``: ACK received. Ends by BYE from the caller (the agent call ends with ``hangup``), by the agent
   call ending by itself (``no_worker``, ``worker_ended``, ``shutdown``: the gateway sends BYE), or by no RTP
   from the caller for ``media_timeout`` seconds (``media_timeout``: BYE), or by reaching the tenant's
@@ -40,6 +44,7 @@ import enum
 import logging
 import math
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..calls import AgentCall, Calls, PersonaRejected
@@ -48,6 +53,7 @@ from .bridge import HumanLeg
 from .leg import Leg, LegEvent
 from .media import RINGBACK, MediaBridge, MediaBuffers
 from .metrics import SipMetrics
+from .recording import CallRecorder, consent_frames, recording_path
 
 if TYPE_CHECKING:
     from ..tenants.tenant import PersonaConfig, Tenant
@@ -102,7 +108,8 @@ class InboundCall:
                  persona: PersonaConfig, calls: Calls, answer_timeout: float, retry_after: float, media_timeout: float,
                  max_call_seconds: float | None,
                  loop: asyncio.AbstractEventLoop, metrics: SipMetrics, bridge_fallback: bool = True,
-                 ring_timeout: float = 30.0) -> None:
+                 ring_timeout: float = 30.0, recordings_dir: Path | None = None,
+                 caller_first_wait: float | None = None) -> None:
         self.ua = ua
         self.leg_serial = leg.serial
         self._leg = leg  # used only on the pjsua thread (``_command``); never touched from the loop
@@ -118,6 +125,10 @@ class InboundCall:
         self.max_call_seconds = max_call_seconds  # the gateway's cap; the tenant's limits.max_call_seconds applies too
         self.loop = loop
         self.metrics = metrics
+        self.recordings_dir = recordings_dir
+        self.caller_first_wait = caller_first_wait  # speaks_first: false; None: as long as the call lasts
+        self.recorder: CallRecorder | None = None
+        self.announced_at: float | None = None  # when the consent announcement's last frame went out
         self.buffers: MediaBuffers = leg.buffers
         self.state = S.RINGING
         self.history: list[tuple[SipCallState, float]] = [(S.RINGING, time.monotonic())]
@@ -265,6 +276,8 @@ class InboundCall:
             if self.agent is not None:
                 await self.agent.end("error")
         finally:
+            if self.recorder is not None:  # the call failed before its own clean-up
+                await self._stop_recording()
             self._release_leg_ref()
 
     def _hang_up(self, status: int, reason: str) -> None:
@@ -329,8 +342,51 @@ class InboundCall:
         log.info("SIP call refused: %d %s", status, reason, extra={
             "sip_call_id": self.sip_call_id, "number": self.number, "tenant": self.tenant.id, "why": why})
 
+    async def _start_recording(self) -> asyncio.Event | None:
+        """With the tenant's recording on: the recorder started and the announcement queued to play from the
+        answer; returns the event set once it has been played (None: no recording, nothing played)."""
+        recording = self.tenant.spec.recording
+        clip = self.tenant.consent_announcement
+        if not recording.enabled or clip is None:
+            return None
+        if self.recordings_dir is None:
+            log.warning("the tenant records calls but the gateway has no recordings_dir: this call is neither "
+                        "announced nor recorded", extra={"sip_call_id": self.sip_call_id, "tenant": self.tenant.id})
+            return None
+        frames = await consent_frames(clip)
+        self.recorder = CallRecorder(recording_path(self.recordings_dir, self.tenant.id, self.sip_call_id))
+        self.recorder.start()
+        self.buffers.recorder = self.recorder
+        announced = asyncio.Event()
+
+        def done() -> None:  # the bridge's clock thread
+            self.loop.call_soon_threadsafe(self._announced, announced)
+
+        self.buffers.announce(frames, done)
+        return announced
+
+    def _announced(self, announced: asyncio.Event) -> None:
+        self.announced_at = time.monotonic()
+        announced.set()
+
+    async def _stop_recording(self) -> dict[str, object]:
+        """The recorder detached and its file finished; what the call record says about it."""
+        recorder, self.recorder = self.recorder, None
+        if recorder is None:
+            return {}
+        self.buffers.recorder = None
+        complete = await asyncio.to_thread(recorder.close)
+        self.metrics.recordings.labels(result="written" if complete else "failed").inc()
+        if recorder.frames_dropped:
+            log.warning("the recording lost %d frames: the disk did not keep up", recorder.frames_dropped,
+                        extra={"sip_call_id": self.sip_call_id, "path": str(recorder.path)})
+        return {"recording": str(recorder.path) if complete else None,
+                "recording_seconds": round(recorder.seconds, 2), "recording_frames_dropped": recorder.frames_dropped}
+
     async def _converse(self, agent: AgentCall) -> None:
-        bridge = MediaBridge(self.buffers, agent, on_agent_audio=self._agent_audio)
+        announced = await self._start_recording()
+        bridge = MediaBridge(self.buffers, agent, on_agent_audio=self._agent_audio, hold_until=announced,
+                             wait_for_caller=None if self.persona.speaks_first else self.caller_first_wait or math.inf)
         bridge.start()
         self.buffers.ringback = None
         self._to(S.ANSWERING)
@@ -384,6 +440,7 @@ class InboundCall:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._escalation
             await bridge.stop()
+            recording = await self._stop_recording()
         self._to(S.ENDED)
         stats = self.buffers.pacer.stats()
         self.metrics.outbound_underruns.inc(stats.underruns)
@@ -400,7 +457,12 @@ class InboundCall:
             "seconds": round(time.monotonic() - began, 2), "outbound_underruns": stats.underruns,
             "outbound_shed": stats.shed, "caller_frames_dropped": self.buffers.inbound_dropped,
             "dtmf": "".join(self.dtmf), "transfer": self.transfer_result, "transfer_method": self.transfer_method,
-            "transfer_attempts": self.transfer_attempts, **self._bridge_record(), **self.rtp})
+            "transfer_attempts": self.transfer_attempts, **self._bridge_record(),
+            "consent_announced": round(self.announced_at - self.answered_at, 3)
+            if self.announced_at and self.answered_at else None,
+            "agent_released_seconds": round(bridge.released_at - self.answered_at, 3)
+            if bridge.released_at and self.answered_at else None, "agent_released_by": bridge.released_by,
+            **recording, **self.rtp})
 
     async def _stay_bridged(self, agent: AgentCall, bridge: MediaBridge, gone: asyncio.Task[bool],
                             silent: asyncio.Task[None]) -> None:

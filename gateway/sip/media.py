@@ -4,12 +4,26 @@ Two halves on two threads:
 
 - ``FramePort`` (an ``AudioMediaPort``, one per call) is called by the bridge's clock thread every 20 ms,
   holding the GIL. Its callbacks only copy: a received frame is copied (a C++ vector copy, no Python loop)
-  into the inbound queue; a requested frame is the next prepared outbound frame, a ringback frame, or
-  silence. Nothing there calls pjsua, allocates big objects, or waits.
+  into the inbound queue; a requested frame is the next frame of the consent announcement, a ringback frame,
+  the next prepared outbound frame, or silence; with a recorder attached each tick's pair (what came in, what
+  went out) is appended to its bounded queue (``recording.py``). Nothing there calls pjsua, allocates big
+  objects, or waits.
 - ``MediaBridge`` (asyncio, one per call) does the rest: 20 ms caller frames → ``LineToModel`` (a stateful
   resampler from ``gateway/audio``, 16 → 24 kHz, and exact 80 ms framing) → ``AgentCall.send``; agent frames → ``ModelToLine``
   (24 → 16 kHz, 20 ms packets) → ``OutboundPacer``, which is shallow and sheds instead of building lag, so
   barge-in stays immediate, and counts underruns (silence played) and sheds.
+
+**Holding the agent.** The worker steps a session only when it gets a caller frame, so the bridge can keep
+the agent silent, with its state untouched, simply by not sending caller audio yet (``MediaBridge._hold``):
+
+- while the consent announcement plays (``hold_until`` is set when its last frame has gone out): the agent
+  neither talks over the notice nor hears the caller during it; its greeting comes after the notice;
+- for a persona with ``speaks_first: false``, until the caller speaks: a simple energy detector on the
+  caller's 20 ms frames (``SPEECH_DBFS`` for ``SPEECH_FRAMES`` frames in a row) opens the hold, and the
+  frames that fired it go to the agent too (``PRE_ROLL_FRAMES``), so it hears the caller's first syllable.
+  Since the model has not stepped until then, it has not greeted anyone: what it says first is an answer
+  to the caller. A caller who says nothing (waiting for a greeting) is not left in silence: after
+  ``wait_for_caller`` seconds (``sip_caller_first_wait_seconds``) the agent is released and speaks first.
 
 Resampling, framing and the outbound pacer are ``gateway/audio``'s.
 """
@@ -19,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -27,6 +42,7 @@ import pjsua2 as pj
 from ..audio import LineToModel, ModelToLine, OutboundPacer
 from ..calls import AgentCall
 from ..worker_client import AgentAudio
+from .recording import CallRecorder
 from .ua import BYTES_PER_FRAME, CLOCK_RATE, PTIME_MS, SAMPLES_PER_FRAME
 
 MODEL_RATE = 24_000
@@ -34,6 +50,14 @@ INBOUND_FRAMES = 25  # 500 ms of caller audio waiting for the asyncio side; olde
 FRAMES_PER_WAKE = 4  # the asyncio side is woken once per 80 ms of caller audio
 CUSHION_PACKETS = 2  # outbound packets kept against the worker's jitter (the gateway's sip_outbound_cushion_packets)
 LINE_FRAME_MODEL_SAMPLES = MODEL_RATE * PTIME_MS // 1000  # one 20 ms line frame, resampled: 480
+# The caller is speaking: 60 ms above -40 dBFS (RMS). Telephone line noise and comfort noise sit well below
+# -50 dBFS, speech at -30 to -15 dBFS.
+SPEECH_DBFS = -40.0
+SPEECH_FRAMES = 3
+# The caller audio handed to the agent when the detector fires: the last 80 ms (one model frame), which hold
+# the frames that fired it. No more: the worker steps one frame per 80 ms, so a longer burst would wait in its
+# input queue, and every word after it would reach the agent that much later for the rest of the call.
+PRE_ROLL_FRAMES = 4
 
 
 def _vector(pcm: bytes) -> pj.ByteVector:
@@ -68,6 +92,11 @@ class MediaBuffers:
         self._out = np.zeros(SAMPLES_PER_FRAME, dtype=np.int16)  # the pacer copies each packet into it
         self.ringback: tuple[pj.ByteVector, ...] | None = None
         self._ring_at = 0
+        self._announcement: tuple[tuple[pj.ByteVector, bytes], ...] | None = None
+        self._announce_at = 0
+        self._announced: Callable[[], None] | None = None  # called (clock thread) after its last frame
+        self.recorder: CallRecorder | None = None
+        self._heard: pj.ByteVector | None = None  # the caller's frame this tick, for the recorder
         self.received = 0
         self.inbound_dropped = 0
         self.notify: Callable[[], None] | None = None  # wakes the asyncio side (thread-safe)
@@ -82,7 +111,9 @@ class MediaBuffers:
             return
         if len(self.inbound) == self.inbound.maxlen:
             self.inbound_dropped += 1
-        self.inbound.append(pj.ByteVector(frame.buf))
+        vector = pj.ByteVector(frame.buf)
+        self.inbound.append(vector)
+        self._heard = vector
         self.received += 1
         if len(self.inbound) >= self.wake_frames and self.notify is not None:
             self.notify()
@@ -90,12 +121,36 @@ class MediaBuffers:
     def frame_requested(self, frame: pj.MediaFrame) -> None:
         frame.type = pj.PJMEDIA_FRAME_TYPE_AUDIO
         ringback = self.ringback
-        if ringback is not None and not self.pacer.depth:
+        announcement = self._announcement
+        sent: bytes | None = None
+        if announcement is not None:
+            frame.buf, sent = announcement[self._announce_at]
+            self._announce_at += 1
+            if self._announce_at == len(announcement):
+                self._announcement = None
+                if self._announced is not None:
+                    self._announced()
+        elif ringback is not None and not self.pacer.depth:
             frame.buf = ringback[self._ring_at % len(ringback)]
             self._ring_at += 1
         else:
-            frame.buf = pj.ByteVector(self.pacer.get(self._out).tobytes())
+            sent = self.pacer.get(self._out).tobytes()
+            frame.buf = pj.ByteVector(sent)
         frame.size = BYTES_PER_FRAME
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.put(self._heard, sent if sent is not None else bytes(frame.buf))
+            self._heard = None
+
+    def announce(self, frames: tuple[bytes, ...], done: Callable[[], None]) -> None:
+        """Play ``frames`` (20 ms s16le at the bridge's rate) once, before anything else; ``done`` is called
+        from the clock thread after the last one has gone out."""
+        if not frames:
+            done()
+            return
+        self._announce_at = 0
+        self._announced = done
+        self._announcement = tuple((pj.ByteVector(f), f) for f in frames)
 
     # the asyncio side
 
@@ -135,12 +190,21 @@ class FramePort(pj.AudioMediaPort):
 class MediaBridge:
     """Caller audio to the agent and agent audio to the caller, for one live call (asyncio side)."""
 
-    def __init__(self, buffers: MediaBuffers, call: AgentCall, on_agent_audio: Callable[[], None] | None = None
-                 ) -> None:
+    def __init__(self, buffers: MediaBuffers, call: AgentCall, on_agent_audio: Callable[[], None] | None = None,
+                 *, hold_until: asyncio.Event | None = None, wait_for_caller: float | None = None) -> None:
+        """``hold_until``: no caller audio reaches the agent before it is set (the announcement);
+        ``wait_for_caller``: nor, after that, before the caller speaks (``speaks_first: false``) or this many
+        seconds pass (``math.inf``: however long)."""
         self.buffers = buffers
         self.call = call
         self._wake = asyncio.Event()
         self._on_agent_audio = on_agent_audio
+        self._hold_until = hold_until
+        self._wait_for_caller = wait_for_caller
+        # time.monotonic() when the agent first heard the caller, and why then: "answer" (no hold),
+        # "announcement" (its end), "caller" (the caller's voice), "wait" (the caller said nothing in time)
+        self.released_at: float | None = None
+        self.released_by: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -159,18 +223,56 @@ class MediaBridge:
         line = LineToModel(CLOCK_RATE)
         buffers = self.buffers
         buffers.take_inbound()  # what arrived before the call was live (ringing) is not the agent's
+        pcm, self.released_by = await self._hold()
+        self.released_at = time.monotonic()
+        while True:
+            if pcm:
+                for frame in line.push(pcm):
+                    self.call.send(frame)
+            filled = round(line.pending_samples / LINE_FRAME_MODEL_SAMPLES)
+            buffers.wake_frames = max(1, FRAMES_PER_WAKE - filled)
+            if len(buffers.inbound) < buffers.wake_frames:  # else a frame came meanwhile and did not wake us
+                await self._wake.wait()
+                self._wake.clear()
+            pcm = buffers.take_inbound()
+
+    async def _hold(self) -> tuple[bytes, str]:
+        """Until the agent may hear the caller (see the module's docstring); returns the caller audio it hears
+        first (the pre-roll), dropping the rest, and what released it."""
+        if self._hold_until is not None:
+            until = asyncio.create_task(self._hold_until.wait())
+            until.add_done_callback(lambda _: self._wake.set())
+            try:
+                while not self._hold_until.is_set():
+                    await self._wake.wait()
+                    self._wake.clear()
+                    self.buffers.take_inbound()  # the caller talking over the notice: not for the agent
+            finally:
+                until.cancel()
+        if self._wait_for_caller is None:
+            return b"", "answer" if self._hold_until is None else "announcement"
+        try:
+            async with asyncio.timeout(None if math.isinf(self._wait_for_caller) else self._wait_for_caller):
+                return await self._caller_speaks(), "caller"
+        except TimeoutError:
+            return b"", "wait"
+
+    async def _caller_speaks(self) -> bytes:
+        recent: collections.deque[bytes] = collections.deque(maxlen=PRE_ROLL_FRAMES)
+        loud = 0
+        threshold = (10 ** (SPEECH_DBFS / 20) * 32768) ** 2
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while True:
-                pcm = buffers.take_inbound()
-                if pcm:
-                    for frame in line.push(pcm):
-                        self.call.send(frame)
-                filled = round(line.pending_samples / LINE_FRAME_MODEL_SAMPLES)
-                buffers.wake_frames = max(1, FRAMES_PER_WAKE - filled)
-                if len(buffers.inbound) < buffers.wake_frames:  # a frame that came meanwhile did not wake us
-                    break
+            pcm = self.buffers.take_inbound()
+            for at in range(0, len(pcm) - BYTES_PER_FRAME + 1, BYTES_PER_FRAME):
+                frame = pcm[at:at + BYTES_PER_FRAME]
+                recent.append(frame)
+                samples = np.frombuffer(frame, "<i2").astype(np.float32)
+                loud = loud + 1 if float(np.mean(samples * samples)) > threshold else 0
+                if loud >= SPEECH_FRAMES:
+                    rest = pcm[at + BYTES_PER_FRAME:]
+                    return (b"".join(recent) + rest)[-PRE_ROLL_FRAMES * BYTES_PER_FRAME:]
 
     async def _agent_to_caller(self) -> None:
         line = ModelToLine(CLOCK_RATE, packet_ms=PTIME_MS)

@@ -70,6 +70,12 @@ class SipMetrics:
             "(the caller hung up while the target rang).",
             ["result", "method"], registry=r)
 
+        self.recordings = Counter(
+            "personagate_gateway_sip_recordings_total",
+            "Call recordings (tenants with recording.enabled) by result: written (the file is complete in "
+            "recordings_dir), failed (it could not be written; the call went on).",
+            ["result"], registry=r)
+
     def observe_rtp(self, stats: dict[str, Any]) -> None:
         """A call's receive statistics (``Leg.stream_stats``) when it ended."""
         if not stats:

@@ -30,9 +30,11 @@ import contextlib
 import ipaddress
 import logging
 import re
+import tempfile
 import time
 from collections import deque
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
@@ -73,6 +75,17 @@ def source_ip(address: str) -> str:
     """``"1.2.3.4:5060"`` / ``"[::1]:5060"`` → the address without the port."""
     host = address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") else address
     return host.strip("[]")
+
+
+def check_recordings_dir(folder: Path) -> None:
+    """The recordings folder exists (made if not) and the gateway can write there; else a clear error."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise RuntimeError(f"recordings_dir {str(folder)!r}: call recordings cannot be written there "
+                           f"({exc.strerror or exc})") from None
 
 
 class AllowList:
@@ -118,6 +131,8 @@ class SipServer:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         s = self.settings
+        if s.recordings_dir is not None:
+            await asyncio.to_thread(check_recordings_dir, s.recordings_dir)
         self.ua = UserAgent(UaConfig(host=s.sip_host, port=s.sip_port, max_calls=s.sip_max_calls,
                                      log_level=s.sip_log_level), make_account=self._make_account)
         self.port = await asyncio.to_thread(self.ua.start)
@@ -177,7 +192,9 @@ class SipServer:
                            media_timeout=self.settings.sip_media_timeout_seconds,
                            max_call_seconds=self.settings.sip_max_call_seconds, loop=self._loop,
                            metrics=self.metrics, bridge_fallback=self.settings.sip_transfer_bridge_fallback,
-                           ring_timeout=self.settings.sip_transfer_ring_seconds)
+                           ring_timeout=self.settings.sip_transfer_ring_seconds,
+                           recordings_dir=self.settings.recordings_dir,
+                           caller_first_wait=self.settings.sip_caller_first_wait_seconds)
         self._loop.call_soon_threadsafe(self._begin, call)
 
     def _flooded(self) -> bool:

@@ -54,6 +54,7 @@ class UaConfig:
     max_calls: int = 256
     user_agent: str = "personagate"
     log_level: int = 1  # pjsua's own log (0-6) on stderr
+    codecs: tuple[str, ...] = CODECS  # offered (and accepted) in this order; the caller narrows it (--codec)
 
 
 class UserAgent:
@@ -188,7 +189,7 @@ class UserAgent:
         ep.audDevManager().setNullDev()  # no sound card: the null device only clocks the bridge
         for codec in ep.codecEnum2():
             ep.codecSetPriority(codec.codecId, 0)
-        for rank, name in enumerate(CODECS):
+        for rank, name in enumerate(cfg.codecs):
             with contextlib.suppress(pj.Error):
                 ep.codecSetPriority(name, 250 - rank)
         if self._make_account is not None:

@@ -1,0 +1,159 @@
+"""Call recording (a tenant's ``recording.enabled``): the consent announcement, and one stereo FLAC per call.
+
+    announcement = await consent_frames(tenant.consent_announcement)   # 20 ms frames at the bridge's rate
+    recorder = CallRecorder(recording_path(root, tenant.id, call_id))
+    recorder.start()                       # its writer thread opens the file
+    buffers.recorder = recorder            # the bridge's clock thread hands it each 20 ms tick
+    ...
+    await asyncio.to_thread(recorder.close)
+
+The file holds what was on the line from the answer on: the caller on the left channel, what the caller
+heard on the right (the announcement, then the agent), 16 kHz 16-bit, one frame of each per 20 ms tick of
+the bridge, so the two sides stay aligned even when the caller's RTP stops (silence is recorded). The clock
+thread only appends to a bounded queue (``MAX_PENDING_FRAMES``: a stalled disk drops the oldest frames,
+counted, rather than growing memory); a thread per call encodes and writes, so neither the event loop nor
+the pjsua thread ever waits on the disk. The file is written as ``<name>.flac.part`` and renamed to
+``<name>.flac`` once complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import hashlib
+import logging
+import re
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import soundfile
+
+from ..audio import StreamResampler
+from .ua import BYTES_PER_FRAME, CLOCK_RATE, SAMPLES_PER_FRAME
+
+if TYPE_CHECKING:
+    import pjsua2 as pj
+
+    from agent_runtime.voices import PreparedClip
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING_FRAMES = 500  # 10 s of both sides (640 KB) waiting for the writer; older frames are dropped
+WRITE_EVERY_SECONDS = 0.2
+CLIP_RATE = 24_000  # PreparedClip.audio's rate
+_SILENCE = bytes(BYTES_PER_FRAME)
+
+
+def recording_path(root: Path, tenant: str, call_id: str, when: dt.datetime | None = None) -> Path:
+    """``root/<tenant>/<YYYY-MM-DD>/<HHMMSS>-<call id>.flac`` (UTC), the call id made safe for a file name
+    (a long or unusual one is shortened and kept unique by a hash)."""
+    when = when or dt.datetime.now(dt.UTC)
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", call_id).strip("._") or "call"
+    if len(safe) > 80 or safe != call_id:
+        safe = f"{safe[:60]}-{hashlib.sha256(call_id.encode()).hexdigest()[:12]}"
+    return root / tenant / when.strftime("%Y-%m-%d") / f"{when.strftime('%H%M%S')}-{safe}.flac"
+
+
+# ---------------------------------------------------------------------------------------------- announcement
+
+_announcements: collections.OrderedDict[str, tuple[bytes, ...]] = collections.OrderedDict()
+ANNOUNCEMENTS_CACHED = 32
+
+
+def announcement_frames(clip: PreparedClip) -> tuple[bytes, ...]:
+    """The clip (24 kHz float) as 20 ms s16le frames at the bridge's rate, the last one padded with silence."""
+    resampler = StreamResampler(CLIP_RATE, CLOCK_RATE, np.float32)
+    audio = np.concatenate([resampler.process(np.asarray(clip.audio, dtype=np.float32)), resampler.flush()])
+    pcm = np.clip(np.round(audio * 32767), -32768, 32767).astype("<i2")
+    pcm = np.concatenate([pcm, np.zeros(-len(pcm) % SAMPLES_PER_FRAME, dtype="<i2")])
+    return tuple(pcm[i:i + SAMPLES_PER_FRAME].tobytes() for i in range(0, len(pcm), SAMPLES_PER_FRAME))
+
+
+async def consent_frames(clip: PreparedClip) -> tuple[bytes, ...]:
+    """``announcement_frames``, computed off the event loop once per clip content (a small cache)."""
+    key = clip.sha256
+    frames = _announcements.get(key)
+    if frames is None:
+        frames = await asyncio.to_thread(announcement_frames, clip)
+        _announcements[key] = frames
+        while len(_announcements) > ANNOUNCEMENTS_CACHED:
+            _announcements.popitem(last=False)
+    _announcements.move_to_end(key)
+    return frames
+
+
+# ---------------------------------------------------------------------------------------------- the file
+
+
+class CallRecorder:
+    """One call's stereo FLAC, written by its own thread from frames the bridge's clock thread hands it."""
+
+    def __init__(self, path: Path, *, max_pending_frames: int = MAX_PENDING_FRAMES) -> None:
+        self.path = path
+        self.partial = path.with_name(path.name + ".part")
+        self._pending: collections.deque[tuple[pj.ByteVector | bytes | None, bytes]] = collections.deque(
+            maxlen=max_pending_frames)
+        self.frames_dropped = 0
+        self.frames_written = 0
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"recorder-{path.stem[:20]}", daemon=True)
+
+    @property
+    def seconds(self) -> float:
+        return self.frames_written * SAMPLES_PER_FRAME / CLOCK_RATE
+
+    # the bridge's clock thread: append only
+
+    def put(self, caller: pj.ByteVector | bytes | None, heard: bytes) -> None:
+        """One 20 ms tick: the caller's frame (None: none arrived) and the frame sent to the caller."""
+        if len(self._pending) == self._pending.maxlen:
+            self.frames_dropped += 1
+        self._pending.append((caller, heard))
+
+    # any thread
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Write what is left, finish the file and rename it into place (blocking: call it in a thread).
+        True if the recording is complete on disk."""
+        self._stop.set()
+        self._thread.join(timeout)
+        return self.error is None and not self._thread.is_alive()
+
+    # the writer thread
+
+    def _run(self) -> None:
+        try:
+            self.partial.parent.mkdir(parents=True, exist_ok=True)
+            with soundfile.SoundFile(self.partial, "w", samplerate=CLOCK_RATE, channels=2, format="FLAC",
+                                     subtype="PCM_16") as out:
+                while not self._stop.wait(WRITE_EVERY_SECONDS):
+                    self._write(out)
+                self._write(out)
+            self.partial.replace(self.path)
+        except Exception as exc:  # noqa: BLE001 - a full or read-only disk must not end the call
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("call recording failed: %s", self.error, extra={"path": str(self.path)})
+            self._pending.clear()
+
+    def _write(self, out: soundfile.SoundFile) -> None:
+        ticks = []
+        while True:
+            try:
+                ticks.append(self._pending.popleft())
+            except IndexError:
+                break
+        if not ticks:
+            return
+        block = np.empty((len(ticks), SAMPLES_PER_FRAME, 2), dtype="<i2")
+        for i, (caller, heard) in enumerate(ticks):
+            block[i, :, 0] = np.frombuffer(bytes(caller) if caller is not None else _SILENCE, "<i2")
+            block[i, :, 1] = np.frombuffer(heard, "<i2")
+        out.write(block.reshape(-1, 2))
+        self.frames_written += len(ticks)
