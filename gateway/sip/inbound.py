@@ -8,7 +8,9 @@
 
 - ``ringing``: 180 sent (the server routed the dialed number on the pjsua thread and sent it at once).
 - ``progress``: 183 Session Progress with SDP sent; the caller hears ringback as early media while
-  ``Calls.start`` claims a slot and primes the persona on a worker.
+  ``Calls.start`` claims a slot and primes the persona on a worker. The 183 is sent again every
+  ``ringing_interval`` seconds (``sip_ringing_interval_seconds``) until the answer, so proxies that cancel a
+  quiet INVITE transaction keep it, and a 183 lost over UDP is repaired within the interval.
 - ``answering``: the session is ready; 200 OK sent, waiting for the ACK (audio already flows both ways).
 - ``live``: ACK received. Ends by BYE from the caller (the agent call ends with ``hangup``), by the agent
   call ending by itself (``no_worker``, ``worker_ended``, ``shutdown``: the gateway sends BYE), or by no RTP
@@ -16,7 +18,19 @@
   ``limits.max_call_seconds`` (or the gateway's ``sip_max_call_seconds``, if lower) from the answer
   (``max_duration``: BYE), or by a blind transfer the caller's side reports done (``transfer``: the tenant's
   ``escalation.dtmf_digit`` pressed → REFER to ``escalation.transfer_to``; a 2xx NOTIFY → BYE; a refused
-  REFER, a failure NOTIFY or none within ``TRANSFER_TIMEOUT`` keeps the caller with the agent).
+  REFER, a failure NOTIFY or none within ``TRANSFER_TIMEOUT`` keeps the caller with the agent), or by the
+  session timer (RFC 4028: the caller asked to refresh the session and did not, so pjsua sends BYE before it
+  expires: ``session_timer``).
+
+**Hold** (RFC 3264, by the caller; answering ANSWERING or LIVE, not a state of its own): a re-INVITE or UPDATE
+whose offer is ``a=sendonly`` is answered ``a=recvonly`` and ``a=inactive`` is answered ``a=inactive`` by pjsua
+itself; the RFC 2543 way (``c=0.0.0.0``) is answered ``a=inactive`` by the leg. A later ``a=sendrecv`` offer
+(or a re-INVITE without SDP, where pjsua offers sendrecv) resumes. While held (``held``): no media timeout (no
+RTP is legitimate), the tenant's maximum duration still applies; the caller's audio (music on hold) is not
+passed to the agent, so the worker does not step the session at all: the model is paused, its context (the
+primed persona) kept for the resume instead of filled with minutes of music or silence, and no agent audio is
+made; agent audio already on its way is dropped and the outbound buffer flushed, so the caller returns to a
+quiet line, not stale speech. ``holds`` and ``held_seconds`` go into the call record.
 - ``refused``: ``Refusal`` no_capacity / unavailable / draining → 503 with Retry-After; tenant_limit →
   486; the session not ready within ``answer_timeout`` → 503 with Retry-After; the persona refused by the
   worker → 500.
@@ -32,10 +46,12 @@ import enum
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, cast
 
 from ..calls import AgentCall, Calls, PersonaRejected
 from ..routing import Refusal
+from ..worker_client import AgentAudio, AgentText
 from .leg import Leg, LegEvent
 from .media import RINGBACK, MediaBridge, MediaBuffers
 from .metrics import SipMetrics
@@ -73,6 +89,8 @@ TRANSITIONS: dict[SipCallState, frozenset[SipCallState]] = {
 BUSY = 486
 UNAVAILABLE = 503
 TRANSFER_TIMEOUT = 10.0  # seconds from the REFER to a final NOTIFY; after it the caller stays with the agent
+SESSION_TIMER_REASON = "session_timer"
+SESSION_TIMER_STATUS = 408  # pjsip ends an unrefreshed session as 408 Request Timeout ("Session timer expired")
 
 
 def refusal_answer(exc: Refusal) -> tuple[int, str, dict[str, str]]:
@@ -84,13 +102,33 @@ def refusal_answer(exc: Refusal) -> tuple[int, str, dict[str, str]]:
     return UNAVAILABLE, reason, {"Retry-After": str(max(1, math.ceil(exc.retry_after_seconds)))}
 
 
+class HoldGate:
+    """The agent call as the media bridge sees it: while the caller holds us, the caller's audio is not sent
+    (the worker steps a session only on caller audio: the model pauses) and agent audio is dropped."""
+
+    def __init__(self, agent: AgentCall, is_held: Callable[[], bool]) -> None:
+        self.agent = agent
+        self.is_held = is_held
+        self.call_id = agent.call_id
+
+    def send(self, frame: bytes) -> None:
+        if not self.is_held():
+            self.agent.send(frame)
+
+    async def frames(self) -> AsyncIterator[AgentAudio | AgentText]:
+        async for event in self.agent.frames():
+            if isinstance(event, AgentAudio) and self.is_held():
+                continue
+            yield event
+
+
 class InboundCall:
     """Made on the pjsua thread when an INVITE is routed (180 already sent); runs on the event loop."""
 
     def __init__(self, *, ua: UserAgent, leg: Leg, sip_call_id: str, number: str, caller: str, tenant: Tenant,
                  persona: PersonaConfig, calls: Calls, answer_timeout: float, retry_after: float, media_timeout: float,
-                 max_call_seconds: float | None,
-                 loop: asyncio.AbstractEventLoop, metrics: SipMetrics) -> None:
+                 max_call_seconds: float | None, loop: asyncio.AbstractEventLoop, metrics: SipMetrics,
+                 ringing_interval: float = 1.0) -> None:
         self.ua = ua
         self.leg_serial = leg.serial
         self._leg = leg  # used only on the pjsua thread (``_command``); never touched from the loop
@@ -103,6 +141,7 @@ class InboundCall:
         self.answer_timeout = answer_timeout
         self.retry_after = retry_after
         self.media_timeout = media_timeout
+        self.ringing_interval = ringing_interval
         self.max_call_seconds = max_call_seconds  # the gateway's cap; the tenant's limits.max_call_seconds applies too
         self.loop = loop
         self.metrics = metrics
@@ -124,6 +163,12 @@ class InboundCall:
         self._transfer_final: asyncio.Future[LegEvent] | None = None  # a REFER awaiting its final NOTIFY
         self._escalation: asyncio.Task[None] | None = None
         self._transferred = asyncio.Event()  # the escalation target took the call
+        self.held = False  # the caller holds us (their last offer lets us not send)
+        self.holds = 0
+        self.held_seconds = 0.0  # completed holds; ``held_total()`` adds the one in progress
+        self._held_since: float | None = None
+        self.provisionals = 0  # 183s sent while in progress (the first and the repeats)
+        self.disconnect: tuple[int, str] = (0, "")  # pjsua's last status and reason when the dialog ended
         leg.events = lambda event: loop.call_soon_threadsafe(self._on_event, event)
 
     # ------------------------------------------------------------------ pjsua → loop
@@ -133,7 +178,12 @@ class InboundCall:
             self._confirmed.set()
         elif event.kind == "disconnected":
             self.rtp = event.stats
+            self.disconnect = (event.status, event.reason)
+            self._hold(False)
             self._gone.set()
+        elif event.kind == "media":
+            if self.state in (S.ANSWERING, S.LIVE):
+                self._hold(bool(event.headers.get("held")), event.headers.get("direction", ""))
         elif event.kind == "dtmf":
             self._digit(event.reason, event.headers.get("method", "rfc4733"))
         elif event.kind == "transfer":
@@ -142,6 +192,33 @@ class InboundCall:
             final = self._transfer_final
             if final is not None and not final.done() and (event.headers.get("final") or event.status >= 200):
                 final.set_result(event)
+
+    def _hold(self, held: bool, direction: str = "") -> None:
+        if held == self.held:
+            return
+        self.held = held
+        now = time.monotonic()
+        extra = {"sip_call_id": self.sip_call_id, "tenant": self.tenant.id, "direction": direction}
+        if held:
+            self.holds += 1
+            self._held_since = now
+            self.buffers.pacer.flush()  # agent audio queued before the hold is stale by the resume
+            self.metrics.holds.inc()
+            self.metrics.calls_held.inc()
+            log.info("the caller put the call on hold", extra=extra)
+        else:
+            assert self._held_since is not None
+            seconds = now - self._held_since
+            self.held_seconds += seconds
+            self._held_since = None
+            self.metrics.held_seconds.observe(seconds)
+            self.metrics.calls_held.dec()
+            log.info("the caller resumed the call after %.1f s on hold", seconds, extra=extra)
+
+    def held_total(self) -> float:
+        """Seconds on hold so far, the hold in progress included."""
+        ongoing = time.monotonic() - self._held_since if self._held_since is not None else 0.0
+        return self.held_seconds + ongoing
 
     def _digit(self, digit: str, method: str) -> None:
         self.dtmf.append(digit)
@@ -240,13 +317,16 @@ class InboundCall:
         self._to(S.PROGRESS)
         self.buffers.ringback = RINGBACK
         self._command("respond", 183, "Session Progress")
+        self.provisionals = 1
         start = asyncio.create_task(self.calls.start(self._agent_call_id(), self.tenant, self.persona),
                                     name=f"sip-start-{self.sip_call_id}")
         gone = asyncio.create_task(self._gone.wait())
+        ringing = asyncio.create_task(self._keep_ringing(), name=f"sip-ringing-{self.sip_call_id}")
         try:
             await asyncio.wait({start, gone}, timeout=self.answer_timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
+            ringing.cancel()
             if not start.done():
                 start.cancel()  # releases whatever was claimed
                 with contextlib.suppress(BaseException):
@@ -275,6 +355,16 @@ class InboundCall:
             return
         self.agent = agent
 
+    async def _keep_ringing(self) -> None:
+        """183 again every ``ringing_interval`` while the session is being claimed and primed."""
+        while True:
+            await asyncio.sleep(self.ringing_interval)
+            if self.state is not S.PROGRESS or self._gone.is_set():
+                return
+            self._command("respond", 183, "Session Progress")
+            self.provisionals += 1
+            self.metrics.provisionals_repeated.inc()
+
     def _refuse(self, status: int, reason: str, headers: dict[str, str], why: str) -> None:
         self.buffers.ringback = None
         self._to(S.REFUSED)
@@ -285,7 +375,8 @@ class InboundCall:
             "sip_call_id": self.sip_call_id, "number": self.number, "tenant": self.tenant.id, "why": why})
 
     async def _converse(self, agent: AgentCall) -> None:
-        bridge = MediaBridge(self.buffers, agent, on_agent_audio=self._agent_audio)
+        gate = HoldGate(agent, lambda: self.held)
+        bridge = MediaBridge(self.buffers, cast(AgentCall, gate), on_agent_audio=self._agent_audio)
         bridge.start()
         self.buffers.ringback = None
         self._to(S.ANSWERING)
@@ -311,8 +402,8 @@ class InboundCall:
                 await asyncio.wait({ended, gone, silent, too_long, transferred}, return_when=asyncio.FIRST_COMPLETED)
             self._to(S.ENDING)
             if gone.done():
-                self.end_reason = "hangup"
-                await agent.end("hangup")
+                self.end_reason = SESSION_TIMER_REASON if self._session_expired() else "hangup"
+                await agent.end(self.end_reason)
             else:
                 if transferred.done() and not ended.done():
                     await agent.end("transfer")  # the caller is with a human now: the session is released
@@ -337,6 +428,7 @@ class InboundCall:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._escalation
             await bridge.stop()
+            self._hold(False)  # a call ended on hold: the hold ends with it
         self._to(S.ENDED)
         stats = self.buffers.pacer.stats()
         self.metrics.outbound_underruns.inc(stats.underruns)
@@ -352,7 +444,8 @@ class InboundCall:
             if self.first_agent_audio and self.answered_at else None,
             "seconds": round(time.monotonic() - began, 2), "outbound_underruns": stats.underruns,
             "outbound_shed": stats.shed, "caller_frames_dropped": self.buffers.inbound_dropped,
-            "dtmf": "".join(self.dtmf), "transfer": self.transfer_result, **self.rtp})
+            "dtmf": "".join(self.dtmf), "transfer": self.transfer_result, "holds": self.holds,
+            "held_seconds": round(self.held_total(), 2), **self.rtp})
 
     async def _media_watch(self) -> None:
         """Returns once no RTP has come from the caller for ``media_timeout`` seconds (checked every second)."""
@@ -360,6 +453,9 @@ class InboundCall:
         last, since = -1, time.monotonic()
         while True:
             await asyncio.sleep(min(1.0, self.media_timeout / 2))
+            if self.held:  # no RTP on hold is legitimate; after the resume the timeout counts afresh
+                since = time.monotonic()
+                continue
             try:
                 async with asyncio.timeout(2.0):
                     stats = await asyncio.wrap_future(self.ua.submit(lambda: leg.stream_stats() if leg else {}))
@@ -370,6 +466,11 @@ class InboundCall:
                 last, since = received, time.monotonic()
             elif time.monotonic() - since >= self.media_timeout:
                 return
+
+    def _session_expired(self) -> bool:
+        """The dialog ended because the caller did not refresh the session (pjsua's RFC 4028 timer sent BYE)."""
+        status, reason = self.disconnect
+        return status == SESSION_TIMER_STATUS and "timer" in reason.lower()
 
     def _agent_audio(self) -> None:
         if self.first_agent_audio is None:
