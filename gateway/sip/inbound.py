@@ -90,7 +90,7 @@ BUSY = 486
 UNAVAILABLE = 503
 TRANSFER_TIMEOUT = 10.0  # seconds from the REFER to a final NOTIFY; after it the caller stays with the agent
 SESSION_TIMER_REASON = "session_timer"
-SESSION_TIMER_STATUS = 408  # pjsip ends an unrefreshed session as 408 Request Timeout ("Session timer expired")
+SESSION_TIMER_STATUS = 408  # pjsip's BYE for an unrefreshed session: Reason: SIP;cause=408;text="No session refresh received."
 
 
 def refusal_answer(exc: Refusal) -> tuple[int, str, dict[str, str]]:
@@ -445,7 +445,8 @@ class InboundCall:
             "seconds": round(time.monotonic() - began, 2), "outbound_underruns": stats.underruns,
             "outbound_shed": stats.shed, "caller_frames_dropped": self.buffers.inbound_dropped,
             "dtmf": "".join(self.dtmf), "transfer": self.transfer_result, "holds": self.holds,
-            "held_seconds": round(self.held_total(), 2), **self.rtp})
+            "held_seconds": round(self.held_total(), 2), "sip_disconnect": " ".join(map(str, self.disconnect)),
+            **self.rtp})
 
     async def _media_watch(self) -> None:
         """Returns once no RTP has come from the caller for ``media_timeout`` seconds (checked every second)."""
@@ -470,7 +471,7 @@ class InboundCall:
     def _session_expired(self) -> bool:
         """The dialog ended because the caller did not refresh the session (pjsua's RFC 4028 timer sent BYE)."""
         status, reason = self.disconnect
-        return status == SESSION_TIMER_STATUS and "timer" in reason.lower()
+        return status == SESSION_TIMER_STATUS and any(word in reason.lower() for word in ("refresh", "timer"))
 
     def _agent_audio(self) -> None:
         if self.first_agent_audio is None:

@@ -132,7 +132,11 @@ class SipServer:
         cfg = pj.AccountConfig()
         cfg.idUri = f"sip:personagate@{self.settings.sip_host}:{ua.config.port or 5060}"
         cfg.mediaConfig.transportConfig.boundAddress = self.settings.sip_host
+        # RFC 4028 session timers when the caller supports them (pjsip runs them: a caller that refreshes
+        # neither by re-INVITE nor UPDATE gets BYE before the session expires; Session-Expires below Min-SE: 422).
         cfg.callConfig.timerUse = pj.PJSUA_SIP_TIMER_OPTIONAL
+        cfg.callConfig.timerSessExpiresSec = self.settings.sip_session_expires_seconds
+        cfg.callConfig.timerMinSESec = self.settings.sip_min_se_seconds
         account.create(cfg, True)
         return account
 
@@ -164,7 +168,7 @@ class SipServer:
                            retry_after=self.settings.sip_retry_after_seconds,
                            media_timeout=self.settings.sip_media_timeout_seconds,
                            max_call_seconds=self.settings.sip_max_call_seconds, loop=self._loop,
-                           metrics=self.metrics)
+                           metrics=self.metrics, ringing_interval=self.settings.sip_ringing_interval_seconds)
         self._loop.call_soon_threadsafe(self._begin, call)
 
     def _flooded(self) -> bool:
