@@ -108,3 +108,20 @@ def test_a_long_hold_pauses_the_agent_and_ends_only_at_the_maximum_duration(
     assert missing >= 0.8 * 12.5 * (MAX_CALL_SECONDS - 2), missing
     rtp = _delta(before, after, "personagate_gateway_sip_rtp_packets_received_total")
     assert rtp >= 0.8 * 50 * (MAX_CALL_SECONDS - 1), rtp  # the music did arrive at the gateway
+
+
+def test_rfc2543_hold_answer_helpers() -> None:
+    """The leg's rewrite of pjsua's answer to a c=0.0.0.0 hold: every direction becomes inactive (one is added
+    to a media section without one), and only a 0.0.0.0 connection address counts as that kind of hold."""
+    from gateway.sip.leg import add_stream_stats, answer_inactive, is_rfc2543_hold
+
+    answer = "v=0\r\nc=IN IP4 0.0.0.0\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\na=sendrecv\r\na=rtpmap:0 PCMU/8000\r\n"
+    assert is_rfc2543_hold(answer) and not is_rfc2543_hold(answer.replace("0.0.0.0", "10.0.0.1"))
+    assert answer_inactive(answer) == answer.replace("a=sendrecv", "a=inactive")
+    bare = "v=0\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
+    assert answer_inactive(bare) == bare + "a=inactive\r\n"
+    first = {"rtp_packets_received": 50, "rtp_packets_lost": 1, "rx_jitter_ms": {"mean": 1.0, "max": 4.0}}
+    second = {"rtp_packets_received": 100, "rtp_packets_lost": 0, "rx_jitter_ms": {"mean": 0.5, "max": 2.0}}
+    assert add_stream_stats(first, second) == {"rtp_packets_received": 150, "rtp_packets_lost": 1,
+                                               "rx_jitter_ms": {"mean": 0.5, "max": 4.0}}
+    assert add_stream_stats({}, second) == second and add_stream_stats(first, {}) == first

@@ -127,3 +127,13 @@ def test_session_timer_ends_an_unrefreshed_call_and_keeps_a_refreshed_one(
     assert 67 <= refresh_seconds <= 78, refresh_seconds
     assert _delta(before, after, 'personagate_gateway_calls_ended_total{reason="session_timer"}') == 1
     assert _delta(before, after, 'personagate_gateway_calls_ended_total{reason="hangup"}') == 1
+
+
+def test_a_session_expiry_below_min_se_is_refused_at_start() -> None:
+    """The gateway will not start with a session timer it would itself refuse (422) or pjsip cannot run."""
+    from gateway.config import SettingsError, load_gateway_settings
+
+    with pytest.raises(SettingsError, match=r"sip_session_expires_seconds \(100\) is below sip_min_se_seconds \(120\)"):
+        load_gateway_settings(sip_session_expires_seconds=100, sip_min_se_seconds=120)
+    with pytest.raises(SettingsError, match="sip_min_se_seconds"):
+        load_gateway_settings(sip_min_se_seconds=30)  # RFC 4028's floor is 90 s

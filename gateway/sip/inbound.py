@@ -167,6 +167,7 @@ class InboundCall:
         self.holds = 0
         self.held_seconds = 0.0  # completed holds; ``held_total()`` adds the one in progress
         self._held_since: float | None = None
+        self._media_held = False  # the last negotiation's verdict, also before the answer (an INVITE on hold)
         self.provisionals = 0  # 183s sent while in progress (the first and the repeats)
         self.disconnect: tuple[int, str] = (0, "")  # pjsua's last status and reason when the dialog ended
         leg.events = lambda event: loop.call_soon_threadsafe(self._on_event, event)
@@ -182,8 +183,9 @@ class InboundCall:
             self._hold(False)
             self._gone.set()
         elif event.kind == "media":
+            self._media_held = bool(event.headers.get("held"))
             if self.state in (S.ANSWERING, S.LIVE):
-                self._hold(bool(event.headers.get("held")), event.headers.get("direction", ""))
+                self._hold(self._media_held, event.headers.get("direction", ""))
         elif event.kind == "dtmf":
             self._digit(event.reason, event.headers.get("method", "rfc4733"))
         elif event.kind == "transfer":
@@ -380,6 +382,7 @@ class InboundCall:
         bridge.start()
         self.buffers.ringback = None
         self._to(S.ANSWERING)
+        self._hold(self._media_held)  # a caller may call in already holding (a=sendonly)
         self._command("respond", 200, "OK")
         self.answered_at = time.monotonic()
         self.metrics.invites.labels(answer="200").inc()

@@ -19,6 +19,11 @@ with 503 and Retry-After *after holding it* ``FLOOD_HOLD_SECONDS``: pjsua's call
 stays full, so pjsua itself answers the rest 486 Busy Here at once, without opening sockets, and calls end at
 most ``PJSUA_MAX_CALLS / FLOOD_HOLD_SECONDS`` times a second (``personagate_gateway_sip_invites_shed_total``).
 
+**Session timers** (RFC 4028) are pjsua's, configured in ``_make_account``: a caller that supports them gets
+``sip_session_expires_seconds`` or the shorter interval it asks for; one that asks for less than
+``sip_min_se_seconds`` is answered 422 with Min-SE by pjsua itself, before ``_incoming`` (so it is not counted in
+``invites_total``); the BYE for a session not refreshed in time is pjsua's too (``inbound.py``: ``session_timer``).
+
 Trunks are authenticated by source address only (``sip_allow``, CIDRs); digest authentication and REGISTER
 to a PBX or carrier are not here yet.
 """
