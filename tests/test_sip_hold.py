@@ -125,3 +125,18 @@ def test_rfc2543_hold_answer_helpers() -> None:
     assert add_stream_stats(first, second) == {"rtp_packets_received": 150, "rtp_packets_lost": 1,
                                                "rx_jitter_ms": {"mean": 0.5, "max": 4.0}}
     assert add_stream_stats({}, second) == second and add_stream_stats(first, {}) == first
+
+
+def test_a_call_that_begins_on_hold_is_held_from_the_answer(stack: dict[str, str], tmp_path: Path) -> None:
+    """An INVITE offering a=sendonly is answered a=recvonly; the caller sends no RTP for 4 s (twice the media
+    timeout) and hangs up: the call was held from the answer, so it was not cut for lack of media."""
+    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    before = _metrics(stack["http"])
+    done = _sipp(stack, "held_from_the_invite.xml", tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
+    after = _metrics(stack["http"])
+    assert _delta(before, after, 'personagate_gateway_calls_ended_total{reason="hangup"}') == 1
+    assert _delta(before, after, 'personagate_gateway_calls_ended_total{reason="media_timeout"}') == 0
+    assert _delta(before, after, "personagate_gateway_sip_holds_total") == 1
+    assert 3.5 <= _delta(before, after, "personagate_gateway_sip_held_seconds_sum") <= 6

@@ -21,8 +21,13 @@
   REFER, a failure NOTIFY or none within ``TRANSFER_TIMEOUT`` keeps the caller with the agent), or by the
   session timer (RFC 4028: the caller asked to refresh the session and did not, so pjsua sends BYE before it
   expires: ``session_timer``).
+- ``refused``: ``Refusal`` no_capacity / unavailable / draining → 503 with Retry-After; tenant_limit →
+  486; the session not ready within ``answer_timeout`` → 503 with Retry-After; the persona refused by the
+  worker → 500.
+- ``cancelled``: CANCEL (or the dialog dying) before the call was live: the claim and the session are
+  released (``Calls.start`` is cancelled, or the fresh agent call ended).
 
-**Hold** (RFC 3264, by the caller; answering ANSWERING or LIVE, not a state of its own): a re-INVITE or UPDATE
+**Hold** (RFC 3264, by the caller, in ``answering`` or ``live``; not a state of its own): a re-INVITE or UPDATE
 whose offer is ``a=sendonly`` is answered ``a=recvonly`` and ``a=inactive`` is answered ``a=inactive`` by pjsua
 itself; the RFC 2543 way (``c=0.0.0.0``) is answered ``a=inactive`` by the leg. A later ``a=sendrecv`` offer
 (or a re-INVITE without SDP, where pjsua offers sendrecv) resumes. While held (``held``): no media timeout (no
@@ -30,12 +35,8 @@ RTP is legitimate), the tenant's maximum duration still applies; the caller's au
 passed to the agent, so the worker does not step the session at all: the model is paused, its context (the
 primed persona) kept for the resume instead of filled with minutes of music or silence, and no agent audio is
 made; agent audio already on its way is dropped and the outbound buffer flushed, so the caller returns to a
-quiet line, not stale speech. ``holds`` and ``held_seconds`` go into the call record.
-- ``refused``: ``Refusal`` no_capacity / unavailable / draining → 503 with Retry-After; tenant_limit →
-  486; the session not ready within ``answer_timeout`` → 503 with Retry-After; the persona refused by the
-  worker → 500.
-- ``cancelled``: CANCEL (or the dialog dying) before the call was live: the claim and the session are
-  released (``Calls.start`` is cancelled, or the fresh agent call ended).
+quiet line, not stale speech. A caller whose INVITE already holds (``a=sendonly``) is held from the answer.
+``holds`` and ``held_seconds`` go into the call record.
 """
 
 from __future__ import annotations
@@ -168,7 +169,6 @@ class InboundCall:
         self.held_seconds = 0.0  # completed holds; ``held_total()`` adds the one in progress
         self._held_since: float | None = None
         self._media_held = False  # the last negotiation's verdict, also before the answer (an INVITE on hold)
-        self.provisionals = 0  # 183s sent while in progress (the first and the repeats)
         self.disconnect: tuple[int, str] = (0, "")  # pjsua's last status and reason when the dialog ended
         leg.events = lambda event: loop.call_soon_threadsafe(self._on_event, event)
 
@@ -319,7 +319,6 @@ class InboundCall:
         self._to(S.PROGRESS)
         self.buffers.ringback = RINGBACK
         self._command("respond", 183, "Session Progress")
-        self.provisionals = 1
         start = asyncio.create_task(self.calls.start(self._agent_call_id(), self.tenant, self.persona),
                                     name=f"sip-start-{self.sip_call_id}")
         gone = asyncio.create_task(self._gone.wait())
@@ -364,7 +363,6 @@ class InboundCall:
             if self.state is not S.PROGRESS or self._gone.is_set():
                 return
             self._command("respond", 183, "Session Progress")
-            self.provisionals += 1
             self.metrics.provisionals_repeated.inc()
 
     def _refuse(self, status: int, reason: str, headers: dict[str, str], why: str) -> None:
