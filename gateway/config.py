@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from agent_runtime.settings_files import LayeredSettings, SettingsError, load_settings
@@ -84,6 +84,15 @@ class GatewaySettings(LayeredSettings):
                           "(<tenant>/<date>/<time>-<call id>.flac, stereo: caller left, agent right), made if missing "
                           "and checked writable at start; unset: no call is recorded and no consent announcement is "
                           "played, whatever the tenants say")
+    sip_ringing_interval_seconds: float = Field(
+        1.0, ge=0.2, le=60, description="while a call's session is primed, 183 Session Progress is sent again this "
+                                        "often, so proxies do not cancel a quiet INVITE and a lost 183 is repaired")
+    sip_session_expires_seconds: int = Field(
+        1800, ge=90, le=86400, description="RFC 4028 session timer: the Session-Expires the gateway asks for when a "
+                                           "caller supports timers; a caller may ask for less, down to sip_min_se_seconds")
+    sip_min_se_seconds: int = Field(
+        90, ge=90, le=86400, description="RFC 4028 Min-SE: a caller's Session-Expires below it gets 422 with this "
+                                         "Min-SE (90 is the RFC's and pjsip's floor)")
     sip_log_level: int = Field(1, ge=0, le=6, description="pjsua's own log level (stderr)")
 
     @field_validator("sip_allow")
@@ -95,6 +104,13 @@ class GatewaySettings(LayeredSettings):
             except ValueError as exc:
                 raise ValueError(f"sip_allow: {net!r} is not an address or CIDR network ({exc})") from None
         return networks
+
+    @model_validator(mode="after")
+    def _session_timer(self) -> GatewaySettings:
+        if self.sip_session_expires_seconds < self.sip_min_se_seconds:
+            raise ValueError(f"sip_session_expires_seconds ({self.sip_session_expires_seconds}) is below "
+                             f"sip_min_se_seconds ({self.sip_min_se_seconds})")
+        return self
 
     @field_validator("workers")
     @classmethod

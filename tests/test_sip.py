@@ -41,15 +41,15 @@ def tenants(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.contextmanager
-def echo_stack(tenants: Path, env: dict[str, str] | None = None, *, gateway_first: bool = False
+def echo_stack(tenants: Path, env: dict[str, str] | None = None, *, gateway_first: bool = False, slots: int = 1
                ) -> Iterator[tuple[dict[str, str], subprocess.Popen, subprocess.Popen]]:
-    """A one-slot echo worker and a gateway with SIP on a free UDP port, both real processes; yields
+    """A one-slot (or ``slots``) echo worker and a gateway with SIP on a free UDP port, both real processes; yields
     their addresses ({"sip", "port", "http", "worker"}), the worker process and the gateway process
-    once the gateway sees the worker's free slot."""
+    once the gateway sees the worker's free slots."""
     env = os.environ | {"NO_TORCH_COMPILE": "1"} | (env or {})
     worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
     worker = serve([sys.executable, "-m", "gateway.cli", "worker", "--model", "echo", "--port", str(worker_port),
-                    "--slots", "1"], f"http://127.0.0.1:{worker_port}/readyz", env=env)
+                    "--slots", str(slots)], f"http://127.0.0.1:{worker_port}/readyz", env=env)
     gateway = serve([sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants",
                      str(tenants), "--worker", f"http://127.0.0.1:{worker_port}", "--sip-port", str(sip_port)],
                     f"http://127.0.0.1:{http_port}/readyz", env=env)
@@ -57,7 +57,7 @@ def echo_stack(tenants: Path, env: dict[str, str] | None = None, *, gateway_firs
         procs = [started.enter_context(cm) for cm in ((gateway, worker) if gateway_first else (worker, gateway))]
         worker_proc, gateway_proc = procs[::-1] if gateway_first else procs
         http = f"http://127.0.0.1:{http_port}"
-        _until(lambda: _ready(http)["slots_free"] == 1, "the gateway sees the worker's free slot")
+        _until(lambda: _ready(http)["slots_free"] == slots, "the gateway sees the worker's free slots")
         yield ({"sip": f"127.0.0.1:{sip_port}", "port": str(sip_port), "http": http,
                 "worker": f"http://127.0.0.1:{worker_port}"}, worker_proc, gateway_proc)
 

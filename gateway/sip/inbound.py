@@ -9,7 +9,9 @@
 
 - ``ringing``: 180 sent (the server routed the dialed number on the pjsua thread and sent it at once).
 - ``progress``: 183 Session Progress with SDP sent; the caller hears ringback as early media while
-  ``Calls.start`` claims a slot and primes the persona on a worker.
+  ``Calls.start`` claims a slot and primes the persona on a worker. The 183 is sent again every
+  ``ringing_interval`` seconds (``sip_ringing_interval_seconds``) until the answer, so proxies that cancel a
+  quiet INVITE transaction keep it, and a 183 lost over UDP is repaired within the interval.
 - ``answering``: the session is ready; 200 OK sent, waiting for the ACK (audio already flows both ways).
   From the answer on, a tenant with ``recording.enabled`` (and a gateway with ``recordings_dir``) plays the
   consent announcement first and records the call (``recording.py``); the agent hears nothing, and so says
@@ -22,7 +24,9 @@
   (``max_duration``: BYE), or by a blind transfer the caller's side reports done (``transfer``: the tenant's
   ``escalation.dtmf_digit`` pressed → REFER to ``escalation.transfer_to``; a 2xx NOTIFY → BYE; no final
   NOTIFY within ``TRANSFER_TIMEOUT`` keeps the caller with the agent; a refused REFER or a failure NOTIFY
-  falls back to a bridged call, below, unless ``sip_transfer_bridge_fallback`` is off).
+  falls back to a bridged call, below, unless ``sip_transfer_bridge_fallback`` is off), or by the session
+  timer (RFC 4028: the caller asked to refresh the session and did not, so pjsua sends BYE before it expires:
+  ``session_timer``).
 - ``bridged``: the REFER failed, so the gateway called ``escalation.transfer_to`` itself (``bridge.py``; the
   caller talked to the agent while it rang) and the human answered: the caller's audio and the human's are
   joined in the conference bridge, the agent session is ended (``transfer``, its slot freed). Ends when
@@ -34,6 +38,17 @@
   worker → 500.
 - ``cancelled``: CANCEL (or the dialog dying) before the call was live: the claim and the session are
   released (``Calls.start`` is cancelled, or the fresh agent call ended).
+
+**Hold** (RFC 3264, by the caller, in ``answering`` or ``live``; not a state of its own): a re-INVITE or UPDATE
+whose offer is ``a=sendonly`` is answered ``a=recvonly`` and ``a=inactive`` is answered ``a=inactive`` by pjsua
+itself; the RFC 2543 way (``c=0.0.0.0``) is answered ``a=inactive`` by the leg. A later ``a=sendrecv`` offer
+(or a re-INVITE without SDP, where pjsua offers sendrecv) resumes. While held (``held``): no media timeout (no
+RTP is legitimate), the tenant's maximum duration still applies; the caller's audio (music on hold) is not
+passed to the agent, so the worker does not step the session at all: the model is paused, its context (the
+primed persona) kept for the resume instead of filled with minutes of music or silence, and no agent audio is
+made; agent audio already on its way is dropped and the outbound buffer flushed, so the caller returns to a
+quiet line, not stale speech. A caller whose INVITE already holds (``a=sendonly``) is held from the answer.
+``holds`` and ``held_seconds`` go into the call record.
 """
 
 from __future__ import annotations
@@ -44,11 +59,13 @@ import enum
 import logging
 import math
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ..calls import AgentCall, Calls, PersonaRejected
 from ..routing import Refusal
+from ..worker_client import AgentAudio, AgentText
 from .bridge import HumanLeg
 from .leg import Leg, LegEvent
 from .media import RINGBACK, MediaBridge, MediaBuffers
@@ -90,6 +107,8 @@ TRANSITIONS: dict[SipCallState, frozenset[SipCallState]] = {
 BUSY = 486
 UNAVAILABLE = 503
 TRANSFER_TIMEOUT = 10.0  # seconds from the REFER to a final NOTIFY; after it the caller stays with the agent
+SESSION_TIMER_REASON = "session_timer"
+SESSION_TIMER_STATUS = 408  # pjsip's BYE for an unrefreshed session: Reason: SIP;cause=408;text="No session refresh received."
 
 
 def refusal_answer(exc: Refusal) -> tuple[int, str, dict[str, str]]:
@@ -101,6 +120,26 @@ def refusal_answer(exc: Refusal) -> tuple[int, str, dict[str, str]]:
     return UNAVAILABLE, reason, {"Retry-After": str(max(1, math.ceil(exc.retry_after_seconds)))}
 
 
+class HoldGate:
+    """The agent call as the media bridge sees it: while the caller holds us, the caller's audio is not sent
+    (the worker steps a session only on caller audio: the model pauses) and agent audio is dropped."""
+
+    def __init__(self, agent: AgentCall, is_held: Callable[[], bool]) -> None:
+        self.agent = agent
+        self.is_held = is_held
+        self.call_id = agent.call_id
+
+    def send(self, frame: bytes) -> None:
+        if not self.is_held():
+            self.agent.send(frame)
+
+    async def frames(self) -> AsyncIterator[AgentAudio | AgentText]:
+        async for event in self.agent.frames():
+            if isinstance(event, AgentAudio) and self.is_held():
+                continue
+            yield event
+
+
 class InboundCall:
     """Made on the pjsua thread when an INVITE is routed (180 already sent); runs on the event loop."""
 
@@ -109,7 +148,7 @@ class InboundCall:
                  max_call_seconds: float | None,
                  loop: asyncio.AbstractEventLoop, metrics: SipMetrics, bridge_fallback: bool = True,
                  ring_timeout: float = 30.0, recordings_dir: Path | None = None,
-                 caller_first_wait: float | None = None) -> None:
+                 caller_first_wait: float | None = None, ringing_interval: float = 1.0) -> None:
         self.ua = ua
         self.leg_serial = leg.serial
         self._leg = leg  # used only on the pjsua thread (``_command``); never touched from the loop
@@ -122,6 +161,7 @@ class InboundCall:
         self.answer_timeout = answer_timeout
         self.retry_after = retry_after
         self.media_timeout = media_timeout
+        self.ringing_interval = ringing_interval
         self.max_call_seconds = max_call_seconds  # the gateway's cap; the tenant's limits.max_call_seconds applies too
         self.loop = loop
         self.metrics = metrics
@@ -153,6 +193,12 @@ class InboundCall:
         self._transfer_final: asyncio.Future[LegEvent] | None = None  # a REFER awaiting its final NOTIFY
         self._escalation: asyncio.Task[None] | None = None
         self._transferred = asyncio.Event()  # the escalation target took the call
+        self.held = False  # the caller holds us (their last offer lets us not send)
+        self.holds = 0
+        self.held_seconds = 0.0  # completed holds; ``held_total()`` adds the one in progress
+        self._held_since: float | None = None
+        self._media_held = False  # the last negotiation's verdict, also before the answer (an INVITE on hold)
+        self.disconnect: tuple[int, str] = (0, "")  # pjsua's last status and reason when the dialog ended
         leg.events = lambda event: loop.call_soon_threadsafe(self._on_event, event)
 
     # ------------------------------------------------------------------ pjsua → loop
@@ -162,7 +208,13 @@ class InboundCall:
             self._confirmed.set()
         elif event.kind == "disconnected":
             self.rtp = event.stats
+            self.disconnect = (event.status, event.reason)
+            self._hold(False)
             self._gone.set()
+        elif event.kind == "media":
+            self._media_held = bool(event.headers.get("held"))
+            if self.state in (S.ANSWERING, S.LIVE):
+                self._hold(self._media_held, event.headers.get("direction", ""))
         elif event.kind == "dtmf":
             self._digit(event.reason, event.headers.get("method", "rfc4733"))
         elif event.kind == "transfer":
@@ -171,6 +223,33 @@ class InboundCall:
             final = self._transfer_final
             if final is not None and not final.done() and (event.headers.get("final") or event.status >= 200):
                 final.set_result(event)
+
+    def _hold(self, held: bool, direction: str = "") -> None:
+        if held == self.held:
+            return
+        self.held = held
+        now = time.monotonic()
+        extra = {"sip_call_id": self.sip_call_id, "tenant": self.tenant.id, "direction": direction}
+        if held:
+            self.holds += 1
+            self._held_since = now
+            self.buffers.pacer.flush()  # agent audio queued before the hold is stale by the resume
+            self.metrics.holds.inc()
+            self.metrics.calls_held.inc()
+            log.info("the caller put the call on hold", extra=extra)
+        else:
+            assert self._held_since is not None
+            seconds = now - self._held_since
+            self.held_seconds += seconds
+            self._held_since = None
+            self.metrics.held_seconds.observe(seconds)
+            self.metrics.calls_held.dec()
+            log.info("the caller resumed the call after %.1f s on hold", seconds, extra=extra)
+
+    def held_total(self) -> float:
+        """Seconds on hold so far, the hold in progress included."""
+        ongoing = time.monotonic() - self._held_since if self._held_since is not None else 0.0
+        return self.held_seconds + ongoing
 
     def _digit(self, digit: str, method: str) -> None:
         self.dtmf.append(digit)
@@ -301,10 +380,12 @@ class InboundCall:
         start = asyncio.create_task(self.calls.start(self._agent_call_id(), self.tenant, self.persona),
                                     name=f"sip-start-{self.sip_call_id}")
         gone = asyncio.create_task(self._gone.wait())
+        ringing = asyncio.create_task(self._keep_ringing(), name=f"sip-ringing-{self.sip_call_id}")
         try:
             await asyncio.wait({start, gone}, timeout=self.answer_timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
+            ringing.cancel()
             if not start.done():
                 start.cancel()  # releases whatever was claimed
                 with contextlib.suppress(BaseException):
@@ -332,6 +413,15 @@ class InboundCall:
             self.metrics.invites.labels(answer="cancelled").inc()
             return
         self.agent = agent
+
+    async def _keep_ringing(self) -> None:
+        """183 again every ``ringing_interval`` while the session is being claimed and primed."""
+        while True:
+            await asyncio.sleep(self.ringing_interval)
+            if self.state is not S.PROGRESS or self._gone.is_set():
+                return
+            self._command("respond", 183, "Session Progress")
+            self.metrics.provisionals_repeated.inc()
 
     def _refuse(self, status: int, reason: str, headers: dict[str, str], why: str) -> None:
         self.buffers.ringback = None
@@ -385,11 +475,14 @@ class InboundCall:
 
     async def _converse(self, agent: AgentCall) -> None:
         announced = await self._start_recording()
-        bridge = MediaBridge(self.buffers, agent, on_agent_audio=self._agent_audio, hold_until=announced,
+        gate = HoldGate(agent, lambda: self.held)
+        bridge = MediaBridge(self.buffers, cast(AgentCall, gate), on_agent_audio=self._agent_audio,
+                             hold_until=announced,
                              wait_for_caller=None if self.persona.speaks_first else self.caller_first_wait or math.inf)
         bridge.start()
         self.buffers.ringback = None
         self._to(S.ANSWERING)
+        self._hold(self._media_held)  # a caller may call in already holding (a=sendonly)
         self._command("respond", 200, "OK")
         self.answered_at = time.monotonic()
         self.metrics.invites.labels(answer="200").inc()
@@ -414,8 +507,8 @@ class InboundCall:
                 await self._stay_bridged(agent, bridge, gone, silent)  # returns when a side hangs up
             self._to(S.ENDING)
             if gone.done():
-                self.end_reason = "hangup"
-                await agent.end("hangup")
+                self.end_reason = SESSION_TIMER_REASON if self._session_expired() else "hangup"
+                await agent.end(self.end_reason)
             else:
                 if transferred.done() and not ended.done():
                     await agent.end("transfer")  # the caller is with a human now: the session is released
@@ -440,6 +533,7 @@ class InboundCall:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._escalation
             await bridge.stop()
+            self._hold(False)  # a call ended on hold: the hold ends with it
             recording = await self._stop_recording()
         self._to(S.ENDED)
         stats = self.buffers.pacer.stats()
@@ -457,7 +551,8 @@ class InboundCall:
             "seconds": round(time.monotonic() - began, 2), "outbound_underruns": stats.underruns,
             "outbound_shed": stats.shed, "caller_frames_dropped": self.buffers.inbound_dropped,
             "dtmf": "".join(self.dtmf), "transfer": self.transfer_result, "transfer_method": self.transfer_method,
-            "transfer_attempts": self.transfer_attempts, **self._bridge_record(),
+            "transfer_attempts": self.transfer_attempts, **self._bridge_record(), "holds": self.holds,
+            "held_seconds": round(self.held_total(), 2), "sip_disconnect": " ".join(map(str, self.disconnect)),
             "consent_announced": round(self.announced_at - self.answered_at, 3)
             if self.announced_at and self.answered_at else None,
             "agent_released_seconds": round(bridge.released_at - self.answered_at, 3)
@@ -506,6 +601,9 @@ class InboundCall:
         last, since = -1, time.monotonic()
         while True:
             await asyncio.sleep(min(1.0, self.media_timeout / 2))
+            if self.held:  # no RTP on hold is legitimate; after the resume the timeout counts afresh
+                since = time.monotonic()
+                continue
             try:
                 async with asyncio.timeout(2.0):
                     stats = await asyncio.wrap_future(self.ua.submit(lambda: leg.stream_stats() if leg else {}))
@@ -516,6 +614,11 @@ class InboundCall:
                 last, since = received, time.monotonic()
             elif time.monotonic() - since >= self.media_timeout:
                 return
+
+    def _session_expired(self) -> bool:
+        """The dialog ended because the caller did not refresh the session (pjsua's RFC 4028 timer sent BYE)."""
+        status, reason = self.disconnect
+        return status == SESSION_TIMER_STATUS and any(word in reason.lower() for word in ("refresh", "timer"))
 
     def _agent_audio(self) -> None:
         if self.first_agent_audio is None:

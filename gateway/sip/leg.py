@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pjsua2 as pj
 
@@ -34,7 +36,8 @@ class LegEvent:
     # "provisional" (1xx), "confirmed", "response" (a final response to our INVITE), "disconnected", "dtmf" (a
     # digit received: ``reason`` is the digit, ``headers["method"]`` rfc4733 or info), "transfer" (the NOTIFY
     # sipfrag status of our REFER, or the REFER's own failure: ``headers["final"]`` "1" when final), "refer" (a
-    # REFER received: ``headers["refer_to"]``)
+    # REFER received: ``headers["refer_to"]``), "media" (the audio stream (re)negotiated by an offer/answer:
+    # ``headers["held"]`` "1" while the other side holds us, i.e. we may not send; ``headers["direction"]`` ours)
     kind: str
     status: int = 0
     reason: str = ""
@@ -56,6 +59,43 @@ def parse_response(message: str) -> LegEvent | None:
     return LegEvent("response", int(first[1]), first[2] if len(first) > 2 else "", headers)
 
 
+DIRECTIONS = {pj.PJMEDIA_DIR_NONE: "inactive", pj.PJMEDIA_DIR_ENCODING: "sendonly",
+              pj.PJMEDIA_DIR_DECODING: "recvonly", pj.PJMEDIA_DIR_ENCODING_DECODING: "sendrecv"}
+_HOLD_ADDRESS = re.compile(r"^c=IN IP4 0\.0\.0\.0\s*$", re.MULTILINE)
+_DIRECTION = re.compile(r"^a=(sendrecv|sendonly|recvonly|inactive)\s*$", re.MULTILINE)
+
+
+def is_rfc2543_hold(sdp: str) -> bool:
+    """An SDP that holds the old way: a connection address of 0.0.0.0 (session or media level)."""
+    return _HOLD_ADDRESS.search(sdp) is not None
+
+
+def answer_inactive(sdp: str) -> str:
+    """``sdp`` with every direction attribute made ``a=inactive`` (one added to each m= line without one)."""
+    sdp = _DIRECTION.sub("a=inactive", sdp)
+    lines, out = sdp.replace("\r\n", "\n").split("\n"), []
+    media_has_direction = True
+    for line in lines:
+        if line.startswith("m=") or line == "":
+            if not media_has_direction:
+                out.append("a=inactive")
+            media_has_direction = not line.startswith("m=")
+        elif line == "a=inactive":
+            media_has_direction = True
+        out.append(line)
+    return "\r\n".join(out)
+
+
+def add_stream_stats(total: dict[str, Any], stream: dict[str, Any]) -> dict[str, Any]:
+    """Two streams' ``stream_stats`` as one: packets summed, the later stream's mean jitter, the larger max."""
+    if not total or not stream:
+        return stream or total
+    return {"rtp_packets_received": total["rtp_packets_received"] + stream["rtp_packets_received"],
+            "rtp_packets_lost": total["rtp_packets_lost"] + stream["rtp_packets_lost"],
+            "rx_jitter_ms": {"mean": stream["rx_jitter_ms"]["mean"],
+                             "max": max(total["rx_jitter_ms"]["max"], stream["rx_jitter_ms"]["max"])}}
+
+
 class Leg(pj.Call):
     """A call on the pjsua thread. Keep it with ``ua.keep(leg.serial, leg)``; it drops itself when over."""
 
@@ -72,7 +112,9 @@ class Leg(pj.Call):
         self.refer_answer = 603  # the answer to a REFER received
         self.tap = True  # False: no media port (a leg only ever bridged to another call, bridge.py)
         self.peer: Leg | None = None  # the call whose audio ours is bridged with (``join``), instead of the port
-        self.rtp_stats: dict[str, object] = {}  # taken as the audio stream is destroyed (before DISCONNECTED)
+        # Summed over the audio streams this dialog had, each taken as it is destroyed (before DISCONNECTED):
+        # a hold by a=inactive and its resume replace the stream, whose counters start again from zero.
+        self.rtp_stats: dict[str, Any] = {}
 
     def onCallState(self, prm: pj.OnCallStateParam) -> None:
         info = self.getInfo()
@@ -83,7 +125,8 @@ class Leg(pj.Call):
             self.events(LegEvent("confirmed", info.lastStatusCode, info.lastReason))
         elif info.state == pj.PJSIP_INV_STATE_DISCONNECTED and not self.over:
             self.over = True
-            self.events(LegEvent("disconnected", info.lastStatusCode, info.lastReason, stats=self.rtp_stats or self.stream_stats()))
+            stats = self.rtp_stats or self.stream_stats()
+            self.events(LegEvent("disconnected", info.lastStatusCode, info.lastReason, stats=stats))
             self.ua.post(self._release)
 
     def onDtmfDigit(self, prm: pj.OnDtmfDigitParam) -> None:
@@ -108,8 +151,7 @@ class Leg(pj.Call):
             prm.newCall = new  # pjsua2 needs the Call object for the new call (without one it crashes)
 
     def onStreamDestroyed(self, prm: pj.OnStreamDestroyedParam) -> None:
-        if not self.rtp_stats:
-            self.rtp_stats = self.stream_stats(prm.streamIdx)
+        self.rtp_stats = add_stream_stats(self.rtp_stats, self.stream_stats(prm.streamIdx))
 
     def _response(self, event: pj.SipEvent) -> None:
         """A final response to our INVITE, with its headers (e.g. Retry-After), as a ``response`` event."""
@@ -119,6 +161,13 @@ class Leg(pj.Call):
         if response is not None and response.status >= 200 and "INVITE" in response.headers.get("cseq", ""):
             self.events(response)
 
+    def onCallSdpCreated(self, prm: pj.OnCallSdpCreatedParam) -> None:
+        """Our SDP, before it is sent. The one change: an offer on hold the RFC 2543 way (``c=0.0.0.0``) is
+        answered ``a=inactive``; pjsua would mirror the address but say ``a=sendrecv``, and carriers hang up
+        on a hold answered sendrecv (telephony notes §2, livekit/sip#779)."""
+        if prm.remSdp.wholeSdp and is_rfc2543_hold(prm.remSdp.wholeSdp):
+            prm.sdp.wholeSdp = answer_inactive(prm.sdp.wholeSdp)
+
     def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
         if self.peer is not None:  # bridged (bridge.py): re-connected after any media change, e.g. a re-INVITE
             self._connect_peer()
@@ -127,9 +176,13 @@ class Leg(pj.Call):
             return
         info = self.getInfo()
         for index, media in enumerate(info.media):
-            if media.type != pj.PJMEDIA_TYPE_AUDIO or media.status not in (
-                    pj.PJSUA_CALL_MEDIA_ACTIVE, pj.PJSUA_CALL_MEDIA_REMOTE_HOLD):
+            if media.type != pj.PJMEDIA_TYPE_AUDIO:
                 continue
+            self.events(LegEvent("media", headers={"held": "" if media.dir & pj.PJMEDIA_DIR_ENCODING else "1",
+                                                   "direction": DIRECTIONS.get(media.dir, str(media.dir)),
+                                                   "status": str(media.status)}))
+            if media.status not in (pj.PJSUA_CALL_MEDIA_ACTIVE, pj.PJSUA_CALL_MEDIA_REMOTE_HOLD):
+                return
             audio = self.getAudioMedia(index)
             if self.port is None:
                 self.port = FramePort(self.buffers)

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 SETUP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0)
 # 200 OK to the agent's first audio queued for the caller.
 FIRST_AUDIO_BUCKETS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
+HOLD_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 JITTER_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1)
 
 
@@ -75,6 +76,20 @@ class SipMetrics:
             "Call recordings (tenants with recording.enabled) by result: written (the file is complete in "
             "recordings_dir), failed (it could not be written; the call went on).",
             ["result"], registry=r)
+
+        self.holds = Counter(
+            "personagate_gateway_sip_holds_total",
+            "Times a caller put an answered call on hold (a re-INVITE or UPDATE offering sendonly, inactive or "
+            "c=0.0.0.0).", registry=r)
+        self.calls_held = Gauge(
+            "personagate_gateway_sip_calls_held", "Answered calls on hold by the caller now.", registry=r)
+        self.held_seconds = Histogram(
+            "personagate_gateway_sip_held_seconds", "How long each hold lasted (resumed, or the call ended).",
+            buckets=HOLD_BUCKETS, registry=r)
+        self.provisionals_repeated = Counter(
+            "personagate_gateway_sip_provisionals_repeated_total",
+            "183 Session Progress sent again while a session was being primed (every sip_ringing_interval_seconds) "
+            "so that proxies keep the INVITE transaction and a lost 183 is repaired.", registry=r)
 
     def observe_rtp(self, stats: dict[str, Any]) -> None:
         """A call's receive statistics (``Leg.stream_stats``) when it ended."""

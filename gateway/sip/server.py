@@ -19,6 +19,11 @@ with 503 and Retry-After *after holding it* ``FLOOD_HOLD_SECONDS``: pjsua's call
 stays full, so pjsua itself answers the rest 486 Busy Here at once, without opening sockets, and calls end at
 most ``PJSUA_MAX_CALLS / FLOOD_HOLD_SECONDS`` times a second (``personagate_gateway_sip_invites_shed_total``).
 
+**Session timers** (RFC 4028) are pjsua's, configured in ``_make_account``: a caller that supports them gets
+``sip_session_expires_seconds`` or the shorter interval it asks for; one that asks for less than
+``sip_min_se_seconds`` is answered 422 with Min-SE by pjsua itself, before ``_incoming`` (so it is not counted in
+``invites_total``); the BYE for a session not refreshed in time is pjsua's too (``inbound.py``: ``session_timer``).
+
 Trunks are authenticated by source address only (``sip_allow``, CIDRs); digest authentication and REGISTER
 to a PBX or carrier are not here yet.
 """
@@ -158,7 +163,11 @@ class SipServer:
         cfg = pj.AccountConfig()
         cfg.idUri = f"sip:personagate@{self.settings.sip_host}:{ua.config.port or 5060}"
         cfg.mediaConfig.transportConfig.boundAddress = self.settings.sip_host
+        # RFC 4028 session timers when the caller supports them (pjsip runs them: a caller that refreshes
+        # neither by re-INVITE nor UPDATE gets BYE before the session expires; Session-Expires below Min-SE: 422).
         cfg.callConfig.timerUse = pj.PJSUA_SIP_TIMER_OPTIONAL
+        cfg.callConfig.timerSessExpiresSec = self.settings.sip_session_expires_seconds
+        cfg.callConfig.timerMinSESec = self.settings.sip_min_se_seconds
         account.create(cfg, True)
         return account
 
@@ -194,7 +203,8 @@ class SipServer:
                            metrics=self.metrics, bridge_fallback=self.settings.sip_transfer_bridge_fallback,
                            ring_timeout=self.settings.sip_transfer_ring_seconds,
                            recordings_dir=self.settings.recordings_dir,
-                           caller_first_wait=self.settings.sip_caller_first_wait_seconds)
+                           caller_first_wait=self.settings.sip_caller_first_wait_seconds,
+                           ringing_interval=self.settings.sip_ringing_interval_seconds)
         self._loop.call_soon_threadsafe(self._begin, call)
 
     def _flooded(self) -> bool:
