@@ -78,12 +78,16 @@ def is_ringback(pcm: np.ndarray, rate: int = CLOCK_RATE) -> bool:
 
 
 def place_call(uri: str, play: np.ndarray | None, seconds: float, *, host: str = "127.0.0.1",
-               timeout: float = 30.0, dtmf: Sequence[tuple[str, float]] = (), refer_answer: int = 603) -> CallResult:
+               timeout: float = 30.0, dtmf: Sequence[tuple[str, float]] = (), refer_answer: int = 603,
+               user: str | None = None, password: str | None = None) -> CallResult:
     """Call ``uri``; once answered, play ``play`` (16 kHz s16) and record for ``seconds``; then hang up.
 
     ``dtmf``: (digits, seconds after the answer) sent as RFC 4733 telephone-events. A REFER received is
     answered ``refer_answer`` (603 refuses it; 202 accepts it and pjsua calls the Refer-To target, reporting
-    that call's progress in NOTIFYs); its Refer-To URI goes in the report as ``refer_to``."""
+    that call's progress in NOTIFYs); its Refer-To URI goes in the report as ``refer_to``.
+
+    ``user``/``password``: digest credentials for any realm; pjsua answers a 401/407 by sending the INVITE
+    again with them."""
     events: queue.SimpleQueue[tuple[float, LegEvent]] = queue.SimpleQueue()
     buffers = _CallerBuffers()
 
@@ -92,6 +96,9 @@ def place_call(uri: str, play: np.ndarray | None, seconds: float, *, host: str =
         cfg = pj.AccountConfig()
         cfg.idUri = f"sip:caller@{host}:{ua.config.port}"
         cfg.mediaConfig.transportConfig.boundAddress = host
+        if user is not None:
+            cfg.sipConfig.authCreds.append(pj.AuthCredInfo("digest", "*", user, pj.PJSIP_CRED_DATA_PLAIN_PASSWD,
+                                                           password or ""))
         account.create(cfg, True)
         return account
 
