@@ -122,14 +122,21 @@ _CALL = """
   <recv response="200"/>
 """
 
-# The gateway stopping: REGISTER with Expires: 0 (in the header or the Contact's expires parameter).
-_UNREGISTER = """
+# Then refreshes (the registrar grants only GRANTED_SECONDS, so pjsua refreshes every few seconds), until the
+# gateway stops: REGISTER with Expires: 0 (in the header or the Contact's expires parameter).
+GRANTED_SECONDS = 10
+_REFRESH_UNTIL_UNREGISTER = """
+  <label id="registered"/>
   <recv request="REGISTER" timeout="60000">
     <action>
-      <ereg regexp="(Expires: *0\\r|expires=0\\b)" search_in="msg" check_it="true" assign_to="unregister"/>
+      <ereg regexp="(Expires: *0[^0-9]|expires=0[^0-9])" search_in="msg" assign_to="unregister"/>
     </action>
   </recv>
-""" + _RESPONSE.format(status="200 OK", extra="\n      X-Seen: [$unregister]")
+""" + _RESPONSE.format(status="200 OK", extra=f"\n      [last_Contact:];expires={GRANTED_SECONDS}") + """
+  <nop hide="true" test="unregister" next="unregistered"/>
+  <nop hide="true" next="registered"/>
+  <label id="unregistered"/>
+"""
 
 
 def _scenario(body: str) -> str:
@@ -138,15 +145,15 @@ def _scenario(body: str) -> str:
 
 
 def registrar_accepting(username: str, password: str) -> str:
-    """Challenge, check the digest (wrong → 403 and the scenario fails), 200 with Expires, call the Contact,
-    then wait for the unregistration."""
+    """Challenge, check the digest (wrong → 403 and the scenario fails), 200 with a short expiry, call the
+    Contact, then answer the refreshes until the unregistration."""
     return _scenario(
         _CHALLENGE.format(realm=REALM, round="a", username=username, password=password, actions=_CONTACT)
         + '  <nop hide="true" test="authvalid" next="good"/>\n'
         + _RESPONSE.format(status="403 Forbidden", extra="") + _FAIL
         + '  <label id="good"/>\n'
-        + _RESPONSE.format(status="200 OK", extra="\n      [last_Contact:];expires=300")
-        + _CALL + _UNREGISTER)
+        + _RESPONSE.format(status="200 OK", extra=f"\n      [last_Contact:];expires={GRANTED_SECONDS}")
+        + _CALL + _REFRESH_UNTIL_UNREGISTER)
 
 
 def registrar_refusing(username: str, password: str) -> str:
@@ -183,7 +190,8 @@ def test_gateway_registers_answers_the_registrars_call_and_unregisters(tenants: 
     """A trunk that needs REGISTER: the gateway answers the registrar's 401 with the right digest (verified by
     the registrar) and shows itself registered (``personagate_gateway_sip_registered`` 1); the carrier's INVITE
     to the registered Contact (the DID as its user) is answered by the tenant's agent (180/183/200, echo
-    stack); on stop the gateway unregisters (Expires: 0). A second binding with a wrong password is refused 403,
+    stack); pjsua refreshes the binding before the (short) expiry the registrar granted; on stop the gateway
+    unregisters (Expires: 0). A second binding with a wrong password is refused 403,
     shows 0, and is tried again after ``refused_retry_seconds`` (pjsua itself would give up)."""
     good, good_port = start_registrar(tmp_path, "good", registrar_accepting("gw-user", "s3cret"))
     bad, bad_port = start_registrar(tmp_path, "bad", registrar_refusing("gw-other", "right-one"), calls=2)
@@ -205,6 +213,9 @@ def test_gateway_registers_answers_the_registrars_call_and_unregisters(tenants: 
             failed = f'personagate_gateway_sip_registrations_total{{registration="{bad_name}",result="failed"}}'
             _until(lambda: _metrics(stack["http"]).get(failed, 0) >= 2, "the refused binding is retried",
                    timeout=20)
+            refreshed = f'personagate_gateway_sip_registrations_total{{registration="{good_name}",result="ok"}}'
+            _until(lambda: _metrics(stack["http"]).get(refreshed, 0) >= 2, "the binding is refreshed before it expires",
+                   timeout=GRANTED_SECONDS)
             metrics = _metrics(stack["http"])
             assert metrics[f'personagate_gateway_sip_registered{{registration="{bad_name}"}}'] == 0
             assert metrics[registered] == 1
