@@ -158,8 +158,7 @@ class GatewaySettings(LayeredSettings):
     @model_validator(mode="after")
     def _sip_auth(self) -> GatewaySettings:
         if self.sip_auth_users_file is not None:
-            for username, password in _read_credentials(self.sip_auth_users_file).items():
-                self.sip_auth_users.setdefault(username, password)
+            self.sip_auth_users = _read_credentials(self.sip_auth_users_file) | self.sip_auth_users
         for username in self.sip_auth_users:
             if not username or len(username) > 128 or any(c in username for c in '"\\\r\n'):
                 raise ValueError(f"sip_auth_users: {username[:40]!r} is not a usable digest username")

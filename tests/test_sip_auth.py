@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -74,6 +75,7 @@ def test_nonces_expire_and_belong_to_one_process() -> None:
 
 
 REALM = "personagate"
+USERS = {"trunk-a": "correct-horse"}
 RURI = f"sip:{OPEN_NUMBER}@10.0.0.1:5060"
 
 
@@ -180,10 +182,39 @@ def test_auth_settings_are_checked_at_start_and_passwords_stay_secret(tmp_path: 
     assert "pw" not in repr(registration)
 
 
+def test_the_policy_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/sip.md's table of sip_auth_policy, row by row, through the server's own admission step: a source in
+    sip_allow (10.0.0.9) or not (192.0.2.1), without credentials or with the right ones."""
+    from prometheus_client import CollectorRegistry
+
+    from gateway.sip.server import SipServer
+
+    for name in [n for n in os.environ if n.startswith("PERSONAGATE_GATEWAY_")]:
+        monkeypatch.delenv(name)
+    def answers(policy: str, users: dict[str, str]) -> dict[tuple[str, str], int]:
+        calls = SimpleNamespace(metrics=SimpleNamespace(registry=CollectorRegistry()))  # only its metrics registry
+        settings = load_gateway_settings(sip_allow=["10.0.0.0/24"], sip_auth_policy=policy, sip_auth_users=users)
+        server = SipServer(settings, registry=None, calls=calls)  # type: ignore[arg-type]
+        out = {}
+        for source in ("10.0.0.9", "192.0.2.1"):
+            for given in ("none", "right"):
+                authorization = credentials(server.auth) if given == "right" and server.auth else None
+                refusal = server._admission(invite(authorization), source)
+                out[(source, given)] = 0 if refusal is None else refusal[0]
+        return out
+
+    allowed, other = "10.0.0.9", "192.0.2.1"
+    assert answers("allow_or_digest", {}) == {(allowed, "none"): 0, (allowed, "right"): 0,
+                                              (other, "none"): 403, (other, "right"): 403}
+    assert answers("allow_or_digest", USERS) == {(allowed, "none"): 0, (allowed, "right"): 0,
+                                                 (other, "none"): 401, (other, "right"): 0}
+    assert answers("digest", USERS) == {(allowed, "none"): 401, (allowed, "right"): 0,
+                                        (other, "none"): 401, (other, "right"): 0}
+    assert answers("allow_and_digest", USERS) == {(allowed, "none"): 401, (allowed, "right"): 0,
+                                                  (other, "none"): 403, (other, "right"): 403}
+
+
 # --------------------------------------------------------------------------------------------- end to end
-
-USERS = {"trunk-a": "correct-horse"}
-
 
 @pytest.fixture(scope="module")
 def auth_stack(tenants: Path) -> Iterator[dict[str, str]]:  # noqa: F811 - the fixture imported above

@@ -70,6 +70,7 @@ class AuthDecision:
     result: AuthResult
     username: str | None = None
     why: str = ""  # for the log: never a password or a digest
+    algorithm: str | None = None  # of admitted credentials
 
     @property
     def admitted(self) -> bool:
@@ -279,7 +280,7 @@ class DigestAuthenticator:
         nonce = self.nonces.check(credentials["nonce"])
         if nonce != "fresh":
             return AuthDecision(AuthResult.STALE, username, f"{nonce} nonce")
-        return AuthDecision(AuthResult.OK, username, algorithm)
+        return AuthDecision(AuthResult.OK, username, algorithm=algorithm)
 
 
 def _quote(text: str) -> str:

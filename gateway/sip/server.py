@@ -248,7 +248,7 @@ class SipServer:
         self.metrics.auth.labels(result=decision.result.value).inc()
         if decision.admitted:
             log.info("INVITE authenticated", extra={"trunk_user": decision.username, "source": ip,
-                                                    "algorithm": decision.why})
+                                                    "algorithm": decision.algorithm})
             return None
         return decision.status, self._auth_why(decision), decision.result is AuthResult.STALE
 
