@@ -151,10 +151,10 @@ class SipServer:
             self.ua = None
 
     def _register(self) -> None:
-        assert self.ua is not None
-        local = f"{self.settings.sip_host}:{self.port}"
-        if ":" in self.settings.sip_host:
-            local = f"[{self.settings.sip_host}]:{self.port}"
+        assert self.ua is not None and self.ua.ep is not None
+        ep = self.ua.ep
+        # The transport's published address ("host:port"): with sip_host 0.0.0.0 pjsua publishes an interface's.
+        local = ep.transportGetInfo(ep.transportEnum()[0]).localName
         for registration in self.settings.sip_registrations:
             account = RegistrationAccount(registration, self.metrics, self._incoming, self.registered,
                                           self._retry_registration_later)
