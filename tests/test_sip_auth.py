@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -182,9 +183,10 @@ def test_auth_settings_are_checked_at_start_and_passwords_stay_secret(tmp_path: 
     assert "pw" not in repr(registration)
 
 
-def test_the_policy_table(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_policy_table(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """docs/sip.md's table of sip_auth_policy, row by row, through the server's own admission step: a source in
-    sip_allow (10.0.0.9) or not (192.0.2.1), without credentials or with the right ones."""
+    sip_allow (10.0.0.9) or not (192.0.2.1), without credentials or with the right ones. No password, right or
+    wrong, reaches the log."""
     from prometheus_client import CollectorRegistry
 
     from gateway.sip.server import SipServer
@@ -203,6 +205,7 @@ def test_the_policy_table(monkeypatch: pytest.MonkeyPatch) -> None:
                 out[(source, given)] = 0 if refusal is None else refusal[0]
         return out
 
+    caplog.set_level(logging.DEBUG)
     allowed, other = "10.0.0.9", "192.0.2.1"
     assert answers("allow_or_digest", {}) == {(allowed, "none"): 0, (allowed, "right"): 0,
                                               (other, "none"): 403, (other, "right"): 403}
@@ -212,6 +215,13 @@ def test_the_policy_table(monkeypatch: pytest.MonkeyPatch) -> None:
                                         (other, "none"): 401, (other, "right"): 0}
     assert answers("allow_and_digest", USERS) == {(allowed, "none"): 401, (allowed, "right"): 0,
                                                   (other, "none"): 403, (other, "right"): 403}
+    server = SipServer(load_gateway_settings(sip_auth_policy="digest", sip_auth_users=USERS), registry=None,
+                       calls=SimpleNamespace(metrics=SimpleNamespace(registry=CollectorRegistry())))  # type: ignore[arg-type]
+    assert server.auth is not None
+    assert server._admission(invite(credentials(server.auth, password="battery-staple")), other)[0] == 403
+    logged = caplog.text + repr([record.__dict__ for record in caplog.records])
+    assert "INVITE authenticated" in logged and "trunk-a" in logged
+    assert "correct-horse" not in logged and "battery-staple" not in logged
 
 
 # --------------------------------------------------------------------------------------------- end to end
