@@ -9,6 +9,7 @@
     personagate gateway [--config gateway.yaml] [--tenants DIR] [--admin-tokens FILE] [--host H] [--port 8080]
                         [--redis-url URL | --worker http://127.0.0.1:8765 ...]
     personagate call sip:NUMBER@HOST:PORT [--play in.wav] [--record out.wav] [--seconds N] [--dtmf 0@2.0]
+                     [--user U --password P]
     personagate bench routing [--redis-url URL] [--workers 4 --slots 32 --claims 20000 --concurrency 64]
     personagate bench sip [--calls 1,2,4] [--seconds 20] [--json]
 """
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     call.add_argument("--host", default="127.0.0.1", help="the caller's own SIP/RTP address (default 127.0.0.1)")
     call.add_argument("--dtmf", action="append", default=[], metavar="DIGITS@SECONDS",
                       help="send DIGITS (RFC 4733) this many seconds after the answer, e.g. 0@2.0; repeatable")
+    call.add_argument("--user", help="digest username, for a gateway or trunk that challenges (401/407)")
+    call.add_argument("--password", help="digest password (default: $PERSONAGATE_CALL_PASSWORD; a flag shows in ps)")
     call.add_argument("--accept-refer", action="store_true",
                       help="answer a REFER 202 and call its target (default: refuse it, 603)")
     call.add_argument("--codec", action="append", default=[], choices=("PCMU", "PCMA", "G722"),
@@ -269,7 +272,8 @@ def _run_call(args: argparse.Namespace) -> int:
             print(f"personagate: --dtmf {item!r}: expected DIGITS@SECONDS", file=sys.stderr)
             return 2
     result = place_call(args.uri, play, seconds, host=args.host, timeout=args.timeout, dtmf=dtmf,
-                        refer_answer=202 if args.accept_refer else 603, codecs=args.codec)
+                        refer_answer=202 if args.accept_refer else 603, codecs=args.codec, user=args.user,
+                        password=args.password or os.environ.get("PERSONAGATE_CALL_PASSWORD"))
     if args.record is not None:
         soundfile.write(args.record, result.audio, CLOCK_RATE, subtype="PCM_16")
     print(json.dumps(result.report, indent=2))

@@ -4,11 +4,13 @@ command line (each overriding the one before), validated at start."""
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from agent_runtime.settings_files import LayeredSettings, SettingsError, load_settings
@@ -16,7 +18,63 @@ from agent_runtime.settings_files import LayeredSettings, SettingsError, load_se
 from .routing.redis_store import RedisPrefixSetting, RedisUrlSetting
 from .tenants.loader import MAX_CLIP_BYTES
 
-__all__ = ["GatewaySettings", "SettingsError", "load_gateway_settings"]
+__all__ = ["GatewaySettings", "SettingsError", "SipRegistration", "load_gateway_settings"]
+
+_SIP_URI = re.compile(r"^sips?:(?:[^@\s]+@)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?(?:;[^\s]*)?$")
+_SIP_USER = re.compile(r"^[A-Za-z0-9+\-_.!~*'()&=$,;?/%]{1,64}$")  # RFC 3261's user (unreserved / escaped)
+
+
+class SipRegistration(BaseModel):
+    """One REGISTER binding the gateway keeps at a PBX or carrier (``sip_registrations``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    registrar: str = Field(description="the registrar's SIP URI, e.g. sip:pbx.example.com or sip:10.0.0.5:5060")
+    username: str = Field(min_length=1, max_length=128, description="the digest username")
+    password: SecretStr = Field(description="the digest password (never logged)")
+    realm: str = Field("*", min_length=1, description="the realm the credentials are for; '*': any the registrar names")
+    user: str | None = Field(None, description="the user part of the registered address of record; default: username")
+    contact_user: str | None = Field(
+        None, description="the user part of the Contact the registrar sends INVITEs to, e.g. the DID, so that "
+                          "their Request-URI carries the dialed number; default: pjsua's own (the AOR's user)")
+    expiry_seconds: int = Field(300, ge=30, le=86_400, description="the Expires asked for; pjsua refreshes before it")
+    retry_seconds: int = Field(
+        30, ge=5, le=3600, description="after a temporary failure (no answer, 408, 480, 5xx, 6xx), try again this "
+                                       "much later")
+    refused_retry_seconds: int = Field(
+        300, ge=5, le=86_400, description="after a refusal (403 wrong credentials, 404, other 4xx), try again this "
+                                          "much later")
+
+    @field_validator("registrar")
+    @classmethod
+    def _registrar(cls, uri: str) -> str:
+        if not _SIP_URI.match(uri):
+            raise ValueError(f"registrar must be a sip: or sips: URI such as sip:pbx.example.com:5060, got {uri!r}")
+        return uri
+
+    @field_validator("user", "contact_user")
+    @classmethod
+    def _user(cls, user: str | None) -> str | None:
+        if user is not None and not _SIP_USER.match(user):
+            raise ValueError(f"{user!r} is not a SIP user part (letters, digits, +-_.!~*'()&=$,;?/%; at most 64)")
+        return user
+
+    @property
+    def registrar_host(self) -> str:
+        match = _SIP_URI.match(self.registrar)
+        assert match is not None
+        return match.group(1) + (f":{match.group(2)}" if match.group(2) else "")
+
+    @property
+    def aor(self) -> str:
+        """The address of record: ``sip:user@registrar-host``."""
+        scheme = self.registrar.split(":", 1)[0]
+        return f"{scheme}:{self.user or self.username}@{self.registrar_host}"
+
+    @property
+    def name(self) -> str:
+        """How logs and the ``registration`` metric label call it: ``user@registrar-host``."""
+        return f"{self.user or self.username}@{self.registrar_host}"
 
 
 class GatewaySettings(LayeredSettings):
@@ -94,6 +152,26 @@ class GatewaySettings(LayeredSettings):
         90, ge=90, le=86400, description="RFC 4028 Min-SE: a caller's Session-Expires below it gets 422 with this "
                                          "Min-SE (90 is the RFC's and pjsip's floor)")
     sip_log_level: int = Field(1, ge=0, le=6, description="pjsua's own log level (stderr)")
+    # SIP trunk digest authentication (gateway/sip/auth.py) and REGISTER (gateway/sip/registration.py).
+    sip_auth_policy: Literal["allow_or_digest", "digest", "allow_and_digest"] = Field(
+        "allow_or_digest",
+        description="how a trunk's INVITE is admitted: allow_or_digest: a source in sip_allow as it is, any other "
+                    "by digest (with no sip_auth_users: 403, as without digest); digest: every INVITE by digest, "
+                    "whatever its source; allow_and_digest: a source in sip_allow, and by digest")
+    sip_auth_realm: str = Field("personagate", min_length=1, max_length=128, pattern=r'^[^"\\\r\n]+$',
+                                description="the digest realm offered in 401 challenges")
+    sip_auth_users: dict[str, SecretStr] = Field(
+        {}, description="trunk credentials, username → password (secrets: prefer sip_auth_users_file or the "
+                        "environment)")
+    sip_auth_users_file: Path | None = Field(
+        None, description="a YAML file of trunk credentials (username: password), merged into sip_auth_users")
+    sip_auth_algorithms: list[Literal["SHA-256", "MD5"]] = Field(
+        ["SHA-256", "MD5"], min_length=1,
+        description="digest algorithms offered, one WWW-Authenticate each, in this order (most preferred first)")
+    sip_auth_nonce_seconds: float = Field(
+        300.0, ge=5, le=3600, description="a challenge's nonce expires after this; a later retry gets 401 stale=true")
+    sip_registrations: list[SipRegistration] = Field(
+        [], description="REGISTER bindings kept at PBXs or carriers; their INVITEs are answered like any other")
 
     @field_validator("sip_allow")
     @classmethod
@@ -112,6 +190,23 @@ class GatewaySettings(LayeredSettings):
                              f"sip_min_se_seconds ({self.sip_min_se_seconds})")
         return self
 
+    @model_validator(mode="after")
+    def _sip_auth(self) -> GatewaySettings:
+        if self.sip_auth_users_file is not None:
+            self.sip_auth_users = _read_credentials(self.sip_auth_users_file) | self.sip_auth_users
+        for username in self.sip_auth_users:
+            if not username or len(username) > 128 or any(c in username for c in '"\\\r\n'):
+                raise ValueError(f"sip_auth_users: {username[:40]!r} is not a usable digest username")
+        if self.sip_auth_policy != "allow_or_digest" and not self.sip_auth_users:
+            raise ValueError(f"sip_auth_policy {self.sip_auth_policy} needs trunk credentials (sip_auth_users or "
+                             "sip_auth_users_file): without them no INVITE could be admitted")
+        if len(set(self.sip_auth_algorithms)) != len(self.sip_auth_algorithms):
+            raise ValueError("sip_auth_algorithms: an algorithm is listed twice")
+        names = [r.name for r in self.sip_registrations]
+        if len(set(names)) != len(names):
+            raise ValueError("sip_registrations: the same user is registered twice at one registrar")
+        return self
+
     @field_validator("workers")
     @classmethod
     def _workers(cls, urls: list[str]) -> list[str]:
@@ -125,6 +220,18 @@ class GatewaySettings(LayeredSettings):
                 raise ValueError(f"worker {url!r} is listed twice")
             out.append(url)
         return out
+
+
+def _read_credentials(path: Path) -> dict[str, SecretStr]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"sip_auth_users_file {path}: cannot read it ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str | int) for k, v in data.items()):
+        raise ValueError(f"sip_auth_users_file {path}: expected a mapping of username: password")
+    return {k: SecretStr(str(v)) for k, v in data.items()}
 
 
 def load_gateway_settings(config_file: Path | None = None, **overrides: Any) -> GatewaySettings:

@@ -81,14 +81,17 @@ def is_ringback(pcm: np.ndarray, rate: int = CLOCK_RATE) -> bool:
 
 def place_call(uri: str, play: np.ndarray | None, seconds: float, *, host: str = "127.0.0.1",
                timeout: float = 30.0, dtmf: Sequence[tuple[str, float]] = (), refer_answer: int = 603,
-               codecs: Sequence[str] = ()) -> CallResult:
+               codecs: Sequence[str] = (), user: str | None = None, password: str | None = None) -> CallResult:
     """Call ``uri``; once answered, play ``play`` (16 kHz s16) and record for ``seconds``; then hang up.
 
     ``dtmf``: (digits, seconds after the answer) sent as RFC 4733 telephone-events. A REFER received is
     answered ``refer_answer`` (603 refuses it; 202 accepts it and pjsua calls the Refer-To target, reporting
     that call's progress in NOTIFYs); its Refer-To URI goes in the report as ``refer_to``. ``codecs``: names
     from ``CODEC_IDS`` (PCMU, PCMA, G722), offered in this order and no others (default: all three, PCMU
-    first); the codec the call ended up with goes in the report as ``codec`` (e.g. ``G722/16000``)."""
+    first); the codec the call ended up with goes in the report as ``codec`` (e.g. ``G722/16000``).
+
+    ``user``/``password``: digest credentials for any realm; pjsua answers a 401/407 by sending the INVITE
+    again with them."""
     unknown = [name for name in codecs if name not in CODEC_IDS]
     if unknown:
         raise ValueError(f"unknown codec {unknown[0]!r}; expected one of {', '.join(CODEC_IDS)}")
@@ -100,6 +103,9 @@ def place_call(uri: str, play: np.ndarray | None, seconds: float, *, host: str =
         cfg = pj.AccountConfig()
         cfg.idUri = f"sip:caller@{host}:{ua.config.port}"
         cfg.mediaConfig.transportConfig.boundAddress = host
+        if user is not None:
+            cfg.sipConfig.authCreds.append(pj.AuthCredInfo("digest", "*", user, pj.PJSIP_CRED_DATA_PLAIN_PASSWD,
+                                                           password or ""))
         account.create(cfg, True)
         return account
 

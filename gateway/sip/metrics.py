@@ -19,7 +19,8 @@ class SipMetrics:
         r = registry
         self.invites = Counter(
             "personagate_gateway_sip_invites_total",
-            "INVITEs by the gateway's final answer: 200, 403 (source not allowed), 404 (unknown number), the "
+            "INVITEs by the gateway's final answer: 200, 401 (digest challenge), 403 (source not allowed, or digest "
+            "refused), 404 (unknown number), the "
             "tenant's after-hours status, 486 (tenant limit), 503 (no slot, store unavailable, draining, priming "
             "timeout), 500, or cancelled (CANCEL or hang-up before the answer).",
             ["answer"], registry=r,
@@ -90,6 +91,20 @@ class SipMetrics:
             "personagate_gateway_sip_provisionals_repeated_total",
             "183 Session Progress sent again while a session was being primed (every sip_ringing_interval_seconds) "
             "so that proxies keep the INVITE transaction and a lost 183 is repaired.", registry=r)
+        self.auth = Counter(
+            "personagate_gateway_sip_auth_total",
+            "INVITEs that had to pass digest authentication, by result: ok (admitted), challenged (401), stale "
+            "(right password, expired nonce: 401 stale=true), rejected (wrong password or unknown user: 403), "
+            "invalid (malformed or foreign credentials: 403), throttled (too many failures from the source: 403).",
+            ["result"], registry=r)
+        self.registered = Gauge(
+            "personagate_gateway_sip_registered",
+            "Each REGISTER binding (sip_registrations, labelled user@registrar): 1 while registered, 0 otherwise.",
+            ["registration"], registry=r)
+        self.registrations = Counter(
+            "personagate_gateway_sip_registrations_total",
+            "REGISTER outcomes per binding: ok (2xx), failed (any other final answer or no answer), unregistered.",
+            ["registration", "result"], registry=r)
 
     def observe_rtp(self, stats: dict[str, Any]) -> None:
         """A call's receive statistics (``Leg.stream_stats``) when it ended."""

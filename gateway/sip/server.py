@@ -24,8 +24,17 @@ most ``PJSUA_MAX_CALLS / FLOOD_HOLD_SECONDS`` times a second (``personagate_gate
 ``sip_min_se_seconds`` is answered 422 with Min-SE by pjsua itself, before ``_incoming`` (so it is not counted in
 ``invites_total``); the BYE for a session not refreshed in time is pjsua's too (``inbound.py``: ``session_timer``).
 
-Trunks are authenticated by source address only (``sip_allow``, CIDRs); digest authentication and REGISTER
-to a PBX or carrier are not here yet.
+**Trunk admission** (before routing, so a stranger learns nothing about the numbers), by
+``sip_auth_policy``: ``allow_or_digest`` (the default) admits a source in ``sip_allow`` (CIDRs) as it is and
+makes any other pass digest authentication when trunk credentials are configured (``sip_auth_users``; with
+none, 403 as before); ``digest`` makes every INVITE pass digest whatever its source; ``allow_and_digest``
+wants both. Digest (``auth.py``): no credentials → 401 with a stateless nonce; the retried INVITE (a new call
+for pjsua) is verified: wrong → 403, right over an expired nonce → 401 stale=true
+(``personagate_gateway_sip_auth_total{result}``).
+
+**REGISTER** (``registration.py``): each of ``sip_registrations`` is a pjsua Account that registers at its
+PBX or carrier, refreshes, retries, and unregisters at ``stop``; INVITEs sent to its Contact arrive here too,
+through the same ``_incoming``.
 """
 
 from __future__ import annotations
@@ -46,11 +55,13 @@ from urllib.parse import unquote
 import pjsua2 as pj
 
 from ..tenants.tenant import Rejection
+from .auth import AuthDecision, AuthResult, DigestAuthenticator
 from .inbound import InboundCall
 from .leg import Leg
 from .media import MediaBuffers
 from .metrics import SipMetrics
-from .ua import UaConfig, UserAgent
+from .registration import RegistrationAccount
+from .ua import UaConfig, UserAgent, call_op, header
 
 if TYPE_CHECKING:
     from ..calls import Calls
@@ -62,6 +73,8 @@ log = logging.getLogger(__name__)
 # At most this many INVITEs a second are handled normally; the rest are held, then refused 503 (see above).
 FLOOD_RATE = 10
 FLOOD_HOLD_SECONDS = 0.25
+# At stop, how long REGISTER bindings may take to be removed (Expires: 0 answered) before the endpoint goes.
+UNREGISTER_SECONDS = 3.0
 
 _REQUEST_LINE = re.compile(r"^INVITE\s+(?:sips?|tel):([^@;>\s]+)", re.IGNORECASE)
 
@@ -132,6 +145,11 @@ class SipServer:
         self.metrics = SipMetrics(calls.metrics.registry)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._arrivals: deque[float] = deque()  # INVITEs in the last second (pjsua thread)
+        users = {name: secret.get_secret_value() for name, secret in settings.sip_auth_users.items()}
+        self.auth = DigestAuthenticator(settings.sip_auth_realm, users, algorithms=settings.sip_auth_algorithms,
+                                        nonce_seconds=settings.sip_auth_nonce_seconds) if users else None
+        self._registrations: list[str] = [r.name for r in settings.sip_registrations]  # ua.keep keys
+        self.registered: dict[str, bool] = {}  # binding name → registered now (written on the pjsua thread)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -141,12 +159,17 @@ class SipServer:
         self.ua = UserAgent(UaConfig(host=s.sip_host, port=s.sip_port, max_calls=s.sip_max_calls,
                                      log_level=s.sip_log_level), make_account=self._make_account)
         self.port = await asyncio.to_thread(self.ua.start)
-        log.info("SIP listening on udp %s:%d", s.sip_host, self.port, extra={"allow": s.sip_allow})
+        log.info("SIP listening on udp %s:%d", s.sip_host, self.port, extra={
+            "allow": s.sip_allow, "auth_policy": s.sip_auth_policy, "auth_users": len(s.sip_auth_users),
+            "registrations": self._registrations})
+        if s.sip_registrations:
+            await asyncio.wrap_future(self.ua.submit(self._register))
 
     async def stop(self) -> None:
         for call in list(self.active.values()):
             await call.stop()
         if self.ua is not None:
+            await self._unregister()
             await asyncio.to_thread(self.ua.stop)
             self.ua = None
 
@@ -157,6 +180,48 @@ class SipServer:
             async with asyncio.timeout(max(0.0, seconds)):
                 await self._idle.wait()
         return self._idle.is_set()
+
+    def _register(self) -> None:
+        assert self.ua is not None and self.ua.ep is not None
+        ep = self.ua.ep
+        # The transport's published address ("host:port"): with sip_host 0.0.0.0 pjsua publishes an interface's.
+        local = ep.transportGetInfo(ep.transportEnum()[0]).localName
+        for registration in self.settings.sip_registrations:
+            account = RegistrationAccount(registration, self.metrics, self._incoming, self.registered,
+                                          self._retry_registration_later)
+            self.ua.keep(("registration", registration.name), account)
+            account.start(local)
+
+    def _retry_registration_later(self, name: str, delay: float) -> None:
+        """(pjsua thread) In ``delay`` seconds, ``RegistrationAccount.retry`` on the pjsua thread."""
+        assert self.ua is not None and self._loop is not None
+        ua = self.ua
+
+        def retry() -> None:
+            account = ua.kept(("registration", name))
+            if isinstance(account, RegistrationAccount):
+                account.retry()
+
+        self._loop.call_soon_threadsafe(self._loop.call_later, delay, ua.post, retry)
+
+    async def _unregister(self) -> None:
+        """REGISTER with Expires: 0 for every binding; wait (a little) for the registrars' answers."""
+        ua = self.ua
+        assert ua is not None
+        if not any(self.registered.values()):
+            return
+        names = list(self._registrations)
+
+        def unregister() -> None:  # the accounts are only touched on the pjsua thread
+            for name in names:
+                account = ua.kept(("registration", name))
+                if isinstance(account, RegistrationAccount):
+                    account.unregister()
+
+        await asyncio.wrap_future(ua.submit(unregister))
+        deadline = time.monotonic() + UNREGISTER_SECONDS
+        while any(self.registered.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     def _make_account(self, ua: UserAgent) -> pj.Account:
         account = _Account(self)
@@ -183,8 +248,12 @@ class SipServer:
         number = dialed_number(message)
         if self._flooded():
             return self._shed(leg, number, sip_call_id)
-        if ip not in self.allow:
-            return self._refuse(leg, 403, "Forbidden", f"source {ip} is not in sip_allow", number, sip_call_id)
+        refusal = self._admission(message, ip)
+        if refusal is not None:
+            status, why, stale = refusal
+            if status == 401:
+                return self._challenge(leg, why, stale, number, sip_call_id)
+            return self._refuse(leg, status, "Forbidden", why, number, sip_call_id)
         if number is None:
             return self._refuse(leg, 404, "Not Found", "no number in the Request-URI", number, sip_call_id)
         routed = self.registry.route(number)
@@ -206,6 +275,40 @@ class SipServer:
                            caller_first_wait=self.settings.sip_caller_first_wait_seconds,
                            ringing_interval=self.settings.sip_ringing_interval_seconds)
         self._loop.call_soon_threadsafe(self._begin, call)
+
+    def _admission(self, message: str, ip: str) -> tuple[int, str, bool] | None:
+        """None to admit the INVITE, else (401 or 403, why, stale) by ``sip_auth_policy`` (the module's docs)."""
+        allowed = ip in self.allow
+        policy = self.settings.sip_auth_policy
+        if self.auth is None or (policy == "allow_or_digest" and allowed):
+            return None if allowed else (403, f"source {ip} is not in sip_allow", False)
+        if policy == "allow_and_digest" and not allowed:
+            return 403, f"source {ip} is not in sip_allow", False
+        decision = self.auth.verify(message, "INVITE", ip)
+        self.metrics.auth.labels(result=decision.result.value).inc()
+        if decision.admitted:
+            log.info("INVITE authenticated", extra={"trunk_user": decision.username, "source": ip,
+                                                    "algorithm": decision.algorithm})
+            return None
+        return decision.status, self._auth_why(decision), decision.result is AuthResult.STALE
+
+    @staticmethod
+    def _auth_why(decision: AuthDecision) -> str:
+        who = f" (user {decision.username[:64]!r})" if decision.username else ""
+        return f"digest {decision.result.value}{who}: {decision.why}"
+
+    def _challenge(self, leg: Leg, why: str, stale: bool, number: str | None, sip_call_id: str) -> None:
+        """401 with one WWW-Authenticate per offered algorithm (a dict of headers cannot hold two)."""
+        assert self.auth is not None
+        prm = call_op(401, "Unauthorized")
+        for value in self.auth.challenges(stale=stale):
+            prm.txOption.headers.append(header("WWW-Authenticate", value))
+        if not leg.over:
+            # answer(), not hangup(): a hangup before any provisional answer drops the extra headers (measured,
+            # pjsua2 2.15.1), and a final status through answer() ends the INVITE session all the same.
+            leg.answer(prm)
+        self.metrics.invites.labels(answer="401").inc()
+        log.info("INVITE challenged: 401", extra={"sip_call_id": sip_call_id, "number": number, "why": why})
 
     def _flooded(self) -> bool:
         now = time.monotonic()
