@@ -115,10 +115,15 @@ class GatewaySettings(LayeredSettings):
     sip_max_calls: int = Field(
         256, ge=1, le=4096, description="pjsua's call table; capped by the library's build (PJSUA_MAX_CALLS: 4 in the "
                                         "pjsua2-python 2.15.1 wheel, 512 built by deploy/pjsua2/build.sh)")
+    sip_max_invites_per_second: int = Field(
+        10, ge=1, le=10_000, description="INVITEs handled in any one second; more are held 250 ms and refused 503 with "
+                                         "Retry-After. With the pjsua2-python wheel (64 sockets) keep it near 10; a "
+                                         "build from deploy/pjsua2 (4096) takes hundreds")
     sip_outbound_cushion_packets: int = Field(
-        2, ge=0, le=4, description="20 ms packets of agent audio the outbound buffer may keep against the worker's "
+        1, ge=0, le=4, description="20 ms packets of agent audio the outbound buffer may keep against the worker's "
                                    "jitter: each adds up to 20 ms to what the caller hears; 0 is the least latency, "
-                                   "with a gap whenever an agent frame is late")
+                                   "with a gap whenever an agent frame is late (watch "
+                                   "personagate_gateway_sip_outbound_underruns_total)")
     sip_answer_timeout_seconds: float = Field(
         20.0, gt=0, le=300, description="from INVITE to a primed session; later → 503 with Retry-After")
     sip_retry_after_seconds: float = Field(5.0, ge=1, le=3600, description="Retry-After on a 503 for a priming timeout")

@@ -35,6 +35,7 @@ import os
 import random
 import re
 import selectors
+import shutil
 import socket
 import struct
 import subprocess
@@ -55,6 +56,7 @@ ECHO_DELAY_SECONDS = 0.08  # the echo model returns each frame one 80 ms step la
 FRAME_GATHERING_SECONDS = 0.06  # what gathering 80 ms frames costs by itself, timed as above
 BURST_EVERY_SECONDS = 1.0
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; the constant is not in every Python build
+INVITES_PER_SECOND = 20  # calls are placed this fast, the way calls arrive at a gateway, not all at once
 BENCH_NUMBER = "+14155550186"  # harbor-mutual's claims line in the shipped tenants (open around the clock)
 
 
@@ -405,7 +407,11 @@ async def run_round(target: tuple[str, int], calls: int, seconds: float, number:
             call = ProbeCall(probe, target, number, leg)
             probe.calls[call.call_id] = call
             probes.append((call, bursts))
-        results = await asyncio.gather(*(c.invite(timeout=30.0) for c, _ in probes), return_exceptions=True)
+        async def placed(index: int, call: ProbeCall) -> None:
+            await asyncio.sleep(index / INVITES_PER_SECOND)
+            await call.invite(timeout=30.0)
+
+        results = await asyncio.gather(*(placed(i, c) for i, (c, _) in enumerate(probes)), return_exceptions=True)
         for (call, _), result in zip(probes, results, strict=True):
             if not isinstance(result, BaseException):
                 clock.add(call.leg)
@@ -432,13 +438,33 @@ def _free_port(kind: int) -> int:
         return int(s.getsockname()[1])
 
 
+def bench_tenants(folder: Path) -> Path:
+    """The shipped harbor-mutual tenant with its concurrent-call limit lifted (the bench measures the gateway,
+    not the tenant's limit)."""
+    shipped = Path(__file__).resolve().parents[2] / "tenants" / "harbor-mutual"
+    shutil.copytree(shipped, folder / "harbor-mutual")
+    tenant = folder / "harbor-mutual" / "tenant.yaml"
+    text, replaced = re.subn(r"max_concurrent_calls: *\d+", "max_concurrent_calls: 10000", tenant.read_text())
+    if not replaced:
+        raise RuntimeError(f"{tenant}: no limits.max_concurrent_calls to lift")
+    tenant.write_text(text)
+    return folder
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
 def echo_stack(slots: int, max_calls: int, log_path: Path):
     """An echo worker and a gateway (real processes, loopback); yields the gateway's SIP address."""
-    env = os.environ | {"NO_TORCH_COMPILE": "1", "PERSONAGATE_GATEWAY_SIP_MAX_CALLS": str(max_calls)}
+    env = os.environ | {"NO_TORCH_COMPILE": "1", "PERSONAGATE_GATEWAY_SIP_MAX_CALLS": str(max_calls),
+                        "PERSONAGATE_GATEWAY_SIP_MAX_INVITES_PER_SECOND": str(10 * INVITES_PER_SECOND)}
     worker_port, http_port, sip_port = _free_port(socket.SOCK_STREAM), _free_port(socket.SOCK_STREAM), \
         _free_port(socket.SOCK_DGRAM)
-    tenants = Path(__file__).resolve().parents[2] / "tenants"
+    tenants = bench_tenants(log_path.parent / "tenants")
     cli = [sys.executable, "-m", "gateway.cli"]
     log = log_path.open("w")
     worker = subprocess.Popen([*cli, "worker", "--model", "echo", "--port", str(worker_port), "--slots", str(slots)],
@@ -456,7 +482,7 @@ def echo_stack(slots: int, max_calls: int, log_path: Path):
             if time.monotonic() > deadline or worker.poll() is not None or gateway.poll() is not None:
                 raise RuntimeError(f"the echo stack did not start; the gateway's log: {log_path}")
             time.sleep(0.2)
-        yield ("127.0.0.1", sip_port)
+        yield ("127.0.0.1", sip_port), gateway.pid
     finally:
         for process in (gateway, worker):
             process.terminate()
@@ -468,15 +494,29 @@ def echo_stack(slots: int, max_calls: int, log_path: Path):
         log.close()
 
 
-def worker_steps(log_path: Path) -> dict[str, float]:
-    """Each call's ``agent_step_round_trip`` p50 (ms) from the gateway's call records, by Call-ID."""
-    steps = {}
+@dataclass
+class GatewayRecord:
+    """What the gateway's call records say of one call."""
+
+    step_p50_ms: float | None = None  # the worker's step round trip (calls.py's "call ended")
+    underruns: int = 0  # outbound packets the pacer had to fill in (inbound.py's "SIP call ended")
+    shed: int = 0
+
+
+def gateway_records(log_path: Path) -> dict[str, GatewayRecord]:
+    """Each call's figures from the gateway's JSON log, by SIP Call-ID."""
+    records: dict[str, GatewayRecord] = {}
     for line in log_path.read_text().splitlines():
         with contextlib.suppress(ValueError):
             entry = json.loads(line)
             if entry.get("msg") == "call ended" and entry.get("agent_step_round_trip"):
-                steps[entry["call"]] = entry["agent_step_round_trip"]["p50_ms"]
-    return steps
+                records.setdefault(entry["call"], GatewayRecord()).step_p50_ms = \
+                    entry["agent_step_round_trip"]["p50_ms"]
+            elif entry.get("msg") == "SIP call ended":
+                record = records.setdefault(entry["sip_call_id"], GatewayRecord())
+                record.underruns = int(entry.get("outbound_underruns") or 0)
+                record.shed = int(entry.get("outbound_shed") or 0)
+    return records
 
 
 def _percentiles(values: np.ndarray | list[float], *qs: float) -> list[float | None]:
@@ -485,8 +525,9 @@ def _percentiles(values: np.ndarray | list[float], *qs: float) -> list[float | N
     return [round(float(v), 2) for v in np.percentile(np.asarray(values, dtype=float), qs)]
 
 
-def summarise(calls: int, figures: list[CallFigures], steps: dict[str, float]) -> dict[str, object]:
+def summarise(calls: int, figures: list[CallFigures], records: dict[str, GatewayRecord]) -> dict[str, object]:
     answered = [f for f in figures if f.answered]
+    steps = {call: r.step_p50_ms for call, r in records.items() if r.step_p50_ms is not None}
     intervals = np.concatenate([f.intervals_ms for f in answered]) if answered else np.zeros(0)
     trips = [t for f in answered for t in f.round_trips_ms]
     added = [t - steps[f.sip_call_id] - ECHO_DELAY_SECONDS * 1000 for f in answered if f.sip_call_id in steps
@@ -503,6 +544,8 @@ def summarise(calls: int, figures: list[CallFigures], steps: dict[str, float]) -
         "packets": {"expected": sum(f.expected for f in answered), "lost": lost},
         "within_20_plus_minus_5": bool(p99 is not None and 15 <= (_percentiles(intervals, 1)[0] or 0)
                                        and p99 <= 25 and lost == 0 and len(answered) == calls),
+        "outbound_underruns": sum(records[f.sip_call_id].underruns for f in answered if f.sip_call_id in records),
+        "outbound_shed": sum(records[f.sip_call_id].shed for f in answered if f.sip_call_id in records),
         "round_trip_ms": {"p50": trip50, "p95": trip95, "bursts": len(trips)},
         "worker_step_ms_p50": worker50,
         "gateway_latency_ms": {"p50": add50, "p95": add95,
@@ -515,11 +558,14 @@ async def bench(counts: list[int], seconds: float) -> list[dict[str, object]]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="personagate-bench-sip-") as tmp:
         log_path = Path(tmp) / "gateway.log"
-        with echo_stack(max(counts), max(counts) + 4, log_path) as target:
+        with echo_stack(max(counts), max(counts) + 4, log_path) as (target, gateway_pid):
             for calls in counts:
+                cpu_before, began = cpu_seconds(gateway_pid), time.monotonic()
                 figures = await run_round(target, calls, seconds, BENCH_NUMBER)
+                gateway_cpu = (cpu_seconds(gateway_pid) - cpu_before) / (time.monotonic() - began)
                 await asyncio.sleep(1.5)  # the call records are written as the calls end
-                rows.append(summarise(calls, figures, worker_steps(log_path)))
+                rows.append(summarise(calls, figures, gateway_records(log_path))
+                            | {"gateway_cpu_percent": round(100 * gateway_cpu, 1)})
                 print(json.dumps(rows[-1]), file=sys.stderr)
                 await asyncio.sleep(1.0)
     return rows
@@ -530,13 +576,13 @@ def run(counts: list[int], seconds: float, *, as_json: bool = False) -> int:
     if as_json:
         print(json.dumps({"machine": f"{os.cpu_count()} cores", "seconds": seconds, "rounds": rows}, indent=2))
         return 0
-    print(f"{'calls':>5} {'answered':>8} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'lost':>5} "
-          f"{'rtt p50':>8} {'rtt p95':>8} {'worker':>7} {'gw p50':>7} {'gw p95':>7}")
+    print(f"{'calls':>5} {'answered':>8} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'lost':>5} {'underrun':>8} "
+          f"{'rtt p50':>8} {'rtt p95':>8} {'worker':>7} {'gw p50':>7} {'gw p95':>7} {'gw cpu%':>7}")
     for row in rows:
         i, g, r = row["interval_ms"], row["gateway_latency_ms"], row["round_trip_ms"]
         print(f"{row['calls']:>5} {row['answered']:>8} {i['p50']!s:>7} {i['p99']!s:>7} {i['max']!s:>7} "
-              f"{row['packets']['lost']:>5} {r['p50']!s:>8} {r['p95']!s:>8} {row['worker_step_ms_p50']!s:>7} "
-              f"{g['p50']!s:>7} {g['p95']!s:>7}")
+              f"{row['packets']['lost']:>5} {row['outbound_underruns']!s:>8} {r['p50']!s:>8} {r['p95']!s:>8} {row['worker_step_ms_p50']!s:>7} "
+              f"{g['p50']!s:>7} {g['p95']!s:>7} {row['gateway_cpu_percent']!s:>7}")
     return 0
 
 

@@ -48,7 +48,7 @@ from .ua import BYTES_PER_FRAME, CLOCK_RATE, PTIME_MS, SAMPLES_PER_FRAME
 MODEL_RATE = 24_000
 INBOUND_FRAMES = 25  # 500 ms of caller audio waiting for the asyncio side; older frames are dropped
 FRAMES_PER_WAKE = 4  # the asyncio side is woken once per 80 ms of caller audio
-CUSHION_PACKETS = 2  # outbound packets kept against the worker's jitter (the gateway's sip_outbound_cushion_packets)
+CUSHION_PACKETS = 1  # outbound packets kept against the worker's jitter: sip_outbound_cushion_packets' default
 LINE_FRAME_MODEL_SAMPLES = MODEL_RATE * PTIME_MS // 1000  # one 20 ms line frame, resampled: 480
 # The caller is speaking: 60 ms above -40 dBFS (RMS). Telephone line noise and comfort noise sit well below
 # -50 dBFS, speech at -30 to -15 dBFS.

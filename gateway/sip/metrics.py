@@ -27,7 +27,7 @@ class SipMetrics:
         )
         self.invites_shed = Counter(
             "personagate_gateway_sip_invites_shed_total",
-            "INVITEs beyond the flood rate (server.FLOOD_RATE a second), held a moment, then refused 503 with "
+            "INVITEs beyond the flood rate (sip_max_invites_per_second), held a moment, then refused 503 with "
             "Retry-After (also counted in invites_total{answer=\"503\"}).", registry=r)
         self.calls_active = Gauge(
             "personagate_gateway_sip_calls_active", "SIP calls being set up (ringing) or answered.", registry=r)

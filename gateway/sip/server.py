@@ -14,8 +14,8 @@ the tenant's status and reason, otherwise 180 Ringing and an ``InboundCall`` on 
 closed socket's ioqueue slot only 500 ms later (``PJ_IOQUEUE_KEY_FREE_DELAY``); the wheel's ioqueue has 64 slots
 (``PJ_IOQUEUE_MAX_HANDLES``), and when none is free pjlib *aborts the process* (an assertion in
 ``pj_ioqueue_register_sock2``). Measured: a burst of INVITEs refused in a few ms each (about 1000 a second)
-killed the gateway within 50 of them. So beyond ``FLOOD_RATE`` INVITEs in a second the gateway refuses each
-with 503 and Retry-After *after holding it* ``FLOOD_HOLD_SECONDS``: pjsua's call table (4 calls in the wheel)
+killed the gateway within 50 of them. So beyond ``sip_max_invites_per_second`` (10) INVITEs in a second the
+gateway refuses each with 503 and Retry-After *after holding it* ``FLOOD_HOLD_SECONDS``: pjsua's call table (4 calls in the wheel)
 stays full, so pjsua itself answers the rest 486 Busy Here at once, without opening sockets, and calls end at
 most ``PJSUA_MAX_CALLS / FLOOD_HOLD_SECONDS`` times a second (``personagate_gateway_sip_invites_shed_total``).
 
@@ -70,9 +70,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# At most this many INVITEs a second are handled normally; the rest are held, then refused 503 (see above).
-FLOOD_RATE = 10
-FLOOD_HOLD_SECONDS = 0.25
+FLOOD_HOLD_SECONDS = 0.25  # an INVITE past sip_max_invites_per_second waits this long for its 503 (see above)
 # At stop, how long REGISTER bindings may take to be removed (Expires: 0 answered) before the endpoint goes.
 UNREGISTER_SECONDS = 3.0
 
@@ -314,7 +312,7 @@ class SipServer:
         now = time.monotonic()
         while self._arrivals and self._arrivals[0] < now - 1.0:
             self._arrivals.popleft()
-        if len(self._arrivals) >= FLOOD_RATE:
+        if len(self._arrivals) >= self.settings.sip_max_invites_per_second:
             return True
         self._arrivals.append(now)
         return False
@@ -331,8 +329,8 @@ class SipServer:
             ua.post(lambda: leg.respond(503, "Service Unavailable", retry))
 
         self._loop.call_soon_threadsafe(self._loop.call_later, FLOOD_HOLD_SECONDS, refuse)
-        log.info("INVITE refused: 503, more than %d INVITEs in a second", FLOOD_RATE, extra={
-            "sip_call_id": sip_call_id, "number": number, "why": "flood"})
+        log.info("INVITE refused: 503, more than %d INVITEs in a second", self.settings.sip_max_invites_per_second,
+                 extra={"sip_call_id": sip_call_id, "number": number, "why": "flood"})
 
     def _refuse(self, leg: Leg, status: int, reason: str, why: str, number: str | None, sip_call_id: str) -> None:
         leg.respond(status, reason)
