@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -41,15 +41,18 @@ def tenants(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.contextmanager
-def echo_stack(tenants: Path, env: dict[str, str] | None = None, *, gateway_first: bool = False, slots: int = 1
+def echo_stack(tenants: Path, env: dict[str, str] | None = None, *, gateway_first: bool = False, slots: int = 1,
+               worker_args: Sequence[str] = ("--model", "echo"), worker_command: list[str] | None = None,
                ) -> Iterator[tuple[dict[str, str], subprocess.Popen, subprocess.Popen]]:
     """A one-slot (or ``slots``) echo worker and a gateway with SIP on a free UDP port, both real processes; yields
     their addresses ({"sip", "port", "http", "worker"}), the worker process and the gateway process
-    once the gateway sees the worker's free slots."""
+    once the gateway sees the worker's free slots. ``worker_args`` pick another model (``()``: the tiny one);
+    ``worker_command`` runs another worker altogether (its port appended; ``slots`` is then what it has)."""
     env = os.environ | {"NO_TORCH_COMPILE": "1"} | (env or {})
     worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
-    worker = serve([sys.executable, "-m", "gateway.cli", "worker", "--model", "echo", "--port", str(worker_port),
-                    "--slots", str(slots)], f"http://127.0.0.1:{worker_port}/readyz", env=env)
+    command = [*worker_command, str(worker_port)] if worker_command is not None else \
+        [sys.executable, "-m", "gateway.cli", "worker", *worker_args, "--port", str(worker_port), "--slots", str(slots)]
+    worker = serve(command, f"http://127.0.0.1:{worker_port}/readyz", env=env)
     gateway = serve([sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants",
                      str(tenants), "--worker", f"http://127.0.0.1:{worker_port}", "--sip-port", str(sip_port)],
                     f"http://127.0.0.1:{http_port}/readyz", env=env)
@@ -60,6 +63,19 @@ def echo_stack(tenants: Path, env: dict[str, str] | None = None, *, gateway_firs
         _until(lambda: _ready(http)["slots_free"] == slots, "the gateway sees the worker's free slots")
         yield ({"sip": f"127.0.0.1:{sip_port}", "port": str(sip_port), "http": http,
                 "worker": f"http://127.0.0.1:{worker_port}"}, worker_proc, gateway_proc)
+
+
+def escalating_tenant(folder: Path) -> dict[str, str]:
+    """The shipped harbor-mutual tenant in ``folder``, escalating (digit 0) to a free loopback port where a test
+    may run sipp as the human; the target's URI and port."""
+    shutil.copytree(ROOT / "tenants" / "harbor-mutual", folder / "harbor-mutual")
+    target_port = udp_free_port()
+    target = f"sip:humans@127.0.0.1:{target_port}"
+    yaml = folder / "harbor-mutual" / "tenant.yaml"
+    text, n = re.subn(r"transfer_to: \S+", f"transfer_to: {target}", yaml.read_text())
+    assert n == 1
+    yaml.write_text(text)
+    return {"target": target, "target_port": str(target_port)}
 
 
 @pytest.fixture(scope="module")
@@ -185,18 +201,11 @@ def _metrics(http: str) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def stuck_stack(tenants: Path) -> Iterator[dict[str, str]]:
     """A gateway whose only worker never finishes priming, with a 1.5 s answer timeout; trunks from 127.0.0.1 only."""
-    env = os.environ | {"PERSONAGATE_GATEWAY_SIP_ANSWER_TIMEOUT_SECONDS": "1.5",
-                        "PERSONAGATE_GATEWAY_SIP_RETRY_AFTER_SECONDS": "7",
-                        "PERSONAGATE_GATEWAY_SIP_ALLOW": '["127.0.0.1/32"]'}
-    worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
-    worker = [sys.executable, "-m", "tests.stuck_worker", str(worker_port)]
-    gateway = [sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants", str(tenants),
-               "--worker", f"http://127.0.0.1:{worker_port}", "--sip-port", str(sip_port)]
-    with serve(worker, f"http://127.0.0.1:{worker_port}/readyz", env=env), \
-            serve(gateway, f"http://127.0.0.1:{http_port}/readyz", env=env):
-        http = f"http://127.0.0.1:{http_port}"
-        _until(lambda: _ready(http)["slots_free"] == 2, "the gateway sees the stuck worker's slots")
-        yield {"sip": f"127.0.0.1:{sip_port}", "http": http}
+    env = {"PERSONAGATE_GATEWAY_SIP_ANSWER_TIMEOUT_SECONDS": "1.5", "PERSONAGATE_GATEWAY_SIP_RETRY_AFTER_SECONDS": "7",
+           "PERSONAGATE_GATEWAY_SIP_ALLOW": '["127.0.0.1/32"]'}
+    with echo_stack(tenants, env, slots=2, worker_command=[sys.executable, "-m", "tests.stuck_worker"]) as (
+            addresses, _, _):
+        yield addresses
 
 
 def test_priming_timeout_is_503_and_releases_the_slot(stuck_stack: dict[str, str]) -> None:

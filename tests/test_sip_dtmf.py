@@ -5,7 +5,6 @@ sipp as the transfer target (a plain UAS) and as a caller sending a digit by SIP
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import socket
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import udp_free_port
-from tests.test_sip import _metrics, _ready, _until, echo_stack
+from tests.test_sip import _metrics, _ready, _until, echo_stack, escalating_tenant
 
 pytest.importorskip("pjsua2")
 
@@ -31,15 +30,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A one-slot echo worker and a SIP gateway whose tenant escalates digit 0 to a loopback URI (where a
     test may run a sipp UAS)."""
     folder = tmp_path_factory.mktemp("tenants")
-    shutil.copytree(ROOT / "tenants" / "harbor-mutual", folder / "harbor-mutual")
-    target_port = udp_free_port()
-    target = f"sip:humans@127.0.0.1:{target_port}"
-    yaml = folder / "harbor-mutual" / "tenant.yaml"
-    text, n = re.subn(r"transfer_to: \S+", f"transfer_to: {target}", yaml.read_text())
-    assert n == 1
-    yaml.write_text(text)
+    target = escalating_tenant(folder)
     with echo_stack(folder) as (addresses, _, _):
-        yield addresses | {"target": target, "target_port": str(target_port)}
+        yield addresses | target
 
 
 def call(stack: dict[str, str], *args: str) -> dict:

@@ -120,10 +120,13 @@ def test_rfc2543_hold_answer_helpers() -> None:
     assert answer_inactive(answer) == answer.replace("a=sendrecv", "a=inactive")
     bare = "v=0\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
     assert answer_inactive(bare) == bare + "a=inactive\r\n"
-    first = {"rtp_packets_received": 50, "rtp_packets_lost": 1, "rx_jitter_ms": {"mean": 1.0, "max": 4.0}}
-    second = {"rtp_packets_received": 100, "rtp_packets_lost": 0, "rx_jitter_ms": {"mean": 0.5, "max": 2.0}}
+    first = {"rtp_packets_received": 50, "rtp_packets_lost": 1, "rx_jitter_ms": {"mean": 1.0, "max": 4.0},
+             "jitter_buffer_ms": {"mean": 20, "max": 40}}
+    second = {"rtp_packets_received": 100, "rtp_packets_lost": 0, "rx_jitter_ms": {"mean": 0.5, "max": 2.0},
+              "jitter_buffer_ms": {"mean": 30, "max": 30}}
     assert add_stream_stats(first, second) == {"rtp_packets_received": 150, "rtp_packets_lost": 1,
-                                               "rx_jitter_ms": {"mean": 0.5, "max": 4.0}}
+                                               "rx_jitter_ms": {"mean": 0.5, "max": 4.0},
+                                               "jitter_buffer_ms": {"mean": 30, "max": 40}}
     assert add_stream_stats({}, second) == second and add_stream_stats(first, {}) == first
 
 

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import free_port, serve, udp_free_port
-from tests.test_sip import CALL_TIMEOUT, _metrics, _ready, _until, call
+from tests.conftest import free_port, udp_free_port
+from tests.test_sip import CALL_TIMEOUT, _metrics, _ready, _until, call, echo_stack
 
 pytest.importorskip("pjsua2")
 
@@ -64,17 +64,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
             "recording:\n  enabled: true\n  consent_announcement: voices/notice.wav\n")
     soundfile.write(tenants / "recorded" / "voices" / "notice.wav", _notice(), RATE, subtype="PCM_16")
     _tenant(tenants, "unrecorded", UNRECORDED_NUMBER, "")
-    env = os.environ | {"NO_TORCH_COMPILE": "1", "PERSONAGATE_GATEWAY_RECORDINGS_DIR": str(recordings)}
-    worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
-    worker = [sys.executable, "-m", "gateway.cli", "worker", "--model", "echo", "--port", str(worker_port),
-              "--slots", "1"]
-    gateway = [sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants", str(tenants),
-               "--worker", f"http://127.0.0.1:{worker_port}", "--sip-port", str(sip_port)]
-    with serve(worker, f"http://127.0.0.1:{worker_port}/readyz", env=env), \
-            serve(gateway, f"http://127.0.0.1:{http_port}/readyz", env=env):
-        http = f"http://127.0.0.1:{http_port}"
-        _until(lambda: _ready(http)["slots_free"] == 1, "the gateway sees the worker's free slot")
-        yield {"sip": f"127.0.0.1:{sip_port}", "http": http, "recordings": str(recordings)}
+    with echo_stack(tenants, {"PERSONAGATE_GATEWAY_RECORDINGS_DIR": str(recordings)}) as (addresses, _, _):
+        yield addresses | {"recordings": str(recordings)}
 
 
 def _tone(seconds: float) -> np.ndarray:
@@ -236,16 +227,9 @@ def tiny_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
             voice: {{preset: NATF0}}
             speaks_first: false
         """))
-    env = os.environ | {"NO_TORCH_COMPILE": "1", "PERSONAGATE_GATEWAY_SIP_CALLER_FIRST_WAIT_SECONDS": str(CALLER_FIRST_WAIT)}
-    worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
-    worker = [sys.executable, "-m", "gateway.cli", "worker", "--port", str(worker_port), "--slots", "1", "--greedy"]
-    gateway = [sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants", str(tenants),
-               "--worker", f"http://127.0.0.1:{worker_port}", "--sip-port", str(sip_port)]
-    with serve(worker, f"http://127.0.0.1:{worker_port}/readyz", env=env), \
-            serve(gateway, f"http://127.0.0.1:{http_port}/readyz", env=env):
-        http = f"http://127.0.0.1:{http_port}"
-        _until(lambda: _ready(http)["slots_free"] == 1, "the gateway sees the worker's free slot")
-        yield {"sip": f"127.0.0.1:{sip_port}", "http": http}
+    env = {"PERSONAGATE_GATEWAY_SIP_CALLER_FIRST_WAIT_SECONDS": str(CALLER_FIRST_WAIT)}
+    with echo_stack(tenants, env, worker_args=("--greedy",)) as (addresses, _, _):  # the tiny model
+        yield addresses
 
 
 def _loud_from(audio: np.ndarray, dbfs: float = -35.0) -> float | None:

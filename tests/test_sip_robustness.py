@@ -328,7 +328,7 @@ def test_invite_flood_is_refused_fast_and_the_call_in_progress_keeps_its_audio(s
     assert len(answers) == FLOOD, f"{FLOOD - len(answers)} INVITEs got no final answer"
     assert 200 not in by_code, by_code  # nothing answered beyond capacity
     # pjsua's call table (PJSUA_MAX_CALLS 4 in the wheel) holds the live call and 3 more: those reach the
-    # gateway, which refuses them 503 with Retry-After (no free slot; beyond server.FLOOD_RATE a second, after
+    # gateway, which refuses them 503 with Retry-After (no free slot; beyond sip_max_invites_per_second, after
     # holding them a moment); every INVITE that finds the table full pjsua answers itself: 486 Busy Here
     assert set(by_code) <= {486, 503} and by_code.get(486, 0) >= FLOOD * 0.8, by_code
     assert _metrics(stack["http"])["personagate_gateway_sip_invites_shed_total"] >= 1

@@ -22,7 +22,7 @@ import pytest
 import soundfile
 
 from tests.conftest import udp_free_port
-from tests.test_sip import _metrics, _ready, _until, echo_stack
+from tests.test_sip import _metrics, _ready, _until, echo_stack, escalating_tenant
 
 pytest.importorskip("pjsua2")
 pytestmark = pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
@@ -171,21 +171,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A one-slot echo worker and a SIP gateway whose tenant escalates digit 0 to a loopback URI (where each
     test runs sipp as the human), with a ring timeout of 3 s for the gateway's own call."""
     folder = tmp_path_factory.mktemp("tenants")
-    target = _escalating_tenant(folder)
+    target = escalating_tenant(folder)
     with echo_stack(folder, {"PERSONAGATE_GATEWAY_SIP_TRANSFER_RING_SECONDS": str(RING_SECONDS)}) as (addresses, _, _):
         yield addresses | target
 
-
-def _escalating_tenant(folder: Path) -> dict[str, str]:
-    """harbor-mutual in ``folder``, escalating to a free loopback port; the target's URI and port."""
-    shutil.copytree(ROOT / "tenants" / "harbor-mutual", folder / "harbor-mutual")
-    target_port = udp_free_port()
-    target = f"sip:humans@127.0.0.1:{target_port}"
-    yaml = folder / "harbor-mutual" / "tenant.yaml"
-    text, n = re.subn(r"transfer_to: \S+", f"transfer_to: {target}", yaml.read_text())
-    assert n == 1
-    yaml.write_text(text)
-    return {"target": target, "target_port": str(target_port)}
 
 
 class Human:
@@ -410,7 +399,7 @@ def test_gateway_drain_keeps_a_bridged_call_until_it_ends(tmp_path: Path) -> Non
     """SIGTERM while the caller talks to the human: the bridged call has no agent session, yet the drain waits
     for it; the human hanging up ends it (the gateway BYEs the caller) and only then the gateway exits, 0."""
     folder = tmp_path / "tenants"
-    target = _escalating_tenant(folder)
+    target = escalating_tenant(folder)
     with echo_stack(folder) as (addresses, _, gateway):
         stack = addresses | target
         human = Human(stack, tmp_path, "hangs_up", pause_ms=6000)

@@ -501,6 +501,7 @@ class GatewayRecord:
     step_p50_ms: float | None = None  # the worker's step round trip (calls.py's "call ended")
     underruns: int = 0  # outbound packets the pacer had to fill in (inbound.py's "SIP call ended")
     shed: int = 0
+    jitter_buffer_ms: float | None = None  # pjmedia's mean delay in the caller's stream's jitter buffer
 
 
 def gateway_records(log_path: Path) -> dict[str, GatewayRecord]:
@@ -516,6 +517,7 @@ def gateway_records(log_path: Path) -> dict[str, GatewayRecord]:
                 record = records.setdefault(entry["sip_call_id"], GatewayRecord())
                 record.underruns = int(entry.get("outbound_underruns") or 0)
                 record.shed = int(entry.get("outbound_shed") or 0)
+                record.jitter_buffer_ms = (entry.get("jitter_buffer_ms") or {}).get("mean")
     return records
 
 
@@ -548,6 +550,9 @@ def summarise(calls: int, figures: list[CallFigures], records: dict[str, Gateway
         "outbound_shed": sum(records[f.sip_call_id].shed for f in answered if f.sip_call_id in records),
         "round_trip_ms": {"p50": trip50, "p95": trip95, "bursts": len(trips)},
         "worker_step_ms_p50": worker50,
+        "jitter_buffer_ms_p50": _percentiles([r.jitter_buffer_ms for f in answered
+                                              if (r := records.get(f.sip_call_id)) and r.jitter_buffer_ms is not None],
+                                             50)[0],
         "gateway_latency_ms": {"p50": add50, "p95": add95,
                                "beyond_frame_p95": round(add95 - FRAME_GATHERING_SECONDS * 1000, 2)
                                if add95 is not None else None},

@@ -87,13 +87,14 @@ def answer_inactive(sdp: str) -> str:
 
 
 def add_stream_stats(total: dict[str, Any], stream: dict[str, Any]) -> dict[str, Any]:
-    """Two streams' ``stream_stats`` as one: packets summed, the later stream's mean jitter, the larger max."""
+    """Two streams' ``stream_stats`` as one: packets summed; jitter and jitter buffer delay: the later stream's
+    mean, the larger max."""
     if not total or not stream:
         return stream or total
     return {"rtp_packets_received": total["rtp_packets_received"] + stream["rtp_packets_received"],
             "rtp_packets_lost": total["rtp_packets_lost"] + stream["rtp_packets_lost"],
-            "rx_jitter_ms": {"mean": stream["rx_jitter_ms"]["mean"],
-                             "max": max(total["rx_jitter_ms"]["max"], stream["rx_jitter_ms"]["max"])}}
+            **{name: {"mean": stream[name]["mean"], "max": max(total[name]["max"], stream[name]["max"])}
+               for name in ("rx_jitter_ms", "jitter_buffer_ms")}}
 
 
 class Leg(pj.Call):
@@ -214,14 +215,17 @@ class Leg(pj.Call):
             self.answer(call_op(status, reason, headers))
 
     def stream_stats(self, index: int = 0) -> dict[str, object]:
-        """RTP receive statistics of the audio stream (pjmedia's RTCP view): packets, loss, jitter."""
+        """RTP receive statistics of the audio stream (pjmedia's RTCP view): packets, loss, jitter, and how long
+        the jitter buffer held the caller's audio."""
         try:
-            rx = self.getStreamStat(index).rtcp.rxStat
+            stat = self.getStreamStat(index)
         except pj.Error:
             return {}
+        rx, jb = stat.rtcp.rxStat, stat.jbuf
         return {"rtp_packets_received": rx.pkt, "rtp_packets_lost": rx.loss,
                 "rx_jitter_ms": {"mean": round(rx.jitterUsec.mean / 1000, 2),
-                                 "max": round(rx.jitterUsec.max / 1000, 2)}}
+                                 "max": round(rx.jitterUsec.max / 1000, 2)},
+                "jitter_buffer_ms": {"mean": jb.avgDelayMsec, "max": jb.maxDelayMsec}}
 
     def transfer(self, uri: str) -> None:
         """Blind transfer: REFER the other side to ``uri``; the outcome comes as ``transfer`` events."""
