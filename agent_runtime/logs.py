@@ -26,9 +26,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# Paths that probes, pollers and scrapers ask for every second or so: a line each would bury everything else.
+QUIET_PATHS = ("/v1/info", "/healthz", "/readyz", "/metrics")
+
+
+class QuietPolls(logging.Filter):
+    """Drops uvicorn's access lines for successful requests to ``QUIET_PATHS`` (errors on them still show)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not isinstance(args, tuple) or len(args) < 5:
+            return True
+        path, status = str(args[2]).split("?", 1)[0], args[4]
+        return not (path in QUIET_PATHS and isinstance(status, int) and status < 400)
+
+
 def configure(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(QuietPolls())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
