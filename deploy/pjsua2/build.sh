@@ -31,7 +31,7 @@ if [[ "$install" == "--install" ]]; then
     site="$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')"
     "$python" -m pip uninstall --yes --quiet pjsua2-python 2>/dev/null || true
     cp "$built"/pjsua2.py "$built"/_pjsua2*.so "$site"/
-    "$python" -c 'import pjsua2; print("pjsua2 installed:", pjsua2.__file__)'
+    (cd / && "$python" -c 'import pjsua2; print("pjsua2 installed:", pjsua2.__file__)')
 else
     echo "built: PYTHONPATH=$built"
 fi
