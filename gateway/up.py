@@ -69,9 +69,12 @@ async def run_up(options: UpOptions) -> int:
     worker = await asyncio.create_subprocess_exec(
         *cli, "worker", "--host", options.host, "--port", str(options.worker_port), *options.worker_args,
         env=worker_env)
+    # Tenants that record calls (with a consent announcement) are recorded here unless the environment says where.
+    gateway_env = {"PERSONAGATE_GATEWAY_RECORDINGS_DIR": str(recordings_dir(options))} | os.environ
     gateway = await asyncio.create_subprocess_exec(
         *cli, "gateway", "--host", options.host, "--port", str(options.http_port), "--tenants", str(options.tenants),
-        "--admin-tokens", str(tokens_file), "--sip-host", options.host, "--sip-port", str(options.sip_port), *routing)
+        "--admin-tokens", str(tokens_file), "--sip-host", options.host, "--sip-port", str(options.sip_port), *routing,
+        env=gateway_env)
     children = {"worker": worker, "gateway": gateway}
 
     signals: asyncio.Queue[int] = asyncio.Queue()
@@ -102,6 +105,11 @@ async def run_up(options: UpOptions) -> int:
         first = stopping.result() if stopping.done() and not stopping.cancelled() else signal.SIGINT
         stopping.cancel()
         await _stop(children, first, signals)
+
+
+def recordings_dir(options: UpOptions) -> Path:
+    """Where the gateway writes call recordings: ``PERSONAGATE_GATEWAY_RECORDINGS_DIR``, else the state folder's."""
+    return Path(os.environ.get("PERSONAGATE_GATEWAY_RECORDINGS_DIR") or options.state_dir / "recordings").absolute()
 
 
 def _url_host(host: str) -> str:
@@ -159,6 +167,7 @@ personagate is up.
   worker        {worker}
   routing       {"Redis at " + _redact(options.redis_url) if options.redis_url else "embedded (no Redis)"}
   tenants       {options.tenants} (edits apply to new calls within seconds)
+  recordings    {recordings_dir(options)}   (calls to tenants with recording enabled)
   SIP           udp {_url_host(options.host)}:{options.sip_port}   (trunks from loopback; the dialed number picks the tenant)
   admin API     {admin}/v1/admin   (docs: {admin}/docs)
   admin token   {token}   (operator; kept in {tokens_file.parent})

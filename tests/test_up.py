@@ -79,6 +79,12 @@ def test_up_serves_a_worker_and_the_admin_api_and_stops_both_on_ctrl_c(tmp_path)
         assert dialed.returncode == 0, dialed.stderr[-3000:]
         report = json.loads(dialed.stdout)
         assert report["status"] == 200 and report["seconds_received"] >= 0.9, report
+        # harbor-mutual records its calls (after a consent notice): in the state folder, as the message says
+        assert any(str(tmp_path / ".personagate" / "recordings") in line for line in lines)
+        deadline = time.monotonic() + 10
+        while not list((tmp_path / ".personagate" / "recordings" / "harbor-mutual").glob("*/*.flac")):
+            assert time.monotonic() < deadline, "no recording of the call to harbor-mutual"
+            time.sleep(0.2)
 
         up.send_signal(signal.SIGINT)
         assert up.wait(60) == 0
