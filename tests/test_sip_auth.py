@@ -89,12 +89,12 @@ def invite(authorization: str | None) -> str:
 
 def credentials(auth: DigestAuthenticator, *, password: str = "correct-horse", username: str = "trunk-a",
                 algorithm: str = "SHA-256", nonce: str | None = None, uri: str = RURI, realm: str = REALM,
-                qop: str = "auth") -> str:
+                qop: str = "auth", nc: str = "00000001") -> str:
     nonce = nonce or auth.nonces.issue()
     response = digest_response(algorithm=algorithm, username=username, realm=realm, password=password,
-                               method="INVITE", uri=uri, nonce=nonce, nc="00000001", cnonce="c0ffee")
+                               method="INVITE", uri=uri, nonce=nonce, nc=nc, cnonce="c0ffee")
     return (f'Digest username="{username}", realm="{realm}", nonce="{nonce}", uri="{uri}", response="{response}", '
-            f'algorithm={algorithm}, cnonce="c0ffee", qop={qop}, nc=00000001')
+            f'algorithm={algorithm}, cnonce="c0ffee", qop={qop}, nc={nc}')
 
 
 def test_every_verdict_of_the_authenticator() -> None:
@@ -130,6 +130,21 @@ def test_every_verdict_of_the_authenticator() -> None:
     assert verdict(credentials(auth) + ", x=" + "y" * MAX_HEADER_CHARS) == (AuthResult.INVALID, 403)
     md5_only = DigestAuthenticator(REALM, {"trunk-a": "correct-horse"}, algorithms=["MD5"])
     assert md5_only.verify(invite(credentials(md5_only)), "INVITE", "10.0.0.8").result is AuthResult.INVALID
+
+
+def test_a_replayed_invite_is_challenged_again_and_a_counted_reuse_is_admitted() -> None:
+    """Someone who captured an authenticated INVITE cannot place calls by sending it again: the same nonce count
+    over the same nonce gets a fresh challenge (401 stale), which needs the password. A client that reuses the
+    nonce with its count raised, as RFC 7616 asks, is admitted."""
+    auth = DigestAuthenticator(REALM, USERS)
+    nonce = auth.nonces.issue()
+    first = invite(credentials(auth, nonce=nonce))
+    assert auth.verify(first, "INVITE", "10.0.0.9").result is AuthResult.OK
+    replayed = auth.verify(first, "INVITE", "10.0.0.66")
+    assert (replayed.result, replayed.status) == (AuthResult.STALE, 401), replayed
+    assert auth.verify(invite(credentials(auth, nonce=nonce, nc="00000002")), "INVITE", "10.0.0.9").admitted
+    assert auth.verify(invite(credentials(auth, nonce=nonce, nc="00000002")), "INVITE", "10.0.0.9").status == 401
+    assert auth.verify(invite(credentials(auth, nonce=nonce, nc="zz")), "INVITE", "10.0.0.9").status == 403
 
 
 def test_repeated_failures_from_one_source_are_refused_without_checking() -> None:

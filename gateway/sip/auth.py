@@ -18,9 +18,12 @@ costs one HMAC and three hashes of short strings; and a source address that fail
 within ``FAILURE_WINDOW_SECONDS`` is refused 403 without any hashing until its failures age out (the table of
 sources is capped at ``MAX_TRACKED_SOURCES``, oldest dropped first).
 
-Replays: a captured INVITE can be replayed until its nonce expires (``nonce_seconds``; there is no per-nonce
-state to remember ``nc``), and only to the same Request-URI (or, for a UA that signs the Request-URI without its
-user part, as sipp does, to the same host). Passwords and digests are never logged.
+Replays: a nonce once used to admit an INVITE is remembered with its highest ``nc`` (nonce count) until well
+past its lifetime, and an INVITE that does not raise it — a captured one sent again — gets 401 with a fresh nonce
+and ``stale=true``, which only the password's holder can answer. A client reusing a nonce counts ``nc`` up, as
+RFC 7616 asks. Only admitted INVITEs are remembered (``MAX_TRACKED_NONCES``, oldest first), so strangers cannot
+fill the table. Credentials also bind the Request-URI (or, for a UA that signs it without its user part, as
+sipp does, the host). Passwords and digests are never logged.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ MAX_HEADER_CHARS = 2048
 FAILURE_LIMIT = 10
 FAILURE_WINDOW_SECONDS = 60.0
 MAX_TRACKED_SOURCES = 4096
+MAX_TRACKED_NONCES = 65536  # nonces that admitted an INVITE, with their highest nc (replay protection)
 
 _NONCE_RANDOM_BYTES = 8
 _NONCE_MAC_BYTES = 16
@@ -224,6 +228,7 @@ class DigestAuthenticator:
         self.algorithms = tuple(algorithms)
         self.nonces = nonces or NonceIssuer(nonce_seconds)
         self.failures = failures or FailureTracker()
+        self._counts: OrderedDict[str, int] = OrderedDict()  # nonce → the highest nc it admitted
 
     def challenges(self, *, stale: bool = False) -> list[str]:
         """``WWW-Authenticate`` values, one per algorithm, sharing one fresh nonce."""
@@ -280,6 +285,16 @@ class DigestAuthenticator:
         nonce = self.nonces.check(credentials["nonce"])
         if nonce != "fresh":
             return AuthDecision(AuthResult.STALE, username, f"{nonce} nonce")
+        try:
+            count = int(credentials["nc"], 16)
+        except ValueError:
+            return AuthDecision(AuthResult.INVALID, username, "nc is not hexadecimal")
+        if count <= self._counts.get(credentials["nonce"], 0):
+            return AuthDecision(AuthResult.STALE, username, "nonce count not raised: a replayed INVITE")
+        self._counts[credentials["nonce"]] = count
+        self._counts.move_to_end(credentials["nonce"])
+        while len(self._counts) > MAX_TRACKED_NONCES:
+            self._counts.popitem(last=False)
         return AuthDecision(AuthResult.OK, username, algorithm=algorithm)
 
 
