@@ -49,6 +49,10 @@ _KEEP_PARTIES = """      <ereg regexp=".*" search_in="hdr" header="From:" check_
       <ereg regexp=".*" search_in="hdr" header="To:" check_it="true" assign_to="callee"/>"""
 _KEEP_CSEQ = """      <ereg regexp="[0-9]+" search_in="hdr" header="CSeq:" check_it="true" assign_to="invite_cseq"/>"""
 _KEEP_NOTHING = """      <log message="INVITE received"/>"""
+# The caller's identity, asserted to the human (the caller is `personagate call`: From sip:caller@…)
+_CHECK_IDENTITY = """      <ereg regexp="sip:caller@" search_in="hdr" header="P-Asserted-Identity:" check_it="true"
+            assign_to="identity"/>
+      <log message="caller: [$identity]"/>"""
 _RINGING = """  <send>
     <![CDATA[
       SIP/2.0 180 Ringing
@@ -159,7 +163,7 @@ _CANCELLED = """  <recv request="CANCEL"/>
 """
 
 SCENARIOS = {
-    "answers": (_KEEP_NOTHING, _RINGING + _ANSWER + _WAIT_BYE),  # answers, echoes RTP, waits for the BYE
+    "answers": (_CHECK_IDENTITY, _RINGING + _ANSWER + _WAIT_BYE),  # answers, echoes RTP, waits for the BYE
     "hangs_up": (_KEEP_PARTIES, _RINGING + _ANSWER + _SEND_BYE),  # answers, then hangs up itself
     "refuses": (_KEEP_NOTHING, _REFUSE),  # a final failure answer
     "no_answer": (_KEEP_CSEQ, _RINGING + _CANCELLED),  # rings until cancelled

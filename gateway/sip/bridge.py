@@ -15,6 +15,9 @@ bridged), ``busy`` (486 or 600), ``no_answer`` (no answer within the ring timeou
 pjsua2-python wheel has 4 calls per process and a bridged call holds 2, or the caller gone meanwhile), and
 ``abandoned`` (the caller hung up while the target rang: the INVITE is cancelled).
 
+The human's INVITE carries the caller's identity (the caller's From) as ``P-Asserted-Identity`` (RFC 3325), which
+a PBX that trusts the gateway shows on the human's phone.
+
 Threads: the loop side keeps no pjsua object. ``_dial``, ``_join`` and the hang-up run on the pjsua thread and
 find the legs there by their serials (``UserAgent.kept``); the leg's events come back through the loop.
 """
@@ -129,8 +132,12 @@ class HumanLeg:
         leg.tap = False  # its audio only ever goes to the caller's, once joined
         leg.events = lambda event: self.loop.call_soon_threadsafe(self._on_event, event)
         self.ua.keep(leg.serial, leg)
+        # Who is calling, for the human's phone: RFC 3325's asserted identity, which a PBX that trusts the
+        # gateway shows (the From is the gateway's own address, as the call is the gateway's).
+        caller = self.ua.kept(self.caller_serial)
+        identity = caller.getInfo().remoteUri if isinstance(caller, Leg) and not caller.over else ""
         try:
-            leg.dial(self.target)
+            leg.dial(self.target, {"P-Asserted-Identity": identity} if identity else None)
         except pj.Error as exc:
             self.ua.drop(leg.serial)
             raise DialError(exc.reason) from None

@@ -235,10 +235,10 @@ class Leg(pj.Call):
             except pj.Error as exc:
                 self.events(LegEvent("transfer", 500, f"REFER not sent: {exc.reason}", {"final": "1"}))
 
-    def dial(self, uri: str) -> None:
-        """Place this leg as an outgoing call to ``uri`` (INVITE); raises ``pj.Error`` if it cannot be sent
-        (a bad URI, or pjsua's call table full). Its progress comes as events."""
-        self.makeCall(uri, call_op())
+    def dial(self, uri: str, headers: dict[str, str] | None = None) -> None:
+        """Place this leg as an outgoing call to ``uri`` (INVITE, with ``headers`` added); raises ``pj.Error`` if
+        it cannot be sent (a bad URI, or pjsua's call table full). Its progress comes as events."""
+        self.makeCall(uri, call_op(headers=headers))
 
     def join(self, other: Leg) -> None:
         """Bridge this call and ``other`` back to back: each one's audio transmitted to the other in the
