@@ -43,13 +43,13 @@ def tenants(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @contextlib.contextmanager
 def echo_stack(tenants: Path, env: dict[str, str] | None = None, *, gateway_first: bool = False, slots: int = 1,
                worker_args: Sequence[str] = ("--model", "echo"), worker_command: list[str] | None = None,
-               ) -> Iterator[tuple[dict[str, str], subprocess.Popen, subprocess.Popen]]:
+               sip_port: int | None = None) -> Iterator[tuple[dict[str, str], subprocess.Popen, subprocess.Popen]]:
     """A one-slot (or ``slots``) echo worker and a gateway with SIP on a free UDP port, both real processes; yields
     their addresses ({"sip", "port", "http", "worker"}), the worker process and the gateway process
     once the gateway sees the worker's free slots. ``worker_args`` pick another model (``()``: the tiny one);
     ``worker_command`` runs another worker altogether (its port appended; ``slots`` is then what it has)."""
     env = os.environ | {"NO_TORCH_COMPILE": "1"} | (env or {})
-    worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
+    worker_port, http_port, sip_port = free_port(), free_port(), sip_port or udp_free_port()
     command = [*worker_command, str(worker_port)] if worker_command is not None else \
         [sys.executable, "-m", "gateway.cli", "worker", *worker_args, "--port", str(worker_port), "--slots", str(slots)]
     worker = serve(command, f"http://127.0.0.1:{worker_port}/readyz", env=env)

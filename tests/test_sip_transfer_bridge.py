@@ -422,3 +422,23 @@ def test_gateway_drain_keeps_a_bridged_call_until_it_ends(tmp_path: Path) -> Non
         assert human.finished() == 0, human.errors()
         assert report["answered"] and report["hung_up"] == "gateway", report
         assert gateway.wait(15) == 0
+
+
+def test_key_presses_reach_the_human_once_bridged(tmp_path: Path) -> None:
+    """A PBX queue or menu on the human's side may ask the caller for keys: once bridged, the caller's key
+    presses are passed on. The human here is the gateway itself, answering its own number with a second echo
+    agent, so the key arrives as a real RFC 4733 event at a real SIP call (3 calls: the wheel allows 4)."""
+    folder = tmp_path / "tenants"
+    sip_port = udp_free_port()
+    escalating_tenant(folder)
+    yaml = folder / "harbor-mutual" / "tenant.yaml"
+    yaml.write_text(re.sub(r"transfer_to: \S+", f"transfer_to: sip:{NUMBER}@127.0.0.1:{sip_port}", yaml.read_text()))
+    with echo_stack(folder, slots=2, sip_port=sip_port) as (stack, _, _):
+        before = _metrics(stack["http"])
+        report = _report(_caller(stack, "--seconds", "7", "--dtmf", "0@0.5", "--dtmf", "5@4.5"))
+        assert report["answered"] and report["refers"][0]["answer"] == 603, report
+        _until(lambda: _metrics(stack["http"])["personagate_gateway_sip_calls_active"] == 0, "both calls are over")
+        after = _metrics(stack["http"])
+    assert _delta(before, after, _transfers("success", "bridge")) == 1
+    # the caller's 0 (escalation) and 5, and the 5 again as the human's call received it
+    assert _delta(before, after, 'personagate_gateway_sip_dtmf_total{method="rfc4733"}') == 3

@@ -16,7 +16,8 @@ pjsua2-python wheel has 4 calls per process and a bridged call holds 2, or the c
 ``abandoned`` (the caller hung up while the target rang: the INVITE is cancelled).
 
 The human's INVITE carries the caller's identity (the caller's From) as ``P-Asserted-Identity`` (RFC 3325), which
-a PBX that trusts the gateway shows on the human's phone.
+a PBX that trusts the gateway shows on the human's phone; once bridged, the caller's key presses are passed on to
+the human's side as RFC 4733 events (a PBX queue or menu may ask for them).
 
 Threads: the loop side keeps no pjsua object. ``_dial``, ``_join`` and the hang-up run on the pjsua thread and
 find the legs there by their serials (``UserAgent.kept``); the leg's events come back through the loop.
@@ -121,6 +122,21 @@ class HumanLeg:
             leg = self.ua.kept(self._dialed_serial) if self._dialed_serial is not None else None
             if isinstance(leg, Leg):
                 leg.bye()
+
+        self.ua.post(run)
+
+    def send_dtmf(self, digit: str) -> None:
+        """Pass a caller's key press on to the human's side (RFC 4733), once bridged."""
+
+        def run() -> None:
+            leg = self.ua.kept(self._dialed_serial) if self._dialed_serial is not None else None
+            if not isinstance(leg, Leg):
+                return
+            try:
+                leg.dial_dtmf(digit)
+            except pj.Error as exc:  # e.g. the human's side took no telephone-event
+                log.warning("key press not passed to the human: %s", exc.reason,
+                            extra={"sip_call_id": self.sip_call_id, "digit": digit})
 
         self.ua.post(run)
 

@@ -257,8 +257,12 @@ class InboundCall:
         escalation = self.tenant.spec.escalation
         escalate = (escalation is not None and digit == escalation.dtmf_digit and self.state in (S.ANSWERING, S.LIVE)
                     and (self._escalation is None or self._escalation.done()) and not self._transferred.is_set())
-        log.info("DTMF %s (%s)%s", digit, method, ": escalating" if escalate else "",
+        relay = self.state is S.BRIDGED and self.human is not None
+        log.info("DTMF %s (%s)%s", digit, method, ": escalating" if escalate else ": to the human" if relay else "",
                  extra={"sip_call_id": self.sip_call_id, "tenant": self.tenant.id})
+        if relay:
+            assert self.human is not None
+            self.human.send_dtmf(digit)  # the human's side may be a PBX menu or queue that asks for keys
         if escalate:
             assert escalation is not None
             self._escalation = asyncio.create_task(self._escalate(escalation.transfer_to),
