@@ -344,11 +344,11 @@ class AgentCall:
                 if session is None or self.state is not CallState.LIVE:
                     break
                 frame = self._caller.popleft()
+                self.steps.sent()  # before the send: its answer may be read before this task resumes
                 try:
                     await session.send(frame)
                 except ConnectionClosed:
                     break  # the supervisor sees the close and re-homes the call
-                self.steps.sent()
 
     async def _supervise(self) -> None:
         """Agent events from the current worker to frames(); when the worker is lost, re-home."""

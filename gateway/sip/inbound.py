@@ -39,7 +39,7 @@
 - ``cancelled``: CANCEL (or the dialog dying) before the call was live: the claim and the session are
   released (``Calls.start`` is cancelled, or the fresh agent call ended).
 
-**Hold** (RFC 3264, by the caller, in ``answering`` or ``live``; not a state of its own): a re-INVITE or UPDATE
+**Hold** (RFC 3264, by the caller, in ``answering``, ``live`` or ``bridged``; not a state of its own): a re-INVITE or UPDATE
 whose offer is ``a=sendonly`` is answered ``a=recvonly`` and ``a=inactive`` is answered ``a=inactive`` by pjsua
 itself; the RFC 2543 way (``c=0.0.0.0``) is answered ``a=inactive`` by the leg. A later ``a=sendrecv`` offer
 (or a re-INVITE without SDP, where pjsua offers sendrecv) resumes. While held (``held``): no media timeout (no
@@ -213,7 +213,7 @@ class InboundCall:
             self._gone.set()
         elif event.kind == "media":
             self._media_held = bool(event.headers.get("held"))
-            if self.state in (S.ANSWERING, S.LIVE):
+            if self.state in (S.ANSWERING, S.LIVE, S.BRIDGED):  # bridged too: a hold there is no media timeout either
                 self._hold(self._media_held, event.headers.get("direction", ""))
         elif event.kind == "dtmf":
             self._digit(event.reason, event.headers.get("method", "rfc4733"))
@@ -289,6 +289,14 @@ class InboundCall:
         if result == "success":
             self.human = human
             self._transferred.set()
+
+    async def _stop_escalation(self) -> None:
+        """Cancel an escalation in progress (a REFER awaiting its NOTIFY, or the human's phone ringing: its
+        INVITE is cancelled)."""
+        if self._escalation is not None and not self._escalation.done():
+            self._escalation.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._escalation
 
     def _transfer_done(self, method: str, result: str, target: str, status: int | None, why: str = "") -> None:
         self.transfer_method, self.transfer_result = method, result
@@ -373,9 +381,11 @@ class InboundCall:
 
     def _release_leg_ref(self) -> None:
         # The leg is dropped on the pjsua thread once disconnected; the loop's reference goes with the call.
-        leg, self._leg = self._leg, None
-        if leg is not None:
-            self.ua.post(lambda: leg)  # the last reference dies on the pjsua thread
+        # Handed over in a box the pjsua thread empties: a closure would keep a reference in this frame too, and
+        # the last one could then die here, on the loop (pjlib asserts when a call is destroyed off its thread).
+        box, self._leg = [self._leg], None
+        if box[0] is not None:
+            self.ua.post(box.clear)
 
     async def _set_up(self) -> None:
         self._to(S.PROGRESS)
@@ -509,6 +519,8 @@ class InboundCall:
                 await asyncio.wait({ended, gone, silent, too_long, transferred}, return_when=asyncio.FIRST_COMPLETED)
             if self.human is not None and not gone.done():
                 await self._stay_bridged(agent, bridge, gone, silent)  # returns when a side hangs up
+            else:
+                await self._stop_escalation()  # the call is ending: a human still ringing is not joined to it
             self._to(S.ENDING)
             if gone.done():
                 self.end_reason = SESSION_TIMER_REASON if self._session_expired() else "hangup"
@@ -532,10 +544,9 @@ class InboundCall:
         finally:
             for task in (ended, gone, confirmed, silent, too_long, transferred):
                 task.cancel()
-            if self._escalation is not None and not self._escalation.done():
-                self._escalation.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._escalation
+            await self._stop_escalation()
+            if self.human is not None and not self.human.gone.is_set():
+                self.human.hang_up()  # answered as the caller hung up: never bridged, so BYE it here
             await bridge.stop()
             self._hold(False)  # a call ended on hold: the hold ends with it
             recording = await self._stop_recording()

@@ -115,8 +115,9 @@ class MediaBuffers:
         self.inbound.append(vector)
         self._heard = vector
         self.received += 1
-        if len(self.inbound) >= self.wake_frames and self.notify is not None:
-            self.notify()
+        notify = self.notify  # read once: the asyncio side may clear it meanwhile
+        if notify is not None and len(self.inbound) >= self.wake_frames:
+            notify()
 
     def frame_requested(self, frame: pj.MediaFrame) -> None:
         frame.type = pj.PJMEDIA_FRAME_TYPE_AUDIO

@@ -164,8 +164,7 @@ class SipServer:
             await asyncio.wrap_future(self.ua.submit(self._register))
 
     async def stop(self) -> None:
-        for call in list(self.active.values()):
-            await call.stop()
+        await asyncio.gather(*(call.stop() for call in list(self.active.values())))  # each: BYE or 503, at once
         if self.ua is not None:
             await self._unregister()
             await asyncio.to_thread(self.ua.stop)
@@ -323,12 +322,14 @@ class SipServer:
         self.metrics.invites_shed.inc()
         self.metrics.invites.labels(answer="503").inc()
         retry = {"Retry-After": str(max(1, round(self.settings.sip_retry_after_seconds)))}
-        ua = self.ua
+        ua, serial = self.ua, leg.serial  # the loop side keeps the serial only: the leg lives on the pjsua thread
 
-        def refuse() -> None:
-            ua.post(lambda: leg.respond(503, "Service Unavailable", retry))
+        def respond() -> None:
+            held = ua.kept(serial)
+            if isinstance(held, Leg):
+                held.respond(503, "Service Unavailable", retry)
 
-        self._loop.call_soon_threadsafe(self._loop.call_later, FLOOD_HOLD_SECONDS, refuse)
+        self._loop.call_soon_threadsafe(self._loop.call_later, FLOOD_HOLD_SECONDS, ua.post, respond)
         log.info("INVITE refused: 503, more than %d INVITEs in a second", self.settings.sip_max_invites_per_second,
                  extra={"sip_call_id": sip_call_id, "number": number, "why": "flood"})
 
