@@ -28,9 +28,16 @@ def _start_up(tmp_path: Path, slots: int) -> tuple[subprocess.Popen, int, int, i
         [sys.executable, "-m", "gateway.cli", "up", "--worker-port", str(worker_port), "--http-port", str(http_port),
          "--sip-port", str(sip_port), "--slots", str(slots)],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env=os.environ | {"PYTHONPATH": str(REPO)},
+        env=os.environ | {"PYTHONPATH": str(REPO)}, start_new_session=True,  # its own group: see _kill
     )
     return up, worker_port, http_port, sip_port
+
+
+def _kill(up: subprocess.Popen) -> None:
+    """After a failed test: `up` and the worker and gateway it started (killing `up` alone leaves them running)."""
+    if up.poll() is None:
+        os.killpg(up.pid, signal.SIGKILL)
+        up.wait()
 
 
 def _ready_lines(up: subprocess.Popen) -> list[str]:
@@ -95,8 +102,7 @@ def test_up_serves_a_worker_and_the_admin_api_and_stops_both_on_ctrl_c(tmp_path)
             except httpx.HTTPError:
                 pass
     finally:
-        if up.poll() is None:
-            up.kill()
+        _kill(up)
 
 
 def test_sigterm_on_up_drains_both_and_exits(tmp_path):
@@ -108,5 +114,4 @@ def test_sigterm_on_up_drains_both_and_exits(tmp_path):
         up.send_signal(signal.SIGTERM)
         assert up.wait(30) == 0
     finally:
-        if up.poll() is None:
-            up.kill()
+        _kill(up)
