@@ -61,7 +61,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ..calls import AgentCall, Calls, PersonaRejected
 from ..routing import Refusal
@@ -150,8 +150,9 @@ class InboundCall:
                  ring_timeout: float = 30.0, recordings_dir: Path | None = None,
                  caller_first_wait: float | None = None, ringing_interval: float = 1.0) -> None:
         self.ua = ua
+        # The loop side keeps the leg's serial, never the leg: ``UserAgent`` keeps it on the pjsua thread until it
+        # is disconnected, so it is always destroyed there (pjlib asserts when a call is destroyed on another).
         self.leg_serial = leg.serial
-        self._leg = leg  # used only on the pjsua thread (``_command``); never touched from the loop
         self.sip_call_id = sip_call_id
         self.number = number
         self.caller = caller
@@ -329,12 +330,13 @@ class InboundCall:
         return result
 
     def _command(self, fn_name: str, *args: object) -> None:
-        leg = self._leg
+        """``Leg.fn_name(*args)`` on the pjsua thread; a no-op once the leg is gone (its dialog is over)."""
+        self.ua.post(lambda: self._on_leg(fn_name, *args))
 
-        def run() -> None:
-            getattr(leg, fn_name)(*args)
-
-        self.ua.post(run)
+    def _on_leg(self, fn_name: str, *args: object) -> Any:
+        """(pjsua thread) ``Leg.fn_name(*args)``, or None if the leg is gone."""
+        leg = self.ua.kept(self.leg_serial)
+        return getattr(leg, fn_name)(*args) if isinstance(leg, Leg) else None
 
     def _to(self, state: SipCallState) -> None:
         if state not in TRANSITIONS[self.state]:
@@ -369,7 +371,6 @@ class InboundCall:
         finally:
             if self.recorder is not None:  # the call failed before its own clean-up
                 await self._stop_recording()
-            self._release_leg_ref()
 
     def _hang_up(self, status: int, reason: str) -> None:
         """BYE if answered, else this final answer (a no-op once the dialog is over)."""
@@ -378,14 +379,6 @@ class InboundCall:
             self._command("bye")
         else:
             self._command("respond", status, reason, {"Retry-After": str(max(1, math.ceil(self.retry_after)))})
-
-    def _release_leg_ref(self) -> None:
-        # The leg is dropped on the pjsua thread once disconnected; the loop's reference goes with the call.
-        # Handed over in a box the pjsua thread empties: a closure would keep a reference in this frame too, and
-        # the last one could then die here, on the loop (pjlib asserts when a call is destroyed off its thread).
-        box, self._leg = [self._leg], None
-        if box[0] is not None:
-            self.ua.post(box.clear)
 
     async def _set_up(self) -> None:
         self._to(S.PROGRESS)
@@ -612,7 +605,6 @@ class InboundCall:
 
     async def _media_watch(self) -> None:
         """Returns once no RTP has come from the caller for ``media_timeout`` seconds (checked every second)."""
-        leg = self._leg
         last, since = -1, time.monotonic()
         while True:
             await asyncio.sleep(min(1.0, self.media_timeout / 2))
@@ -621,7 +613,7 @@ class InboundCall:
                 continue
             try:
                 async with asyncio.timeout(2.0):
-                    stats = await asyncio.wrap_future(self.ua.submit(lambda: leg.stream_stats() if leg else {}))
+                    stats = await asyncio.wrap_future(self.ua.submit(lambda: self._on_leg("stream_stats") or {}))
             except TimeoutError:
                 continue
             received = stats.get("rtp_packets_received", 0)
