@@ -128,7 +128,10 @@ class Leg(pj.Call):
             self.over = True
             stats = self.rtp_stats or self.stream_stats()
             self.events(LegEvent("disconnected", info.lastStatusCode, info.lastReason, stats=stats))
-            self.ua.post(self._release)
+            # Released now, in the callback, not later: pjsua reuses this call's slot for the next INVITE once the
+            # callback returns, and a pj.Call destroyed after that hangs up (603) and detaches whatever call then
+            # holds the slot (its destructor acts on its slot index, which DISCONNECTED does not clear).
+            self._release()
 
     def onDtmfDigit(self, prm: pj.OnDtmfDigitParam) -> None:
         # One callback per key press: pjmedia folds an RFC 4733 event's repeated and end packets into one
