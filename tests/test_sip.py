@@ -65,6 +65,21 @@ def echo_stack(tenants: Path, env: dict[str, str] | None = None, *, gateway_firs
                 "worker": f"http://127.0.0.1:{worker_port}"}, worker_proc, gateway_proc)
 
 
+def sipp_caller(scenario: Path, sip: str, number: str, *, sipp_timeout: float = 20, extra: Sequence[str] = ()
+                ) -> list[str]:
+    """The command for sipp as one caller running ``scenario`` against the gateway at ``sip``, dialing ``number``,
+    on free loopback ports; the scenario fails after ``sipp_timeout`` seconds."""
+    return ["sipp", "-sf", str(scenario), "-s", number, sip, "-i", "127.0.0.1", "-p", str(udp_free_port()),
+            "-mp", str(udp_free_port()), "-m", "1", "-timeout", str(int(sipp_timeout)), "-timeout_error", "-nostdin",
+            "-trace_err", *extra]
+
+
+def caller_tone_wav(folder: Path) -> None:
+    """``caller-pcmu.wav`` in ``folder``: the 1.5 s 600 Hz mu-law tone sipp scenarios play as the caller's RTP."""
+    t = np.arange(int(1.5 * 8000)) / 8000
+    soundfile.write(folder / "caller-pcmu.wav", 0.3 * np.sin(2 * np.pi * 600 * t), 8000, subtype="ULAW")
+
+
 def escalating_tenant(folder: Path) -> dict[str, str]:
     """The shipped harbor-mutual tenant in ``folder``, escalating (digit 0) to a free loopback port where a test
     may run sipp as the human; the target's URI and port."""
@@ -286,14 +301,10 @@ def test_agent_call_ending_by_itself_sends_bye(tenants: Path) -> None:
 def test_sipp_call_with_pcmu_rtp(stack: dict[str, str], tmp_path: Path) -> None:
     """A third-party UA (sipp) offering PCMU only: answered, its RTP reaches the gateway, BYE answered."""
     before = _metrics(stack["http"])
-    t = np.arange(int(1.5 * 8000)) / 8000
-    soundfile.write(tmp_path / "caller-pcmu.wav", 0.3 * np.sin(2 * np.pi * 600 * t), 8000, subtype="ULAW")
+    caller_tone_wav(tmp_path)
     _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
-    done = subprocess.run(
-        ["sipp", "-sf", str(ROOT / "tests" / "sipp" / "pcmu_call.xml"), "-s", OPEN_NUMBER, stack["sip"],
-         "-i", "127.0.0.1", "-p", str(udp_free_port()), "-mp", str(udp_free_port()), "-m", "1", "-timeout", "20",
-         "-timeout_error", "-nostdin", "-trace_err"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=40, check=False)
+    done = subprocess.run(sipp_caller(ROOT / "tests" / "sipp" / "pcmu_call.xml", stack["sip"], OPEN_NUMBER),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=40, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
     after = _metrics(stack["http"])
@@ -308,11 +319,8 @@ def test_no_rtp_from_the_caller_is_hung_up(stack: dict[str, str], tmp_path: Path
     """The stack's media timeout is 2 s: a caller that sends no RTP at all gets BYE from the gateway."""
     _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
     began = time.monotonic()
-    done = subprocess.run(
-        ["sipp", "-sf", str(ROOT / "tests" / "sipp" / "silent_call.xml"), "-s", OPEN_NUMBER, stack["sip"],
-         "-i", "127.0.0.1", "-p", str(udp_free_port()), "-mp", str(udp_free_port()), "-m", "1", "-timeout", "20",
-         "-timeout_error", "-nostdin", "-trace_err"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=40, check=False)
+    done = subprocess.run(sipp_caller(ROOT / "tests" / "sipp" / "silent_call.xml", stack["sip"], OPEN_NUMBER),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=40, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert 1.5 <= time.monotonic() - began <= 8
     _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")

@@ -28,7 +28,7 @@ from gateway.sip.auth import (
     parse_digest,
 )
 from tests.conftest import free_port, serve, udp_free_port
-from tests.test_sip import OPEN_NUMBER, _metrics, _ready, _until, call, echo_stack, tenants  # noqa: F401 - tenants: fixture
+from tests.test_sip import OPEN_NUMBER, _metrics, _ready, _until, call, echo_stack, sipp_caller, tenants  # noqa: F401 - tenants: fixture
 
 # --------------------------------------------------------------------------------------------- the digest
 
@@ -396,10 +396,8 @@ def digest_only_gateway(tenants: Path, worker: str) -> Iterator[dict[str, str]]:
 def _sipp(scenario: str, stack: dict[str, str], tmp_path: Path, name: str) -> subprocess.CompletedProcess:
     path = tmp_path / f"{name}.xml"
     path.write_text(scenario)
-    return subprocess.run(
-        ["sipp", "-sf", str(path), "-s", OPEN_NUMBER, stack["sip"], "-i", "127.0.0.1", "-p", str(udp_free_port()),
-         "-mp", str(udp_free_port()), "-m", "1", "-timeout", "20", "-timeout_error", "-nostdin", "-trace_err"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=40, check=False)
+    return subprocess.run(sipp_caller(path, stack["sip"], OPEN_NUMBER), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=40, check=False)
 
 
 @pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import udp_free_port
-from tests.test_sip import OPEN_NUMBER, _metrics, _ready, _until, call, echo_stack, tenants  # noqa: F401 (tenants: fixture)
+from tests.test_sip import OPEN_NUMBER, _metrics, _ready, _until, call, echo_stack, sipp_caller, tenants  # noqa: F401 (tenants: fixture)
 
 pytest.importorskip("pjsua2")
 
@@ -178,11 +177,8 @@ def _sipp_call(stack: dict[str, str], tmp_path: Path, offer: tuple[int, ...], an
                ) -> subprocess.CompletedProcess[str]:
     (tmp_path / "call.xml").write_text(_sipp_scenario(offer, answer, rtp))
     _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
-    return subprocess.run(
-        ["sipp", "-sf", str(tmp_path / "call.xml"), "-s", OPEN_NUMBER, stack["sip"], "-i", "127.0.0.1",
-         "-p", str(udp_free_port()), "-mp", str(udp_free_port()), "-m", "1", "-timeout", "20", "-timeout_error",
-         "-nostdin", "-trace_err"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=40, check=False)
+    return subprocess.run(sipp_caller(tmp_path / "call.xml", stack["sip"], OPEN_NUMBER), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=40, check=False)
 
 
 @pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")

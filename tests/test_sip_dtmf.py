@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import udp_free_port
-from tests.test_sip import _metrics, _ready, _until, echo_stack, escalating_tenant
+from tests.test_sip import _metrics, _ready, _until, echo_stack, escalating_tenant, sipp_caller
 
 pytest.importorskip("pjsua2")
 
@@ -101,11 +101,8 @@ def test_accepted_refer_ends_the_call_with_transfer(stack: dict[str, str], tmp_p
 def test_dtmf_by_sip_info_is_counted(stack: dict[str, str], tmp_path: Path) -> None:
     _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
     before = _metrics(stack["http"])
-    done = subprocess.run(
-        ["sipp", "-sf", str(ROOT / "tests" / "sipp" / "info_dtmf_call.xml"), "-s", NUMBER, stack["sip"],
-         "-i", "127.0.0.1", "-p", str(udp_free_port()), "-mp", str(udp_free_port()), "-m", "1", "-timeout", "20",
-         "-timeout_error", "-nostdin", "-trace_err"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=40, check=False)
+    done = subprocess.run(sipp_caller(ROOT / "tests" / "sipp" / "info_dtmf_call.xml", stack["sip"], NUMBER),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=40, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
     info = 'personagate_gateway_sip_dtmf_total{method="info"}'

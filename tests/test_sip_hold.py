@@ -11,12 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
-import soundfile
 
-from tests.conftest import udp_free_port
-from tests.test_sip import _metrics, _ready, _until, echo_stack
+from tests.test_sip import _metrics, _ready, _until, caller_tone_wav, echo_stack, sipp_caller
 
 pytest.importorskip("pjsua2")
 pytestmark = pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
@@ -38,13 +35,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 
 
 def _sipp(stack: dict[str, str], scenario: str, workdir: Path, timeout: float = 40) -> subprocess.CompletedProcess:
-    t = np.arange(int(1.5 * 8000)) / 8000
-    soundfile.write(workdir / "caller-pcmu.wav", 0.3 * np.sin(2 * np.pi * 600 * t), 8000, subtype="ULAW")
-    return subprocess.run(
-        ["sipp", "-sf", str(ROOT / "tests" / "sipp" / scenario), "-s", NUMBER, stack["sip"], "-i", "127.0.0.1",
-         "-p", str(udp_free_port()), "-mp", str(udp_free_port()), "-m", "1", "-timeout", str(int(timeout - 10)),
-         "-timeout_error", "-nostdin", "-trace_err"],
-        cwd=workdir, capture_output=True, text=True, timeout=timeout, check=False)
+    caller_tone_wav(workdir)
+    return subprocess.run(sipp_caller(ROOT / "tests" / "sipp" / scenario, stack["sip"], NUMBER,
+                                      sipp_timeout=timeout - 10),
+                          cwd=workdir, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def _delta(before: dict[str, float], after: dict[str, float], name: str) -> float:

@@ -13,12 +13,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile
 
 from tests.conftest import free_port, serve, udp_free_port
-from tests.test_sip import _metrics, _ready, _until, echo_stack
+from tests.test_sip import _metrics, _ready, _until, caller_tone_wav, echo_stack, sipp_caller
 
 pytest.importorskip("pjsua2")
 pytestmark = pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
@@ -37,13 +35,10 @@ def tenants(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _sipp(sip: str, scenario: str, workdir: Path, *, timeout: float = 40, trace: bool = False
           ) -> subprocess.Popen:
-    t = np.arange(int(1.5 * 8000)) / 8000
-    soundfile.write(workdir / "caller-pcmu.wav", 0.3 * np.sin(2 * np.pi * 600 * t), 8000, subtype="ULAW")
-    return subprocess.Popen(
-        ["sipp", "-sf", str(ROOT / "tests" / "sipp" / scenario), "-s", NUMBER, sip, "-i", "127.0.0.1",
-         "-p", str(udp_free_port()), "-mp", str(udp_free_port()), "-m", "1", "-timeout", str(int(timeout)),
-         "-timeout_error", "-nostdin", "-trace_err", *(["-trace_msg"] if trace else [])],
-        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    caller_tone_wav(workdir)
+    return subprocess.Popen(sipp_caller(ROOT / "tests" / "sipp" / scenario, sip, NUMBER, sipp_timeout=timeout,
+                                        extra=["-trace_msg"] if trace else ()),
+                            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _finish(sipp: subprocess.Popen, timeout: float) -> None:
