@@ -13,7 +13,8 @@
   timestamps, so the track paces itself on the event loop's clock: packet *n* is due at ``start + n·20 ms``.
   A stall (the loop late by more than ``STALL_SECONDS``) rebases the clock instead of bursting the backlog
   (a burst only grows the browser's jitter buffer), and the RTP timestamps jump by the gap, so the browser
-  sees a gap in time, not compressed audio. aiortc's Opus encoder then only duplicates the mono channel.
+  sees a gap in time, not compressed audio. Frames go out as stereo (the mono packet in both channels):
+  aiortc's Opus encoder is stereo, and its own converter would mix mono into stereo 3 dB down.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class AgentTrack(MediaStreamTrack):
         self.pacer = pacer
         self.stalls = 0
         self._packet = np.zeros(PACKET_SAMPLES, dtype=np.int16)
+        self._stereo = np.zeros((1, 2 * PACKET_SAMPLES), dtype=np.int16)
         self._start: float | None = None
         self._sent = 0  # packets (and timestamp steps) since the start
 
@@ -71,7 +73,9 @@ class AgentTrack(MediaStreamTrack):
             elif due > now:
                 await asyncio.sleep(due - now)
         self.pacer.get(self._packet)
-        frame = AudioFrame.from_ndarray(self._packet.reshape(1, -1), format="s16", layout="mono")
+        self._stereo[0, 0::2] = self._packet
+        self._stereo[0, 1::2] = self._packet
+        frame = AudioFrame.from_ndarray(self._stereo, format="s16", layout="stereo")
         frame.sample_rate = RATE
         frame.pts = self._sent * PACKET_SAMPLES
         frame.time_base = TIME_BASE
