@@ -204,20 +204,20 @@ async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-def metrics(stack: Stack) -> dict[str, float]:
+async def metrics(http: httpx.AsyncClient) -> dict[str, float]:
     samples = {}
-    for line in httpx.get(f"{stack.http}/metrics").text.splitlines():
+    for line in (await http.get("/metrics")).text.splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)
     return samples
 
 
-async def until_idle(stack: Stack) -> None:
+async def until_idle(http: httpx.AsyncClient) -> None:
     """Until the gateway has no browser call and the worker's slots are free again."""
     deadline = time.monotonic() + 15
-    while metrics(stack).get("personagate_gateway_webrtc_calls_active") or \
-            httpx.get(f"{stack.http}/readyz").json().get("slots_free") != 2:
+    while (await metrics(http)).get("personagate_gateway_webrtc_calls_active") or \
+            (await http.get("/readyz")).json().get("slots_free") != 2:
         assert time.monotonic() < deadline, "the gateway did not end the call"
         await asyncio.sleep(0.1)
 
@@ -247,8 +247,8 @@ async def test_browser_call_hears_the_agent_and_sees_its_transcript(stack: Stack
         assert (await http.delete(call.location)).status_code == 204
         await call.until(lambda: "ended" in call.kinds(), "the call ends")
         assert call.events[-1] == {"type": "ended", "reason": "hangup"}
-    await until_idle(stack)
-    samples = metrics(stack)
+    await until_idle(http)
+    samples = await metrics(http)
     assert samples['personagate_gateway_webrtc_calls_ended_total{reason="hangup"}'] >= 1
     assert samples['personagate_gateway_webrtc_offers_total{answer="201"}'] >= 1
     assert (await http.delete(call.location)).status_code == 404  # already over
@@ -257,21 +257,21 @@ async def test_browser_call_hears_the_agent_and_sees_its_transcript(stack: Stack
 async def test_a_browser_that_vanishes_frees_its_slot(stack: Stack, http: httpx.AsyncClient) -> None:
     """A browser that stops sending audio (a closed laptop lid, a dead network) is hung up after the media
     timeout; one that closes its connection without a DELETE (a closed tab) at once."""
-    before = metrics(stack)
+    before = await metrics(http)
     async with browser() as call:
         assert (await place(http, call, *PUBLIC)).status_code == 201
         await call.until(lambda: call.loud_frames >= 1, "agent audio arrives")
         call.pc.getSenders()[0].replaceTrack(None)  # no more RTP from the "browser"
         await call.until(lambda: "ended" in call.kinds(), "the call ends", timeout=10)
         assert call.events[-1] == {"type": "ended", "reason": "media_timeout"}
-    await until_idle(stack)
+    await until_idle(http)
     async with browser() as call:
         assert (await place(http, call, *PUBLIC)).status_code == 201
         await call.until(lambda: "ready" in call.kinds(), "the call is ready")
     began = time.monotonic()
-    await until_idle(stack)  # the connection closed: the call is over
+    await until_idle(http)  # the connection closed: the call is over
     print(f"a closed connection freed its slot in {(time.monotonic() - began) * 1000:.0f} ms")
-    after = metrics(stack)
+    after = await metrics(http)
     reason = 'personagate_gateway_webrtc_calls_ended_total{reason="%s"}'
     assert after[reason % "media_timeout"] == before.get(reason % "media_timeout", 0) + 1
     assert after[reason % "hangup"] == before.get(reason % "hangup", 0) + 1
@@ -289,7 +289,7 @@ async def test_the_tenant_limit_refuses_a_second_call_with_429(stack: Stack, htt
         heard = first.loud_frames
         await first.until(lambda: first.loud_frames > heard + 10, "the first call still hears the agent")
         await http.delete(first.location)
-    await until_idle(stack)
+    await until_idle(http)
 
 
 async def test_admins_call_their_own_personas_with_their_token(stack: Stack, http: httpx.AsyncClient) -> None:
@@ -303,7 +303,7 @@ async def test_admins_call_their_own_personas_with_their_token(stack: Stack, htt
         assert response.status_code == 201, response.text
         await call.until(lambda: call.loud_frames >= 1, "agent audio arrives")
         await http.delete(call.location)
-    await until_idle(stack)
+    await until_idle(http)
     public = (await http.get("/v1/webrtc/personas")).json()["personas"]
     assert [(p["tenant"], p["persona"]) for p in public] == [PUBLIC]
     bank = (await http.get("/v1/webrtc/personas", headers={"Authorization": f"Bearer {stack.other_token}"})).json()
@@ -326,7 +326,7 @@ async def test_a_bad_offer_gets_a_clear_error(stack: Stack, http: httpx.AsyncCli
                                headers={"Content-Type": content_type})
     assert response.status_code == status
     assert detail in response.json()["detail"]
-    assert httpx.get(f"{stack.http}/readyz").json()["slots_free"] == 2
+    assert (await http.get("/readyz")).json()["slots_free"] == 2
 
 
 async def test_unknown_personas_and_assets_are_404(http: httpx.AsyncClient) -> None:
