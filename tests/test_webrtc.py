@@ -33,6 +33,7 @@ from tests.conftest import free_port, serve
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC = ("harbor-mutual", "claims")  # public_link: true in the shipped tenant
 PRIVATE = ("northwind-bank", "lost-stolen")  # admins only
+CLOSED = ("northwind-bank", "card-services")  # public in the test's copy, where the bank is always closed
 LOUD_RMS = 100.0  # int16 RMS above which a received frame counts as agent audio (silence is 0)
 
 
@@ -150,9 +151,16 @@ class Stack:
     other_token: str  # northwind-bank's admin
 
 
-def tenant_copy(folder: Path, *, harbor_limit: int | None = None) -> Path:
+def tenant_copy(folder: Path, *, harbor_limit: int | None = None, bank_public_and_closed: bool = False) -> Path:
     for tenant in ("harbor-mutual", "northwind-bank"):
         shutil.copytree(ROOT / "tenants" / tenant, folder / tenant)
+    if bank_public_and_closed:  # card-services on a public link, and the bank closed at every hour
+        path = folder / "northwind-bank" / "tenant.yaml"
+        data = re.sub(r'"\d\d:\d\d-\d\d:\d\d"', "closed", path.read_text())
+        data, n = re.subn(r"(\n    voice:\n      clip: voices/card-services.flac\n)",
+                          r"\1    public_link: true\n", data)
+        assert n == 1
+        path.write_text(data)
     if harbor_limit is not None:
         path = folder / "harbor-mutual" / "tenant.yaml"
         data = path.read_text()
@@ -192,7 +200,7 @@ def webrtc_stack(folder: Path, env: dict[str, str] | None = None, *, slots: int 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     folder = tmp_path_factory.mktemp("webrtc")
-    tenant_copy(folder / "tenants", harbor_limit=1)
+    tenant_copy(folder / "tenants", harbor_limit=1, bank_public_and_closed=True)
     with webrtc_stack(folder, {"PERSONAGATE_GATEWAY_WEBRTC_MEDIA_TIMEOUT_SECONDS": "2",
                                "PERSONAGATE_GATEWAY_WEBRTC_OFFERS_PER_MINUTE": "1000"}) as addresses:
         yield addresses
@@ -305,10 +313,38 @@ async def test_admins_call_their_own_personas_with_their_token(stack: Stack, htt
         await http.delete(call.location)
     await until_idle(http)
     public = (await http.get("/v1/webrtc/personas")).json()["personas"]
-    assert [(p["tenant"], p["persona"]) for p in public] == [PUBLIC]
+    assert [(p["tenant"], p["persona"]) for p in public] == [PUBLIC, CLOSED]
     bank = (await http.get("/v1/webrtc/personas", headers={"Authorization": f"Bearer {stack.other_token}"})).json()
     assert {(p["tenant"], p["persona"]) for p in bank["personas"]} == {
         PUBLIC, ("northwind-bank", "card-services"), PRIVATE}
+
+
+async def test_a_closed_tenant_refuses_the_public_but_not_its_admins(stack: Stack, http: httpx.AsyncClient) -> None:
+    """A public link follows the tenant's hours as its phone numbers do: out of hours the visitor is told the
+    tenant is closed and why (503); the tenant's admins still reach the persona to try it."""
+    async with browser() as call:
+        closed = await place(http, call, *CLOSED)
+        assert closed.status_code == 503
+        assert "closed now" in closed.json()["detail"] and "freeze it in the app" in closed.json()["detail"]
+        assert (await place(http, call, *CLOSED, token=stack.other_token)).status_code == 201
+        await call.until(lambda: "ready" in call.kinds(), "the admin's call is ready")
+        await http.delete(call.location)
+    await until_idle(http)
+
+
+async def test_no_free_agent_is_503_with_retry_after(stack: Stack, http: httpx.AsyncClient) -> None:
+    """With every worker slot taken (two calls on the two slots), the next caller gets 503 and when to retry, and
+    nothing is held for it."""
+    async with browser() as first, browser() as second, browser() as third:
+        assert (await place(http, first, *PUBLIC)).status_code == 201
+        assert (await place(http, second, *PRIVATE, token=stack.other_token)).status_code == 201
+        await second.until(lambda: "ready" in second.kinds(), "the second call is ready")
+        refused = await place(http, third, *CLOSED, token=stack.other_token)
+        assert refused.status_code == 503, refused.text
+        assert "no agent is free" in refused.json()["detail"] and int(refused.headers["retry-after"]) >= 1
+        for call in (first, second):
+            await http.delete(call.location)
+    await until_idle(http)
 
 
 @pytest.mark.parametrize(("body", "content_type", "status", "detail"), [
