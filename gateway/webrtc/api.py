@@ -158,7 +158,8 @@ class WebRtc:
                            setup_timeout=settings.webrtc_setup_timeout_seconds,
                            media_timeout=settings.webrtc_media_timeout_seconds,
                            caller_first_wait=settings.sip_caller_first_wait_seconds,
-                           cushion_packets=settings.webrtc_outbound_cushion_packets)
+                           cushion_packets=settings.webrtc_outbound_cushion_packets,
+                           sip=getattr(request.app.state, "sip", None), ring_timeout=settings.sip_transfer_ring_seconds)
         try:
             answer = await call.answer(sdp)
         except OfferError as exc:
