@@ -103,6 +103,20 @@ class WebRtc:
     def start(self) -> None:
         restrict_host_addresses(self.settings.webrtc_ice_interfaces)
 
+    async def wait_idle(self, seconds: float) -> bool:
+        """Until no browser call is in progress (True), or ``seconds`` pass (False): a drain waits here for calls
+        bridged to a human (no agent session left) once agent calls have ended."""
+        deadline = time.monotonic() + max(0.0, seconds)
+        while self.active:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            tasks = [c.task for c in self.active.values() if c.task is not None]
+            if not tasks:
+                break
+            await asyncio.wait(tasks, timeout=left)
+        return True
+
     async def stop(self) -> None:
         """End every browser call (``shutdown``)."""
         await asyncio.gather(*(call.stop() for call in list(self.active.values())), return_exceptions=True)
