@@ -312,11 +312,38 @@ def pod_specs(objects: list[dict[str, Any]], labels: dict[str, str]) -> list[tup
     return found
 
 
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        if not {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+                "Exists": key in labels, "DoesNotExist": key not in labels}[operator]:
+            return False
+    return True
+
+
+def scrapable_from_outside(objects: list[dict[str, Any]], labels: dict[str, str], port: int) -> bool:
+    """Whether the NetworkPolicies that select pods with ``labels`` let another namespace (Prometheus') or an
+    address range reach ``port`` (by number or as the port named http)."""
+    policies = [o["spec"] for o in objects if o["kind"] == "NetworkPolicy"
+                and "Ingress" in o["spec"].get("policyTypes", ["Ingress"]) and selects(o["spec"]["podSelector"], labels)]
+    if not policies:
+        return True
+    for rule in (rule for policy in policies for rule in policy.get("ingress") or []):
+        port_ok = not rule.get("ports") or any(p.get("port") in (port, "http") for p in rule["ports"])
+        sources = rule.get("from")
+        if port_ok and (not sources or any("namespaceSelector" in s or "ipBlock" in s for s in sources)):
+            return True
+    return False
+
+
 @NEEDS_KUBECTL
 def test_overlays_have_the_pods_and_ports_the_monitors_expect() -> None:
     """On every overlay that takes the component: its custom resources (monitors, rules, autoscaler) validate,
-    and the gateway and worker workloads carry the labels, container names and port names the monitors and the
-    restart alert rely on. A base that renames a port would otherwise leave Prometheus with no target."""
+    the gateway and worker workloads carry the labels, container names and port names the monitors and the
+    restart alert rely on, and no NetworkPolicy keeps Prometheus (another namespace) from their metrics port. A
+    base that renames a port would otherwise leave Prometheus with no target."""
     overlays = overlays_with_monitoring()
     if not overlays:
         pytest.skip(f"no overlay under {OVERLAYS} takes components/monitoring yet")
@@ -332,8 +359,10 @@ def test_overlays_have_the_pods_and_ports_the_monitors_expect() -> None:
                 assert "personagate" in name, f"{overlay.name}: {name}: the restart alert matches pod=~.*personagate.*"
                 containers = {c["name"]: c for c in spec["containers"]}
                 assert role in containers, f"{overlay.name}: {name} has no container named {role!r}"
-                port_names = {p.get("name") for p in containers[role].get("ports", [])}
-                assert "http" in port_names, f"{overlay.name}: {name}/{role} has no port named 'http'"
+                ports = {p.get("name"): p["containerPort"] for p in containers[role].get("ports", [])}
+                assert "http" in ports, f"{overlay.name}: {name}/{role} has no port named 'http'"
+                assert scrapable_from_outside(objects, POD_LABELS[role], ports["http"]), \
+                    f"{overlay.name}: NetworkPolicies keep Prometheus from {name}'s port {ports['http']}"
 
 
 # --- metric names --------------------------------------------------------------------------------------------
@@ -478,7 +507,8 @@ def test_dashboard_loads_with_any_prometheus_and_shows_what_operators_need(dashb
 # --- yaml ----------------------------------------------------------------------------------------------------
 
 def test_yaml_is_lint_clean() -> None:
-    """yamllint (the component's .yamllint: line length 120) finds nothing in the component's YAML."""
+    """yamllint (the component's .yamllint: the repository's rules, line length 120) finds nothing in the
+    component's YAML, not even a warning."""
     from yamllint import linter
     from yamllint.config import YamlLintConfig
 
