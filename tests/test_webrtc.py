@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
@@ -79,6 +79,7 @@ class Browser:
     loud_frames: int = 0
     first_audio: float | None = None
     location: str | None = None
+    channel: RTCDataChannel | None = None  # the "events" data channel
     heard: list[np.ndarray] = field(default_factory=list)  # every received frame, mono, with its arrival time
     arrivals: list[float] = field(default_factory=list)
 
@@ -100,7 +101,7 @@ class Browser:
 async def browser() -> AsyncIterator[Browser]:
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     call = Browser(pc, CallerVoice())
-    channel = pc.createDataChannel("events")
+    channel = call.channel = pc.createDataChannel("events")
     channel.on("message", lambda message: call.events.append(json.loads(message)))
     pc.addTrack(call.voice)
 
