@@ -205,6 +205,10 @@ class GatewaySettings(LayeredSettings):
     webrtc_media_timeout_seconds: float = Field(
         20.0, ge=1, le=3600, description="a connected browser call with no audio from the browser this long ends "
                                          "(media_timeout)")
+    webrtc_jitter_buffer_packets: int = Field(
+        2, ge=1, le=8, description="20 ms packets of the browser's audio held against network jitter before the "
+                                   "oldest is decoded: each adds 20 ms before the agent hears the caller; fewer "
+                                   "lose late packets on a jittery network")
     webrtc_outbound_cushion_packets: int = Field(
         1, ge=0, le=4, description="20 ms packets of agent audio kept against the worker's jitter (the browser has "
                                    "its own jitter buffer too)")

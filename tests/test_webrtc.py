@@ -262,7 +262,8 @@ async def test_browser_call_hears_the_agent_and_sees_its_transcript(stack: Stack
     samples = await metrics(http)
     assert samples['personagate_gateway_webrtc_calls_ended_total{reason="hangup"}'] >= 1
     assert samples['personagate_gateway_webrtc_offers_total{answer="201"}'] >= 1
-    assert (await http.delete(call.location)).status_code == 404  # already over
+    assert (await http.delete(call.location)).status_code == 204  # already over: hanging up again is harmless
+    assert (await http.delete("/v1/webrtc/calls/webrtc-" + "0" * 32)).status_code == 404
 
 
 async def test_a_browser_that_vanishes_frees_its_slot(stack: Stack, http: httpx.AsyncClient) -> None:

@@ -7,11 +7,18 @@ import asyncio
 import fractions
 
 import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.rtcrtpreceiver import RemoteStreamTrack
 from av import AudioFrame
 
 from gateway.audio import OutboundPacer
-from gateway.webrtc.media import INBOUND_BACKLOG_FRAMES, PACKET_SAMPLES, AgentTrack, CallerAudio
+from gateway.webrtc.media import (
+    INBOUND_BACKLOG_FRAMES,
+    PACKET_SAMPLES,
+    AgentTrack,
+    CallerAudio,
+    set_jitter_buffer,
+)
 
 
 async def test_the_agent_track_is_paced_and_skips_a_stall_instead_of_bursting() -> None:
@@ -54,3 +61,15 @@ async def test_browser_audio_that_waited_too_long_is_dropped() -> None:
     await asyncio.wait_for(caller.run(), 5)
     assert caller.dropped == 50 - 1 - (INBOUND_BACKLOG_FRAMES - 1)
     assert caller.frames == 50 - caller.dropped
+
+
+async def test_the_inbound_jitter_buffer_is_the_gateways() -> None:
+    """The caller's voice waits in the gateway's jitter buffer for webrtc_jitter_buffer_packets (2), not aiortc's 4:
+    40 ms less before the agent hears each word. If a new aiortc moves its buffer, this fails here first."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    try:
+        receiver = pc.addTransceiver("audio").receiver
+        assert set_jitter_buffer(receiver, 2)
+        assert receiver._RTCRtpReceiver__jitter_buffer._prefetch == 2
+    finally:
+        await pc.close()

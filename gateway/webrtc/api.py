@@ -4,7 +4,7 @@
     GET    /v1/webrtc/personas                    personas this client may call, and the ICE servers to use
     POST   /v1/webrtc/calls/{tenant}/{persona}    body: the SDP offer (application/sdp, ICE gathered)
                                                   → 201, the SDP answer, Location: /v1/webrtc/calls/{id}
-    DELETE /v1/webrtc/calls/{id}                  hang up → 204
+    DELETE /v1/webrtc/calls/{id}                  hang up → 204 (also for a call that has just ended)
 
 The exchange is WHIP's (RFC 9725) shape: one POST with the complete offer, one answer, a resource to DELETE.
 
@@ -27,6 +27,7 @@ worker starting the session) ends the call with ``ended`` and its reason.
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import ipaddress
 import logging
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 SDP = "application/sdp"
 MAX_CLIENTS_TRACKED = 10_000
+ENDED_KEPT = 4096  # ended calls a DELETE still answers 204 (the page hangs up by message, then by DELETE)
 
 
 class OfferRateLimit:
@@ -102,9 +104,16 @@ class WebRtc:
         self.metrics = WebRtcMetrics(calls.metrics.registry)
         self.rate_limit = OfferRateLimit(settings.webrtc_offers_per_minute)
         self.active: dict[str, BrowserCall] = {}
+        self.ended: collections.OrderedDict[str, None] = collections.OrderedDict()  # the last ENDED_KEPT call ids
 
     def start(self) -> None:
         restrict_host_addresses(self.settings.webrtc_ice_interfaces)
+
+    def _forget(self, call_id: str) -> None:
+        self.active.pop(call_id, None)
+        self.ended[call_id] = None
+        while len(self.ended) > ENDED_KEPT:
+            self.ended.popitem(last=False)
 
     async def wait_idle(self, seconds: float) -> bool:
         """Until no browser call is in progress (True), or ``seconds`` pass (False): a drain waits here for calls
@@ -179,6 +188,7 @@ class WebRtc:
                            caller_first_wait=settings.sip_caller_first_wait_seconds,
                            cushion_packets=settings.webrtc_outbound_cushion_packets,
                            connect_timeout=settings.webrtc_connect_timeout_seconds,
+                           jitter_buffer_packets=settings.webrtc_jitter_buffer_packets,
                            sip=getattr(request.app.state, "sip", None), ring_timeout=settings.sip_transfer_ring_seconds)
         try:
             answer = await call.answer(sdp)
@@ -194,7 +204,7 @@ class WebRtc:
         self.active[call_id] = call
         call.begin()
         assert call.task is not None
-        call.task.add_done_callback(lambda _: self.active.pop(call_id, None))
+        call.task.add_done_callback(lambda _: self._forget(call_id))
         if await request.is_disconnected():  # the client gave up while the slot was claimed: free it now
             call.hang_up("hangup")
         log.info("WebRTC call answered", extra={"call": call_id, "tenant": tenant.id, "persona": persona.name,
@@ -269,9 +279,10 @@ def install(app: FastAPI, webrtc: WebRtc) -> None:
     @router.delete("/calls/{call_id}", status_code=204, summary="Hang up a browser call")
     async def hang_up(call_id: str) -> Response:
         call = webrtc.active.get(call_id)
-        if call is None:
-            raise ApiError(404, "no such call in progress")
-        call.hang_up("hangup")
+        if call is not None:
+            call.hang_up("hangup")
+        elif call_id not in webrtc.ended:
+            raise ApiError(404, "no such call")
         return Response(status_code=204)
 
     app.include_router(router)

@@ -50,7 +50,7 @@ from ..calls import AgentCall, Calls, PersonaRejected
 from ..routing import Refusal
 from ..sip.bridge import HumanLeg
 from ..tenants.schema import DTMF_DIGITS
-from .media import PACKET_SAMPLES, AgentAudioPump, AgentTrack, CallerAudio, HumanAudio
+from .media import PACKET_SAMPLES, AgentAudioPump, AgentTrack, CallerAudio, HumanAudio, set_jitter_buffer
 from .metrics import WebRtcMetrics
 from .offer import OfferError
 
@@ -95,7 +95,8 @@ class BrowserCall:
     def __init__(self, *, call_id: str, tenant: Tenant, persona: PersonaConfig, calls: Calls,
                  configuration: RTCConfiguration, metrics: WebRtcMetrics, client: str, setup_timeout: float,
                  media_timeout: float, caller_first_wait: float | None, cushion_packets: int,
-                 connect_timeout: float = 10.0, sip: SipServer | None = None, ring_timeout: float = 30.0) -> None:
+                 connect_timeout: float = 10.0, sip: SipServer | None = None, ring_timeout: float = 30.0,
+                 jitter_buffer_packets: int = 2) -> None:
         self.call_id = call_id
         self.tenant = tenant
         self.persona = persona
@@ -104,6 +105,7 @@ class BrowserCall:
         self.client = client
         self.setup_timeout = setup_timeout
         self.connect_timeout = connect_timeout  # from the answer to the browser's media connected
+        self.jitter_buffer_packets = jitter_buffer_packets
         self.media_timeout = media_timeout
         self.caller_first_wait = caller_first_wait
         self.state = B.OFFERED
@@ -195,6 +197,9 @@ class BrowserCall:
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind != "audio" or self.caller is not None:
             return
+        for receiver in self.pc.getReceivers():
+            if receiver.track is track:
+                set_jitter_buffer(receiver, self.jitter_buffer_packets)
         self.caller = CallerAudio(track)
         self._side_task(self.caller.run(), "in")
 

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import logging
 import math
 import time
 from collections.abc import Callable
 
 import numpy as np
-from aiortc import MediaStreamTrack
+from aiortc import MediaStreamTrack, RTCRtpReceiver
+from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
@@ -41,6 +43,8 @@ from ..sip.media import MediaBuffers
 from ..sip.ua import CLOCK_RATE as LEG_RATE
 from ..sip.ua import SAMPLES_PER_FRAME as LEG_PACKET_SAMPLES
 from ..worker_client import AgentAudio, AgentText
+
+log = logging.getLogger(__name__)
 
 RATE = 48_000
 PACKET_SECONDS = 0.02
@@ -160,6 +164,18 @@ class CallerAudio:
                 queue.put_nowait(None)
                 return
             self.dropped += 1
+
+
+def set_jitter_buffer(receiver: RTCRtpReceiver, packets: int) -> bool:
+    """Make ``receiver`` hold ``packets`` packets of the browser's audio before it decodes the oldest (aiortc
+    holds 4: 80 ms added to everything the caller says, before the agent hears it). Set before media flows.
+    aiortc has no setting for it: its private buffer is replaced; False (aiortc's own kept) if it has none."""
+    name = "_RTCRtpReceiver__jitter_buffer"
+    if not isinstance(getattr(receiver, name, None), JitterBuffer):
+        log.warning("aiortc's receiver has no jitter buffer where expected: webrtc_jitter_buffer_packets ignored")
+        return False
+    setattr(receiver, name, JitterBuffer(capacity=16, prefetch=packets))
+    return True
 
 
 def _mono(frame: AudioFrame) -> np.ndarray:
