@@ -203,6 +203,7 @@ function onEvent(current, message) {
 }
 
 // Plays the agent's audio and times its first audible sample: an AnalyserNode polled every 10 ms.
+// Sound before "ready" (a ringback, say) is not the agent's and is not counted.
 function listen(current, stream) {
   if (current.meter || current.ended) return;
   // Chrome feeds a remote track to WebAudio only while a media element plays it.
@@ -213,6 +214,7 @@ function listen(current, stream) {
   current.audioContext.resume();
   const samples = new Float32Array(analyser.fftSize);
   current.meter = setInterval(() => {
+    if (view.setupMs === null) return;
     analyser.getFloatTimeDomainData(samples);
     const rms = Math.sqrt(samples.reduce((sum, x) => sum + x * x, 0) / samples.length);
     if (rms < AUDIBLE_RMS) return;

@@ -1,0 +1,206 @@
+"""End to end through a real browser: Debian's Chromium (headless, driven by Playwright) opens the gateway's
+call page, calls a persona with a fake microphone fed from a wav file, and hears the agent.
+
+Protects what a tenant's website visitor or a tenant admin sees on ``/call``: the public per-persona link
+preselects its persona, Call reaches the agent (status "Live"), the agent's audio plays and its time to first
+audio is measured and shown, the live transcript fills in, and Hang up ends the call and frees the agent.
+
+Everything is real and on loopback: a tiny-model worker, the gateway, Chromium. Nothing is downloaded: the
+system Chromium is launched by path (``playwright install`` is never needed).
+
+Also a benchmark: ``python -m tests.test_webrtc_browser --calls 5`` places calls one after another and prints
+each call's time to first audio and setup time as the page measured them (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+import numpy as np
+import pytest
+import soundfile
+import yaml
+
+from tests.conftest import free_port, serve
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parent.parent
+TENANT = "harbor-mutual"
+CALL_TIMEOUT_MS = 30_000
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium "
+                                "(apt-get install chromium; .ci/run installs it)")
+
+
+def public_tenants(folder: Path) -> str:
+    """The shipped tenants copied into ``folder``, with one harbor-mutual persona reachable by a public link;
+    returns that persona's name. The copy is open at all hours (the test must not depend on the clock) and does
+    not record (the first audio the caller hears is then the agent, not the consent announcement)."""
+    shutil.copytree(ROOT / "tenants", folder, dirs_exist_ok=True)
+    path = folder / TENANT / "tenant.yaml"
+    text = path.read_text()
+    personas = yaml.safe_load(text)["personas"]
+    public = [name for name, persona in personas.items() if persona.get("public_link")]
+    if not public:
+        text, n = re.subn(r"^  claims:\n", "  claims:\n    public_link: true\n", text, flags=re.MULTILINE)
+        assert n == 1, "harbor-mutual has no 'claims' persona any more: update this test"
+        public = ["claims"]
+    for block in ("hours", "recording"):  # a top-level block: its key, then indented or blank lines
+        text = re.sub(rf"^{block}:\n(?:[ #].*\n|\n)*", "", text, flags=re.MULTILINE)
+    path.write_text(text)
+    return public[0]
+
+
+def caller_wav(path: Path) -> None:
+    """Four seconds of speech-like caller audio at 48 kHz: 300 ms vowel-like bursts (a 150 Hz buzz with
+    harmonics, its pitch gliding) every 500 ms. Chromium loops it as the fake microphone."""
+    rate = 48_000
+    t = np.arange(4 * rate) / rate
+    pitch = 150 + 30 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(pitch) / rate
+    voice = sum(np.sin(k * phase) / k for k in range(1, 8))
+    envelope = np.clip(np.sin(np.pi * (t % 0.5) / 0.3), 0, None) * ((t % 0.5) < 0.3)
+    soundfile.write(path, 0.25 * envelope * voice / np.max(np.abs(voice)), rate, subtype="PCM_16")
+
+
+def chromium_args(wav: Path) -> list[str]:
+    return ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}",
+            # ICE host candidates on 127.0.0.1 too: a machine (or container) may have no other interface
+            "--allow-loopback-in-peer-connection"]
+
+
+@contextlib.contextmanager
+def webrtc_stack(tenants: Path) -> Iterator[str]:
+    """A one-slot tiny-model worker and the gateway, real processes on loopback; yields the gateway's HTTP
+    address once it sees the worker's free slot."""
+    env = os.environ | {"NO_TORCH_COMPILE": "1"}
+    worker_port, http_port = free_port(), free_port()
+    worker = serve([sys.executable, "-m", "gateway.cli", "worker", "--model", "tiny", "--port", str(worker_port),
+                    "--slots", "1"], f"http://127.0.0.1:{worker_port}/readyz", env=env)
+    gateway = serve([sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants",
+                     str(tenants), "--worker", f"http://127.0.0.1:{worker_port}"],
+                    f"http://127.0.0.1:{http_port}/readyz", env=env)
+    with worker, gateway:
+        http = f"http://127.0.0.1:{http_port}"
+        until(lambda: slots_free(http) == 1, "the gateway sees the worker's free slot")
+        yield http
+
+
+def slots_free(http: str) -> int:
+    return httpx.get(f"{http}/readyz", timeout=5).json()["slots_free"]
+
+
+def until(check, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def browser_page(wav: Path) -> Iterator[tuple[Page, list[str]]]:
+    """A Chromium page (900x700) whose microphone plays ``wav``, and the list its uncaught errors go to."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=chromium_args(wav))
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 700})
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            yield page, errors
+        finally:
+            browser.close()
+
+
+def place_call(page: Page, http: str, persona: str, *, talk_seconds: float = 0.0, screenshot: str | None = None) -> dict:
+    """Open the persona's public link, click Call, wait for the agent's audio and text, optionally stay on the
+    call and save a screenshot, hang up; returns ``window.personagateCall`` as it was mid-call."""
+    page.goto(f"{http}/call?tenant={TENANT}&persona={persona}")
+    page.wait_for_function("document.getElementById('persona').options.length > 0")
+    assert page.input_value("#persona") == f"{TENANT}/{persona}"
+    assert page.is_enabled("#call")
+    page.click("#call")
+    try:
+        page.wait_for_function("(c => c.state === 'live' && c.firstAudioMs !== null && c.transcript.trim() !== '')"
+                               "(window.personagateCall)", timeout=CALL_TIMEOUT_MS)
+    except Exception as error:
+        raise AssertionError(f"no live call with audio and text: {page_state(page)}") from error
+    time.sleep(talk_seconds)
+    live = page_state(page)
+    if screenshot:
+        page.screenshot(path=screenshot)
+    page.click("#hangup")
+    page.wait_for_function("window.personagateCall.state === 'ended'", timeout=5_000)
+    return live | {"ended_status": page.text_content("#status")}
+
+
+def page_state(page: Page) -> dict:
+    return page.evaluate("({...window.personagateCall, status: document.getElementById('status').textContent,"
+                         " shown_first_audio: document.getElementById('first-audio').textContent})")
+
+
+def test_a_browser_calls_a_public_persona_hears_the_agent_and_reads_its_transcript(tmp_path: Path) -> None:
+    persona = public_tenants(tmp_path / "tenants")
+    caller_wav(tmp_path / "caller.wav")
+    with webrtc_stack(tmp_path / "tenants") as http, browser_page(tmp_path / "caller.wav") as (page, errors):
+        call = place_call(page, http, persona, talk_seconds=2.0, screenshot=os.environ.get("PERSONAGATE_SCREENSHOT"))
+        print(f"browser call: first audio {call['firstAudioMs']:.0f} ms after the click, ready after "
+              f"{call['setupMs']:.0f} ms (the gateway's part {call['serverSetupMs']} ms); "
+              f"transcript {call['transcript']!r}")
+        assert call["status"] == "Live" and call["error"] is None, call
+        assert isinstance(call["firstAudioMs"], float | int) and 0 < call["firstAudioMs"] < CALL_TIMEOUT_MS, call
+        assert call["shown_first_audio"] == f"{round(call['firstAudioMs'])} ms", call
+        assert 0 < call["setupMs"] <= call["firstAudioMs"], call
+        assert call["transcript"].strip(), call
+        assert call["ended_status"] == "Ended: hangup", call
+        # hanging up gives the agent back: the next caller gets it
+        until(lambda: slots_free(http) == 1, "the hung-up call's slot is free again", timeout=10)
+        assert errors == []
+
+
+def main() -> None:
+    """Place ``--calls`` browser calls one after another on one stack and print each call's figures."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--screenshot", help="save a screenshot of the first call, mid-call, to this PNG")
+    args = parser.parse_args()
+    os.environ.setdefault("NO_TORCH_COMPILE", "1")
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        persona = public_tenants(tmp / "tenants")
+        caller_wav(tmp / "caller.wav")
+        calls = []
+        with webrtc_stack(tmp / "tenants") as http, browser_page(tmp / "caller.wav") as (page, _):
+            for n in range(args.calls):
+                call = place_call(page, http, persona, talk_seconds=1.0, screenshot=args.screenshot if n == 0 else None)
+                calls.append({k: call[k] for k in ("firstAudioMs", "setupMs", "serverSetupMs")})
+                print(json.dumps(calls[-1]), flush=True)
+                until(lambda: slots_free(http) == 1, "the slot is free again", timeout=10)
+    for key in ("firstAudioMs", "setupMs"):
+        values = [c[key] for c in calls]
+        print(f"{key}: median {statistics.median(values):.0f} ms, min {min(values):.0f}, max {max(values):.0f}")
+
+
+if __name__ == "__main__":
+    main()
