@@ -86,7 +86,8 @@ async function loadPersonas() {
 function fillPersonas(personas) {
   const select = $("persona");
   const params = new URLSearchParams(location.search);
-  const wanted = select.value || (params.has("tenant") ? `${params.get("tenant")}/${params.get("persona")}` : "");
+  const linked = params.has("tenant") && params.has("persona") ? `${params.get("tenant")}/${params.get("persona")}` : "";
+  const wanted = select.value || linked;
   select.replaceChildren();
   const groups = new Map();
   for (const p of personas) {
@@ -128,7 +129,8 @@ async function startCall(event) {
   show("connecting");
   try {
     current.mic = await navigator.mediaDevices.getUserMedia(
-      {audio: {echoCancellation: true, noiseSuppression: true, autoGainControl: true}});
+      {audio: {echoCancellation: true, noiseSuppression: true, autoGainControl: true}},
+    ).catch((error) => { throw new Error(`No microphone: ${describe(error)}`); });
     if (current.ended) return;
     const pc = current.pc = new RTCPeerConnection({iceServers});
     current.mic.getAudioTracks().forEach((track) => pc.addTrack(track, current.mic));
