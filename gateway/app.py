@@ -1,6 +1,6 @@
 """The gateway's HTTP app: the tenant admin API (``/v1/admin``, docs at ``/docs``), probes and metrics;
-with ``sip_enabled``, the SIP front end (``gateway/sip``) starts and stops with it. WebRTC signalling joins
-it later.
+with ``sip_enabled``, the SIP front end (``gateway/sip``) starts and stops with it; with ``webrtc_enabled`` (the
+default), the browser page ``/call`` and its signalling under ``/v1/webrtc`` (``gateway/webrtc``) are served.
 
 The live tenant configuration (``TenantRegistry``) is loaded before the app serves, then watched for
 changes by a background task for as long as the app runs; the calls (``Calls``: routing, worker sessions,
@@ -57,6 +57,12 @@ def create_app(
         clips=ClipCache(),
     )
 
+    webrtc = None
+    if settings.webrtc_enabled:
+        from .webrtc.api import WebRtc
+
+        webrtc = WebRtc(settings, registry, calls)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(registry.reload)
@@ -69,8 +75,12 @@ def create_app(
 
                 sip = app.state.sip = SipServer(settings, registry, calls)
                 await sip.start()
+            if webrtc is not None:
+                webrtc.start()
             yield
         finally:
+            if webrtc is not None:
+                await webrtc.stop()  # "ended" on each call's data channel, its peer connection closed
             if sip is not None:
                 await sip.stop()  # BYE to calls in progress, 503 to calls being set up; the endpoint destroyed
             await calls.close()
@@ -83,7 +93,12 @@ def create_app(
     app.state.registry = registry
     app.state.calls = calls
     app.state.sip = None
+    app.state.webrtc = webrtc
     install(app, admin)
+    if webrtc is not None:
+        from .webrtc.api import install as install_webrtc
+
+        install_webrtc(app, webrtc)
 
     async def drain(deadline_seconds: float) -> None:
         """SIGTERM: new calls refused; calls in progress, agent sessions first, then SIP calls that no longer

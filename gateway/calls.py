@@ -194,8 +194,10 @@ _END = object()  # the end of frames()
 class AgentCall:
     """One call's agent session, as a front end holds it. Made by ``Calls.start``."""
 
-    def __init__(self, calls: Calls, call_id: str, tenant: Tenant, persona: PersonaConfig) -> None:
+    def __init__(self, calls: Calls, call_id: str, tenant: Tenant, persona: PersonaConfig,
+                 on_claimed: Callable[[], None] | None = None) -> None:
         self._calls = calls
+        self._on_claimed = on_claimed
         self.call_id = call_id
         self.tenant = tenant.id
         self.tenant_limit: int = tenant.spec.limits.max_concurrent_calls
@@ -312,6 +314,9 @@ class AgentCall:
                               + "; ".join(refusals), exc.retry_after_seconds) from None
             self.claim = claim
             self._to(CallState.CONNECTING)
+            if self._on_claimed is not None:
+                self._on_claimed()
+                self._on_claimed = None
             try:
                 self._session = await calls.open_session(claim, self, calls.session_start_timeout)
             except WorkerRefused as exc:
@@ -598,9 +603,12 @@ class Calls:
                 log.warning("no persona key for %s (%s); calls to it take any worker", name, exc)
             return None
 
-    async def start(self, call_id: str, tenant: Tenant, persona: PersonaConfig) -> AgentCall:
+    async def start(self, call_id: str, tenant: Tenant, persona: PersonaConfig, *,
+                    on_claimed: Callable[[], None] | None = None) -> AgentCall:
         """Claim a slot (``tenant``'s concurrent-call limit counted in the same step) and start the agent
-        session on the claimed worker; the call is live when this returns.
+        session on the claimed worker; the call is live when this returns. ``on_claimed`` is called once, when
+        the first slot is claimed (admission passed; the persona is being primed): a front end that can set up
+        its media meanwhile (WebRTC) answers then.
 
         Raises ``Refusal`` (``no_capacity``, ``tenant_limit``, ``unavailable``: the routing store cannot be
         reached, ``draining``: this gateway is stopping) or ``PersonaRejected``. Cancelling it releases
@@ -615,7 +623,7 @@ class Calls:
                           self.router.retry_after_seconds)
         if call_id in self._calls:
             raise ValueError(f"call {call_id!r} is already in progress")
-        call = AgentCall(self, call_id, tenant, persona)
+        call = AgentCall(self, call_id, tenant, persona, on_claimed)
         self._calls[call_id] = call
         self._idle.clear()
         self.metrics.calls_active.set(len(self._calls))

@@ -18,7 +18,7 @@ from agent_runtime.settings_files import LayeredSettings, SettingsError, load_se
 from .routing.redis_store import RedisPrefixSetting, RedisUrlSetting
 from .tenants.loader import MAX_CLIP_BYTES
 
-__all__ = ["GatewaySettings", "SettingsError", "SipRegistration", "load_gateway_settings"]
+__all__ = ["GatewaySettings", "IceServer", "SettingsError", "SipRegistration", "load_gateway_settings"]
 
 _SIP_URI = re.compile(r"^sips?:(?:[^@\s]+@)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?(?:;[^\s]*)?$")
 _SIP_USER = re.compile(r"^[A-Za-z0-9+\-_.!~*'()&=$,;?/%]{1,64}$")  # RFC 3261's user (unreserved / escaped)
@@ -76,6 +76,25 @@ class SipRegistration(BaseModel):
         """How logs and the ``registration`` metric label call it: ``user@registrar-host``."""
         return f"{self.user or self.username}@{self.registrar_host}"
 
+
+
+class IceServer(BaseModel):
+    """A STUN or TURN server for WebRTC calls (``webrtc_ice_servers``): given to the gateway's own ICE agent and
+    to the browser page, as ``RTCIceServer``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    urls: list[str] = Field(min_length=1, description="stun:host:port, turn:host:port?transport=udp|tcp, or turns:")
+    username: str | None = Field(None, description="a static TURN username; unset with webrtc_turn_secret: minted")
+    credential: SecretStr | None = Field(None, description="a static TURN password (a secret)")
+
+    @field_validator("urls")
+    @classmethod
+    def _urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not re.match(r"^(stun|stuns|turn|turns):[^\s]+$", url):
+                raise ValueError(f"{url!r} is not a STUN or TURN URL; expected e.g. turn:turn.example.com:3478")
+        return urls
 
 class GatewaySettings(LayeredSettings):
     what: ClassVar[str] = "gateway"
@@ -156,6 +175,35 @@ class GatewaySettings(LayeredSettings):
     sip_min_se_seconds: int = Field(
         90, ge=90, le=86400, description="RFC 4028 Min-SE: a caller's Session-Expires below it gets 422 with this "
                                          "Min-SE (90 is the RFC's and pjsip's floor)")
+    # WebRTC front end (gateway/webrtc/): browser calls, signalled over this HTTP port.
+    webrtc_enabled: bool = Field(True, description="take browser calls: the page at /call and its signalling API "
+                                                   "under /v1/webrtc")
+    webrtc_max_offer_bytes: int = Field(
+        16_384, ge=1024, le=262_144, description="the largest SDP offer accepted (a browser's audio offer with a data "
+                                                 "channel is 2-5 KB); larger → 413")
+    webrtc_offers_per_minute: int = Field(
+        20, ge=1, le=10_000, description="SDP offers one client address may post per minute (a burst of a third of "
+                                         "it at once); more → 429 with Retry-After")
+    webrtc_ice_interfaces: list[str] = Field(
+        [], description="where the gateway's ICE agent offers host candidates: interface names (eth0) or addresses "
+                        "(10.0.0.5, 127.0.0.1); empty: every address but loopback")
+    webrtc_ice_servers: list[IceServer] = Field(
+        [], description="STUN/TURN servers for callers behind NAT (see docs/webrtc.md), used by the gateway and "
+                        "handed to the browser page")
+    webrtc_turn_secret: SecretStr | None = Field(
+        None, description="a TURN server's shared secret (coturn use-auth-secret): TURN servers listed without a "
+                          "username get short-lived credentials minted per page load and per call")
+    webrtc_turn_credential_seconds: int = Field(
+        3600, ge=60, le=86_400, description="how long a minted TURN credential is valid")
+    webrtc_setup_timeout_seconds: float = Field(
+        20.0, gt=0, le=300, description="from the offer to a primed agent and connected media; later, the call ends "
+                                        "(setup_timeout)")
+    webrtc_media_timeout_seconds: float = Field(
+        20.0, ge=1, le=3600, description="a connected browser call with no audio from the browser this long ends "
+                                         "(media_timeout)")
+    webrtc_outbound_cushion_packets: int = Field(
+        1, ge=0, le=4, description="20 ms packets of agent audio kept against the worker's jitter (the browser has "
+                                   "its own jitter buffer too)")
     sip_log_level: int = Field(1, ge=0, le=6, description="pjsua's own log level (stderr)")
     # SIP trunk digest authentication (gateway/sip/auth.py) and REGISTER (gateway/sip/registration.py).
     sip_auth_policy: Literal["allow_or_digest", "digest", "allow_and_digest"] = Field(
@@ -187,6 +235,15 @@ class GatewaySettings(LayeredSettings):
             except ValueError as exc:
                 raise ValueError(f"sip_allow: {net!r} is not an address or CIDR network ({exc})") from None
         return networks
+
+    @field_validator("webrtc_ice_interfaces")
+    @classmethod
+    def _webrtc_ice_interfaces(cls, interfaces: list[str]) -> list[str]:
+        if interfaces:
+            from .webrtc.ice import check_interfaces
+
+            check_interfaces(interfaces)
+        return interfaces
 
     @model_validator(mode="after")
     def _session_timer(self) -> GatewaySettings:

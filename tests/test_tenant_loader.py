@@ -190,7 +190,7 @@ recording: {enabled: true, consent_announcement: missing.wav}
      "clip that tells the caller the call is recorded")),
     (("    speaks_first: false", "    speaks_first: false\n    greeting: Hello"),
      ("acme/tenant.yaml:18:5: personas.after-hours.greeting: unknown key 'greeting'; expected one of: description, "
-     "prompt, sampling, speaks_first, voice")),
+     "prompt, public_link, sampling, speaks_first, voice")),
     (("  claims:\n    prompt: You are a claims agent at Acme. Be brief and kind.",
       "  claims:\n    prompt: \"\""),
      "acme/tenant.yaml:8:13: personas.claims.prompt: is empty; expected text"),

@@ -330,7 +330,7 @@ def _edit_error(exc: EditError, who: Principal, admin: Admin) -> ApiError:
     return ApiError(409, f"{TENANT_FILE} cannot be edited as it is; fix it first", problems=problems)
 
 
-async def _read_body(request: Request, limit: int, what: str) -> bytes:
+async def read_body(request: Request, limit: int, what: str) -> bytes:
     """The request body, refused with 413 as soon as it passes ``limit`` bytes (never read whole)."""
     too_large = ApiError(413, f"{what} is larger than {limit} bytes")
     length = request.headers.get("content-length")
@@ -459,7 +459,7 @@ def install(app: FastAPI, admin: Admin) -> None:
                            ) -> WriteOut:
         await admin.reach(who, tenant)
         _valid(_PERSONA_NAME, persona)
-        raw = await _read_body(request, MAX_PERSONA_BYTES, "the persona")
+        raw = await read_body(request, MAX_PERSONA_BYTES, "the persona")
         try:
             body = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -488,7 +488,7 @@ def install(app: FastAPI, admin: Admin) -> None:
     async def put_clip(tenant: str, path: str, request: Request, who: Who, if_match: IfMatch = None) -> WriteOut:
         await admin.reach(who, tenant)
         await _clip_path(admin, tenant, path)
-        data = await _read_body(request, admin.max_clip_bytes, "the clip")
+        data = await read_body(request, admin.max_clip_bytes, "the clip")
         return await admin.write_clip(who, tenant, path, data, if_match=if_match)
 
     @router.get("/tenants/{tenant}/clips/{path:path}", response_class=Response, summary="A voice clip as stored",

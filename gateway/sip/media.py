@@ -19,7 +19,7 @@ the agent silent, with its state untouched, simply by not sending caller audio y
 - while the consent announcement plays (``hold_until`` is set when its last frame has gone out): the agent
   neither talks over the notice nor hears the caller during it; its greeting comes after the notice;
 - for a persona with ``speaks_first: false``, until the caller speaks: a simple energy detector on the
-  caller's 20 ms frames (``SPEECH_DBFS`` for ``SPEECH_FRAMES`` frames in a row) opens the hold, and the
+  caller's 20 ms frames (``gateway/audio/speech.py``) opens the hold, and the
   frames that fired it go to the agent too (``PRE_ROLL_FRAMES``), so it hears the caller's first syllable.
   Since the model has not stepped until then, it has not greeted anyone: what it says first is an answer
   to the caller. A caller who says nothing (waiting for a greeting) is not left in silence: after
@@ -40,6 +40,7 @@ import numpy as np
 import pjsua2 as pj
 
 from ..audio import LineToModel, ModelToLine, OutboundPacer
+from ..audio.speech import SpeechStart
 from ..calls import AgentCall
 from ..worker_client import AgentAudio
 from .recording import CallRecorder
@@ -50,13 +51,10 @@ INBOUND_FRAMES = 25  # 500 ms of caller audio waiting for the asyncio side; olde
 FRAMES_PER_WAKE = 4  # the asyncio side is woken once per 80 ms of caller audio
 CUSHION_PACKETS = 1  # outbound packets kept against the worker's jitter: sip_outbound_cushion_packets' default
 LINE_FRAME_MODEL_SAMPLES = MODEL_RATE * PTIME_MS // 1000  # one 20 ms line frame, resampled: 480
-# The caller is speaking: 60 ms above -40 dBFS (RMS). Telephone line noise and comfort noise sit well below
-# -50 dBFS, speech at -30 to -15 dBFS.
-SPEECH_DBFS = -40.0
-SPEECH_FRAMES = 3
-# The caller audio handed to the agent when the detector fires: the last 80 ms (one model frame), which hold
-# the frames that fired it. No more: the worker steps one frame per 80 ms, so a longer burst would wait in its
-# input queue, and every word after it would reach the agent that much later for the rest of the call.
+# The caller audio handed to the agent when the caller starts to speak (``SpeechStart``): the last 80 ms (one
+# model frame), which hold the frames that fired it. No more: the worker steps one frame per 80 ms, so a longer
+# burst would wait in its input queue, and every word after it would reach the agent that much later for the
+# rest of the call.
 PRE_ROLL_FRAMES = 4
 
 
@@ -259,21 +257,13 @@ class MediaBridge:
             return b"", "wait"
 
     async def _caller_speaks(self) -> bytes:
-        recent: collections.deque[bytes] = collections.deque(maxlen=PRE_ROLL_FRAMES)
-        loud = 0
-        threshold = (10 ** (SPEECH_DBFS / 20) * 32768) ** 2
+        start = SpeechStart(SAMPLES_PER_FRAME, PRE_ROLL_FRAMES * SAMPLES_PER_FRAME)
         while True:
             await self._wake.wait()
             self._wake.clear()
-            pcm = self.buffers.take_inbound()
-            for at in range(0, len(pcm) - BYTES_PER_FRAME + 1, BYTES_PER_FRAME):
-                frame = pcm[at:at + BYTES_PER_FRAME]
-                recent.append(frame)
-                samples = np.frombuffer(frame, "<i2").astype(np.float32)
-                loud = loud + 1 if float(np.mean(samples * samples)) > threshold else 0
-                if loud >= SPEECH_FRAMES:
-                    rest = pcm[at + BYTES_PER_FRAME:]
-                    return (b"".join(recent) + rest)[-PRE_ROLL_FRAMES * BYTES_PER_FRAME:]
+            heard = start.push(self.buffers.take_inbound())
+            if heard is not None:
+                return heard
 
     async def _agent_to_caller(self) -> None:
         line = ModelToLine(CLOCK_RATE, packet_ms=PTIME_MS)

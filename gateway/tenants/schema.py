@@ -138,6 +138,9 @@ class Persona(Strict):
     sampling: Sampling = Sampling()
     speaks_first: bool = True
     description: str = Field("", max_length=200)
+    # Anyone may call this persona from a browser (the page at /call?tenant=…&persona=…: a "call us" button on
+    # the tenant's site); otherwise only the tenant's admins can, with their token.
+    public_link: bool = False
 
 
 class Limits(Strict):

@@ -29,10 +29,13 @@ class PersonaConfig:
     voice_clip: PreparedClip | None  # the prepared clip (24 kHz mono, -24 LUFS): what the worker primes with
     sampling: schema.Sampling
     speaks_first: bool
+    description: str = ""
+    public_link: bool = False  # anyone may call it from a browser
 
     @classmethod
     def from_spec(cls, tenant: str, name: str, spec: schema.Persona, clip: PreparedClip | None) -> PersonaConfig:
-        return cls(tenant, name, spec.prompt, spec.voice.preset, clip, spec.sampling, spec.speaks_first)
+        return cls(tenant, name, spec.prompt, spec.voice.preset, clip, spec.sampling, spec.speaks_first,
+                   spec.description, spec.public_link)
 
     @cached_property
     def worker_persona(self) -> dict[str, Any]:
@@ -78,9 +81,14 @@ class Tenant:
 
     def answer(self, number: str, when: dt.datetime) -> PersonaConfig | Rejection:
         """Who answers a call to ``number`` (one of this tenant's) at ``when`` (an aware datetime)."""
+        return self.answer_for(self.spec.numbers[number], when)
+
+    def answer_for(self, persona: str, when: dt.datetime) -> PersonaConfig | Rejection:
+        """Who answers a call meant for ``persona`` at ``when``: it, in the tenant's hours; else the after-hours
+        persona or rejection."""
         hours = self.spec.hours
         if hours is None or hours.is_open(when):
-            return self.personas[self.spec.numbers[number]]
+            return self.personas[persona]
         after = hours.after_hours
         if after.persona is not None:
             return self.personas[after.persona]

@@ -1,0 +1,256 @@
+"""Browser calls over HTTP: the page, the personas it may call, and the offer/answer exchange.
+
+    GET    /call                                  the page (static/call.html; ?tenant=…&persona=… preselects)
+    GET    /v1/webrtc/personas                    personas this client may call, and the ICE servers to use
+    POST   /v1/webrtc/calls/{tenant}/{persona}    body: the SDP offer (application/sdp, ICE gathered)
+                                                  → 201, the SDP answer, Location: /v1/webrtc/calls/{id}
+    DELETE /v1/webrtc/calls/{id}                  hang up → 204
+
+The exchange is WHIP's (RFC 9725) shape: one POST with the complete offer, one answer, a resource to DELETE.
+
+**Who may call.** A persona with ``public_link: true`` takes calls from anyone (its tenant's hours apply, as
+on its phone numbers: after hours the after-hours persona answers, or the call is refused with 503). Any
+persona takes calls from its tenant's admins and the operator, with their admin API token
+(``Authorization: Bearer``), at any hour: that is how admins hear a persona before it goes on a number.
+
+**Answers** (JSON ``{"detail": …}`` for errors): 400 malformed offer (the reason), 401 no or unknown token for
+a persona that is not public, 403 a token of another tenant, 404 no such tenant or persona, 413 offer larger
+than ``webrtc_max_offer_bytes``, 415 not ``application/sdp``, 429 too many offers from this client
+(``webrtc_offers_per_minute``) or the tenant at its ``max_concurrent_calls`` (SIP's 486), 500 the persona
+refused by the worker, 503 no agent free / routing store unavailable / gateway draining / after hours, with
+``Retry-After`` where a retry can help. The offer is answered once the slot is claimed; priming goes on while
+the browser connects, and the data channel says ``ringing``, then ``ready`` (see ``call.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import math
+import secrets
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, FastAPI, Request, Security
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from ..admin.api import ApiError, read_body
+from ..admin.tokens import Principal, TokensUnavailable
+from ..calls import PersonaRejected
+from ..routing import Refusal
+from ..tenants.tenant import Rejection
+from .call import BrowserCall
+from .ice import ice_servers, restrict_host_addresses, rtc_configuration
+from .metrics import WebRtcMetrics
+from .offer import OfferError, check_offer
+
+if TYPE_CHECKING:
+    from ..calls import Calls
+    from ..config import GatewaySettings
+    from ..tenants.registry import TenantRegistry
+    from ..tenants.tenant import PersonaConfig, Tenant
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+SDP = "application/sdp"
+MAX_CLIENTS_TRACKED = 10_000
+
+
+class OfferRateLimit:
+    """A token bucket per client address: ``per_minute`` offers a minute, a third of them at once."""
+
+    def __init__(self, per_minute: int, clock: Any = time.monotonic) -> None:
+        self.rate = per_minute / 60
+        self.burst = max(1.0, per_minute / 3)
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # client → (tokens, when)
+
+    def take(self, client: str) -> float:
+        """0 if ``client`` may post an offer now (one token taken), else the seconds until it may."""
+        now = self._clock()
+        tokens, when = self._buckets.get(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - when) * self.rate)
+        if tokens < 1:
+            self._buckets[client] = (tokens, now)
+            return (1 - tokens) / self.rate
+        if len(self._buckets) >= MAX_CLIENTS_TRACKED and client not in self._buckets:
+            self._forget_idle(now)
+        self._buckets[client] = (tokens - 1, now)
+        return 0.0
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop clients whose bucket has refilled (they lose nothing); if none has, the oldest half."""
+        full = [c for c, (t, w) in self._buckets.items() if t + (now - w) * self.rate >= self.burst]
+        for client in full or sorted(self._buckets, key=lambda c: self._buckets[c][1])[:len(self._buckets) // 2]:
+            del self._buckets[client]
+
+
+class WebRtc:
+    """The browser front end's state: its calls in progress, its limits, its metrics."""
+
+    def __init__(self, settings: GatewaySettings, registry: TenantRegistry, calls: Calls) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.calls = calls
+        self.metrics = WebRtcMetrics(calls.metrics.registry)
+        self.rate_limit = OfferRateLimit(settings.webrtc_offers_per_minute)
+        self.active: dict[str, BrowserCall] = {}
+
+    def start(self) -> None:
+        restrict_host_addresses(self.settings.webrtc_ice_interfaces)
+
+    async def stop(self) -> None:
+        """End every browser call (``shutdown``)."""
+        await asyncio.gather(*(call.stop() for call in list(self.active.values())), return_exceptions=True)
+
+    def callable_personas(self, who: Principal | None) -> list[PersonaConfig]:
+        out = []
+        for tenant_id, tenant in sorted(self.registry.tenants.items()):
+            for persona in tenant.personas.values():
+                if persona.public_link or (who is not None and who.may_reach(tenant_id)):
+                    out.append(persona)
+        return out
+
+    def resolve(self, tenant_id: str, persona_name: str, who: Principal | None) -> tuple[Tenant, PersonaConfig]:
+        """The tenant and the persona that answers now; ``ApiError`` if this client may not call it."""
+        tenant = self.registry.tenants.get(tenant_id)
+        if who is not None and not who.may_reach(tenant_id):
+            raise ApiError(403, f"this token is not for tenant {tenant_id!r}")
+        if tenant is None or persona_name not in tenant.personas:
+            raise ApiError(404, f"no persona {persona_name!r} in tenant {tenant_id!r}")
+        persona = tenant.personas[persona_name]
+        if who is not None:
+            return tenant, persona  # an admin trying a persona: at any hour
+        if not persona.public_link:
+            raise ApiError(401, f"{tenant_id}/{persona_name} takes browser calls from its tenant's admins only "
+                                "(Authorization: Bearer <admin token>)", headers={"WWW-Authenticate": "Bearer"})
+        answer = tenant.answer_for(persona_name, dt.datetime.now(dt.UTC))
+        if isinstance(answer, Rejection):
+            raise ApiError(503, f"{tenant.spec.name} is closed now: {answer.reason}")
+        return tenant, answer
+
+    async def offer(self, tenant_id: str, persona_name: str, request: Request, who: Principal | None) -> Response:
+        client = request.client.host if request.client else "unknown"
+        wait = self.rate_limit.take(client)
+        if wait:
+            raise ApiError(429, f"too many call attempts from {client}; try again in {math.ceil(wait)} s",
+                           headers={"Retry-After": str(math.ceil(wait))})
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != SDP:
+            raise ApiError(415, f"the offer is sent as {SDP}, not {content_type or 'no content type'}")
+        body = await read_body(request, self.settings.webrtc_max_offer_bytes, "the SDP offer")
+        try:
+            sdp = check_offer(body)
+        except OfferError as exc:
+            raise ApiError(400, str(exc)) from None
+        tenant, persona = self.resolve(tenant_id, persona_name, who)
+        if self.calls.draining:
+            raise ApiError(503, "this gateway is draining: it takes no new calls",
+                           headers={"Retry-After": str(math.ceil(self.calls.router.retry_after_seconds))})
+        call_id = "webrtc-" + secrets.token_hex(16)
+        settings = self.settings
+        call = BrowserCall(call_id=call_id, tenant=tenant, persona=persona, calls=self.calls,
+                           configuration=rtc_configuration(settings), metrics=self.metrics, client=client,
+                           setup_timeout=settings.webrtc_setup_timeout_seconds,
+                           media_timeout=settings.webrtc_media_timeout_seconds,
+                           caller_first_wait=settings.sip_caller_first_wait_seconds,
+                           cushion_packets=settings.webrtc_outbound_cushion_packets)
+        try:
+            answer = await call.answer(sdp)
+        except OfferError as exc:
+            raise ApiError(400, str(exc)) from None
+        except Refusal as exc:
+            retry = {"Retry-After": str(max(1, math.ceil(exc.retry_after_seconds)))}
+            if exc.reason == "tenant_limit":
+                raise ApiError(429, f"{tenant.spec.name} is at its limit of concurrent calls", headers=retry) from None
+            raise ApiError(503, _REFUSALS.get(exc.reason, "no agent can take the call now"), headers=retry) from None
+        except PersonaRejected as exc:
+            raise ApiError(500, f"the persona could not be started: {exc.reason}") from None
+        self.active[call_id] = call
+        call.begin()
+        assert call.task is not None
+        call.task.add_done_callback(lambda _: self.active.pop(call_id, None))
+        log.info("WebRTC call answered", extra={"call": call_id, "tenant": tenant.id, "persona": persona.name,
+                                                "client": client, "admin": who.name if who else None})
+        return Response(answer, status_code=201, media_type=SDP,
+                        headers={"Location": f"/v1/webrtc/calls/{call_id}"})
+
+
+_REFUSALS = {"no_capacity": "no agent is free to take the call now", "draining": "this gateway is draining",
+             "unavailable": "the call routing store cannot be reached"}
+bearer = HTTPBearer(auto_error=False)
+
+
+async def optional_caller(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None,
+                                                                  Security(bearer)]) -> Principal | None:
+    """Who the bearer token belongs to, or None without one; 401 for a token that is not known."""
+    if credentials is None:
+        return None
+    try:
+        table = await asyncio.to_thread(request.app.state.admin.tokens.current)
+    except TokensUnavailable as exc:
+        raise ApiError(401, f"admin tokens are not available: {exc}") from exc
+    who = table.identify(credentials.credentials)
+    if who is None:
+        raise ApiError(401, "invalid token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    return who
+
+
+Caller = Annotated[Principal | None, Security(optional_caller)]
+
+
+def install(app: FastAPI, webrtc: WebRtc) -> None:
+    """The page and the signalling routes on ``app``."""
+    router = APIRouter(prefix="/v1/webrtc", tags=["webrtc"])
+
+    @router.get("/personas", summary="Personas this client may call from a browser, and the ICE servers to use")
+    async def personas(who: Caller) -> JSONResponse:
+        listed = [{"tenant": p.tenant, "tenant_name": webrtc.registry.tenants[p.tenant].spec.name,
+                   "persona": p.name, "description": p.description, "public": p.public_link}
+                  for p in webrtc.callable_personas(who)]
+        return JSONResponse({"personas": listed, "ice_servers": ice_servers(webrtc.settings)},
+                            headers={"Cache-Control": "no-store"})
+
+    @router.post("/calls/{tenant}/{persona}", status_code=201, summary="Call a persona: post an SDP offer",
+                 response_class=Response, responses={201: {"content": {SDP: {}}, "description": "the SDP answer"}})
+    async def offer(tenant: str, persona: str, request: Request, who: Caller) -> Response:
+        try:
+            answer = await webrtc.offer(tenant, persona, request, who)
+        except ApiError as exc:
+            webrtc.metrics.offers.labels(answer=str(exc.status)).inc()
+            raise
+        webrtc.metrics.offers.labels(answer="201").inc()
+        return answer
+
+    @router.delete("/calls/{call_id}", status_code=204, summary="Hang up a browser call")
+    async def hang_up(call_id: str) -> Response:
+        call = webrtc.active.get(call_id)
+        if call is None:
+            raise ApiError(404, "no such call in progress")
+        call.hang_up("hangup")
+        return Response(status_code=204)
+
+    app.include_router(router)
+
+    @app.get("/call", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "call.html", headers=_PAGE_HEADERS)
+
+    @app.get("/call/{name}", include_in_schema=False)
+    async def asset(name: str) -> FileResponse:
+        path = STATIC / name
+        if "/" in name or name.startswith(".") or not path.is_file():
+            raise ApiError(404, "not found")
+        return FileResponse(path, headers=_PAGE_HEADERS)
+
+
+# The page loads nothing from elsewhere, and may use the microphone on its own origin only.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; media-src 'self' blob: mediastream:; img-src 'self' data:",
+    "Permissions-Policy": "microphone=(self)",
+    "Cache-Control": "no-cache",
+}

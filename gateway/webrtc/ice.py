@@ -1,0 +1,113 @@
+"""ICE for browser calls: where the gateway offers candidates, and the STUN/TURN servers both sides use.
+
+**Host candidates.** aioice (aiortc's ICE agent) offers a candidate on every address of every interface but
+loopback. A gateway on a multi-homed host (a Kubernetes node: pod, node and management networks) would
+advertise addresses the browser must not, or cannot, reach. ``restrict_host_addresses`` keeps the interfaces
+named in ``webrtc_ice_interfaces`` (names such as ``eth0``, or addresses, loopback included when named). aioice
+reads its address list from a module function each time it gathers; that one function is replaced, once, at
+start (aioice has no setting for it).
+
+**TURN.** Callers behind symmetric NAT or a firewall that blocks UDP need a relay. ``webrtc_ice_servers`` go to
+the browser page (``GET /v1/webrtc/personas``) and to the gateway's own ICE agent (aioice uses the first STUN
+and the first TURN server). With ``webrtc_turn_secret`` set, TURN servers listed without a username get
+credentials minted per request by the TURN REST API scheme that coturn implements (``use-auth-secret``):
+``username = "<expiry unix time>:personagate"``, ``credential = base64(HMAC-SHA1(secret, username))``, so no
+long-lived TURN password is ever handed to a browser.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import aioice.ice
+import ifaddr
+from aiortc import RTCConfiguration, RTCIceServer
+
+if TYPE_CHECKING:
+    from ..config import GatewaySettings
+
+_original_host_addresses: Callable[[bool, bool], list[str]] = aioice.ice.get_host_addresses
+
+
+def host_addresses(interfaces: Sequence[str], use_ipv4: bool = True, use_ipv6: bool = True) -> list[str]:
+    """The addresses of the named interfaces (or the addresses themselves, if they are this host's)."""
+    wanted = set(interfaces)
+    addresses: list[str] = []
+    for adapter in ifaddr.get_adapters():
+        named = adapter.nice_name in wanted or adapter.name in wanted
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str):
+                if use_ipv4 and (named or ip.ip in wanted):
+                    addresses.append(ip.ip)
+            elif use_ipv6 and ip.ip[2] == 0 and (named or ip.ip[0] in wanted):  # no link-local (scoped) addresses
+                addresses.append(ip.ip[0])
+    return addresses
+
+
+def check_interfaces(interfaces: Sequence[str]) -> None:
+    """Raise ValueError naming what in ``interfaces`` this host does not have (a typo must not leave the
+    gateway with no candidates, and so no browser calls, without a word)."""
+    adapters = ifaddr.get_adapters()
+    names = {a.nice_name for a in adapters} | {a.name for a in adapters}
+    ips = {ip.ip if isinstance(ip.ip, str) else ip.ip[0] for a in adapters for ip in a.ips}
+    missing = []
+    for item in interfaces:
+        try:
+            known = str(ipaddress.ip_address(item)) in ips
+        except ValueError:
+            known = item in names
+        if not known:
+            missing.append(item)
+    if missing:
+        raise ValueError(f"webrtc_ice_interfaces: this host has no interface or address {', '.join(missing)} "
+                         f"(it has: {', '.join(sorted(names))})")
+
+
+def restrict_host_addresses(interfaces: Sequence[str]) -> None:
+    """From now on, aioice offers host candidates on ``interfaces`` only (empty: its default, every address but
+    loopback)."""
+    if not interfaces:
+        aioice.ice.get_host_addresses = _original_host_addresses
+        return
+    chosen = tuple(interfaces)
+
+    def restricted(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return host_addresses(chosen, use_ipv4, use_ipv6)
+
+    aioice.ice.get_host_addresses = restricted
+
+
+def turn_credential(secret: str, seconds: int, now: float | None = None) -> tuple[str, str]:
+    """A TURN REST API credential valid for ``seconds``: (username, password)."""
+    expiry = int((time.time() if now is None else now) + seconds)
+    username = f"{expiry}:personagate"
+    password = base64.b64encode(hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()).decode()
+    return username, password
+
+
+def ice_servers(settings: GatewaySettings) -> list[dict[str, Any]]:
+    """The ICE servers as ``RTCIceServer`` dictionaries (credentials minted where the settings say so)."""
+    out: list[dict[str, Any]] = []
+    secret = settings.webrtc_turn_secret
+    for server in settings.webrtc_ice_servers:
+        entry: dict[str, Any] = {"urls": list(server.urls)}
+        if server.username is not None:
+            entry["username"] = server.username
+            if server.credential is not None:
+                entry["credential"] = server.credential.get_secret_value()
+        elif secret is not None and any(url.startswith(("turn:", "turns:")) for url in server.urls):
+            entry["username"], entry["credential"] = turn_credential(
+                secret.get_secret_value(), settings.webrtc_turn_credential_seconds)
+        out.append(entry)
+    return out
+
+
+def rtc_configuration(settings: GatewaySettings) -> RTCConfiguration:
+    """The gateway's own ``RTCPeerConnection`` configuration (no servers: host candidates only)."""
+    return RTCConfiguration(iceServers=[RTCIceServer(**entry) for entry in ice_servers(settings)])

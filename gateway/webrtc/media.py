@@ -1,0 +1,176 @@
+"""A browser call's audio between aiortc (Opus, 48 kHz, 20 ms) and the agent session (24 kHz, 80 ms).
+
+- **Inbound** (``CallerAudio``): aiortc decodes the browser's Opus on a thread of its own into an *unbounded*
+  queue behind ``track.recv()``. One task reads it as frames come, so the queue stays empty; if the event
+  loop fell behind anyway, frames older than ``INBOUND_BACKLOG_FRAMES`` are dropped (counted) rather than fed
+  to the agent late. Each frame (s16, stereo or mono, 48 kHz) is mixed down to mono and goes through one
+  ``LineToModel(48000)`` for the whole call (a stateful resampler, so no seam between frames) into exact
+  80 ms model frames. Until the call is live, and for a persona with ``speaks_first: false`` until the
+  caller speaks (``gateway/audio/speech.py``) or ``wait_for_caller`` seconds pass, the agent hears nothing.
+- **Outbound** (``AgentTrack``): agent frames go through one ``ModelToLine(48000)`` (the stateful 24 → 48 kHz
+  resampler) into 20 ms packets and the shallow ``OutboundPacer`` that sheds rather than lags
+  (``gateway/audio/pacing.py``). aiortc pulls ``recv()`` as fast as it returns and does not schedule by
+  timestamps, so the track paces itself on the event loop's clock: packet *n* is due at ``start + n·20 ms``.
+  A stall (the loop late by more than ``STALL_SECONDS``) rebases the clock instead of bursting the backlog
+  (a burst only grows the browser's jitter buffer), and the RTP timestamps jump by the gap, so the browser
+  sees a gap in time, not compressed audio. aiortc's Opus encoder then only duplicates the mono channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+from aiortc import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
+from av import AudioFrame
+
+from ..audio import LineToModel, ModelToLine, OutboundPacer
+from ..audio.speech import SpeechStart
+from ..calls import AgentCall
+from ..worker_client import AgentAudio, AgentText
+
+RATE = 48_000
+PACKET_SECONDS = 0.02
+PACKET_SAMPLES = 960  # 20 ms at 48 kHz
+MODEL_FRAME_LINE_SAMPLES = 3840  # 80 ms at 48 kHz: what the agent hears first when the caller starts to speak
+STALL_SECONDS = 0.1  # the outbound clock this late: rebase instead of bursting
+INBOUND_BACKLOG_FRAMES = 5  # 100 ms of decoded browser audio may wait; older frames are dropped
+TIME_BASE = fractions.Fraction(1, RATE)
+
+
+class AgentTrack(MediaStreamTrack):
+    """The agent's voice as the browser hears it: 20 ms mono frames at 48 kHz, paced in real time."""
+
+    kind = "audio"
+
+    def __init__(self, pacer: OutboundPacer) -> None:
+        super().__init__()
+        self.pacer = pacer
+        self.stalls = 0
+        self._packet = np.zeros(PACKET_SAMPLES, dtype=np.int16)
+        self._start: float | None = None
+        self._sent = 0  # packets (and timestamp steps) since the start
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._start is None:
+            self._start = now
+        else:
+            due = self._start + self._sent * PACKET_SECONDS
+            if now - due > STALL_SECONDS:
+                self.stalls += 1
+                self._sent += int((now - due) / PACKET_SECONDS)  # the timestamps skip the gap
+            elif due > now:
+                await asyncio.sleep(due - now)
+        self.pacer.get(self._packet)
+        frame = AudioFrame.from_ndarray(self._packet.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = RATE
+        frame.pts = self._sent * PACKET_SAMPLES
+        frame.time_base = TIME_BASE
+        self._sent += 1
+        return frame
+
+
+class CallerAudio:
+    """Reads the browser's audio track for the whole call; passes it to the agent once ``release`` is called
+    (the call is live), through the ``speaks_first: false`` gate if asked."""
+
+    def __init__(self, track: MediaStreamTrack) -> None:
+        self.track = track
+        self.frames = 0  # frames read
+        self.dropped = 0  # frames dropped unread (the loop was behind)
+        self.last_frame_at = time.monotonic()
+        self.released_at: float | None = None  # when the agent first heard the caller
+        self.released_by: str | None = None  # answer, caller (spoke first), wait (said nothing in time)
+        self._agent: AgentCall | None = None
+        self._line = LineToModel(RATE)
+        self._speech: SpeechStart | None = None
+        self._wait_until = math.inf
+
+    def release(self, agent: AgentCall, wait_for_caller: float | None) -> None:
+        """From now on the caller's audio goes to ``agent``; with ``wait_for_caller`` (seconds, ``math.inf``:
+        however long), only once the caller speaks or that time has passed."""
+        self._agent = agent
+        if wait_for_caller is None:
+            self._open("answer")
+        else:
+            self._speech = SpeechStart(PACKET_SAMPLES, MODEL_FRAME_LINE_SAMPLES)
+            self._wait_until = time.monotonic() + wait_for_caller
+
+    async def run(self) -> None:
+        """Until the track ends (the browser hung up or the connection closed)."""
+        queue: asyncio.Queue[object] | None = getattr(self.track, "_queue", None)  # aiortc's, unbounded
+        while True:
+            try:
+                frame = await self.track.recv()
+            except MediaStreamError:
+                return
+            self.frames += 1
+            self.last_frame_at = time.monotonic()
+            if queue is not None:
+                self._drop_backlog(queue)
+            if self._agent is None:
+                continue  # ringing: the agent is not live yet
+            pcm = _mono(frame)
+            if self._speech is not None:
+                heard = self._speech.push(pcm.tobytes())
+                if heard is None and time.monotonic() < self._wait_until:
+                    continue
+                self._open("caller" if heard is not None else "wait")
+                pcm = np.frombuffer(heard, "<i2") if heard is not None else pcm
+            for model_frame in self._line.push(pcm):
+                self._agent.send(model_frame)
+
+    def _open(self, why: str) -> None:
+        self._speech = None
+        self.released_at = time.monotonic()
+        self.released_by = why
+
+    def _drop_backlog(self, queue: asyncio.Queue[object]) -> None:
+        while queue.qsize() > INBOUND_BACKLOG_FRAMES:
+            item = queue.get_nowait()
+            if item is None:  # the track's end: keep it for the next recv()
+                queue.put_nowait(None)
+                return
+            self.dropped += 1
+
+
+def _mono(frame: AudioFrame) -> np.ndarray:
+    """A decoded frame (s16, packed, any channel count) as mono int16."""
+    samples = frame.to_ndarray().reshape(-1)
+    channels = len(frame.layout.channels)
+    if channels == 1:
+        return samples.astype(np.int16, copy=False)
+    return samples.reshape(-1, channels).mean(axis=1).astype(np.int16)
+
+
+class AgentAudioPump:
+    """Agent frames to the ``AgentTrack``'s pacer, agent text to ``on_text``; notes the first agent audio."""
+
+    def __init__(self, pacer: OutboundPacer, on_text: Callable[[str], None],
+                 on_first_audio: Callable[[], None]) -> None:
+        self.pacer = pacer
+        self._on_text = on_text
+        self._on_first_audio = on_first_audio
+        self._line = ModelToLine(RATE)
+        self._heard = False
+
+    async def run(self, agent: AgentCall) -> None:
+        async for event in agent.frames():
+            if isinstance(event, AgentText):
+                self._on_text(event.text)
+                continue
+            assert isinstance(event, AgentAudio)
+            for packet in self._line.push(event.pcm):
+                self.pacer.put(packet, filler=event.filler)
+            if not self._heard and not event.filler:
+                self._heard = True
+                self._on_first_audio()
