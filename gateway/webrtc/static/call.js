@@ -96,7 +96,7 @@ function fillPersonas(personas) {
       groups.get(p.tenant).label = p.tenant_name || p.tenant;
     }
     const option = new Option(p.public ? p.persona : `${p.persona} (private)`, `${p.tenant}/${p.persona}`);
-    option.dataset.description = p.description ?? "";
+    option.dataset.description = [p.tenant_name, p.description].filter(Boolean).join(": ");
     groups.get(p.tenant).appendChild(option);
   }
   // A link may name a persona this list does not show (a private one, before the token is given):
