@@ -178,9 +178,18 @@ def test_a_browser_calls_a_public_persona_hears_the_agent_and_reads_its_transcri
         assert errors == []
 
 
+def gateway_first_audio_seconds(http: str) -> float:
+    """The sum of the gateway's own offer → first agent audio queued for the browser, over its calls so far."""
+    metrics = httpx.get(f"{http}/metrics", timeout=5).text
+    line = next(line for line in metrics.splitlines()
+                if line.startswith("personagate_gateway_webrtc_first_agent_audio_seconds_sum"))
+    return float(line.split()[-1])
+
+
 def main() -> None:
     """Place one call on a fresh stack (cold: the persona's first priming on the worker), then ``--calls`` more one
-    after another, and print each call's figures as the page measured them; the summary covers the later calls."""
+    after another, and print each call's figures as the page measured them (and the gateway's own offer → first
+    agent audio queued, from its metrics); the summary covers the calls after the first."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--screenshot", help="save a screenshot of the second call, mid-call, to this PNG")
@@ -193,11 +202,18 @@ def main() -> None:
         with webrtc_stack() as http, browser_page(Path(folder) / "caller.wav") as (page, _):
             for n in range(1 + args.calls):
                 screenshot = args.screenshot if n == 1 else None  # a few seconds in: some transcript to show
+                before = gateway_first_audio_seconds(http)
                 call = place_call(page, http, persona, talk_seconds=3.0 if screenshot else 1.0, screenshot=screenshot)
-                calls.append({k: call[k] for k in ("firstAudioMs", "setupMs", "serverSetupMs")})
-                print(("first call " if n == 0 else "") + json.dumps(calls[-1]), flush=True)
+                figures = {k: round(call[k]) for k in ("firstAudioMs", "setupMs", "serverSetupMs")}
+                figures["gatewayFirstAudioMs"] = round((gateway_first_audio_seconds(http) - before) * 1000)
+                # after the gateway queued the agent's first audio: pacer, Opus, loopback, Chrome's jitter
+                # buffer and playout, the page's meter (the click → offer part is setupMs - serverSetupMs)
+                figures["afterGatewayMs"] = (figures["firstAudioMs"] - (figures["setupMs"] - figures["serverSetupMs"])
+                                             - figures["gatewayFirstAudioMs"])
+                calls.append(figures)
+                print(("first call " if n == 0 else "") + json.dumps(figures), flush=True)
                 until(lambda: slots_free(http) == 1, "the slot is free again", timeout=10)
-    for key in ("firstAudioMs", "setupMs", "serverSetupMs"):
+    for key in calls[0]:
         values = [c[key] for c in calls[1:]]
         print(f"{key} over {len(values)} calls after the first: median {statistics.median(values):.0f} ms, "
               f"min {min(values):.0f}, max {max(values):.0f}")
