@@ -33,6 +33,7 @@ import pytest
 import soundfile
 import yaml
 
+from gateway.admin.tokens import new_token
 from tests.conftest import free_port, serve
 
 if TYPE_CHECKING:
@@ -77,16 +78,18 @@ def chromium_args(wav: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def webrtc_stack(tenants: Path = TENANTS) -> Iterator[str]:
-    """A one-slot tiny-model worker and the gateway (the shipped tenants; ICE on 127.0.0.1 only), real processes
-    on loopback; yields the gateway's HTTP address once it sees the worker's free slot."""
+def webrtc_stack(admin_tokens: Path | None = None) -> Iterator[str]:
+    """A one-slot tiny-model worker and the gateway (the shipped tenants; ICE on 127.0.0.1 only; admin tokens from
+    ``admin_tokens`` if given), real processes on loopback; yields the gateway's HTTP address once it sees the
+    worker's free slot."""
     env = os.environ | {"NO_TORCH_COMPILE": "1"}
     gateway_env = env | {"PERSONAGATE_GATEWAY_WEBRTC_ICE_INTERFACES": '["127.0.0.1"]'}
     worker_port, http_port = free_port(), free_port()
     worker = serve([sys.executable, "-m", "gateway.cli", "worker", "--model", "tiny", "--port", str(worker_port),
                     "--slots", "1"], f"http://127.0.0.1:{worker_port}/readyz", env=env)
     gateway = serve([sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants",
-                     str(tenants), "--worker", f"http://127.0.0.1:{worker_port}"],
+                     str(TENANTS), "--worker", f"http://127.0.0.1:{worker_port}",
+                     *(["--admin-tokens", str(admin_tokens)] if admin_tokens else [])],
                     f"http://127.0.0.1:{http_port}/readyz", env=gateway_env)
     with worker, gateway:
         http = f"http://127.0.0.1:{http_port}"
@@ -132,12 +135,15 @@ def wait_for(page: Page, expression: str, timeout: float) -> None:
         page.wait_for_timeout(20)
 
 
-def place_call(page: Page, http: str, persona: str, *, talk_seconds: float = 0.0, screenshot: str | None = None) -> dict:
-    """Open the persona's public link, click Call, wait for the agent's audio and text, optionally stay on the
-    call and save a screenshot, hang up; returns ``window.personagateCall`` as it was mid-call."""
-    page.goto(f"{http}/call?tenant={TENANT}&persona={persona}")
+def open_link(page: Page, http: str, tenant: str, persona: str) -> None:
+    """Open the page's link for ``tenant/persona`` and wait for its persona list; the link preselects it."""
+    page.goto(f"{http}/call?tenant={tenant}&persona={persona}")
     wait_for(page, "document.getElementById('persona').options.length > 0", timeout=10)
-    assert page.input_value("#persona") == f"{TENANT}/{persona}"
+    assert page.input_value("#persona") == f"{tenant}/{persona}"
+
+
+def call_until_heard(page: Page) -> None:
+    """Click Call; wait until the call is live with the agent's audio heard and some of its text shown."""
     assert page.is_enabled("#call")
     page.click("#call")
     try:
@@ -145,13 +151,25 @@ def place_call(page: Page, http: str, persona: str, *, talk_seconds: float = 0.0
                        "(window.personagateCall)", timeout=CALL_TIMEOUT)
     except TimeoutError as error:
         raise AssertionError(f"no live call with audio and text: {page_state(page)}") from error
+
+
+def hang_up(page: Page) -> str:
+    """Click Hang up; the status line once the call has ended."""
+    page.click("#hangup")
+    wait_for(page, "window.personagateCall.state === 'ended'", timeout=5)
+    return page.text_content("#status") or ""
+
+
+def place_call(page: Page, http: str, persona: str, *, talk_seconds: float = 0.0, screenshot: str | None = None) -> dict:
+    """Open the persona's public link, call, wait for the agent's audio and text, optionally stay on the call and
+    save a screenshot, hang up; returns ``window.personagateCall`` as it was mid-call, and the status at the end."""
+    open_link(page, http, TENANT, persona)
+    call_until_heard(page)
     time.sleep(talk_seconds)
     live = page_state(page)
     if screenshot:
         page.screenshot(path=screenshot)
-    page.click("#hangup")
-    wait_for(page, "window.personagateCall.state === 'ended'", timeout=5)
-    return live | {"ended_status": page.text_content("#status")}
+    return live | {"ended_status": hang_up(page)}
 
 
 def page_state(page: Page) -> dict:
@@ -159,23 +177,79 @@ def page_state(page: Page) -> dict:
                          " shown_first_audio: document.getElementById('first-audio').textContent})")
 
 
-def test_a_browser_calls_a_public_persona_hears_the_agent_and_reads_its_transcript(tmp_path: Path) -> None:
-    persona = public_persona()
-    caller_wav(tmp_path / "caller.wav")
-    with webrtc_stack() as http, browser_page(tmp_path / "caller.wav") as (page, errors):
-        call = place_call(page, http, persona, talk_seconds=2.0, screenshot=os.environ.get("PERSONAGATE_SCREENSHOT"))
-        print(f"browser call: first audio {call['firstAudioMs']:.0f} ms after the click, ready after "
-              f"{call['setupMs']:.0f} ms (the gateway's part {call['serverSetupMs']} ms); "
-              f"transcript {call['transcript']!r}")
-        assert call["status"] == "Live" and call["error"] is None, call
-        assert isinstance(call["firstAudioMs"], float | int) and 0 < call["firstAudioMs"] < CALL_TIMEOUT * 1000, call
-        assert call["shown_first_audio"] == f"{math.floor(call['firstAudioMs'] + 0.5)} ms", call  # JS Math.round
-        assert 0 < call["setupMs"] <= call["firstAudioMs"], call
-        assert call["transcript"].strip(), call
-        assert call["ended_status"] == "Ended: hangup", call
-        # hanging up gives the agent back: the next caller gets it
-        until(lambda: slots_free(http) == 1, "the hung-up call's slot is free again", timeout=10)
-        assert errors == []
+@pytest.fixture(scope="module")
+def admin_token(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """A harbor-mutual admin token, and the gateway's tokens file that knows it."""
+    token, digest = new_token()
+    path = tmp_path_factory.mktemp("tokens") / "admin-tokens.yaml"
+    path.write_text(f"tenants:\n  {TENANT}:\n    - {digest}\n")
+    return token, path
+
+
+@pytest.fixture(scope="module")
+def stack(admin_token: tuple[str, Path]) -> Iterator[str]:
+    with webrtc_stack(admin_token[1]) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Page, list[str]]]:
+    wav = tmp_path_factory.mktemp("caller") / "caller.wav"
+    caller_wav(wav)
+    with browser_page(wav) as (page, errors):
+        yield page, errors
+
+
+def test_a_browser_calls_a_public_persona_hears_the_agent_and_reads_its_transcript(
+        stack: str, browser: tuple[Page, list[str]]) -> None:
+    """A visitor following a tenant's public link calls the persona, hears it (time to first audio shown), reads
+    its live transcript, and hangs up, which frees the agent for the next caller."""
+    page, errors = browser
+    call = place_call(page, stack, public_persona(), talk_seconds=2.0,
+                      screenshot=os.environ.get("PERSONAGATE_SCREENSHOT"))
+    print(f"browser call: first audio {call['firstAudioMs']:.0f} ms after the click, ready after "
+          f"{call['setupMs']:.0f} ms (the gateway's part {call['serverSetupMs']} ms); "
+          f"transcript {call['transcript']!r}")
+    assert call["status"] == "Live" and call["error"] is None, call
+    assert isinstance(call["firstAudioMs"], float | int) and 0 < call["firstAudioMs"] < CALL_TIMEOUT * 1000, call
+    assert call["shown_first_audio"] == f"{math.floor(call['firstAudioMs'] + 0.5)} ms", call  # JS Math.round
+    assert 0 < call["setupMs"] <= call["firstAudioMs"], call
+    assert call["transcript"].strip(), call
+    assert call["ended_status"] == "Ended: hangup", call
+    # hanging up gives the agent back: the next caller gets it
+    until(lambda: slots_free(stack) == 1, "the hung-up call's slot is free again", timeout=10)
+    assert errors == []
+
+
+def test_a_private_persona_is_refused_without_a_token_and_called_by_its_tenant_admin(
+        stack: str, admin_token: tuple[str, Path], browser: tuple[Page, list[str]]) -> None:
+    """A tenant admin hears a persona before putting it on a number: without the token the page shows the
+    gateway's refusal (status and detail); with it, the list shows the tenant's private personas and the call
+    goes through."""
+    page, errors = browser
+    private = next(name for name in yaml.safe_load((TENANTS / TENANT / "tenant.yaml").read_text())["personas"]
+                   if name != public_persona())
+    open_link(page, stack, TENANT, private)
+    assert f"{private} (private)" not in page.eval_on_selector_all("#persona option", "os => os.map(o => o.label)")
+    page.click("#call")
+    wait_for(page, "window.personagateCall.state === 'ended'", timeout=10)
+    assert page.text_content("#status") == "Ended: failed"
+    shown = page.text_content("#error") or ""
+    assert shown.startswith("HTTP 401: ") and "admin" in shown, shown
+    assert page.is_visible("#error")
+
+    page.click("#admin summary")
+    page.fill("#token", admin_token[0])
+    page.click("#load")
+    wait_for(page, f"[...document.querySelectorAll('#persona option')].some(o => o.label === '{private} (private)')",
+             timeout=10)
+    assert page.input_value("#persona") == f"{TENANT}/{private}"
+    assert page.evaluate("sessionStorage.getItem('personagate.token')") == admin_token[0]
+    call_until_heard(page)
+    assert page_state(page)["error"] is None and not page.is_visible("#error")
+    assert hang_up(page) == "Ended: hangup"
+    until(lambda: slots_free(stack) == 1, "the hung-up call's slot is free again", timeout=10)
+    assert errors == []
 
 
 def gateway_first_audio_seconds(http: str) -> float:
