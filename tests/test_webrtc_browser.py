@@ -111,7 +111,8 @@ def until(check, what: str, timeout: float = 15.0) -> None:
 
 @contextlib.contextmanager
 def browser_page(wav: Path) -> Iterator[tuple[Page, list[str]]]:
-    """A Chromium page (900x700) whose microphone plays ``wav``, and the list its uncaught errors go to."""
+    """A Chromium page (900x700) whose microphone plays ``wav``, and the list its uncaught errors and console errors
+    go to."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -120,6 +121,9 @@ def browser_page(wav: Path) -> Iterator[tuple[Page, list[str]]]:
             page = browser.new_page(viewport={"width": 900, "height": 700})
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
+            # console errors too: a Content-Security-Policy violation, a failed request
+            page.on("console", lambda message: errors.append(f"console: {message.text}") if message.type == "error"
+                    else None)
             yield page, errors
         finally:
             browser.close()
@@ -205,6 +209,7 @@ def test_a_browser_calls_a_public_persona_hears_the_agent_and_reads_its_transcri
     """A visitor following a tenant's public link calls the persona, hears it (time to first audio shown), reads
     its live transcript, and hangs up, which frees the agent for the next caller."""
     page, errors = browser
+    errors.clear()
     call = place_call(page, stack, public_persona(), talk_seconds=2.0,
                       screenshot=os.environ.get("PERSONAGATE_SCREENSHOT"))
     print(f"browser call: first audio {call['firstAudioMs']:.0f} ms after the click, ready after "
@@ -227,6 +232,7 @@ def test_a_private_persona_is_refused_without_a_token_and_called_by_its_tenant_a
     gateway's refusal (status and detail); with it, the list shows the tenant's private personas and the call
     goes through."""
     page, errors = browser
+    errors.clear()
     private = next(name for name in yaml.safe_load((TENANTS / TENANT / "tenant.yaml").read_text())["personas"]
                    if name != public_persona())
     open_link(page, stack, TENANT, private)
@@ -249,7 +255,7 @@ def test_a_private_persona_is_refused_without_a_token_and_called_by_its_tenant_a
     assert page_state(page)["error"] is None and not page.is_visible("#error")
     assert hang_up(page) == "Ended: hangup"
     until(lambda: slots_free(stack) == 1, "the hung-up call's slot is free again", timeout=10)
-    assert errors == []
+    assert len(errors) == 1 and "status of 401" in errors[0], errors  # the refused offer, and nothing else
 
 
 def gateway_first_audio_seconds(http: str) -> float:
