@@ -124,6 +124,7 @@ async function startCall(event) {
   Object.assign(view, {firstAudioMs: null, setupMs: null, serverSetupMs: null, transcript: ""});
   showTime("first-audio", null);
   showTime("setup-time", null);
+  $("setup-time").title = "";
   $("transcript").textContent = "";
   showError(null);
   show("connecting");
@@ -131,7 +132,10 @@ async function startCall(event) {
     current.mic = await navigator.mediaDevices.getUserMedia(
       {audio: {echoCancellation: true, noiseSuppression: true, autoGainControl: true}},
     ).catch((error) => { throw new Error(`No microphone: ${describe(error)}`); });
-    if (current.ended) return;
+    if (current.ended) {  // hung up while the browser asked for the microphone
+      current.mic.getTracks().forEach((track) => track.stop());
+      return;
+    }
     const pc = current.pc = new RTCPeerConnection({iceServers});
     current.mic.getAudioTracks().forEach((track) => pc.addTrack(track, current.mic));
     current.channel = pc.createDataChannel("events");  // before the offer, so that the offer has it
@@ -142,6 +146,7 @@ async function startCall(event) {
     };
     await pc.setLocalDescription(await pc.createOffer());
     await iceGathered(pc);
+    if (current.ended) return;  // hung up while gathering: nothing to tell the gateway yet
     const response = await fetch(
       `/v1/webrtc/calls/${encodeURIComponent(tenant)}/${encodeURIComponent(persona)}`,
       {method: "POST", headers: {"Content-Type": "application/sdp", ...authHeaders()}, body: pc.localDescription.sdp});
