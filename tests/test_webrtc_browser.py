@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -122,11 +123,21 @@ def browser_page(wav: Path) -> Iterator[tuple[Page, list[str]]]:
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
             # console errors too: a Content-Security-Policy violation, a failed request
-            page.on("console", lambda message: errors.append(f"console: {message.text}") if message.type == "error"
-                    else None)
+            page.on("console", lambda message: errors.append(f"console: {message.text} at {message.location['url']}")
+                    if message.type == "error" else None)
             yield page, errors
         finally:
             browser.close()
+
+
+# On Hang up the page sends {"type": "hangup"} on the data channel and then DELETEs the call; the gateway may end
+# the call on the message before the DELETE arrives and answer that 404, which the browser logs. Nothing the
+# caller sees: the one error that is not counted.
+DELETE_AFTER_HANGUP = re.compile(r"status of 404 .* at http://[^ ]+/v1/webrtc/calls/webrtc-[0-9a-f]+$")
+
+
+def unexpected(errors: list[str]) -> list[str]:
+    return [error for error in errors if not DELETE_AFTER_HANGUP.search(error)]
 
 
 def wait_for(page: Page, expression: str, timeout: float) -> None:
@@ -223,7 +234,7 @@ def test_a_browser_calls_a_public_persona_hears_the_agent_and_reads_its_transcri
     assert call["ended_status"] == "Ended: hangup", call
     # hanging up gives the agent back: the next caller gets it
     until(lambda: slots_free(stack) == 1, "the hung-up call's slot is free again", timeout=10)
-    assert errors == []
+    assert unexpected(errors) == []
 
 
 def test_a_private_persona_is_refused_without_a_token_and_called_by_its_tenant_admin(
@@ -255,7 +266,25 @@ def test_a_private_persona_is_refused_without_a_token_and_called_by_its_tenant_a
     assert page_state(page)["error"] is None and not page.is_visible("#error")
     assert hang_up(page) == "Ended: hangup"
     until(lambda: slots_free(stack) == 1, "the hung-up call's slot is free again", timeout=10)
-    assert len(errors) == 1 and "status of 401" in errors[0], errors  # the refused offer, and nothing else
+    assert len(unexpected(errors)) == 1 and "status of 401" in errors[0], errors  # the refused offer, nothing else
+
+
+def test_hanging_up_while_connecting_leaves_no_call_behind(stack: str, browser: tuple[Page, list[str]]) -> None:
+    """A caller who hangs up at once (while the page is still connecting) sees the call end, and no agent is left
+    held for them: the slot comes back, and the next call from the page goes through."""
+    page, errors = browser
+    errors.clear()
+    persona = public_persona()
+    for delay_ms in (0, 50, 150):  # before the offer, around the POST, while the media connects
+        open_link(page, stack, TENANT, persona)
+        page.click("#call")
+        page.wait_for_timeout(delay_ms)
+        assert hang_up(page) == "Ended: hangup"
+        until(lambda: slots_free(stack) == 1, "no slot is held for the abandoned call", timeout=10)
+    open_link(page, stack, TENANT, persona)
+    call_until_heard(page)
+    assert hang_up(page) == "Ended: hangup"
+    assert unexpected(errors) == []
 
 
 def gateway_first_audio_seconds(http: str) -> float:
