@@ -103,6 +103,20 @@ class WebRtc:
     def start(self) -> None:
         restrict_host_addresses(self.settings.webrtc_ice_interfaces)
 
+    async def wait_idle(self, seconds: float) -> bool:
+        """Until no browser call is in progress (True), or ``seconds`` pass (False): a drain waits here for calls
+        bridged to a human (no agent session left) once agent calls have ended."""
+        deadline = time.monotonic() + max(0.0, seconds)
+        while self.active:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            tasks = [c.task for c in self.active.values() if c.task is not None]
+            if not tasks:
+                break
+            await asyncio.wait(tasks, timeout=left)
+        return True
+
     async def stop(self) -> None:
         """End every browser call (``shutdown``)."""
         await asyncio.gather(*(call.stop() for call in list(self.active.values())), return_exceptions=True)
@@ -158,7 +172,8 @@ class WebRtc:
                            setup_timeout=settings.webrtc_setup_timeout_seconds,
                            media_timeout=settings.webrtc_media_timeout_seconds,
                            caller_first_wait=settings.sip_caller_first_wait_seconds,
-                           cushion_packets=settings.webrtc_outbound_cushion_packets)
+                           cushion_packets=settings.webrtc_outbound_cushion_packets,
+                           sip=getattr(request.app.state, "sip", None), ring_timeout=settings.sip_transfer_ring_seconds)
         try:
             answer = await call.answer(sdp)
         except OfferError as exc:

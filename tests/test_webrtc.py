@@ -1,0 +1,472 @@
+"""Browser calls with real peers on loopback: a `personagate worker` (the tiny model), a `personagate gateway`,
+and an aiortc peer connection in the test as the browser (Opus, ICE, DTLS-SRTP, a data channel: what a browser
+speaks), posting its offer to the gateway's HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+from av import AudioFrame
+
+from gateway.admin.tokens import new_token
+from gateway.webrtc.ice import restrict_host_addresses
+from gateway.webrtc.offer import OfferError, check_offer
+from tests.conftest import free_port, serve
+
+ROOT = Path(__file__).resolve().parent.parent
+PUBLIC = ("harbor-mutual", "claims")  # public_link: true in the shipped tenant
+PRIVATE = ("northwind-bank", "lost-stolen")  # admins only
+CLOSED = ("northwind-bank", "card-services")  # public in the test's copy, where the bank is always closed
+LOUD_RMS = 100.0  # int16 RMS above which a received frame counts as agent audio (silence is 0)
+
+
+# ---------------------------------------------------------------------- the browser's side
+
+
+class CallerVoice(MediaStreamTrack):
+    """The browser's microphone: a tone in half-second bursts (or silence), 20 ms at 48 kHz, paced in real time."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.speaking = True
+        self._n = 0
+        self._start: float | None = None
+
+    async def recv(self) -> AudioFrame:
+        loop = asyncio.get_running_loop()
+        self._start = self._start or loop.time()
+        due = self._start + self._n * 0.02
+        if due > loop.time():
+            await asyncio.sleep(due - loop.time())
+        t = (np.arange(960) + self._n * 960) / 48_000
+        burst = self.speaking and (self._n // 25) % 2 == 0
+        pcm = (0.3 * 32767 * np.sin(2 * np.pi * 440 * t) * burst).astype(np.int16)
+        # stereo, as the Opus encoder takes it: aiortc would mix a mono frame into stereo 3 dB down
+        frame = AudioFrame.from_ndarray(np.repeat(pcm, 2).reshape(1, -1), format="s16", layout="stereo")
+        frame.sample_rate, frame.pts, frame.time_base = 48_000, self._n * 960, fractions.Fraction(1, 48_000)
+        self._n += 1
+        return frame
+
+
+@dataclass
+class Browser:
+    """One browser call: its peer connection, what came over the data channel, and the agent audio heard."""
+
+    pc: RTCPeerConnection
+    voice: CallerVoice
+    began: float = field(default_factory=time.monotonic)
+    events: list[dict] = field(default_factory=list)
+    frames: int = 0
+    loud_frames: int = 0
+    first_audio: float | None = None
+    location: str | None = None
+    channel: RTCDataChannel | None = None  # the "events" data channel
+    heard: list[np.ndarray] = field(default_factory=list)  # every received frame, mono, with its arrival time
+    arrivals: list[float] = field(default_factory=list)
+
+    def kinds(self) -> list[str]:
+        return [e["type"] for e in self.events]
+
+    def transcript(self) -> str:
+        return "".join(e["text"] for e in self.events if e["type"] == "text")
+
+    async def until(self, check, what: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting until {what}; events: {self.kinds()[:20]}")
+            await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def browser() -> AsyncIterator[Browser]:
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    call = Browser(pc, CallerVoice())
+    channel = call.channel = pc.createDataChannel("events")
+    channel.on("message", lambda message: call.events.append(json.loads(message)))
+    pc.addTrack(call.voice)
+
+    async def listen(track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            call.frames += 1
+            samples = frame.to_ndarray().astype(np.float32).reshape(-1, len(frame.layout.channels)).mean(axis=1)
+            call.heard.append(samples)
+            call.arrivals.append(time.monotonic())
+            if float(np.sqrt(np.mean(samples * samples))) > LOUD_RMS:
+                call.loud_frames += 1
+                call.first_audio = call.first_audio or time.monotonic()
+
+    listeners: list[asyncio.Task] = []
+    pc.on("track", lambda track: listeners.append(asyncio.create_task(listen(track))))
+    await pc.setLocalDescription(await pc.createOffer())  # aiortc gathers every candidate first
+    try:
+        yield call
+    finally:
+        await pc.close()
+        for task in listeners:
+            task.cancel()
+
+
+async def place(http: httpx.AsyncClient, call: Browser, tenant: str, persona: str,
+                token: str | None = None) -> httpx.Response:
+    """POST the browser's offer; on 201 apply the answer."""
+    headers = {"Content-Type": "application/sdp"} | ({"Authorization": f"Bearer {token}"} if token else {})
+    response = await http.post(f"/v1/webrtc/calls/{tenant}/{persona}", content=call.pc.localDescription.sdp,
+                               headers=headers)
+    if response.status_code == 201:
+        call.location = response.headers["location"]
+        await call.pc.setRemoteDescription(RTCSessionDescription(sdp=response.text, type="answer"))
+    return response
+
+
+# ---------------------------------------------------------------------- the stack
+
+
+@dataclass
+class Stack:
+    http: str
+    admin_token: str  # harbor-mutual's admin
+    other_token: str  # northwind-bank's admin
+
+
+def tenant_copy(folder: Path, *, harbor_limit: int | None = None, bank_public_and_closed: bool = False) -> Path:
+    for tenant in ("harbor-mutual", "northwind-bank"):
+        shutil.copytree(ROOT / "tenants" / tenant, folder / tenant)
+    if bank_public_and_closed:  # card-services on a public link, and the bank closed at every hour
+        path = folder / "northwind-bank" / "tenant.yaml"
+        data = re.sub(r'"\d\d:\d\d-\d\d:\d\d"', "closed", path.read_text())
+        data, n = re.subn(r"(\n    voice:\n      clip: voices/card-services.flac\n)",
+                          r"\1    public_link: true\n", data)
+        assert n == 1
+        path.write_text(data)
+    if harbor_limit is not None:
+        path = folder / "harbor-mutual" / "tenant.yaml"
+        data = path.read_text()
+        data, n = re.subn(r"max_concurrent_calls: \d+", f"max_concurrent_calls: {harbor_limit}", data)
+        if not n:
+            data += f"\nlimits:\n  max_concurrent_calls: {harbor_limit}\n"
+        path.write_text(data)
+    return folder
+
+
+@contextlib.contextmanager
+def webrtc_stack(folder: Path, env: dict[str, str] | None = None, *, slots: int = 2,
+                 worker_args: tuple[str, ...] = ()) -> Iterator[Stack]:
+    """A tiny-model worker (or ``worker_args``'s) and a gateway (embedded routing) with an admin tokens file, as
+    real processes."""
+    env = os.environ | {"NO_TORCH_COMPILE": "1"} | (env or {})
+    (harbor, harbor_hash), (bank, bank_hash) = new_token(), new_token()
+    tokens = folder / "tokens.yaml"
+    tokens.write_text(yaml.safe_dump({"tenants": {"harbor-mutual": [harbor_hash], "northwind-bank": [bank_hash]}}))
+    worker_port, http_port = free_port(), free_port()
+    worker = serve([sys.executable, "-m", "gateway.cli", "worker", *worker_args, "--port", str(worker_port),
+                    "--slots", str(slots)],
+                   f"http://127.0.0.1:{worker_port}/readyz", env=env, timeout=120)
+    gateway = serve([sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants",
+                     str(folder / "tenants"), "--worker", f"http://127.0.0.1:{worker_port}"],
+                    f"http://127.0.0.1:{http_port}/readyz",
+                    env=env | {"PERSONAGATE_GATEWAY_ADMIN_TOKENS_FILE": str(tokens)})
+    with worker, gateway:
+        http = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 15
+        while httpx.get(f"{http}/readyz").json().get("slots_free") != slots:
+            assert time.monotonic() < deadline, "the gateway never saw the worker's slots"
+            time.sleep(0.1)
+        yield Stack(http, harbor, bank)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    folder = tmp_path_factory.mktemp("webrtc")
+    tenant_copy(folder / "tenants", harbor_limit=1, bank_public_and_closed=True)
+    with webrtc_stack(folder, {"PERSONAGATE_GATEWAY_WEBRTC_MEDIA_TIMEOUT_SECONDS": "2",
+                               "PERSONAGATE_GATEWAY_WEBRTC_OFFERS_PER_MINUTE": "1000"}) as addresses:
+        yield addresses
+
+
+@pytest.fixture
+async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=stack.http, timeout=30) as client:
+        yield client
+
+
+async def metrics(http: httpx.AsyncClient) -> dict[str, float]:
+    samples = {}
+    for line in (await http.get("/metrics")).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+async def until_idle(http: httpx.AsyncClient) -> None:
+    """Until the gateway has no browser call and the worker's slots are free again."""
+    deadline = time.monotonic() + 15
+    while (await metrics(http)).get("personagate_gateway_webrtc_calls_active") or \
+            (await http.get("/readyz")).json().get("slots_free") != 2:
+        assert time.monotonic() < deadline, "the gateway did not end the call"
+        await asyncio.sleep(0.1)
+
+
+# ---------------------------------------------------------------------- calls
+
+
+async def test_browser_call_hears_the_agent_and_sees_its_transcript(stack: Stack, http: httpx.AsyncClient) -> None:
+    """A caller on the public link is answered, hears the agent within a second, reads its words as they are
+    spoken, and hangs up; the slot is free again at once."""
+    async with browser() as call:
+        response = await place(http, call, *PUBLIC)
+        assert response.status_code == 201, response.text
+        assert response.headers["content-type"].startswith("application/sdp")
+        assert re.fullmatch(r"/v1/webrtc/calls/webrtc-[0-9a-f]{32}", call.location or "")
+        await call.until(lambda: "ready" in call.kinds(), "the call is ready")
+        await call.until(lambda: call.loud_frames >= 10 and len(call.transcript()) >= 5,
+                         "agent audio and text arrive")
+        assert call.kinds()[:2] == ["ringing", "ready"]
+        ready = next(e for e in call.events if e["type"] == "ready")
+        assert ready["persona"] in ("claims", "after-hours")  # after hours the public link reaches after-hours
+        assert call.first_audio is not None
+        first_audio = call.first_audio - call.began
+        print(f"aiortc browser: ready after {ready['setup_ms']} ms (gateway), first agent audio "
+              f"{first_audio * 1000:.0f} ms after the offer was made")
+        assert first_audio < 5.0
+        assert (await http.delete(call.location)).status_code == 204
+        await call.until(lambda: "ended" in call.kinds(), "the call ends")
+        assert call.events[-1] == {"type": "ended", "reason": "hangup"}
+    await until_idle(http)
+    samples = await metrics(http)
+    assert samples['personagate_gateway_webrtc_calls_ended_total{reason="hangup"}'] >= 1
+    assert samples['personagate_gateway_webrtc_offers_total{answer="201"}'] >= 1
+    assert (await http.delete(call.location)).status_code == 404  # already over
+
+
+async def test_a_browser_that_vanishes_frees_its_slot(stack: Stack, http: httpx.AsyncClient) -> None:
+    """A browser that stops sending audio (a closed laptop lid, a dead network) is hung up after the media
+    timeout; one that closes its connection without a DELETE (a closed tab) at once."""
+    before = await metrics(http)
+    async with browser() as call:
+        assert (await place(http, call, *PUBLIC)).status_code == 201
+        await call.until(lambda: call.loud_frames >= 1, "agent audio arrives")
+        call.pc.getSenders()[0].replaceTrack(None)  # no more RTP from the "browser"
+        await call.until(lambda: "ended" in call.kinds(), "the call ends", timeout=10)
+        assert call.events[-1] == {"type": "ended", "reason": "media_timeout"}
+    await until_idle(http)
+    async with browser() as call:
+        assert (await place(http, call, *PUBLIC)).status_code == 201
+        await call.until(lambda: "ready" in call.kinds(), "the call is ready")
+    began = time.monotonic()
+    await until_idle(http)  # the connection closed: the call is over
+    print(f"a closed connection freed its slot in {(time.monotonic() - began) * 1000:.0f} ms")
+    after = await metrics(http)
+    reason = 'personagate_gateway_webrtc_calls_ended_total{reason="%s"}'
+    assert after[reason % "media_timeout"] == before.get(reason % "media_timeout", 0) + 1
+    assert after[reason % "hangup"] == before.get(reason % "hangup", 0) + 1
+
+
+async def test_the_tenant_limit_refuses_a_second_call_with_429(stack: Stack, http: httpx.AsyncClient) -> None:
+    """The tenant's max_concurrent_calls counts browser calls as it counts phone calls: at its limit (1 in this
+    copy) the next caller is told so (429 with Retry-After), and the call in progress keeps going."""
+    async with browser() as first, browser() as second:
+        assert (await place(http, first, *PUBLIC)).status_code == 201
+        await first.until(lambda: "ready" in first.kinds(), "the first call is ready")
+        refused = await place(http, second, *PUBLIC)
+        assert refused.status_code == 429, refused.text
+        assert "limit" in refused.json()["detail"] and int(refused.headers["retry-after"]) >= 1
+        heard = first.loud_frames
+        await first.until(lambda: first.loud_frames > heard + 10, "the first call still hears the agent")
+        await http.delete(first.location)
+    await until_idle(http)
+
+
+async def test_admins_call_their_own_personas_with_their_token(stack: Stack, http: httpx.AsyncClient) -> None:
+    """A persona without public_link is for its tenant's admins: no token → 401, another tenant's token → 403,
+    its own admin's token → the call (and the page lists it for that token only)."""
+    async with browser() as call:
+        assert (await place(http, call, *PRIVATE)).status_code == 401
+        assert (await place(http, call, *PRIVATE, token=stack.admin_token)).status_code == 403
+        assert (await place(http, call, *PRIVATE, token="not-a-token")).status_code == 401
+        response = await place(http, call, *PRIVATE, token=stack.other_token)
+        assert response.status_code == 201, response.text
+        await call.until(lambda: call.loud_frames >= 1, "agent audio arrives")
+        await http.delete(call.location)
+    await until_idle(http)
+    public = (await http.get("/v1/webrtc/personas")).json()["personas"]
+    assert [(p["tenant"], p["persona"]) for p in public] == [PUBLIC, CLOSED]
+    bank = (await http.get("/v1/webrtc/personas", headers={"Authorization": f"Bearer {stack.other_token}"})).json()
+    assert {(p["tenant"], p["persona"]) for p in bank["personas"]} == {
+        PUBLIC, ("northwind-bank", "card-services"), PRIVATE}
+
+
+async def test_a_closed_tenant_refuses_the_public_but_not_its_admins(stack: Stack, http: httpx.AsyncClient) -> None:
+    """A public link follows the tenant's hours as its phone numbers do: out of hours the visitor is told the
+    tenant is closed and why (503); the tenant's admins still reach the persona to try it."""
+    async with browser() as call:
+        closed = await place(http, call, *CLOSED)
+        assert closed.status_code == 503
+        assert "closed now" in closed.json()["detail"] and "freeze it in the app" in closed.json()["detail"]
+        assert (await place(http, call, *CLOSED, token=stack.other_token)).status_code == 201
+        await call.until(lambda: "ready" in call.kinds(), "the admin's call is ready")
+        await http.delete(call.location)
+    await until_idle(http)
+
+
+async def test_no_free_agent_is_503_with_retry_after(stack: Stack, http: httpx.AsyncClient) -> None:
+    """With every worker slot taken (two calls on the two slots), the next caller gets 503 and when to retry, and
+    nothing is held for it."""
+    async with browser() as first, browser() as second, browser() as third:
+        assert (await place(http, first, *PUBLIC)).status_code == 201
+        assert (await place(http, second, *PRIVATE, token=stack.other_token)).status_code == 201
+        await second.until(lambda: "ready" in second.kinds(), "the second call is ready")
+        refused = await place(http, third, *CLOSED, token=stack.other_token)
+        assert refused.status_code == 503, refused.text
+        assert "no agent is free" in refused.json()["detail"] and int(refused.headers["retry-after"]) >= 1
+        for call in (first, second):
+            await http.delete(call.location)
+    await until_idle(http)
+
+
+@pytest.mark.parametrize(("body", "content_type", "status", "detail"), [
+    (b"hello", "application/sdp", 400, "starts with the line 'v=0'"),
+    (b"v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n", "application/sdp", 400, "no audio section"),
+    (b"\xff\xfe", "application/sdp", 400, "not UTF-8"),
+    (b"v=0\r\n" + b"a=x\r\n" * 5000, "application/sdp", 413, "larger than"),
+    (b"v=0\r\n", "application/json", 415, "application/sdp"),
+])
+async def test_a_bad_offer_gets_a_clear_error(stack: Stack, http: httpx.AsyncClient, body: bytes, content_type: str,
+                                              status: int, detail: str) -> None:
+    """A malformed, oversized or mistyped offer is refused with the reason, costs no slot, and the gateway
+    carries on."""
+    response = await http.post(f"/v1/webrtc/calls/{PUBLIC[0]}/{PUBLIC[1]}", content=body,
+                               headers={"Content-Type": content_type})
+    assert response.status_code == status
+    assert detail in response.json()["detail"]
+    assert (await http.get("/readyz")).json()["slots_free"] == 2
+
+
+async def test_unknown_personas_and_assets_are_404(http: httpx.AsyncClient) -> None:
+    """Callers and admins get a plain 404, not a traceback, for a persona or page file that does not exist."""
+    async with browser() as call:
+        assert (await place(http, call, "harbor-mutual", "nobody")).status_code == 404
+        assert (await place(http, call, "no-such-tenant", "claims")).status_code == 404
+    assert (await http.get("/call/../config.py")).status_code == 404
+    assert (await http.get("/call/nothing.js")).status_code == 404
+
+
+def test_offer_checks_name_the_problem() -> None:
+    """What a tenant's web developer sees when their page sends an offer the gateway cannot answer."""
+    good = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+
+    async def offer() -> str:
+        good.addTransceiver("audio", direction="sendrecv")
+        await good.setLocalDescription(await good.createOffer())
+        sdp = good.localDescription.sdp
+        await good.close()
+        return sdp
+
+    sdp = asyncio.run(offer())
+    assert check_offer(sdp.encode()).startswith("v=0\r\n")
+    with pytest.raises(OfferError, match="recvonly: it sends no audio"):
+        check_offer(sdp.replace("a=sendrecv", "a=recvonly").encode())
+    with pytest.raises(OfferError, match="no Opus"):
+        check_offer(re.sub(r"a=rtpmap:\d+ opus/48000/2\r\n", "", sdp).encode())
+    with pytest.raises(OfferError, match="fingerprint"):
+        check_offer(re.sub(r"a=fingerprint:[^\r]*\r\n", "", sdp).encode())
+    with pytest.raises(OfferError, match="line 2 is not an SDP line"):
+        check_offer(b"v=0\r\n<html>\r\n")
+
+
+# ---------------------------------------------------------------------- an edge gateway: ICE and rate limits
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A gateway whose ICE is restricted to loopback and that takes 3 offers a minute per client."""
+    folder = tmp_path_factory.mktemp("edge")
+    tenant_copy(folder / "tenants")
+    with webrtc_stack(folder, {"PERSONAGATE_GATEWAY_WEBRTC_ICE_INTERFACES": '["127.0.0.1"]',
+                               "PERSONAGATE_GATEWAY_WEBRTC_OFFERS_PER_MINUTE": "3"}, slots=2) as addresses:
+        yield addresses
+
+
+async def test_ice_candidates_stay_on_the_configured_interfaces_and_offers_are_rate_limited(edge: Stack) -> None:
+    """An operator who names the interfaces browsers may reach gets candidates on those only, and the call
+    works over them; a client posting offers faster than webrtc_offers_per_minute gets 429 with Retry-After."""
+    restrict_host_addresses(["127.0.0.1"])  # the test's own "browser" on loopback too
+    try:
+        async with httpx.AsyncClient(base_url=edge.http, timeout=30) as http, browser() as call:
+            response = await place(http, call, *PUBLIC)
+            assert response.status_code == 201, response.text
+            candidates = re.findall(r"a=candidate:\S+ \d+ udp \d+ (\S+) \d+ typ host", response.text)
+            assert candidates and set(candidates) == {"127.0.0.1"}, response.text
+            await call.until(lambda: call.loud_frames >= 1, "agent audio arrives over loopback")
+            await http.delete(call.location)
+            limited = await http.post(f"/v1/webrtc/calls/{PUBLIC[0]}/{PUBLIC[1]}", content=b"v=0\r\n",
+                                      headers={"Content-Type": "application/sdp"})
+            assert limited.status_code == 429
+            assert 1 <= int(limited.headers["retry-after"]) <= 20
+            assert "too many call attempts" in limited.json()["detail"]
+    finally:
+        restrict_host_addresses([])
+
+
+# ---------------------------------------------------------------------- the audio path, measured with an echo
+
+
+@pytest.fixture(scope="module")
+def echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A gateway in front of the echo model: the agent says back what it hears, 80 ms later."""
+    folder = tmp_path_factory.mktemp("echo")
+    tenant_copy(folder / "tenants")
+    with webrtc_stack(folder, worker_args=("--model", "echo")) as addresses:
+        yield addresses
+
+
+async def test_the_caller_hears_a_clean_echo_paced_in_real_time(echo: Stack) -> None:
+    """The audio path is transparent and steady: a 440 Hz tone sent by the browser comes back through 48 → 24 kHz,
+    the agent session and 24 → 48 kHz as the same clean tone (no clicks between frames: one stateful resampler per
+    direction), its bursts delayed by well under a second, and packets arrive at the 20 ms pace, not in bursts."""
+    async with httpx.AsyncClient(base_url=echo.http, timeout=30) as http, browser() as call:
+        assert (await place(http, call, *PUBLIC)).status_code == 201
+        await call.until(lambda: call.loud_frames >= 60, "the echo has come back for a while")
+        await http.delete(call.location)
+    heard = np.concatenate(call.heard)
+    loud = [i for i, frame in enumerate(call.heard) if np.sqrt(np.mean(frame ** 2)) > LOUD_RMS]
+    # A whole burst (25 frames of tone, 500 ms) in the middle of what came back: its spectrum is one line.
+    start = next(i for i in loud[1:] if i - 1 not in loud and all(j in loud for j in range(i, i + 20)))
+    window = heard[(start + 3) * 960:(start + 19) * 960] * np.hanning(16 * 960)
+    spectrum = np.abs(np.fft.rfft(window)) ** 2
+    freqs = np.fft.rfftfreq(len(window), 1 / 48_000)
+    peak = freqs[np.argmax(spectrum)]
+    purity = spectrum[np.abs(freqs - 440) < 25].sum() / spectrum.sum()
+    rms = np.sqrt(np.mean(heard[(start + 3) * 960:(start + 19) * 960] ** 2)) / 32767
+    gaps = np.diff(call.arrivals[len(call.arrivals) // 4:])
+    print(f"echo through WebRTC: peak {peak:.0f} Hz, {purity * 100:.2f} % of the energy within 25 Hz of it, "
+          f"level {20 * np.log10(rms):.1f} dBFS (sent: -13.5), packet gaps p50 {np.median(gaps) * 1000:.1f} ms, "
+          f"p99 {np.percentile(gaps, 99) * 1000:.1f} ms")
+    assert abs(peak - 440) < 5
+    assert purity > 0.99
+    assert -15 < 20 * np.log10(rms) < -12  # the level is kept (sent at -13.5 dBFS)
+    assert 0.015 < np.median(gaps) < 0.025
