@@ -287,6 +287,26 @@ def test_hanging_up_while_connecting_leaves_no_call_behind(stack: str, browser: 
     assert unexpected(errors) == []
 
 
+def test_the_keypad_asks_for_a_person_and_the_page_says_how_it_went(stack: str, browser: tuple[Page, list[str]]
+                                                                     ) -> None:
+    """Pressing the tenant's escalation key on the page's keypad asks the gateway for a person; this gateway has
+    SIP off, so none can be called: the page says so and the caller stays with the agent."""
+    page, errors = browser
+    errors.clear()
+    digit = str(yaml.safe_load((TENANTS / TENANT / "tenant.yaml").read_text())["escalation"]["dtmf_digit"])
+    open_link(page, stack, TENANT, public_persona())
+    assert page.is_disabled(f"#keypad [data-digit='{digit}']")  # no call, no keys
+    call_until_heard(page)
+    page.click(f"#keypad [data-digit='{digit}']")
+    wait_for(page, "document.getElementById('status').textContent.includes('no person')", timeout=10)
+    assert page.text_content("#status") == "Live: no person could take the call (unavailable)"
+    assert page.text_content("#digits") == digit
+    heard = page.evaluate("window.personagateCall.transcript.length")
+    wait_for(page, f"window.personagateCall.transcript.length > {heard}", timeout=10)  # the agent talks on
+    assert hang_up(page) == "Ended: hangup"
+    assert unexpected(errors) == []
+
+
 def gateway_first_audio_seconds(http: str) -> float:
     """The sum of the gateway's own offer → first agent audio queued for the browser, over its calls so far."""
     metrics = httpx.get(f"{http}/metrics", timeout=5).text

@@ -15,7 +15,7 @@ const $ = (id) => document.getElementById(id);
 
 // What the page shows, readable by tests and from the console.
 const view = window.personagateCall = {
-  state: "idle", firstAudioMs: null, setupMs: null, serverSetupMs: null, transcript: "", error: null,
+  state: "idle", firstAudioMs: null, setupMs: null, serverSetupMs: null, transcript: "", digits: "", error: null,
 };
 let iceServers = [];
 let call = null;  // the call in progress: {clickedAt, pc, channel, mic, audioContext, meter, location, ended}
@@ -33,6 +33,7 @@ function enableControls() {
   $("call").disabled = busy || !$("persona").value;
   $("persona").disabled = busy;
   $("hangup").disabled = !busy;
+  for (const key of $("keypad").querySelectorAll("button")) key.disabled = view.state !== "live";
 }
 
 function showError(message) {
@@ -121,7 +122,8 @@ async function startCall(event) {
   const [tenant, persona] = $("persona").value.split("/");
   // Created inside the click, so that the browser lets it run.
   const current = call = {clickedAt: performance.now(), audioContext: new AudioContext(), ended: false};
-  Object.assign(view, {firstAudioMs: null, setupMs: null, serverSetupMs: null, transcript: ""});
+  Object.assign(view, {firstAudioMs: null, setupMs: null, serverSetupMs: null, transcript: "", digits: ""});
+  $("digits").textContent = "";
   showTime("first-audio", null);
   showTime("setup-time", null);
   $("setup-time").title = "";
@@ -191,7 +193,9 @@ function onEvent(current, message) {
       view.serverSetupMs = message.setup_ms ?? null;
       showTime("setup-time", view.setupMs);
       if (view.serverSetupMs !== null) $("setup-time").title = `the gateway's part: ${view.serverSetupMs} ms`;
-      show("live");
+      // After hours a public link may reach another persona (the after-hours desk): say which one answered.
+      show("live", message.persona && !$("persona").value.endsWith(`/${message.persona}`)
+        ? `${message.persona} answered` : "");
       break;
     case "text": {
       view.transcript += message.text;
@@ -200,8 +204,14 @@ function onEvent(current, message) {
       box.scrollTop = box.scrollHeight;
       break;
     }
+    case "transferring":  // the escalation key was pressed: the agent stays on while a person is called
+      show("live", "calling a person…");
+      break;
     case "transferred":
-      show("live", "transferred to a person");
+      show("live", "talking to a person");
+      break;
+    case "transfer_failed":
+      show("live", `no person could take the call (${message.result ?? "failed"})`);
       break;
     case "ended":
       end(current, message.reason ?? "ended", {byServer: true});
@@ -229,6 +239,15 @@ function listen(current, stream) {
     showTime("first-audio", view.firstAudioMs);
     clearInterval(current.meter);
   }, 10);
+}
+
+// A key of the keypad: browsers have no telephone-event codec, so keys go on the data channel.
+function press(event) {
+  const digit = event.target.dataset?.digit;
+  if (!digit || !call?.channel || call.channel.readyState !== "open") return;
+  call.channel.send(JSON.stringify({type: "dtmf", digit}));
+  view.digits += digit;
+  $("digits").textContent = view.digits;
 }
 
 function hangUp() {
@@ -268,6 +287,7 @@ function deleteCall(url) {
 $("token").value = sessionStorage.getItem(TOKEN_KEY) ?? "";
 $("setup").addEventListener("submit", startCall);
 $("hangup").addEventListener("click", hangUp);
+$("keypad").addEventListener("click", press);
 $("persona").addEventListener("change", describePersona);
 $("load").addEventListener("click", loadPersonas);
 $("token").addEventListener("keydown", (event) => {
