@@ -3,10 +3,13 @@ call page, calls a persona with a fake microphone fed from a wav file, and hears
 
 Protects what a tenant's website visitor or a tenant admin sees on ``/call``: the public per-persona link
 preselects its persona, Call reaches the agent (status "Live"), the agent's audio plays and its time to first
-audio is measured and shown, the live transcript fills in, and Hang up ends the call and frees the agent.
+audio is measured and shown, the live transcript fills in, and Hang up ends the call and frees the agent; a
+private persona is refused with the gateway's reason until its admin gives a token; hanging up at once holds
+no agent; the keypad's escalation key reaches the gateway and the page says how it went.
 
 Everything is real and on loopback: a tiny-model worker, the gateway, Chromium. Nothing is downloaded: the
-system Chromium is launched by path (``playwright install`` is never needed).
+system Chromium is launched by path (``playwright install`` is never needed). With ``PERSONAGATE_SCREENSHOT``
+set, the public call saves a screenshot of the page mid-call there.
 
 Also a benchmark: ``python -m tests.test_webrtc_browser --calls 5`` places calls one after another and prints
 each call's time to first audio and setup time as the page measured them (docs/benchmarks.md).
@@ -75,7 +78,8 @@ def chromium_args(wav: Path) -> list[str]:
             "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
             f"--use-file-for-fake-audio-capture={wav}",
             # ICE host candidates on 127.0.0.1 too: a machine (or container) may have no other interface
-            "--allow-loopback-in-peer-connection"]
+            "--allow-loopback-in-peer-connection",
+            "--disable-dev-shm-usage"]  # containers often have a small /dev/shm, which crashes Chromium's tabs
 
 
 @contextlib.contextmanager
