@@ -95,7 +95,7 @@ class BrowserCall:
     def __init__(self, *, call_id: str, tenant: Tenant, persona: PersonaConfig, calls: Calls,
                  configuration: RTCConfiguration, metrics: WebRtcMetrics, client: str, setup_timeout: float,
                  media_timeout: float, caller_first_wait: float | None, cushion_packets: int,
-                 sip: SipServer | None = None, ring_timeout: float = 30.0) -> None:
+                 connect_timeout: float = 10.0, sip: SipServer | None = None, ring_timeout: float = 30.0) -> None:
         self.call_id = call_id
         self.tenant = tenant
         self.persona = persona
@@ -103,6 +103,7 @@ class BrowserCall:
         self.metrics = metrics
         self.client = client
         self.setup_timeout = setup_timeout
+        self.connect_timeout = connect_timeout  # from the answer to the browser's media connected
         self.media_timeout = media_timeout
         self.caller_first_wait = caller_first_wait
         self.state = B.OFFERED
@@ -149,10 +150,10 @@ class BrowserCall:
         try:
             try:
                 await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
-            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                self.pc.addTrack(self.track)
+                await self.pc.setLocalDescription(await self.pc.createAnswer())  # gathers the host candidates
+            except Exception as exc:  # noqa: BLE001 (aiortc fails on odd offers with any exception type)
                 raise OfferError(f"the offer could not be used: {exc or type(exc).__name__}") from None
-            self.pc.addTrack(self.track)
-            await self.pc.setLocalDescription(await self.pc.createAnswer())  # gathers the host candidates
             claimed = asyncio.create_task(self._claimed.wait())
             try:
                 await asyncio.wait({self._start, claimed}, timeout=self.setup_timeout,
@@ -165,8 +166,9 @@ class BrowserCall:
                 raise Refusal("no_capacity", "no slot was claimed in time", self.calls.router.retry_after_seconds)
         except BaseException:
             self._to(B.REFUSED)
-            await self._release_start()
+            await self._release_start("cancelled")
             await self._close_pc()
+            await self._stop_side_tasks()
             raise
         self._to(B.RINGING)
         self.metrics.calls_active.inc()
@@ -336,9 +338,10 @@ class BrowserCall:
         connected = asyncio.create_task(self._connected.wait())
         hangup = asyncio.create_task(self._hangup.wait())
         deadline = self.history[0][1] + self.setup_timeout
+        connect_by = time.monotonic() + self.connect_timeout
         try:
             while not (self._start.done() and connected.done()):
-                left = deadline - time.monotonic()
+                left = min(deadline, connect_by if not connected.done() else deadline) - time.monotonic()
                 waiting = {t for t in (self._start, connected) if not t.done()}
                 done, _ = await asyncio.wait({*waiting, hangup}, timeout=max(0.0, left),
                                              return_when=asyncio.FIRST_COMPLETED)
@@ -354,9 +357,10 @@ class BrowserCall:
                     return False
                 if not done:
                     self.end_reason = "setup_timeout"
-                    log.warning("WebRTC call not ready in %g s: %s", self.setup_timeout,
-                                "no agent session" if not self._start.done() else "the browser's media never "
-                                "connected", extra={"call": self.call_id, "tenant": self.tenant.id})
+                    why = (f"the browser's media did not connect within {self.connect_timeout:g} s of the answer"
+                           if not connected.done() else f"no agent session within {self.setup_timeout:g} s")
+                    log.warning("WebRTC call not ready: %s", why, extra={"call": self.call_id,
+                                                                         "tenant": self.tenant.id})
                     return False
         finally:
             connected.cancel()
@@ -419,24 +423,30 @@ class BrowserCall:
     async def _finish(self) -> None:
         self._to(B.ENDING)
         reason = self.end_reason or "error"
-        if self._escalation is not None and not self._escalation.done():
-            self._escalation.cancel()  # a human still ringing: the INVITE is cancelled
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._escalation
-        if self.human is not None and not self.human.gone.is_set():
-            self.human.hang_up()
-        self._event("ended", reason=reason, **({"ended_by": self.bridge_ended_by} if self.bridge_ended_by else {}))
-        if self.agent is not None:
-            await self.agent.end(reason)
-        await self._release_start()
-        await asyncio.sleep(0)  # let the ended message go out before the connection closes
-        await self._close_pc()
-        for task in self._side:
-            task.cancel()
-        await asyncio.gather(*self._side, return_exceptions=True)
-        self._to(B.ENDED)
-        self.metrics.calls_active.dec()
-        self.metrics.calls_ended.labels(reason=reason).inc()
+        try:
+            if self._escalation is not None and not self._escalation.done():
+                self._escalation.cancel()  # a human still ringing: the INVITE is cancelled
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._escalation
+            if self.human is not None and not self.human.gone.is_set():
+                self.human.hang_up()
+            self._event("ended", reason=reason,
+                        **({"ended_by": self.bridge_ended_by} if self.bridge_ended_by else {}))
+            if self.agent is not None:
+                await self.agent.end(reason)
+        except Exception:
+            log.exception("ending the agent call failed", extra={"call": self.call_id})
+        finally:
+            await self._release_start(reason)
+            await asyncio.sleep(0)  # let the ended message go out before the connection closes
+            await self._close_pc()
+            await self._stop_side_tasks()
+            self._to(B.ENDED)
+            self.metrics.calls_active.dec()
+            self.metrics.calls_ended.labels(reason=reason).inc()
+        self._record(reason)
+
+    def _record(self, reason: str) -> None:
         stats = self.pacer.stats()
         self.metrics.outbound_underruns.inc(stats.underruns)
         self.metrics.outbound_shed.inc(stats.shed)
@@ -457,8 +467,14 @@ class BrowserCall:
             "dtmf": "".join(self.dtmf), "transfer": self.transfer_result, "bridge_ended_by": self.bridge_ended_by,
             "human_leg_seconds": round(self.human.seconds, 2) if self.human and self.human.seconds else None})
 
-    async def _release_start(self) -> None:
-        """A claim or session still being set up is given up (its slot released)."""
+    async def _stop_side_tasks(self) -> None:
+        for task in self._side:
+            task.cancel()
+        await asyncio.gather(*self._side, return_exceptions=True)
+
+    async def _release_start(self, reason: str) -> None:
+        """A claim or session still being set up is given up (its slot released; a session that came up but
+        was never used is ended with ``reason``)."""
         start = self._start
         if start is None:
             return
@@ -467,7 +483,7 @@ class BrowserCall:
         with contextlib.suppress(BaseException):
             agent = await start
             if self.agent is None:  # it went live after all, but the call is over
-                await agent.end("cancelled")
+                await agent.end(reason)
 
     async def _close_pc(self) -> None:
         with contextlib.suppress(Exception):
