@@ -244,8 +244,8 @@ def test_a_browser_calls_a_public_persona_hears_the_agent_and_reads_its_transcri
 def test_a_private_persona_is_refused_without_a_token_and_called_by_its_tenant_admin(
         stack: str, admin_token: tuple[str, Path], browser: tuple[Page, list[str]]) -> None:
     """A tenant admin hears a persona before putting it on a number: without the token the page shows the
-    gateway's refusal (status and detail); with it, the list shows the tenant's private personas and the call
-    goes through."""
+    gateway's refusal (HTTP status and detail); with it, the list shows the tenant's private personas and the
+    call goes through."""
     page, errors = browser
     errors.clear()
     private = next(name for name in yaml.safe_load((TENANTS / TENANT / "tenant.yaml").read_text())["personas"]
@@ -256,7 +256,9 @@ def test_a_private_persona_is_refused_without_a_token_and_called_by_its_tenant_a
     wait_for(page, "window.personagateCall.state === 'ended'", timeout=10)
     assert page.text_content("#status") == "Ended: failed"
     shown = page.text_content("#error") or ""
-    assert shown.startswith("HTTP 401: ") and "admin" in shown, shown
+    # a private persona is a 404 to anyone without its tenant's token, as one that does not exist (no discovery
+    # by guessing); the detail still tells an admin what to do
+    assert shown.startswith("HTTP 404: ") and "admin token" in shown, shown
     assert page.is_visible("#error")
 
     page.click("#admin summary")
@@ -270,7 +272,7 @@ def test_a_private_persona_is_refused_without_a_token_and_called_by_its_tenant_a
     assert page_state(page)["error"] is None and not page.is_visible("#error")
     assert hang_up(page) == "Ended: hangup"
     until(lambda: slots_free(stack) == 1, "the hung-up call's slot is free again", timeout=10)
-    assert len(unexpected(errors)) == 1 and "status of 401" in errors[0], errors  # the refused offer, nothing else
+    assert len(unexpected(errors)) == 1 and "status of 404" in errors[0], errors  # the refused offer, nothing else
 
 
 def test_hanging_up_while_connecting_leaves_no_call_behind(stack: str, browser: tuple[Page, list[str]]) -> None:
