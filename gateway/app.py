@@ -101,13 +101,16 @@ def create_app(
         install_webrtc(app, webrtc)
 
     async def drain(deadline_seconds: float) -> None:
-        """SIGTERM: new calls refused; calls in progress, agent sessions first, then SIP calls that no longer
-        have one (bridged to a human), end by themselves within ``deadline_seconds`` or are ended then."""
+        """SIGTERM: new calls refused; calls in progress, agent sessions first, then SIP and browser calls that no
+        longer have one (bridged to a human), end by themselves within ``deadline_seconds`` or are ended then."""
         began = time.monotonic()
         await calls.drain(deadline_seconds)
         sip = app.state.sip
         if sip is not None and not await sip.wait_idle(deadline_seconds - (time.monotonic() - began)):
             log.warning("drain deadline passed with %d SIP call(s) in progress: they are hung up", len(sip.active))
+        if webrtc is not None and not await webrtc.wait_idle(deadline_seconds - (time.monotonic() - began)):
+            log.warning("drain deadline passed with %d browser call(s) in progress: they are ended",
+                        len(webrtc.active))
 
     app.state.drain = drain
 

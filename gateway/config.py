@@ -91,9 +91,10 @@ class IceServer(BaseModel):
     @field_validator("urls")
     @classmethod
     def _urls(cls, urls: list[str]) -> list[str]:
+        from .webrtc.ice import check_ice_server_url
+
         for url in urls:
-            if not re.match(r"^(stun|stuns|turn|turns):[^\s]+$", url):
-                raise ValueError(f"{url!r} is not a STUN or TURN URL; expected e.g. turn:turn.example.com:3478")
+            check_ice_server_url(url)
         return urls
 
 class GatewaySettings(LayeredSettings):
@@ -209,6 +210,9 @@ class GatewaySettings(LayeredSettings):
     webrtc_setup_timeout_seconds: float = Field(
         20.0, gt=0, le=300, description="from the offer to a primed agent and connected media; later, the call ends "
                                         "(setup_timeout)")
+    webrtc_connect_timeout_seconds: float = Field(
+        10.0, gt=0, le=120, description="from the answer to the browser's media connected (ICE, DTLS); later, the "
+                                        "call ends (setup_timeout) and its slot is freed")
     webrtc_media_timeout_seconds: float = Field(
         20.0, ge=1, le=3600, description="a connected browser call with no audio from the browser this long ends "
                                          "(media_timeout)")

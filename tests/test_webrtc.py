@@ -21,11 +21,12 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
 from gateway.admin.tokens import new_token
+from gateway.webrtc.api import OfferRateLimit, client_key
 from gateway.webrtc.ice import restrict_host_addresses
 from gateway.webrtc.offer import OfferError, check_offer
 from tests.conftest import free_port, serve
@@ -79,6 +80,7 @@ class Browser:
     loud_frames: int = 0
     first_audio: float | None = None
     location: str | None = None
+    channel: RTCDataChannel | None = None  # the "events" data channel
     heard: list[np.ndarray] = field(default_factory=list)  # every received frame, mono, with its arrival time
     arrivals: list[float] = field(default_factory=list)
 
@@ -100,7 +102,7 @@ class Browser:
 async def browser() -> AsyncIterator[Browser]:
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     call = Browser(pc, CallerVoice())
-    channel = pc.createDataChannel("events")
+    channel = call.channel = pc.createDataChannel("events")
     channel.on("message", lambda message: call.events.append(json.loads(message)))
     pc.addTrack(call.voice)
 
@@ -202,6 +204,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     folder = tmp_path_factory.mktemp("webrtc")
     tenant_copy(folder / "tenants", harbor_limit=1, bank_public_and_closed=True)
     with webrtc_stack(folder, {"PERSONAGATE_GATEWAY_WEBRTC_MEDIA_TIMEOUT_SECONDS": "2",
+                               "PERSONAGATE_GATEWAY_WEBRTC_CONNECT_TIMEOUT_SECONDS": "2",
                                "PERSONAGATE_GATEWAY_WEBRTC_OFFERS_PER_MINUTE": "1000"}) as addresses:
         yield addresses
 
@@ -285,6 +288,23 @@ async def test_a_browser_that_vanishes_frees_its_slot(stack: Stack, http: httpx.
     assert after[reason % "hangup"] == before.get(reason % "hangup", 0) + 1
 
 
+async def test_a_client_that_never_connects_holds_its_slot_only_briefly(stack: Stack,
+                                                                       http: httpx.AsyncClient) -> None:
+    """A client that posts an offer and never uses the answer (a script probing the public link, a browser that
+    crashed) gets its call ended once webrtc_connect_timeout_seconds pass (2 s here): the slot goes back to real
+    callers."""
+    before = await metrics(http)
+    async with browser() as call:
+        response = await http.post(f"/v1/webrtc/calls/{PUBLIC[0]}/{PUBLIC[1]}", content=call.pc.localDescription.sdp,
+                                   headers={"Content-Type": "application/sdp"})
+        assert response.status_code == 201
+        began = time.monotonic()
+        await until_idle(http)
+        print(f"an offer never connected held its slot {time.monotonic() - began:.1f} s")
+    reason = 'personagate_gateway_webrtc_calls_ended_total{reason="setup_timeout"}'
+    assert (await metrics(http))[reason] == before.get(reason, 0) + 1
+
+
 async def test_the_tenant_limit_refuses_a_second_call_with_429(stack: Stack, http: httpx.AsyncClient) -> None:
     """The tenant's max_concurrent_calls counts browser calls as it counts phone calls: at its limit (1 in this
     copy) the next caller is told so (429 with Retry-After), and the call in progress keeps going."""
@@ -301,11 +321,15 @@ async def test_the_tenant_limit_refuses_a_second_call_with_429(stack: Stack, htt
 
 
 async def test_admins_call_their_own_personas_with_their_token(stack: Stack, http: httpx.AsyncClient) -> None:
-    """A persona without public_link is for its tenant's admins: no token → 401, another tenant's token → 403,
-    its own admin's token → the call (and the page lists it for that token only)."""
+    """A persona without public_link is for its tenant's admins: without a token, or with another tenant's, it is
+    a 404 exactly like a persona that does not exist (nobody discovers private personas by guessing); an unknown
+    token is a 401; its own admin's token places the call (and the page lists it for that token only)."""
     async with browser() as call:
-        assert (await place(http, call, *PRIVATE)).status_code == 401
-        assert (await place(http, call, *PRIVATE, token=stack.admin_token)).status_code == 403
+        missing = await place(http, call, "northwind-bank", "no-such-persona")
+        for token in (None, stack.admin_token):
+            hidden = await place(http, call, *PRIVATE, token=token)
+            assert hidden.status_code == 404
+            assert hidden.json()["detail"] == missing.json()["detail"].replace("no-such-persona", PRIVATE[1])
         assert (await place(http, call, *PRIVATE, token="not-a-token")).status_code == 401
         response = await place(http, call, *PRIVATE, token=stack.other_token)
         assert response.status_code == 201, response.text
@@ -326,6 +350,8 @@ async def test_a_closed_tenant_refuses_the_public_but_not_its_admins(stack: Stac
         closed = await place(http, call, *CLOSED)
         assert closed.status_code == 503
         assert "closed now" in closed.json()["detail"] and "freeze it in the app" in closed.json()["detail"]
+        # another tenant's admin calls a public persona as anyone does: the hours apply
+        assert (await place(http, call, *CLOSED, token=stack.admin_token)).status_code == 503
         assert (await place(http, call, *CLOSED, token=stack.other_token)).status_code == 201
         await call.until(lambda: "ready" in call.kinds(), "the admin's call is ready")
         await http.delete(call.location)
@@ -353,11 +379,17 @@ async def test_no_free_agent_is_503_with_retry_after(stack: Stack, http: httpx.A
     (b"\xff\xfe", "application/sdp", 400, "not UTF-8"),
     (b"v=0\r\n" + b"a=x\r\n" * 5000, "application/sdp", 413, "larger than"),
     (b"v=0\r\n", "application/json", 415, "application/sdp"),
+    # passes the gateway's own checks (a=setup:foo) but not aiortc's: still a 400 that says so, not a 500
+    (None, "application/sdp", 400, "could not be used"),
 ])
-async def test_a_bad_offer_gets_a_clear_error(stack: Stack, http: httpx.AsyncClient, body: bytes, content_type: str,
+async def test_a_bad_offer_gets_a_clear_error(stack: Stack, http: httpx.AsyncClient, body: bytes | None,
+                                              content_type: str,
                                               status: int, detail: str) -> None:
     """A malformed, oversized or mistyped offer is refused with the reason, costs no slot, and the gateway
     carries on."""
+    if body is None:
+        async with browser() as call:
+            body = re.sub(r"a=setup:\w+", "a=setup:sideways", call.pc.localDescription.sdp).encode()
     response = await http.post(f"/v1/webrtc/calls/{PUBLIC[0]}/{PUBLIC[1]}", content=body,
                                headers={"Content-Type": content_type})
     assert response.status_code == status
@@ -395,6 +427,24 @@ def test_offer_checks_name_the_problem() -> None:
         check_offer(re.sub(r"a=fingerprint:[^\r]*\r\n", "", sdp).encode())
     with pytest.raises(OfferError, match="line 2 is not an SDP line"):
         check_offer(b"v=0\r\n<html>\r\n")
+    with pytest.raises(OfferError, match="a=setup"):
+        check_offer(re.sub(r"a=setup:[^\r]*\r\n", "", sdp).encode())
+    video = sdp + "m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=rtpmap:96 VP8/90000\r\n"
+    with pytest.raises(OfferError, match="media are audio, video: a call takes one audio section"):
+        check_offer(video.encode())
+    audio = sdp[sdp.index("m=audio"):]
+    with pytest.raises(OfferError, match="media are audio, audio"):
+        check_offer((sdp + audio).encode())
+
+
+def test_offers_are_counted_per_ipv4_address_and_per_ipv6_64() -> None:
+    """One IPv6 subscriber holds a whole /64: the offer rate limit counts the network, so rotating addresses
+    inside it gets no more offers."""
+    assert client_key("192.0.2.7") == "192.0.2.7"
+    assert client_key("2001:db8:1:2:aaaa::1") == client_key("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
+    assert client_key("::ffff:192.0.2.7") == "192.0.2.7"
+    limit = OfferRateLimit(3, clock=lambda: 0.0)
+    assert limit.take("a") == 0 and limit.take("a") == pytest.approx(20.0) and limit.take("b") == 0
 
 
 # ---------------------------------------------------------------------- an edge gateway: ICE and rate limits

@@ -19,6 +19,10 @@ The human's INVITE carries the caller's identity (the caller's From) as ``P-Asse
 a PBX that trusts the gateway shows on the human's phone; once bridged, the caller's key presses are passed on to
 the human's side as RFC 4733 events (a PBX queue or menu may ask for them).
 
+A browser caller (``gateway/webrtc``) escalates the same way, with no caller leg to join: its ``HumanLeg`` is
+made with ``caller_serial=None`` and keeps its own media tap, ``buffers`` (16 kHz), which the browser call pumps
+to and from the browser's audio.
+
 Threads: the loop side keeps no pjsua object. ``_dial``, ``_join`` and the hang-up run on the pjsua thread and
 find the legs there by their serials (``UserAgent.kept``); the leg's events come back through the loop.
 """
@@ -60,10 +64,12 @@ class DialError(Exception):
 class HumanLeg:
     """The gateway's call to the escalation target, from the loop's side; ``connect()`` once."""
 
-    def __init__(self, *, ua: UserAgent, caller_serial: int, target: str, ring_timeout: float,
+    def __init__(self, *, ua: UserAgent, caller_serial: int | None, target: str, ring_timeout: float,
                  loop: asyncio.AbstractEventLoop, sip_call_id: str) -> None:
         self.ua = ua
-        self.caller_serial = caller_serial
+        self.caller_serial = caller_serial  # None: no caller leg; the human's audio is tapped into ``buffers``
+        # The human's leg's media tap: only used without a caller leg (a leg joined to another has no tap).
+        self.buffers = MediaBuffers(inbound_frames=1) if caller_serial is not None else MediaBuffers()
         self.target = target
         self.ring_timeout = ring_timeout
         self.loop = loop
@@ -106,6 +112,9 @@ class HumanLeg:
                 self.status = self.status or event.status
                 self.reason = self.reason or event.reason
                 return dial_result(self.status or 500)
+            if self.caller_serial is None:
+                joined = True  # nothing to join: the owner pumps ``buffers``
+                return "success"
             joined = await asyncio.wrap_future(self.ua.submit(self._join))
             if not joined:
                 self.reason = "the caller's leg ended first"
@@ -144,13 +153,13 @@ class HumanLeg:
 
     def _dial(self) -> str:
         assert self.ua.account is not None
-        leg = Leg(self.ua, self.ua.account, buffers=MediaBuffers(inbound_frames=1))
-        leg.tap = False  # its audio only ever goes to the caller's, once joined
+        leg = Leg(self.ua, self.ua.account, buffers=self.buffers)
+        leg.tap = self.caller_serial is None  # else its audio only ever goes to the caller's, once joined
         leg.events = lambda event: self.loop.call_soon_threadsafe(self._on_event, event)
         self.ua.keep(leg.serial, leg)
         # Who is calling, for the human's phone: RFC 3325's asserted identity, which a PBX that trusts the
         # gateway shows (the From is the gateway's own address, as the call is the gateway's).
-        caller = self.ua.kept(self.caller_serial)
+        caller = self.ua.kept(self.caller_serial) if self.caller_serial is not None else None
         identity = caller.getInfo().remoteUri if isinstance(caller, Leg) and not caller.over else ""
         try:
             leg.dial(self.target, {"P-Asserted-Identity": identity} if identity else None)
@@ -161,6 +170,7 @@ class HumanLeg:
         return leg.getInfo().callIdString
 
     def _join(self) -> bool:
+        assert self.caller_serial is not None
         caller = self.ua.kept(self.caller_serial)
         human = self.ua.kept(self._dialed_serial) if self._dialed_serial is not None else None
         if not isinstance(caller, Leg) or not isinstance(human, Leg) or caller.over or human.over:

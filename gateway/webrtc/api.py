@@ -11,21 +11,24 @@ The exchange is WHIP's (RFC 9725) shape: one POST with the complete offer, one a
 **Who may call.** A persona with ``public_link: true`` takes calls from anyone (its tenant's hours apply, as
 on its phone numbers: after hours the after-hours persona answers, or the call is refused with 503). Any
 persona takes calls from its tenant's admins and the operator, with their admin API token
-(``Authorization: Bearer``), at any hour: that is how admins hear a persona before it goes on a number.
+(``Authorization: Bearer``), at any hour: that is how admins hear a persona before it goes on a number. A
+persona this caller may not call is a 404, as one that does not exist.
 
-**Answers** (JSON ``{"detail": …}`` for errors): 400 malformed offer (the reason), 401 no or unknown token for
-a persona that is not public, 403 a token of another tenant, 404 no such tenant or persona, 413 offer larger
-than ``webrtc_max_offer_bytes``, 415 not ``application/sdp``, 429 too many offers from this client
-(``webrtc_offers_per_minute``) or the tenant at its ``max_concurrent_calls`` (SIP's 486), 500 the persona
-refused by the worker, 503 no agent free / routing store unavailable / gateway draining / after hours, with
-``Retry-After`` where a retry can help. The offer is answered once the slot is claimed; priming goes on while
-the browser connects, and the data channel says ``ringing``, then ``ready`` (see ``call.py``).
+**Answers** (JSON ``{"detail": …}`` for errors): 400 malformed offer (the reason), 401 an unknown token, 404 no
+such tenant or persona (or not one this caller may call), 413 offer larger than ``webrtc_max_offer_bytes``, 415
+not ``application/sdp``, 429 too many offers from this client (``webrtc_offers_per_minute``, per IPv4 address
+or IPv6 /64) or the tenant at its ``max_concurrent_calls`` (SIP's 486), 503 no agent free / routing store
+unavailable / gateway draining / after hours, with ``Retry-After`` where a retry can help. The offer is
+answered once the slot is claimed; priming goes on while the browser connects, and the data channel says
+``ringing``, then ``ready`` (see ``call.py``); what fails after the claim (the persona refused by the worker, no
+worker starting the session) ends the call with ``ended`` and its reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import ipaddress
 import logging
 import math
 import secrets
@@ -103,6 +106,20 @@ class WebRtc:
     def start(self) -> None:
         restrict_host_addresses(self.settings.webrtc_ice_interfaces)
 
+    async def wait_idle(self, seconds: float) -> bool:
+        """Until no browser call is in progress (True), or ``seconds`` pass (False): a drain waits here for calls
+        bridged to a human (no agent session left) once agent calls have ended."""
+        deadline = time.monotonic() + max(0.0, seconds)
+        while self.active:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            tasks = [c.task for c in self.active.values() if c.task is not None]
+            if not tasks:
+                break
+            await asyncio.wait(tasks, timeout=left)
+        return True
+
     async def stop(self) -> None:
         """End every browser call (``shutdown``)."""
         await asyncio.gather(*(call.stop() for call in list(self.active.values())), return_exceptions=True)
@@ -116,26 +133,27 @@ class WebRtc:
         return out
 
     def resolve(self, tenant_id: str, persona_name: str, who: Principal | None) -> tuple[Tenant, PersonaConfig]:
-        """The tenant and the persona that answers now; ``ApiError`` if this client may not call it."""
+        """The tenant and the persona that answers now; ``ApiError`` if this client may not call it. A persona the
+        caller may not call is answered as one that does not exist, so that nobody learns a tenant's private
+        personas by guessing; a token for another tenant calls public personas as anyone does."""
         tenant = self.registry.tenants.get(tenant_id)
-        if who is not None and not who.may_reach(tenant_id):
-            raise ApiError(403, f"this token is not for tenant {tenant_id!r}")
-        if tenant is None or persona_name not in tenant.personas:
-            raise ApiError(404, f"no persona {persona_name!r} in tenant {tenant_id!r}")
-        persona = tenant.personas[persona_name]
-        if who is not None:
+        persona = tenant.personas.get(persona_name) if tenant is not None else None
+        admin = who is not None and who.may_reach(tenant_id)
+        if persona is None or not (admin or persona.public_link):
+            raise ApiError(404, f"no persona {persona_name!r} to call in tenant {tenant_id!r} (a persona without "
+                                "public_link is called with its tenant's admin token)")
+        assert tenant is not None
+        if admin:
             return tenant, persona  # an admin trying a persona: at any hour
-        if not persona.public_link:
-            raise ApiError(401, f"{tenant_id}/{persona_name} takes browser calls from its tenant's admins only "
-                                "(Authorization: Bearer <admin token>)", headers={"WWW-Authenticate": "Bearer"})
         answer = tenant.answer_for(persona_name, dt.datetime.now(dt.UTC))
         if isinstance(answer, Rejection):
             raise ApiError(503, f"{tenant.spec.name} is closed now: {answer.reason}")
         return tenant, answer
 
-    async def offer(self, tenant_id: str, persona_name: str, request: Request, who: Principal | None) -> Response:
+    async def offer(self, tenant_id: str, persona_name: str, request: Request,
+                    credentials: HTTPAuthorizationCredentials | None) -> Response:
         client = request.client.host if request.client else "unknown"
-        wait = self.rate_limit.take(client)
+        wait = self.rate_limit.take(client_key(client))
         if wait:
             raise ApiError(429, f"too many call attempts from {client}; try again in {math.ceil(wait)} s",
                            headers={"Retry-After": str(math.ceil(wait))})
@@ -147,6 +165,7 @@ class WebRtc:
             sdp = check_offer(body)
         except OfferError as exc:
             raise ApiError(400, str(exc)) from None
+        who = await identify(request, credentials)
         tenant, persona = self.resolve(tenant_id, persona_name, who)
         if self.calls.draining:
             raise ApiError(503, "this gateway is draining: it takes no new calls",
@@ -158,7 +177,9 @@ class WebRtc:
                            setup_timeout=settings.webrtc_setup_timeout_seconds,
                            media_timeout=settings.webrtc_media_timeout_seconds,
                            caller_first_wait=settings.sip_caller_first_wait_seconds,
-                           cushion_packets=settings.webrtc_outbound_cushion_packets)
+                           cushion_packets=settings.webrtc_outbound_cushion_packets,
+                           connect_timeout=settings.webrtc_connect_timeout_seconds,
+                           sip=getattr(request.app.state, "sip", None), ring_timeout=settings.sip_transfer_ring_seconds)
         try:
             answer = await call.answer(sdp)
         except OfferError as exc:
@@ -174,6 +195,8 @@ class WebRtc:
         call.begin()
         assert call.task is not None
         call.task.add_done_callback(lambda _: self.active.pop(call_id, None))
+        if await request.is_disconnected():  # the client gave up while the slot was claimed: free it now
+            call.hang_up("hangup")
         log.info("WebRTC call answered", extra={"call": call_id, "tenant": tenant.id, "persona": persona.name,
                                                 "client": client, "admin": who.name if who else None})
         return Response(answer, status_code=201, media_type=SDP,
@@ -185,8 +208,7 @@ _REFUSALS = {"no_capacity": "no agent is free to take the call now", "draining":
 bearer = HTTPBearer(auto_error=False)
 
 
-async def optional_caller(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None,
-                                                                  Security(bearer)]) -> Principal | None:
+async def identify(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Principal | None:
     """Who the bearer token belongs to, or None without one; 401 for a token that is not known."""
     if credentials is None:
         return None
@@ -200,7 +222,21 @@ async def optional_caller(request: Request, credentials: Annotated[HTTPAuthoriza
     return who
 
 
-Caller = Annotated[Principal | None, Security(optional_caller)]
+def client_key(address: str) -> str:
+    """What the offer rate limit counts per: an IPv4 address, or an IPv6 address's /64 (one subscriber's
+    network: a client can take any address in it)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
 
 
 def install(app: FastAPI, webrtc: WebRtc) -> None:
@@ -208,7 +244,8 @@ def install(app: FastAPI, webrtc: WebRtc) -> None:
     router = APIRouter(prefix="/v1/webrtc", tags=["webrtc"])
 
     @router.get("/personas", summary="Personas this client may call from a browser, and the ICE servers to use")
-    async def personas(who: Caller) -> JSONResponse:
+    async def personas(request: Request, credentials: Credentials) -> JSONResponse:
+        who = await identify(request, credentials)
         listed = [{"tenant": p.tenant, "tenant_name": webrtc.registry.tenants[p.tenant].spec.name,
                    "persona": p.name, "description": p.description, "public": p.public_link}
                   for p in webrtc.callable_personas(who)]
@@ -217,11 +254,14 @@ def install(app: FastAPI, webrtc: WebRtc) -> None:
 
     @router.post("/calls/{tenant}/{persona}", status_code=201, summary="Call a persona: post an SDP offer",
                  response_class=Response, responses={201: {"content": {SDP: {}}, "description": "the SDP answer"}})
-    async def offer(tenant: str, persona: str, request: Request, who: Caller) -> Response:
+    async def offer(tenant: str, persona: str, request: Request, credentials: Credentials) -> Response:
         try:
-            answer = await webrtc.offer(tenant, persona, request, who)
+            answer = await webrtc.offer(tenant, persona, request, credentials)
         except ApiError as exc:
             webrtc.metrics.offers.labels(answer=str(exc.status)).inc()
+            raise
+        except Exception:
+            webrtc.metrics.offers.labels(answer="500").inc()
             raise
         webrtc.metrics.offers.labels(answer="201").inc()
         return answer

@@ -2,9 +2,10 @@
 
 **States** (``BrowserCallState``; ``history`` keeps when each was entered)::
 
-    offered ──► ringing ──► live ──► ending ──► ended
-       │           │                   ▲
-       │           └───────────────────┘  (setup failed, or the browser gave up)
+    offered ──► ringing ──► live ──────────► ending ──► ended
+       │           │          │               ▲
+       │           │          └──► bridged ───┤
+       │           └──────────────────────────┘  (setup failed, or the browser gave up)
        └──► refused (an HTTP error answered the offer)
 
 - ``offered``: the offer passed the API's checks. The slot is claimed (``Calls.start``: the same claim, tenant
@@ -18,6 +19,12 @@
   itself (``no_worker``, ``worker_ended``, ``shutdown``), by no audio from the browser for
   ``webrtc_media_timeout_seconds`` (``media_timeout``), or by the tenant's ``limits.max_call_seconds``
   (``max_duration``).
+- ``bridged``: the caller sent the tenant's escalation digit (``{"type": "dtmf", "digit": "0"}``) and the
+  gateway called ``escalation.transfer_to`` over SIP (``gateway/sip/bridge.py``; the caller talks to the agent
+  while it rings: ``transferring``, then ``transfer_failed`` with busy / no_answer / failed / unavailable if it
+  does not answer). The human answered: ``transferred``; the agent session is ended (``transfer``: its slot
+  freed) and the browser's audio is bridged to the human's leg until either side hangs up (the gateway BYEs the
+  human when the browser goes; ``ended`` says ``transfer`` with ``ended_by``: caller, human, media_timeout).
 - ``ending`` / ``ended``: ``ended`` with the reason on the data channel, the agent call ended (slot freed), the
   peer connection closed; one JSON line "WebRTC call ended" is the call record.
 
@@ -41,13 +48,16 @@ from aiortc.rtcdatachannel import RTCDataChannel
 from ..audio import OutboundPacer
 from ..calls import AgentCall, Calls, PersonaRejected
 from ..routing import Refusal
-from .media import PACKET_SAMPLES, AgentAudioPump, AgentTrack, CallerAudio
+from ..sip.bridge import HumanLeg
+from ..tenants.schema import DTMF_DIGITS
+from .media import PACKET_SAMPLES, AgentAudioPump, AgentTrack, CallerAudio, HumanAudio
 from .metrics import WebRtcMetrics
 from .offer import OfferError
 
 if TYPE_CHECKING:
     from aiortc import MediaStreamTrack, RTCConfiguration
 
+    from ..sip.server import SipServer
     from ..tenants.tenant import PersonaConfig, Tenant
 
 log = logging.getLogger(__name__)
@@ -61,6 +71,7 @@ class BrowserCallState(enum.StrEnum):
     OFFERED = "offered"
     RINGING = "ringing"
     LIVE = "live"
+    BRIDGED = "bridged"
     ENDING = "ending"
     ENDED = "ended"
     REFUSED = "refused"
@@ -70,7 +81,8 @@ B = BrowserCallState
 TRANSITIONS: dict[BrowserCallState, frozenset[BrowserCallState]] = {
     B.OFFERED: frozenset({B.RINGING, B.REFUSED}),
     B.RINGING: frozenset({B.LIVE, B.ENDING}),
-    B.LIVE: frozenset({B.ENDING}),
+    B.LIVE: frozenset({B.BRIDGED, B.ENDING}),
+    B.BRIDGED: frozenset({B.ENDING}),
     B.ENDING: frozenset({B.ENDED}),
     B.ENDED: frozenset(),
     B.REFUSED: frozenset(),
@@ -82,7 +94,8 @@ class BrowserCall:
 
     def __init__(self, *, call_id: str, tenant: Tenant, persona: PersonaConfig, calls: Calls,
                  configuration: RTCConfiguration, metrics: WebRtcMetrics, client: str, setup_timeout: float,
-                 media_timeout: float, caller_first_wait: float | None, cushion_packets: int) -> None:
+                 media_timeout: float, caller_first_wait: float | None, cushion_packets: int,
+                 connect_timeout: float = 10.0, sip: SipServer | None = None, ring_timeout: float = 30.0) -> None:
         self.call_id = call_id
         self.tenant = tenant
         self.persona = persona
@@ -90,6 +103,7 @@ class BrowserCall:
         self.metrics = metrics
         self.client = client
         self.setup_timeout = setup_timeout
+        self.connect_timeout = connect_timeout  # from the answer to the browser's media connected
         self.media_timeout = media_timeout
         self.caller_first_wait = caller_first_wait
         self.state = B.OFFERED
@@ -104,6 +118,14 @@ class BrowserCall:
         self.pc = RTCPeerConnection(configuration)
         self.channel: RTCDataChannel | None = None
         self.events_dropped = 0
+        self.sip = sip  # for escalation: the gateway's SIP user agent calls the tenant's human
+        self.ring_timeout = ring_timeout
+        self.human: HumanLeg | None = None  # the human who answered an escalation
+        self.transfer_result: str | None = None
+        self.bridge_ended_by: str | None = None
+        self.dtmf: list[str] = []
+        self._escalation: asyncio.Task[None] | None = None
+        self._transferred = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self._pending: list[str] = []
         self._start: asyncio.Task[AgentCall] | None = None
@@ -128,10 +150,10 @@ class BrowserCall:
         try:
             try:
                 await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
-            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                self.pc.addTrack(self.track)
+                await self.pc.setLocalDescription(await self.pc.createAnswer())  # gathers the host candidates
+            except Exception as exc:  # noqa: BLE001 (aiortc fails on odd offers with any exception type)
                 raise OfferError(f"the offer could not be used: {exc or type(exc).__name__}") from None
-            self.pc.addTrack(self.track)
-            await self.pc.setLocalDescription(await self.pc.createAnswer())  # gathers the host candidates
             claimed = asyncio.create_task(self._claimed.wait())
             try:
                 await asyncio.wait({self._start, claimed}, timeout=self.setup_timeout,
@@ -144,8 +166,9 @@ class BrowserCall:
                 raise Refusal("no_capacity", "no slot was claimed in time", self.calls.router.retry_after_seconds)
         except BaseException:
             self._to(B.REFUSED)
-            await self._release_start()
+            await self._release_start("cancelled")
             await self._close_pc()
+            await self._stop_side_tasks()
             raise
         self._to(B.RINGING)
         self.metrics.calls_active.inc()
@@ -192,6 +215,9 @@ class BrowserCall:
             data = None
         if isinstance(data, dict) and data.get("type") == "hangup":
             self.hang_up("hangup")
+        elif isinstance(data, dict) and data.get("type") == "dtmf" and isinstance(data.get("digit"), str) \
+                and len(data["digit"]) == 1 and data["digit"] in DTMF_DIGITS:
+            self._digit(data["digit"])
         else:
             log.info("data channel message ignored", extra={"call": self.call_id, "data": str(message)[:80]})
 
@@ -201,6 +227,73 @@ class BrowserCall:
             self._connected.set()
         elif state in ("failed", "closed"):
             self.hang_up("connection_failed" if state == "failed" else "hangup")
+
+    def _digit(self, digit: str) -> None:
+        """A key the caller pressed on the page: the tenant's escalation digit calls its human."""
+        self.dtmf.append(digit)
+        escalation = self.tenant.spec.escalation
+        if escalation is None or digit != escalation.dtmf_digit or self.state is not B.LIVE \
+                or self._transferred.is_set() or (self._escalation is not None and not self._escalation.done()):
+            log.info("DTMF %s from the page", digit, extra={"call": self.call_id})
+            return
+        self._escalation = asyncio.create_task(self._escalate(escalation.transfer_to),
+                                               name=f"webrtc-transfer-{self.call_id}")
+
+    async def _escalate(self, target: str) -> None:
+        sip = self.sip
+        if sip is None or sip.ua is None:
+            log.warning("escalation asked for, but SIP is off on this gateway: the caller stays with the agent",
+                        extra={"call": self.call_id, "tenant": self.tenant.id})
+            self._transfer_done("unavailable", None)
+            return
+        self._event("transferring")
+        human = HumanLeg(ua=sip.ua, caller_serial=None, target=target, ring_timeout=self.ring_timeout,
+                         loop=asyncio.get_running_loop(), sip_call_id=self.call_id)
+        log.info("calling %s for the browser caller", target, extra={"call": self.call_id, "tenant": self.tenant.id})
+        try:
+            result = await human.connect()
+        except asyncio.CancelledError:
+            self._transfer_done("abandoned", sip)
+            raise
+        self._transfer_done(result, sip, human.status, human.reason)
+        if result == "success":
+            self.human = human
+            self._transferred.set()
+
+    def _transfer_done(self, result: str, sip: SipServer | None, status: int | None = None, why: str = "") -> None:
+        self.transfer_result = result
+        if sip is not None:
+            sip.metrics.transfers.labels(result=result, method="webrtc").inc()
+        if result != "success":
+            self._event("transfer_failed", result=result)
+            log.warning("escalation did not complete (%s): the caller stays with the agent", result, extra={
+                "call": self.call_id, "tenant": self.tenant.id, "status": status, "why": why})
+
+    async def _stay_bridged(self, agent: AgentCall, pump: asyncio.Task[None]) -> None:
+        """The browser ⇄ the human who answered, the agent released, until either side hangs up."""
+        assert self.human is not None
+        human = self.human
+        self._to(B.BRIDGED)
+        await agent.end("transfer")
+        pump.cancel()
+        self.pacer.flush()  # agent audio still queued is not for the human's caller
+        bridge = HumanAudio(human.buffers, self.pacer)
+        if self.caller is not None:
+            self.caller.divert(bridge.from_browser)
+        self._side_task(bridge.run(), "human")
+        self._event("transferred")
+        log.info("browser caller bridged to %s", human.target, extra={"call": self.call_id, "tenant": self.tenant.id})
+        gone = asyncio.create_task(human.gone.wait())
+        hangup = asyncio.create_task(self._hangup.wait())
+        silent = asyncio.create_task(self._media_watch())
+        try:
+            await asyncio.wait({gone, hangup, silent}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (gone, hangup, silent):
+                task.cancel()
+        self.bridge_ended_by = "human" if gone.done() and not hangup.done() else \
+            "media_timeout" if silent.done() else "caller"
+        self.end_reason = "transfer"
 
     # ------------------------------------------------------------------ events to the browser
 
@@ -245,9 +338,10 @@ class BrowserCall:
         connected = asyncio.create_task(self._connected.wait())
         hangup = asyncio.create_task(self._hangup.wait())
         deadline = self.history[0][1] + self.setup_timeout
+        connect_by = time.monotonic() + self.connect_timeout
         try:
             while not (self._start.done() and connected.done()):
-                left = deadline - time.monotonic()
+                left = min(deadline, connect_by if not connected.done() else deadline) - time.monotonic()
                 waiting = {t for t in (self._start, connected) if not t.done()}
                 done, _ = await asyncio.wait({*waiting, hangup}, timeout=max(0.0, left),
                                              return_when=asyncio.FIRST_COMPLETED)
@@ -263,9 +357,10 @@ class BrowserCall:
                     return False
                 if not done:
                     self.end_reason = "setup_timeout"
-                    log.warning("WebRTC call not ready in %g s: %s", self.setup_timeout,
-                                "no agent session" if not self._start.done() else "the browser's media never "
-                                "connected", extra={"call": self.call_id, "tenant": self.tenant.id})
+                    why = (f"the browser's media did not connect within {self.connect_timeout:g} s of the answer"
+                           if not connected.done() else f"no agent session within {self.setup_timeout:g} s")
+                    log.warning("WebRTC call not ready: %s", why, extra={"call": self.call_id,
+                                                                         "tenant": self.tenant.id})
                     return False
         finally:
             connected.cancel()
@@ -285,19 +380,23 @@ class BrowserCall:
             self.caller.release(agent, None if self.persona.speaks_first else self.caller_first_wait or math.inf)
         pump = AgentAudioPump(self.pacer, on_text=lambda text: self._event("text", text=text),
                               on_first_audio=self._agent_audio)
-        self._side_task(pump.run(agent), "out")
+        pumping = self._side_task(pump.run(agent), "out")
         limit = self.tenant.spec.limits.max_call_seconds
         log.info("WebRTC call live", extra={"call": self.call_id, "tenant": self.tenant.id,
                                             "persona": agent.persona_name, "setup_seconds": round(setup, 3)})
         ended = asyncio.create_task(agent.wait_ended())
         hangup = asyncio.create_task(self._hangup.wait())
         silent = asyncio.create_task(self._media_watch())
+        transferred = asyncio.create_task(self._transferred.wait())
         try:
-            done, _ = await asyncio.wait({ended, hangup, silent}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({ended, hangup, silent, transferred}, timeout=limit,
+                                         return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (ended, hangup, silent):
+            for task in (ended, hangup, silent, transferred):
                 task.cancel()
-        if ended in done:
+        if transferred in done and not (ended in done or hangup in done):
+            await self._stay_bridged(agent, pumping)
+        elif ended in done:
             self.end_reason = agent.end_reason
         elif hangup in done:
             self.end_reason = self._hangup_reason
@@ -324,18 +423,30 @@ class BrowserCall:
     async def _finish(self) -> None:
         self._to(B.ENDING)
         reason = self.end_reason or "error"
-        self._event("ended", reason=reason)
-        if self.agent is not None:
-            await self.agent.end(reason)
-        await self._release_start()
-        await asyncio.sleep(0)  # let the ended message go out before the connection closes
-        await self._close_pc()
-        for task in self._side:
-            task.cancel()
-        await asyncio.gather(*self._side, return_exceptions=True)
-        self._to(B.ENDED)
-        self.metrics.calls_active.dec()
-        self.metrics.calls_ended.labels(reason=reason).inc()
+        try:
+            if self._escalation is not None and not self._escalation.done():
+                self._escalation.cancel()  # a human still ringing: the INVITE is cancelled
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._escalation
+            if self.human is not None and not self.human.gone.is_set():
+                self.human.hang_up()
+            self._event("ended", reason=reason,
+                        **({"ended_by": self.bridge_ended_by} if self.bridge_ended_by else {}))
+            if self.agent is not None:
+                await self.agent.end(reason)
+        except Exception:
+            log.exception("ending the agent call failed", extra={"call": self.call_id})
+        finally:
+            await self._release_start(reason)
+            await asyncio.sleep(0)  # let the ended message go out before the connection closes
+            await self._close_pc()
+            await self._stop_side_tasks()
+            self._to(B.ENDED)
+            self.metrics.calls_active.dec()
+            self.metrics.calls_ended.labels(reason=reason).inc()
+        self._record(reason)
+
+    def _record(self, reason: str) -> None:
         stats = self.pacer.stats()
         self.metrics.outbound_underruns.inc(stats.underruns)
         self.metrics.outbound_shed.inc(stats.shed)
@@ -352,10 +463,18 @@ class BrowserCall:
             "seconds": round(time.monotonic() - began, 2), "outbound_underruns": stats.underruns,
             "outbound_shed": stats.shed, "outbound_stalls": self.track.stalls,
             "caller_frames": caller.frames if caller else 0, "caller_frames_dropped": caller.dropped if caller else 0,
-            "agent_released_by": caller.released_by if caller else None, "events_dropped": self.events_dropped})
+            "agent_released_by": caller.released_by if caller else None, "events_dropped": self.events_dropped,
+            "dtmf": "".join(self.dtmf), "transfer": self.transfer_result, "bridge_ended_by": self.bridge_ended_by,
+            "human_leg_seconds": round(self.human.seconds, 2) if self.human and self.human.seconds else None})
 
-    async def _release_start(self) -> None:
-        """A claim or session still being set up is given up (its slot released)."""
+    async def _stop_side_tasks(self) -> None:
+        for task in self._side:
+            task.cancel()
+        await asyncio.gather(*self._side, return_exceptions=True)
+
+    async def _release_start(self, reason: str) -> None:
+        """A claim or session still being set up is given up (its slot released; a session that came up but
+        was never used is ended with ``reason``)."""
         start = self._start
         if start is None:
             return
@@ -364,15 +483,17 @@ class BrowserCall:
         with contextlib.suppress(BaseException):
             agent = await start
             if self.agent is None:  # it went live after all, but the call is over
-                await agent.end("cancelled")
+                await agent.end(reason)
 
     async def _close_pc(self) -> None:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(CLOSE_SECONDS):
                 await self.pc.close()
 
-    def _side_task(self, coro: Any, name: str) -> None:
-        self._side.append(asyncio.create_task(coro, name=f"webrtc-{self.call_id}-{name}"))
+    def _side_task(self, coro: Any, name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=f"webrtc-{self.call_id}-{name}")
+        self._side.append(task)
+        return task
 
     def _to(self, state: BrowserCallState) -> None:
         if state not in TRANSITIONS[self.state]:

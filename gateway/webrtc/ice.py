@@ -37,17 +37,25 @@ _original_host_addresses: Callable[[bool, bool], list[str]] = aioice.ice.get_hos
 
 def host_addresses(interfaces: Sequence[str], use_ipv4: bool = True, use_ipv6: bool = True) -> list[str]:
     """The addresses of the named interfaces (or the addresses themselves, if they are this host's)."""
-    wanted = set(interfaces)
+    wanted = {_normal(item) for item in interfaces}
     addresses: list[str] = []
     for adapter in ifaddr.get_adapters():
         named = adapter.nice_name in wanted or adapter.name in wanted
         for ip in adapter.ips:
             if isinstance(ip.ip, str):
-                if use_ipv4 and (named or ip.ip in wanted):
+                if use_ipv4 and (named or _normal(ip.ip) in wanted):
                     addresses.append(ip.ip)
-            elif use_ipv6 and ip.ip[2] == 0 and (named or ip.ip[0] in wanted):  # no link-local (scoped) addresses
+            elif use_ipv6 and ip.ip[2] == 0 and (named or _normal(ip.ip[0]) in wanted):  # no link-local (scoped)
                 addresses.append(ip.ip[0])
     return addresses
+
+
+def _normal(item: str) -> str:
+    """An address in its canonical form (``0:0::1`` is ``::1``); an interface name as it is."""
+    try:
+        return str(ipaddress.ip_address(item))
+    except ValueError:
+        return item
 
 
 def check_interfaces(interfaces: Sequence[str]) -> None:
@@ -55,7 +63,7 @@ def check_interfaces(interfaces: Sequence[str]) -> None:
     gateway with no candidates, and so no browser calls, without a word)."""
     adapters = ifaddr.get_adapters()
     names = {a.nice_name for a in adapters} | {a.name for a in adapters}
-    ips = {ip.ip if isinstance(ip.ip, str) else ip.ip[0] for a in adapters for ip in a.ips}
+    ips = {_normal(ip.ip if isinstance(ip.ip, str) else ip.ip[0]) for a in adapters for ip in a.ips}
     missing = []
     for item in interfaces:
         try:
@@ -81,6 +89,20 @@ def restrict_host_addresses(interfaces: Sequence[str]) -> None:
         return host_addresses(chosen, use_ipv4, use_ipv6)
 
     aioice.ice.get_host_addresses = restricted
+
+
+def check_ice_server_url(url: str) -> None:
+    """ValueError unless aiortc's ICE agent can use ``url`` (checked at start: a URL it cannot parse would fail
+    every call's answer)."""
+    from aiortc.rtcicetransport import parse_stun_turn_uri
+
+    try:
+        parsed = parse_stun_turn_uri(url)
+    except ValueError as exc:
+        raise ValueError(f"webrtc_ice_servers: {url!r} cannot be used ({exc}); expected e.g. "
+                         "turn:turn.example.com:3478?transport=udp") from None
+    if parsed["scheme"] == "stuns":
+        raise ValueError(f"webrtc_ice_servers: {url!r}: the gateway's ICE agent has no STUN over TLS; use stun:")
 
 
 def turn_credential(secret: str, seconds: int, now: float | None = None) -> tuple[str, str]:

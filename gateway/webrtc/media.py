@@ -7,6 +7,10 @@
   ``LineToModel(48000)`` for the whole call (a stateful resampler, so no seam between frames) into exact
   80 ms model frames. Until the call is live, and for a persona with ``speaks_first: false`` until the
   caller speaks (``gateway/audio/speech.py``) or ``wait_for_caller`` seconds pass, the agent hears nothing.
+- **Escalated** (``HumanAudio``): once the tenant's human answers (``gateway/sip/bridge.py``), the browser's
+  audio goes to the human's SIP leg instead of the agent (48 → 16 kHz, 20 ms packets into that leg's outbound
+  pacer), and the human's audio (16 kHz from the leg's media tap) to the browser's pacer (16 → 48 kHz), one
+  stateful resampler per direction again.
 - **Outbound** (``AgentTrack``): agent frames go through one ``ModelToLine(48000)`` (the stateful 24 → 48 kHz
   resampler) into 20 ms packets and the shallow ``OutboundPacer`` that sheds rather than lags
   (``gateway/audio/pacing.py``). aiortc pulls ``recv()`` as fast as it returns and does not schedule by
@@ -30,9 +34,12 @@ from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
-from ..audio import LineToModel, ModelToLine, OutboundPacer
+from ..audio import LineToModel, ModelToLine, OutboundPacer, Rechunker, StreamResampler
 from ..audio.speech import SpeechStart
 from ..calls import AgentCall
+from ..sip.media import MediaBuffers
+from ..sip.ua import CLOCK_RATE as LEG_RATE
+from ..sip.ua import SAMPLES_PER_FRAME as LEG_PACKET_SAMPLES
 from ..worker_client import AgentAudio, AgentText
 
 RATE = 48_000
@@ -95,6 +102,7 @@ class CallerAudio:
         self.released_at: float | None = None  # when the agent first heard the caller
         self.released_by: str | None = None  # answer, caller (spoke first), wait (said nothing in time)
         self._agent: AgentCall | None = None
+        self._divert: Callable[[np.ndarray], None] | None = None
         self._line = LineToModel(RATE)
         self._speech: SpeechStart | None = None
         self._wait_until = math.inf
@@ -109,6 +117,10 @@ class CallerAudio:
             self._speech = SpeechStart(PACKET_SAMPLES, MODEL_FRAME_LINE_SAMPLES)
             self._wait_until = time.monotonic() + wait_for_caller
 
+    def divert(self, sink: Callable[[np.ndarray], None]) -> None:
+        """From now on the caller's audio (48 kHz mono int16, per frame) goes to ``sink``, not the agent."""
+        self._divert = sink
+
     async def run(self) -> None:
         """Until the track ends (the browser hung up or the connection closed)."""
         queue: asyncio.Queue[object] | None = getattr(self.track, "_queue", None)  # aiortc's, unbounded
@@ -121,6 +133,9 @@ class CallerAudio:
             self.last_frame_at = time.monotonic()
             if queue is not None:
                 self._drop_backlog(queue)
+            if self._divert is not None:
+                self._divert(_mono(frame))
+                continue
             if self._agent is None:
                 continue  # ringing: the agent is not live yet
             pcm = _mono(frame)
@@ -178,3 +193,41 @@ class AgentAudioPump:
             if not self._heard and not event.filler:
                 self._heard = True
                 self._on_first_audio()
+
+
+class HumanAudio:
+    """The browser ⇄ a human's SIP leg (its ``MediaBuffers`` tap, 16 kHz, 20 ms), after an escalation."""
+
+    def __init__(self, buffers: MediaBuffers, browser_pacer: OutboundPacer) -> None:
+        self.buffers = buffers
+        self.browser_pacer = browser_pacer
+        self._to_human = StreamResampler(RATE, LEG_RATE)
+        self._to_human_packets = Rechunker(LEG_PACKET_SAMPLES)
+        self._to_browser = StreamResampler(LEG_RATE, RATE)
+        self._to_browser_packets = Rechunker(PACKET_SAMPLES, capacity=PACKET_SAMPLES * 100)  # 25 frames at once
+        self._wake = asyncio.Event()
+
+    def from_browser(self, pcm: np.ndarray) -> None:
+        """One frame of the browser's audio (48 kHz mono) for the human."""
+        self._to_human_packets.push(self._to_human.process(pcm))
+        while (packet := self._to_human_packets.pop()) is not None:
+            self.buffers.pacer.put(packet)
+
+    async def run(self) -> None:
+        """The human's audio to the browser, as it comes (woken per 20 ms frame), until cancelled."""
+        loop = asyncio.get_running_loop()
+        self.buffers.wake_frames = 1
+        self.buffers.notify = lambda: loop.call_soon_threadsafe(self._wake.set)
+        self.buffers.take_inbound()  # what the tap heard before the bridge is not the caller's
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                pcm = self.buffers.take_inbound()
+                if not pcm:
+                    continue
+                self._to_browser_packets.push(self._to_browser.process(np.frombuffer(pcm, "<i2")))
+                while (packet := self._to_browser_packets.pop()) is not None:
+                    self.browser_pacer.put(packet)
+        finally:
+            self.buffers.notify = None
