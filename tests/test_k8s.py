@@ -30,7 +30,6 @@ from gateway.tenants.schema import Limits
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("cpu-demo", "gpu-prod")
-MONITORING = K8S / "components" / "monitoring"
 # The longest call a tenant may allow (limits.max_call_seconds' upper bound): a drain must let it finish.
 LONGEST_CALL = next(int(m.le) for m in Limits.model_fields["max_call_seconds"].metadata if hasattr(m, "le"))
 CLOSE_MARGIN = 60  # seconds past the drain for the preStop pause, hanging up stragglers and exiting
@@ -43,27 +42,15 @@ WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet")
 KUBECTL = shutil.which("kubectl")
 
 
-def _copy_for_rendering(dest: Path) -> Path:
-    """deploy/k8s and tenants/ under ``dest``, with an empty monitoring component where the checkout has none
-    yet (it comes with the monitoring work): the overlays render either way."""
-    shutil.copytree(K8S, dest / "deploy" / "k8s")
-    shutil.copytree(ROOT / "tenants", dest / "tenants")
-    stub = dest / "deploy" / "k8s" / "components" / "monitoring"
-    stub.mkdir(parents=True, exist_ok=True)
-    (stub / "kustomization.yaml").write_text("apiVersion: kustomize.config.k8s.io/v1alpha1\nkind: Component\n")
-    return dest / "deploy" / "k8s"
-
-
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+def rendered() -> dict[str, list[dict[str, Any]]]:
     """Each overlay's objects, as `kubectl kustomize` renders them."""
     if KUBECTL is None:
         pytest.skip("kubectl is not installed: it renders the kustomize overlays (kubectl kustomize); CI machines "
                     "have it preinstalled (google-cloud-cli's kubectl)")
-    k8s = K8S if (MONITORING / "kustomization.yaml").exists() else _copy_for_rendering(tmp_path_factory.mktemp("k8s"))
     out = {}
     for overlay in OVERLAYS:
-        done = subprocess.run([KUBECTL, "kustomize", str(k8s / "overlays" / overlay)], capture_output=True, text=True,
+        done = subprocess.run([KUBECTL, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True,
                               timeout=60, check=False)
         assert done.returncode == 0, done.stderr
         out[overlay] = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
@@ -360,7 +347,7 @@ def _resolved_env(docs: list[dict[str, Any]], container: dict[str, Any], files: 
                else d["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in d.get("data", {}).items()}
                for d in docs if d["kind"] == "Secret"}
     examples = {("personagate-redis", "url"): "redis+sentinel://redis-sentinel.redis:26379/mymaster"}
-    fields = {"status.hostIP": "127.0.0.1", "status.podIP": "127.0.0.1", "metadata.name": "personagate-worker-x"}
+    fields = {"status.hostIP": "127.0.0.1", "status.podIP": "10.244.1.7", "metadata.name": "personagate-worker-x"}
     env: dict[str, str] = {}
     for name, entry in _env(container).items():
         if "value" in entry:
@@ -414,7 +401,7 @@ def test_the_settings_the_manifests_pass_are_accepted(rendered: dict[str, list[d
                 assert settings.redis_url is not None and settings.tenants_dir == Path("/etc/personagate/tenants")
             else:
                 assert settings.redis_url is not None
-                assert settings.resolved_advertise_url() == "ws://127.0.0.1:8765/v1/sessions"
+                assert settings.resolved_advertise_url() == "ws://10.244.1.7:8765/v1/sessions"  # the pod's own
                 assert settings.resolved_worker_id() == "personagate-worker-x"
 
 
