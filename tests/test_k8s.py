@@ -311,10 +311,17 @@ def test_the_dockerfiles_install_steps_are_the_readmes() -> None:
     assert '-e ".[dev]"' in steps[-1], steps
     readme = (ROOT / "README.md").read_text()
     assert "torch" in readme and "`moshi==0.2.13` with `--no-deps`" in readme
+    packages = re.search(r'include = \[([^]]*)\]', (ROOT / "pyproject.toml").read_text())
+    assert packages is not None
+    needed = {"Makefile", "pyproject.toml", "README.md"} | {p.strip(' "*') for p in packages.group(1).split(",")}
     for name in ("gateway", "worker"):
         text = (ROOT / "deploy" / "docker" / f"{name}.Dockerfile").read_text()
         runs = [line for line in text.splitlines() if line.startswith("RUN ")]
         assert any(re.match(r"RUN make install\b", line) for line in runs), name
+        # What the install reads is in the build stage before it (the package is installed editable from /app).
+        before = text.split("RUN make install", 1)[0]
+        copied = {part for line in before.splitlines() if line.startswith("COPY ") for part in line.split()[1:-1]}
+        assert needed <= copied, (name, needed - copied)
         assert "pip install" not in text and "pip3 install" not in text, f"{name}: installs only through make"
         assert re.search(r"^USER 10001", text, re.MULTILINE), name
         assert re.search(r'^ENTRYPOINT \["/app/\.venv/bin/personagate"\]$', text, re.MULTILINE), name
