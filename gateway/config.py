@@ -129,6 +129,17 @@ class GatewaySettings(LayeredSettings):
                                                  "it on")
     sip_host: str = Field("127.0.0.1", description="the SIP (UDP) and RTP listen address")
     sip_port: int = Field(5060, ge=0, le=65535, description="the SIP UDP port (0: any free port)")
+    sip_public_address: str | None = Field(
+        None, description="the address other parties reach this gateway at, written into SDP (c=) and the SIP "
+                          "Contact/Via instead of the bound one: a NAT 1:1 address, or the node's IP when "
+                          "sip_host is 0.0.0.0; unset: the bound address (with 0.0.0.0, one pjsua picks)")
+    sip_rtp_port: int = Field(
+        0, ge=0, le=65534, description="the first RTP port (even; RTP and RTCP take a pair per call, counting up); "
+                                       "0: pjsua's default, 4000 upwards with no bound")
+    sip_rtp_port_range: int = Field(
+        0, ge=0, le=65535, description="how many ports from sip_rtp_port calls' RTP/RTCP may use (2 a call), so a "
+                                       "firewall or a host-network pod can open exactly these; 0: no bound. Needs "
+                                       "sip_rtp_port and room for sip_max_calls calls")
     sip_allow: list[str] = Field(
         ["127.0.0.0/8", "::1/128"],
         description="trunks admitted by source address (CIDRs); INVITEs from elsewhere get 403")
@@ -252,6 +263,34 @@ class GatewaySettings(LayeredSettings):
 
             check_interfaces(interfaces)
         return interfaces
+
+    @field_validator("sip_public_address")
+    @classmethod
+    def _sip_public_address(cls, address: str | None) -> str | None:
+        if address is None or address == "":
+            return None
+        if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}|[0-9A-Fa-f:.]{2,45}", address) or address in ("0.0.0.0", "::"):
+            raise ValueError(f"sip_public_address must be a host name or IP address others can reach, got {address!r}")
+        return address
+
+    @model_validator(mode="after")
+    def _sip_rtp_ports(self) -> GatewaySettings:
+        port, count = self.sip_rtp_port, self.sip_rtp_port_range
+        if port % 2:
+            raise ValueError(f"sip_rtp_port ({port}) must be even: RTP takes the even port of each pair, RTCP the odd")
+        if count == 0:
+            return self
+        if port == 0:
+            raise ValueError("sip_rtp_port_range needs sip_rtp_port, the first port of the range")
+        if count < 4:
+            raise ValueError(f"sip_rtp_port_range ({count}) must be at least 4 ports (pjsua cannot bound fewer)")
+        if port + count - 1 > 65535:
+            raise ValueError(f"sip_rtp_port_range: {port} + {count} ports go past 65535")
+        if count // 2 < self.sip_max_calls:
+            raise ValueError(f"sip_rtp_port_range ({count} ports from {port}) holds {count // 2} calls (RTP and RTCP "
+                             f"each) but sip_max_calls is {self.sip_max_calls}: widen the range or lower "
+                             "sip_max_calls")
+        return self
 
     @model_validator(mode="after")
     def _session_timer(self) -> GatewaySettings:

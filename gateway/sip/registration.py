@@ -48,10 +48,12 @@ class RegistrationAccount(pj.Account):
         self.metrics.registered.labels(registration=registration.name).set(0)
         self.states[registration.name] = False
 
-    def start(self, local: str) -> None:
-        """Create the account: it registers at once. ``local`` is our SIP ``host:port`` (for a forced Contact)."""
+    def start(self, local: str, configure_media: Callable[[pj.AccountConfig], None]) -> None:
+        """Create the account: it registers at once. ``local`` is our SIP ``host:port`` (for a forced Contact);
+        ``configure_media`` sets its calls' RTP sockets as the main account's (address, port range, SDP address)."""
         r = self.registration
         cfg = pj.AccountConfig()
+        configure_media(cfg)
         cfg.idUri = r.aor
         cfg.regConfig.registrarUri = r.registrar
         cfg.regConfig.registerOnAdd = True

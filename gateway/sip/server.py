@@ -155,7 +155,8 @@ class SipServer:
         if s.recordings_dir is not None:
             await asyncio.to_thread(check_recordings_dir, s.recordings_dir)
         self.ua = UserAgent(UaConfig(host=s.sip_host, port=s.sip_port, max_calls=s.sip_max_calls,
-                                     log_level=s.sip_log_level), make_account=self._make_account)
+                                     log_level=s.sip_log_level, public_address=s.sip_public_address),
+                            make_account=self._make_account)
         self.port = await asyncio.to_thread(self.ua.start)
         log.info("SIP listening on udp %s:%d", s.sip_host, self.port, extra={
             "allow": s.sip_allow, "auth_policy": s.sip_auth_policy, "auth_users": len(s.sip_auth_users),
@@ -187,7 +188,7 @@ class SipServer:
             account = RegistrationAccount(registration, self.metrics, self._incoming, self.registered,
                                           self._retry_registration_later)
             self.ua.keep(("registration", registration.name), account)
-            account.start(local)
+            account.start(local, self._configure_media)
 
     def _retry_registration_later(self, name: str, delay: float) -> None:
         """(pjsua thread) In ``delay`` seconds, ``RegistrationAccount.retry`` on the pjsua thread."""
@@ -223,8 +224,9 @@ class SipServer:
     def _make_account(self, ua: UserAgent) -> pj.Account:
         account = _Account(self)
         cfg = pj.AccountConfig()
-        cfg.idUri = f"sip:personagate@{self.settings.sip_host}:{ua.config.port or 5060}"
-        cfg.mediaConfig.transportConfig.boundAddress = self.settings.sip_host
+        s = self.settings
+        cfg.idUri = f"sip:personagate@{s.sip_public_address or s.sip_host}:{ua.config.port or 5060}"
+        self._configure_media(cfg)
         # RFC 4028 session timers when the caller supports them (pjsip runs them: a caller that refreshes
         # neither by re-INVITE nor UPDATE gets BYE before the session expires; Session-Expires below Min-SE: 422).
         cfg.callConfig.timerUse = pj.PJSUA_SIP_TIMER_OPTIONAL
@@ -232,6 +234,21 @@ class SipServer:
         cfg.callConfig.timerMinSESec = self.settings.sip_min_se_seconds
         account.create(cfg, True)
         return account
+
+    def _configure_media(self, cfg: pj.AccountConfig) -> None:
+        """An account's RTP sockets: bound to ``sip_host``; a pair per call from ``sip_rtp_port`` upwards, wrapping
+        within ``sip_rtp_port_range`` (pjsua's port_range), so a firewall or a host-network pod opens exactly that
+        range (0: pjsua's own, 4000 upwards); ``sip_public_address`` in the SDP's c= line, where callers send RTP."""
+        s = self.settings
+        media = cfg.mediaConfig.transportConfig
+        media.boundAddress = s.sip_host
+        if s.sip_rtp_port:
+            media.port = s.sip_rtp_port
+            # pjsua wraps back to the first port only once the next RTP port is *past* port + portRange, so its
+            # last pair is port + portRange, +1: two ports beyond. Our range counts the ports themselves.
+            media.portRange = s.sip_rtp_port_range - 2 if s.sip_rtp_port_range else 0
+        if s.sip_public_address:
+            media.publicAddress = s.sip_public_address
 
     # ------------------------------------------------------------------ the pjsua thread
 

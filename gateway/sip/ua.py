@@ -55,6 +55,7 @@ class UaConfig:
     user_agent: str = "personagate"
     log_level: int = 1  # pjsua's own log (0-6) on stderr
     codecs: tuple[str, ...] = CODECS  # offered (and accepted) in this order; the caller narrows it (--codec)
+    public_address: str | None = None  # the address in Via/Contact instead of the bound one (NAT 1:1, a node's IP)
 
 
 class UserAgent:
@@ -183,6 +184,8 @@ class UserAgent:
         tcfg = pj.TransportConfig()
         tcfg.port = cfg.port
         tcfg.boundAddress = cfg.host
+        if cfg.public_address:
+            tcfg.publicAddress = cfg.public_address
         transport = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
         bound = ep.transportGetInfo(transport).localName  # "host:port"
         ep.libStart()

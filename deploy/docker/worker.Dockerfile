@@ -1,0 +1,37 @@
+# image: personagate/worker
+# The GPU worker: PersonaPlex-7B on CUDA (the weights are mounted at run time, never baked in).
+#   docker build -f deploy/docker/worker.Dockerfile -t personagate/worker:0.1.0 .
+# The install is the README's: `make install` (torch first, the CUDA build from PyPI, which carries its own
+# CUDA libraries; then moshi==0.2.13 with --no-deps; then this package), into /app/.venv. The build machine
+# needs no GPU: without nvidia-smi the Makefile takes torch as pip finds it (PyPI's Linux wheel is the CUDA
+# build) and says so in a warning. The node needs the NVIDIA driver and container toolkit (GPU operator).
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
+
+FROM ${CUDA_IMAGE} AS build
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make python3.11 python3.11-venv python3.11-dev ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+COPY Makefile pyproject.toml README.md ./
+COPY agent_runtime agent_runtime
+COPY gateway gateway
+RUN make install PYTHON=python3.11 \
+    && find /app/.venv -name '__pycache__' -prune -exec rm -rf {} +
+
+FROM ${CUDA_IMAGE}
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3.11 libsndfile1 \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --gid 10001 personagate \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin personagate
+COPY --from=build /app /app
+ENV PATH=/app/.venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    NO_TORCH_COMPILE=1 \
+    HOME=/tmp
+WORKDIR /app
+USER 10001:10001
+EXPOSE 8765/tcp
+ENTRYPOINT ["/app/.venv/bin/personagate"]
+CMD ["worker"]

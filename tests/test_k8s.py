@@ -1,0 +1,477 @@
+"""The Kubernetes manifests (deploy/k8s) and images (deploy/docker), checked offline: every overlay renders with
+`kubectl kustomize`, its core objects pass `kubernetes-validate --strict` for Kubernetes 1.30, the YAML passes
+yamllint, and the rendered objects keep the promises docs/deploy.md makes to an operator — calls survive
+rollouts, scale-in and node maintenance (drain within the grace period, probes that do not kill draining pods,
+PDBs and policies that select the real pods), SIP and RTP reach the gateway with the node's address in SDP,
+workers get a GPU, containers run unprivileged with bounded resources, and every setting the manifests pass is
+one the gateway and worker accept. No cluster is needed (none can run here); the monitoring component's own
+checks are tests/test_k8s_monitoring.py's."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from agent_runtime.config import SettingsError, WorkerSettings, load_worker_settings
+from agent_runtime.metrics import WorkerMetrics
+from gateway.config import GatewaySettings, load_gateway_settings
+from gateway.tenants.schema import Limits
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy" / "k8s"
+OVERLAYS = ("cpu-demo", "gpu-prod")
+# The longest call a tenant may allow (limits.max_call_seconds' upper bound): a drain must let it finish.
+LONGEST_CALL = next(int(m.le) for m in Limits.model_fields["max_call_seconds"].metadata if hasattr(m, "le"))
+CLOSE_MARGIN = 60  # seconds past the drain for the preStop pause, hanging up stragglers and exiting
+# What gpu-prod reads but does not ship: the operator creates them (docs/deploy.md says how).
+EXTERNAL = {"gpu-prod": {("Secret", "personagate-redis"), ("Secret", "personagate-sip-auth"),
+                         ("Secret", "personagate-admin-tokens"), ("Secret", "personagate-turn"),
+                         ("PersistentVolumeClaim", "personagate-weights")},
+            "cpu-demo": {("Secret", "personagate-admin-tokens"), ("Secret", "personagate-turn")}}
+WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet")
+KUBECTL = shutil.which("kubectl")
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    """Each overlay's objects, as `kubectl kustomize` renders them."""
+    if KUBECTL is None:
+        pytest.skip("kubectl is not installed: it renders the kustomize overlays (kubectl kustomize); CI machines "
+                    "have it preinstalled (google-cloud-cli's kubectl)")
+    out = {}
+    for overlay in OVERLAYS:
+        done = subprocess.run([KUBECTL, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        out[overlay] = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+    return out
+
+
+def _all(rendered: dict[str, list[dict[str, Any]]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for overlay, docs in rendered.items():
+        for doc in docs:
+            yield overlay, doc
+
+
+def _workloads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] in WORKLOADS]
+
+
+def _one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
+    return found[0]
+
+
+def _containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = workload["spec"]["template"]["spec"]
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _pod_labels(docs: list[dict[str, Any]]) -> list[dict[str, str]]:
+    return [w["spec"]["template"]["metadata"]["labels"] for w in _workloads(docs)]
+
+
+# ------------------------------------------------------------------ rendering and validation
+
+
+def test_every_overlay_renders_in_one_namespace(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for overlay, docs in rendered.items():
+        kinds = {d["kind"] for d in docs}
+        assert {"Namespace", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "ConfigMap"} <= kinds
+        for doc in docs:
+            if doc["kind"] != "Namespace":
+                assert doc["metadata"].get("namespace") == "personagate", (overlay, doc["kind"], doc["metadata"])
+
+
+def test_core_objects_pass_kubernetes_validate_strict(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Schemas of Kubernetes 1.30 (the oldest we support: the preStop sleep action is on by default from it),
+    unknown fields refused. Custom resources (monitoring.coreos.com) have no schema here: skipped."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    checked = 0
+    for overlay, doc in _all(rendered):
+        if "." in doc["apiVersion"].split("/")[0] and not doc["apiVersion"].split("/")[0].endswith("k8s.io"):
+            continue  # a CRD's group (monitoring.coreos.com/v1)
+        try:
+            kubernetes_validate.validate(doc, "1.30", strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{overlay}: {doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+        checked += 1
+    assert checked >= 20
+
+
+def test_strict_validation_catches_a_misspelt_field() -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    typo = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
+            "spec": {"ports": [{"port": 5060, "protocl": "UDP"}]}}
+    with pytest.raises(kubernetes_validate.ValidationError, match="protocl"):
+        kubernetes_validate.validate(typo, "1.30", strict=True)
+
+
+def test_yamllint() -> None:
+    pytest.importorskip("yamllint")
+    paths = [K8S / "base", K8S / "overlays", K8S / "prometheus-adapter", ROOT / "tenants" / "kustomization.yaml",
+             ROOT / ".yamllint"]
+    done = subprocess.run([sys.executable, "-m", "yamllint", "--strict", "-c", str(ROOT / ".yamllint"),
+                           *map(str, paths)], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# ------------------------------------------------------------------ calls survive stops
+
+
+def test_grace_period_outlasts_the_drain_which_outlasts_the_longest_call(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """SIGTERM drains: calls go on for drain_seconds. That must cover the longest call a tenant may allow
+    (4 h), and the kubelet's SIGKILL (the grace period) must come after the drain has ended them."""
+    for overlay, docs in rendered.items():
+        for name, prefix in (("personagate-gateway", "PERSONAGATE_GATEWAY_"),
+                             ("personagate-worker", "PERSONAGATE_WORKER_")):
+            workload = _one(docs, "Deployment", name)
+            grace = workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            container = workload["spec"]["template"]["spec"]["containers"][0]
+            drain = float(_env(container)[f"{prefix}DRAIN_SECONDS"]["value"])
+            assert drain >= LONGEST_CALL, (overlay, name, drain)
+            assert grace >= drain + CLOSE_MARGIN, (overlay, name, grace, drain)
+
+
+def test_probes_liveness_never_depends_on_load_or_drain(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Every container has liveness and readiness probes (workers a startup probe too, long enough for the
+    model); ours probe /healthz for liveness and /readyz for readiness, so a draining pod is taken out of
+    service without being killed."""
+    for overlay, docs in rendered.items():
+        for workload in _workloads(docs):
+            component = workload["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component")
+            for c in _containers(workload):
+                where = (overlay, workload["metadata"]["name"], c["name"])
+                assert "livenessProbe" in c and "readinessProbe" in c, where
+                if component in ("gateway", "worker"):
+                    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz", where
+                    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz", where
+                    assert "startupProbe" in c, where
+                if component == "worker":
+                    startup = c["startupProbe"]
+                    budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+                    assert budget >= (600 if overlay == "gpu-prod" else 60), (where, budget)
+
+
+def test_gateways_pause_before_draining_and_rollouts_never_remove_before_adding_in_production(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    gateway = _one(rendered["gpu-prod"], "Deployment", "personagate-gateway")
+    assert gateway["spec"]["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"] >= 1
+    for name in ("personagate-gateway", "personagate-worker"):
+        rolling = _one(rendered["gpu-prod"], "Deployment", name)["spec"]["strategy"]["rollingUpdate"]
+        assert rolling["maxUnavailable"] == 0 and rolling["maxSurge"] >= 1, (name, rolling)
+
+
+def test_pod_disruption_budgets_select_one_workload_each(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for overlay, docs in rendered.items():
+        pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+        assert {p["metadata"]["name"] for p in pdbs} >= {"personagate-gateway", "personagate-worker"}, overlay
+        for pdb in pdbs:
+            selector = pdb["spec"]["selector"]["matchLabels"]
+            matched = [labels for labels in _pod_labels(docs) if _selects(selector, labels)]
+            assert len(matched) == 1, (overlay, pdb["metadata"]["name"], matched)
+
+
+# ------------------------------------------------------------------ SIP, RTP and the network
+
+
+def test_gateways_on_the_host_network_with_a_bounded_rtp_range_and_the_node_address(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for overlay, docs in rendered.items():
+        for workload in _workloads(docs):
+            spec = workload["spec"]["template"]["spec"]
+            if spec.get("hostNetwork"):
+                assert spec.get("dnsPolicy") == "ClusterFirstWithHostNet", (overlay, workload["metadata"]["name"])
+        gateway = _one(docs, "Deployment", "personagate-gateway")
+        assert gateway["spec"]["template"]["spec"]["hostNetwork"] is True
+        env = _env(gateway["spec"]["template"]["spec"]["containers"][0])
+        assert env["NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+        assert env["PERSONAGATE_GATEWAY_SIP_PUBLIC_ADDRESS"]["value"]
+        first = int(env["PERSONAGATE_GATEWAY_SIP_RTP_PORT"]["value"])
+        count = int(env["PERSONAGATE_GATEWAY_SIP_RTP_PORT_RANGE"]["value"])
+        assert first > 0 and count > 0
+        # The gateway's NetworkPolicy opens exactly that range (and the SIP port).
+        policy = _one(docs, "NetworkPolicy", "personagate-gateway")
+        ports = [p for rule in policy["spec"]["ingress"] for p in rule["ports"]]
+        assert {"protocol": "UDP", "port": first, "endPort": first + count - 1} in ports, (overlay, ports)
+        sip_port = int(env["PERSONAGATE_GATEWAY_SIP_PORT"]["value"])
+        assert {"protocol": "UDP", "port": sip_port} in ports, overlay
+
+
+def test_services_and_network_policies_select_existing_pods(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """A selector that matches nothing fails silently in a cluster (an empty Service, a policy that protects
+    nothing or admits no one): each must match a pod template, and a Service's target port a named port."""
+    for overlay, docs in rendered.items():
+        pods = _workloads(docs)
+        for service in (d for d in docs if d["kind"] == "Service"):
+            selected = [w for w in pods if _selects(service["spec"]["selector"], w["spec"]["template"]["metadata"]
+                                                    ["labels"])]
+            assert selected, (overlay, service["metadata"]["name"])
+            names = {p["name"] for w in selected for c in _containers(w) for p in c.get("ports", [])}
+            for port in service["spec"]["ports"]:
+                assert isinstance(port["targetPort"], int) or port["targetPort"] in names, (overlay, port)
+        for policy in (d for d in docs if d["kind"] == "NetworkPolicy"):
+            selector = policy["spec"]["podSelector"].get("matchLabels", {})
+            assert any(_selects(selector, labels) for labels in _pod_labels(docs)), policy["metadata"]["name"]
+            for rule in policy["spec"].get("ingress", []):
+                for peer in rule.get("from", []):
+                    if "podSelector" in peer and "namespaceSelector" not in peer:
+                        assert any(_selects(peer["podSelector"]["matchLabels"], labels)
+                                   for labels in _pod_labels(docs)), (overlay, policy["metadata"]["name"], peer)
+        default_deny = [p for p in docs if p["kind"] == "NetworkPolicy" and p["spec"]["podSelector"] == {}]
+        assert default_deny and "ingress" not in default_deny[0]["spec"], overlay
+
+
+def test_workers_admit_sessions_only_from_gateways_and_prometheus(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for overlay, docs in rendered.items():
+        worker = _one(docs, "NetworkPolicy", "personagate-worker")
+        (rule,) = worker["spec"]["ingress"]
+        assert rule["ports"] == [{"protocol": "TCP", "port": 8765}]
+        pods = [p["podSelector"]["matchLabels"] for p in rule["from"] if "podSelector" in p]
+        assert pods == [{"app.kubernetes.io/name": "personagate", "app.kubernetes.io/component": "gateway"}], overlay
+
+
+# ------------------------------------------------------------------ containers
+
+
+def test_every_container_is_unprivileged_with_requests_and_limits(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for overlay, docs in rendered.items():
+        for workload in _workloads(docs):
+            pod = workload["spec"]["template"]["spec"]
+            for c in _containers(workload):
+                where = (overlay, workload["metadata"]["name"], c["name"])
+                for side in ("requests", "limits"):
+                    assert {"cpu", "memory"} <= set(c.get("resources", {}).get(side, {})), (where, side)
+                security = c.get("securityContext", {})
+                assert security.get("runAsNonRoot", pod.get("securityContext", {}).get("runAsNonRoot")) is True, where
+                assert (security.get("runAsUser") or pod["securityContext"].get("runAsUser", 0)) > 0, where
+                assert security.get("allowPrivilegeEscalation") is False, where
+                assert security.get("readOnlyRootFilesystem") is True, where
+                assert security.get("capabilities", {}).get("drop") == ["ALL"], where
+                assert not security.get("privileged", False) and "add" not in security.get("capabilities", {}), where
+
+
+def test_gpu_workers_request_a_gpu_on_gpu_nodes(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    worker = _one(rendered["gpu-prod"], "Deployment", "personagate-worker")
+    pod = worker["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert _env(container)["PERSONAGATE_WORKER_MODEL"]["value"] == "personaplex"
+    demo = _one(rendered["cpu-demo"], "Deployment", "personagate-worker")["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in demo["containers"][0]["resources"]["limits"]
+
+
+def _dockerfile_image(name: str) -> str:
+    text = (ROOT / "deploy" / "docker" / f"{name}.Dockerfile").read_text()
+    match = re.search(r"^# image: (\S+)$", text, re.MULTILINE)
+    assert match is not None, f"{name}.Dockerfile names its image on a '# image:' line"
+    return match.group(1)
+
+
+def test_images_are_the_dockerfiles(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    gateway_image, worker_image = _dockerfile_image("gateway"), _dockerfile_image("worker")
+    for overlay, docs in rendered.items():
+        images = {c["name"]: c["image"].rsplit(":", 1)[0] for w in _workloads(docs) for c in _containers(w)
+                  if w["metadata"]["name"] in ("personagate-gateway", "personagate-worker")}
+        assert images["gateway"] == gateway_image, overlay
+        # The CPU demo's tiny-model worker runs on the CPU image; production workers on the CUDA one.
+        assert images["worker"] == (worker_image if overlay == "gpu-prod" else gateway_image), overlay
+
+
+def test_the_dockerfiles_install_steps_are_the_readmes() -> None:
+    """The images install with `make install` (the README's recipe: torch first, moshi==0.2.13 with --no-deps,
+    then the package), and run as a non-root user with personagate as PID 1."""
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile.split("$(STAMP): pyproject.toml", 1)[1].split("\n\n", 1)[0]
+    steps = [line for line in recipe.splitlines() if "pip install" in line and "--upgrade pip" not in line]
+    assert "torch==" in steps[0] and "moshi==0.2.13" in steps[-2] and "--no-deps" in steps[-2], steps
+    assert '-e ".[dev]"' in steps[-1], steps
+    readme = (ROOT / "README.md").read_text()
+    assert "torch" in readme and "`moshi==0.2.13` with `--no-deps`" in readme
+    packages = re.search(r'include = \[([^]]*)\]', (ROOT / "pyproject.toml").read_text())
+    assert packages is not None
+    needed = {"Makefile", "pyproject.toml", "README.md"} | {p.strip(' "*') for p in packages.group(1).split(",")}
+    for name in ("gateway", "worker"):
+        text = (ROOT / "deploy" / "docker" / f"{name}.Dockerfile").read_text()
+        runs = [line for line in text.splitlines() if line.startswith("RUN ")]
+        assert any(re.match(r"RUN make install\b", line) for line in runs), name
+        # What the install reads is in the build stage before it (the package is installed editable from /app).
+        before = text.split("RUN make install", 1)[0]
+        copied = {part for line in before.splitlines() if line.startswith("COPY ") for part in line.split()[1:-1]}
+        assert needed <= copied, (name, needed - copied)
+        assert "pip install" not in text and "pip3 install" not in text, f"{name}: installs only through make"
+        assert re.search(r"^USER 10001", text, re.MULTILINE), name
+        assert re.search(r'^ENTRYPOINT \["/app/\.venv/bin/personagate"\]$', text, re.MULTILINE), name
+
+
+# ------------------------------------------------------------------ settings, secrets, tenants, autoscaling
+
+
+def test_env_var_names_are_settings(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    fields = {"PERSONAGATE_GATEWAY_": set(GatewaySettings.model_fields),
+              "PERSONAGATE_WORKER_": set(WorkerSettings.model_fields)}
+    seen = 0
+    for overlay, doc in _all(rendered):
+        if doc["kind"] not in WORKLOADS:
+            continue
+        for c in _containers(doc):
+            for name in _env(c):
+                for prefix, known in fields.items():
+                    if name.startswith(prefix):
+                        assert name.removeprefix(prefix).lower() in known, (overlay, c["name"], name)
+                        seen += 1
+    assert seen > 20
+
+
+def _resolved_env(docs: list[dict[str, Any]], container: dict[str, Any], files: Path) -> dict[str, str]:
+    """The container's PERSONAGATE_* environment as the kubelet would give it, on this machine: the node's and
+    pod's addresses are loopback, Secrets the overlay ships are read, those the operator creates get examples,
+    files from Secrets are written under ``files``."""
+    secrets = {d["metadata"]["name"].rsplit("-", 1)[0] if re.search(r"-[a-z0-9]{10}$", d["metadata"]["name"])
+               else d["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in d.get("data", {}).items()}
+               for d in docs if d["kind"] == "Secret"}
+    examples = {("personagate-redis", "url"): "redis+sentinel://redis-sentinel.redis:26379/mymaster"}
+    fields = {"status.hostIP": "127.0.0.1", "status.podIP": "10.244.1.7", "metadata.name": "personagate-worker-x"}
+    env: dict[str, str] = {}
+    for name, entry in _env(container).items():
+        if "value" in entry:
+            for var in re.findall(r"\$\((\w+)\)", entry["value"]):
+                # The kubelet expands $(VAR) only from variables listed earlier, and passes it literally otherwise
+                # (a strategic-merge patch moves the entries it sets to the front of the list).
+                assert var in env, f"{name}: $({var}) is not defined before it, and would reach the process as is"
+            value = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], entry["value"])
+        elif "fieldRef" in entry["valueFrom"]:
+            value = fields[entry["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            ref = ref | {"name": re.sub(r"-[a-z0-9]{10}$", "", ref["name"])}  # kustomize's hash suffix
+            known = secrets.get(ref["name"], {})
+            if ref["key"] in known:
+                value = known[ref["key"]]
+            elif ref.get("optional"):
+                continue
+            else:
+                value = examples[(ref["name"], ref["key"])]
+        env[name] = value
+    if "PERSONAGATE_GATEWAY_SIP_AUTH_USERS_FILE" in env:  # a Secret volume: the overlay's, or an example
+        content = secrets.get("personagate-sip-auth", {}).get("sip-auth-users.yaml", "trunk-1: example-password\n")
+        path = files / "sip-auth-users.yaml"
+        path.write_text(content)
+        env["PERSONAGATE_GATEWAY_SIP_AUTH_USERS_FILE"] = str(path)
+    return env
+
+
+def test_the_settings_the_manifests_pass_are_accepted(rendered: dict[str, list[dict[str, Any]]], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a pod would do first: load its settings from this environment. A value the settings refuse (an RTP
+    range too small for sip_max_calls, a malformed list, a listen address as advertise_url) would be a crash
+    loop in the cluster; here it is a failed test."""
+    for overlay, docs in rendered.items():
+        loaders: dict[str, Callable[[], GatewaySettings | WorkerSettings]] = {
+            "personagate-gateway": load_gateway_settings, "personagate-worker": load_worker_settings}
+        for name, load in loaders.items():
+            container = _one(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+            with monkeypatch.context() as m:
+                for key in [k for k in os.environ if k.startswith("PERSONAGATE_")]:
+                    m.delenv(key)
+                for key, value in _resolved_env(docs, container, tmp_path).items():
+                    m.setenv(key, value)
+                try:
+                    settings = load()
+                except SettingsError as exc:
+                    pytest.fail(f"{overlay}: {name} would not start: {exc}")
+            if isinstance(settings, GatewaySettings):
+                assert settings.sip_enabled and settings.sip_public_address == "127.0.0.1"
+                assert settings.redis_url is not None and settings.tenants_dir == Path("/etc/personagate/tenants")
+            else:
+                assert settings.redis_url is not None
+                assert settings.resolved_advertise_url() == "ws://10.244.1.7:8765/v1/sessions"  # the pod's own
+                assert settings.resolved_worker_id() == "personagate-worker-x"
+
+
+def test_referenced_secrets_config_maps_and_volumes_exist_or_are_the_operators(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    deploy_md = (ROOT / "docs" / "deploy.md").read_text()
+    for overlay, docs in rendered.items():
+        shipped = {(d["kind"], d["metadata"]["name"]) for d in docs}
+        shipped |= {(kind, re.sub(r"-[a-z0-9]{10}$", "", name)) for kind, name in shipped}
+        wanted: set[tuple[str, str]] = set()
+        for workload in _workloads(docs):
+            pod = workload["spec"]["template"]["spec"]
+            for volume in pod.get("volumes", []):
+                if "secret" in volume:
+                    wanted.add(("Secret", volume["secret"]["secretName"]))
+                if "configMap" in volume:
+                    wanted.add(("ConfigMap", volume["configMap"]["name"]))
+                if "persistentVolumeClaim" in volume:
+                    wanted.add(("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]))
+            for c in _containers(workload):
+                for entry in _env(c).values():
+                    if "secretKeyRef" in entry.get("valueFrom", {}):
+                        wanted.add(("Secret", entry["valueFrom"]["secretKeyRef"]["name"]))
+        wanted = {(kind, re.sub(r"-[a-z0-9]{10}$", "", name)) for kind, name in wanted}
+        missing = wanted - shipped
+        assert missing <= EXTERNAL[overlay], (overlay, missing - EXTERNAL[overlay])
+        for _, name in missing:
+            assert name in deploy_md, f"docs/deploy.md must say how to create {name}"
+
+
+def test_tenants_config_map_is_the_tenants_folder_and_hot_reloads(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The gateway's tenants volume lays the ConfigMap's keys out as the tenants folder (<tenant>/tenant.yaml,
+    <tenant>/voices/*), every file of it; the ConfigMap's name has no hash suffix, so a change updates it in
+    place and the gateways reload it, instead of restarting (and draining) every gateway."""
+    files = sorted(str(p.relative_to(ROOT / "tenants")) for p in (ROOT / "tenants").glob("*/**/*") if p.is_file())
+    for overlay, docs in rendered.items():
+        config_map = _one(docs, "ConfigMap", "personagate-tenants")
+        keys = set(config_map.get("data", {})) | set(config_map.get("binaryData", {}))
+        gateway = _one(docs, "Deployment", "personagate-gateway")
+        (volume,) = [v for v in gateway["spec"]["template"]["spec"]["volumes"] if v["name"] == "tenants"]
+        items = volume["configMap"]["items"]
+        assert volume["configMap"]["name"] == "personagate-tenants"
+        assert {i["key"] for i in items} == keys, overlay
+        assert sorted(i["path"] for i in items) == files, overlay
+        mount = [m for m in gateway["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+                 if m["name"] == "tenants"]
+        assert mount and "subPath" not in mount[0]  # subPath mounts are never updated
+
+
+def test_workers_scale_on_slot_use_through_the_adapters_rule(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    hpa = _one(rendered["gpu-prod"], "HorizontalPodAutoscaler", "personagate-worker")
+    target = hpa["spec"]["scaleTargetRef"]
+    assert target["kind"] == "Deployment"
+    worker = _one(rendered["gpu-prod"], "Deployment", target["name"])
+    assert "replicas" not in worker["spec"]  # the HPA owns it; a manifest's count would reset it on each apply
+    (metric,) = hpa["spec"]["metrics"]
+    rules = yaml.safe_load((K8S / "prometheus-adapter" / "values.yaml").read_text())["rules"]["custom"]
+    served = {rule["name"]["as"]: rule for rule in rules}
+    assert metric["pods"]["metric"]["name"] in served
+    query = served[metric["pods"]["metric"]["name"]]["metricsQuery"] + served[metric["pods"]["metric"]["name"]][
+        "seriesQuery"]
+    exported = {m.name for m in WorkerMetrics().registry.collect()}
+    used = set(re.findall(r"personagate_\w+", query))
+    assert used and used <= exported, used - exported
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 1800
+    assert 0 < float(metric["pods"]["target"]["averageValue"].removesuffix("m")) / 1000 < 1
