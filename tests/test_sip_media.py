@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import pjsua2 as pj
 
+from gateway.audio.speech import SILENT_FRAME
 from gateway.sip.media import MediaBridge, MediaBuffers
 from gateway.sip.ua import BYTES_PER_FRAME
 
@@ -53,6 +54,8 @@ async def test_caller_audio_reaches_the_agent_the_moment_its_80ms_frame_is_compl
             await asyncio.sleep(0)
 
     try:
+        assert sink.sent == [SILENT_FRAME], "released to speak first: the agent starts on a silent frame at once"
+        sink.sent.clear()
         await packets(3)
         assert len(sink.sent) == 0
         await packets(1)

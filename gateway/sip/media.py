@@ -40,7 +40,7 @@ import numpy as np
 import pjsua2 as pj
 
 from ..audio import LineToModel, ModelToLine, OutboundPacer
-from ..audio.speech import SpeechStart
+from ..audio.speech import SILENT_FRAME, SpeechStart
 from ..calls import AgentCall
 from ..worker_client import AgentAudio
 from .recording import CallRecorder
@@ -224,6 +224,8 @@ class MediaBridge:
         buffers.take_inbound()  # what arrived before the call was live (ringing) is not the agent's
         pcm, self.released_by = await self._hold()
         self.released_at = time.monotonic()
+        if self.released_by != "caller":
+            self.call.send(SILENT_FRAME)  # the agent starts now, not 80 ms later (``gateway/audio/speech.py``)
         while True:
             if pcm:
                 for frame in line.push(pcm):

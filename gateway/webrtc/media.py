@@ -37,7 +37,7 @@ from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
 from ..audio import LineToModel, ModelToLine, OutboundPacer, Rechunker, StreamResampler
-from ..audio.speech import SpeechStart
+from ..audio.speech import SILENT_FRAME, SpeechStart
 from ..calls import AgentCall
 from ..sip.media import MediaBuffers
 from ..sip.ua import CLOCK_RATE as LEG_RATE
@@ -53,6 +53,7 @@ MODEL_FRAME_LINE_SAMPLES = 3840  # 80 ms at 48 kHz: what the agent hears first w
 STALL_SECONDS = 0.1  # the outbound clock this late: rebase instead of bursting
 INBOUND_BACKLOG_FRAMES = 5  # 100 ms of decoded browser audio may wait; older frames are dropped
 TIME_BASE = fractions.Fraction(1, RATE)
+
 
 
 class AgentTrack(MediaStreamTrack):
@@ -156,6 +157,8 @@ class CallerAudio:
         self._speech = None
         self.released_at = time.monotonic()
         self.released_by = why
+        if why != "caller" and self._agent is not None:
+            self._agent.send(SILENT_FRAME)  # the agent starts now, not 80 ms later (``gateway/audio/speech.py``)
 
     def _drop_backlog(self, queue: asyncio.Queue[object]) -> None:
         while queue.qsize() > INBOUND_BACKLOG_FRAMES:
