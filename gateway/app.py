@@ -76,7 +76,7 @@ def create_app(
                 sip = app.state.sip = SipServer(settings, registry, calls)
                 await sip.start()
             if webrtc is not None:
-                webrtc.start()
+                await webrtc.start()
             yield
         finally:
             if webrtc is not None:

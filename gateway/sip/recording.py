@@ -7,6 +7,9 @@
     ...
     await asyncio.to_thread(recorder.close)
 
+Browser calls are recorded the same way (``gateway/webrtc/media.py``: ``BrowserRecording`` brings both sides from
+48 kHz to the file's 16 kHz, ticked by the outbound track's 20 ms clock).
+
 The file holds what was on the line from the answer on: the caller on the left channel, what the caller
 heard on the right (the announcement, then the agent), 16 kHz 16-bit, one frame of each per 20 ms tick of
 the bridge, so the two sides stay aligned even when the caller's RTP stops (silence is recorded). The clock
@@ -59,25 +62,27 @@ def recording_path(root: Path, tenant: str, call_id: str, when: dt.datetime | No
 
 # ---------------------------------------------------------------------------------------------- announcement
 
-_announcements: collections.OrderedDict[str, tuple[bytes, ...]] = collections.OrderedDict()
+_announcements: collections.OrderedDict[tuple[str, int], tuple[bytes, ...]] = collections.OrderedDict()
 ANNOUNCEMENTS_CACHED = 32
 
 
-def announcement_frames(clip: PreparedClip) -> tuple[bytes, ...]:
-    """The clip (24 kHz float) as 20 ms s16le frames at the bridge's rate, the last one padded with silence."""
-    resampler = StreamResampler(CLIP_RATE, CLOCK_RATE, np.float32)
+def announcement_frames(clip: PreparedClip, rate: int = CLOCK_RATE) -> tuple[bytes, ...]:
+    """The clip (24 kHz float) as 20 ms s16le frames at ``rate`` (the bridge's, or a browser's 48 kHz), the last
+    one padded with silence."""
+    frame = rate // 50
+    resampler = StreamResampler(CLIP_RATE, rate, np.float32)
     audio = np.concatenate([resampler.process(np.asarray(clip.audio, dtype=np.float32)), resampler.flush()])
     pcm = np.clip(np.round(audio * 32767), -32768, 32767).astype("<i2")
-    pcm = np.concatenate([pcm, np.zeros(-len(pcm) % SAMPLES_PER_FRAME, dtype="<i2")])
-    return tuple(pcm[i:i + SAMPLES_PER_FRAME].tobytes() for i in range(0, len(pcm), SAMPLES_PER_FRAME))
+    pcm = np.concatenate([pcm, np.zeros(-len(pcm) % frame, dtype="<i2")])
+    return tuple(pcm[i:i + frame].tobytes() for i in range(0, len(pcm), frame))
 
 
-async def consent_frames(clip: PreparedClip) -> tuple[bytes, ...]:
-    """``announcement_frames``, computed off the event loop once per clip content (a small cache)."""
-    key = clip.sha256
+async def consent_frames(clip: PreparedClip, rate: int = CLOCK_RATE) -> tuple[bytes, ...]:
+    """``announcement_frames``, computed off the event loop once per clip content and rate (a small cache)."""
+    key = (clip.sha256, rate)
     frames = _announcements.get(key)
     if frames is None:
-        frames = await asyncio.to_thread(announcement_frames, clip)
+        frames = await asyncio.to_thread(announcement_frames, clip, rate)
         _announcements[key] = frames
         while len(_announcements) > ANNOUNCEMENTS_CACHED:
             _announcements.popitem(last=False)
@@ -109,7 +114,7 @@ class CallRecorder:
     # the bridge's clock thread: append only
 
     def put(self, caller: pj.ByteVector | bytes | None, heard: bytes) -> None:
-        """One 20 ms tick: the caller's frame (None: none arrived) and the frame sent to the caller."""
+        """One 20 ms tick at 16 kHz: the caller's frame (None: none arrived) and the frame sent to the caller."""
         if len(self._pending) == self._pending.maxlen:
             self.frames_dropped += 1
         self._pending.append((caller, heard))

@@ -45,6 +45,7 @@ from ..admin.api import ApiError, read_body
 from ..admin.tokens import Principal, TokensUnavailable
 from ..calls import PersonaRejected
 from ..routing import Refusal
+from ..sip.server import check_recordings_dir
 from ..tenants.tenant import Rejection
 from .call import BrowserCall
 from .ice import ice_servers, restrict_host_addresses, rtc_configuration
@@ -106,8 +107,10 @@ class WebRtc:
         self.active: dict[str, BrowserCall] = {}
         self.ended: collections.OrderedDict[str, None] = collections.OrderedDict()  # the last ENDED_KEPT call ids
 
-    def start(self) -> None:
+    async def start(self) -> None:
         restrict_host_addresses(self.settings.webrtc_ice_interfaces)
+        if self.settings.recordings_dir is not None:
+            await asyncio.to_thread(check_recordings_dir, self.settings.recordings_dir)
 
     def _forget(self, call_id: str) -> None:
         self.active.pop(call_id, None)
@@ -189,6 +192,7 @@ class WebRtc:
                            cushion_packets=settings.webrtc_outbound_cushion_packets,
                            connect_timeout=settings.webrtc_connect_timeout_seconds,
                            jitter_buffer_packets=settings.webrtc_jitter_buffer_packets,
+                           recordings_dir=settings.recordings_dir,
                            sip=getattr(request.app.state, "sip", None), ring_timeout=settings.sip_transfer_ring_seconds)
         try:
             answer = await call.answer(sdp)

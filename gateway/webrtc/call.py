@@ -40,6 +40,8 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
@@ -49,8 +51,18 @@ from ..audio import OutboundPacer
 from ..calls import AgentCall, Calls, PersonaRejected
 from ..routing import Refusal
 from ..sip.bridge import HumanLeg
+from ..sip.recording import CallRecorder, consent_frames, recording_path
 from ..tenants.schema import DTMF_DIGITS
-from .media import PACKET_SAMPLES, AgentAudioPump, AgentTrack, CallerAudio, HumanAudio, set_jitter_buffer
+from .media import (
+    PACKET_SAMPLES,
+    RATE,
+    AgentAudioPump,
+    AgentTrack,
+    BrowserRecording,
+    CallerAudio,
+    HumanAudio,
+    set_jitter_buffer,
+)
 from .metrics import WebRtcMetrics
 from .offer import OfferError
 
@@ -96,7 +108,7 @@ class BrowserCall:
                  configuration: RTCConfiguration, metrics: WebRtcMetrics, client: str, setup_timeout: float,
                  media_timeout: float, caller_first_wait: float | None, cushion_packets: int,
                  connect_timeout: float = 10.0, sip: SipServer | None = None, ring_timeout: float = 30.0,
-                 jitter_buffer_packets: int = 2) -> None:
+                 jitter_buffer_packets: int = 2, recordings_dir: Path | None = None) -> None:
         self.call_id = call_id
         self.tenant = tenant
         self.persona = persona
@@ -106,6 +118,10 @@ class BrowserCall:
         self.setup_timeout = setup_timeout
         self.connect_timeout = connect_timeout  # from the answer to the browser's media connected
         self.jitter_buffer_packets = jitter_buffer_packets
+        self.recordings_dir = recordings_dir  # tenants with recording.enabled are announced and recorded here
+        self.recorder: CallRecorder | None = None
+        self.announced_at: float | None = None
+        self._announced: Callable[[], None] | None = None  # releases the agent once the announcement has played
         self.media_timeout = media_timeout
         self.caller_first_wait = caller_first_wait
         self.state = B.OFFERED
@@ -381,8 +397,13 @@ class BrowserCall:
         setup = self.ready_at - self.history[0][1]
         self.metrics.setup_seconds.observe(setup)
         self._event("ready", setup_ms=round(setup * 1000), persona=self.persona.name)
-        if self.caller is not None:
-            self.caller.release(agent, None if self.persona.speaks_first else self.caller_first_wait or math.inf)
+        wait_for_caller = None if self.persona.speaks_first else self.caller_first_wait or math.inf
+        if not await self._start_recording():
+            if self.caller is not None:
+                self.caller.release(agent, wait_for_caller)
+        elif self.caller is not None:  # the agent hears the caller once the consent announcement has been played
+            caller = self.caller
+            self._announced = lambda: caller.release(agent, wait_for_caller)
         pump = AgentAudioPump(self.pacer, on_text=lambda text: self._event("text", text=text),
                               on_first_audio=self._agent_audio)
         pumping = self._side_task(pump.run(agent), "out")
@@ -412,6 +433,46 @@ class BrowserCall:
         else:
             self.end_reason = "max_duration"
             log.info("the call reached its maximum duration (%g s)", limit, extra={"call": self.call_id})
+
+    async def _start_recording(self) -> bool:
+        """With the tenant's recording on (and the gateway's ``recordings_dir``): the recorder started and the
+        consent announcement queued to play first; True if so (the agent is then released once it has played)."""
+        recording = self.tenant.spec.recording
+        clip = self.tenant.consent_announcement
+        if not recording.enabled or clip is None:
+            return False
+        if self.recordings_dir is None:
+            log.warning("the tenant records calls but the gateway has no recordings_dir: this call is neither "
+                        "announced nor recorded", extra={"call": self.call_id, "tenant": self.tenant.id})
+            return False
+        frames = await consent_frames(clip, RATE)
+        self.recorder = CallRecorder(recording_path(self.recordings_dir, self.tenant.id, self.call_id))
+        self.recorder.start()
+        recording_tap = BrowserRecording(self.recorder)
+        self.track.recording = recording_tap
+        if self.caller is not None:
+            self.caller.recording = recording_tap
+        self.track.announce(frames, self._announcement_played)
+        return True
+
+    def _announcement_played(self) -> None:
+        self.announced_at = time.monotonic()
+        if self._announced is not None:
+            self._announced()
+
+    async def _stop_recording(self) -> dict[str, object]:
+        recorder, self.recorder = self.recorder, None
+        if recorder is None:
+            return {}
+        self.track.recording = None
+        if self.caller is not None:
+            self.caller.recording = None
+        complete = await asyncio.to_thread(recorder.close)
+        self.metrics.recordings.labels(result="written" if complete else "failed").inc()
+        return {"recording": str(recorder.path) if complete else None,
+                "recording_seconds": round(recorder.seconds, 2), "recording_frames_dropped": recorder.frames_dropped,
+                "consent_announced": round(self.announced_at - self.ready_at, 3)
+                if self.announced_at and self.ready_at else None}
 
     async def _media_watch(self) -> None:
         """Returns once no audio has come from the browser for ``media_timeout`` seconds."""
@@ -446,12 +507,13 @@ class BrowserCall:
             await asyncio.sleep(0)  # let the ended message go out before the connection closes
             await self._close_pc()
             await self._stop_side_tasks()
+            recording = await self._stop_recording()
             self._to(B.ENDED)
             self.metrics.calls_active.dec()
             self.metrics.calls_ended.labels(reason=reason).inc()
-        self._record(reason)
+        self._record(reason, recording)
 
-    def _record(self, reason: str) -> None:
+    def _record(self, reason: str, recording: dict[str, object]) -> None:
         stats = self.pacer.stats()
         self.metrics.outbound_underruns.inc(stats.underruns)
         self.metrics.outbound_shed.inc(stats.shed)
@@ -470,7 +532,8 @@ class BrowserCall:
             "caller_frames": caller.frames if caller else 0, "caller_frames_dropped": caller.dropped if caller else 0,
             "agent_released_by": caller.released_by if caller else None, "events_dropped": self.events_dropped,
             "dtmf": "".join(self.dtmf), "transfer": self.transfer_result, "bridge_ended_by": self.bridge_ended_by,
-            "human_leg_seconds": round(self.human.seconds, 2) if self.human and self.human.seconds else None})
+            "human_leg_seconds": round(self.human.seconds, 2) if self.human and self.human.seconds else None,
+            **recording})
 
     async def _stop_side_tasks(self) -> None:
         for task in self._side:

@@ -40,6 +40,7 @@ from ..audio import LineToModel, ModelToLine, OutboundPacer, Rechunker, StreamRe
 from ..audio.speech import SILENT_FRAME, SpeechStart
 from ..calls import AgentCall
 from ..sip.media import MediaBuffers
+from ..sip.recording import CallRecorder
 from ..sip.ua import CLOCK_RATE as LEG_RATE
 from ..sip.ua import SAMPLES_PER_FRAME as LEG_PACKET_SAMPLES
 from ..worker_client import AgentAudio, AgentText
@@ -69,6 +70,16 @@ class AgentTrack(MediaStreamTrack):
         self._stereo = np.zeros((1, 2 * PACKET_SAMPLES), dtype=np.int16)
         self._start: float | None = None
         self._sent = 0  # packets (and timestamp steps) since the start
+        self._announcement: tuple[bytes, ...] = ()
+        self._announce_at = 0
+        self._announced: Callable[[], None] | None = None
+        self.recording: BrowserRecording | None = None
+
+    def announce(self, frames: tuple[bytes, ...], done: Callable[[], None]) -> None:
+        """Play ``frames`` (20 ms, 48 kHz s16le) before anything else; ``done`` once the last has gone out."""
+        self._announcement, self._announce_at, self._announced = frames, 0, done
+        if not frames:
+            done()
 
     async def recv(self) -> AudioFrame:
         if self.readyState != "live":
@@ -84,7 +95,15 @@ class AgentTrack(MediaStreamTrack):
                 self._sent += int((now - due) / PACKET_SECONDS)  # the timestamps skip the gap
             elif due > now:
                 await asyncio.sleep(due - now)
-        self.pacer.get(self._packet)
+        if self._announce_at < len(self._announcement):
+            self._packet[:] = np.frombuffer(self._announcement[self._announce_at], "<i2")
+            self._announce_at += 1
+            if self._announce_at == len(self._announcement) and self._announced is not None:
+                self._announced()
+        else:
+            self.pacer.get(self._packet)
+        if self.recording is not None:
+            self.recording.tick(self._packet)
         self._stereo[0, 0::2] = self._packet
         self._stereo[0, 1::2] = self._packet
         frame = AudioFrame.from_ndarray(self._stereo, format="s16", layout="stereo")
@@ -108,6 +127,7 @@ class CallerAudio:
         self.released_by: str | None = None  # answer, caller (spoke first), wait (said nothing in time)
         self._agent: AgentCall | None = None
         self._divert: Callable[[np.ndarray], None] | None = None
+        self.recording: BrowserRecording | None = None
         self._line = LineToModel(RATE)
         self._speech: SpeechStart | None = None
         self._wait_until = math.inf
@@ -138,12 +158,14 @@ class CallerAudio:
             self.last_frame_at = time.monotonic()
             if queue is not None:
                 self._drop_backlog(queue)
+            pcm = _mono(frame)
+            if self.recording is not None:
+                self.recording.heard_caller(pcm)
             if self._divert is not None:
-                self._divert(_mono(frame))
+                self._divert(pcm)
                 continue
             if self._agent is None:
                 continue  # ringing: the agent is not live yet
-            pcm = _mono(frame)
             if self._speech is not None:
                 heard = self._speech.push(pcm.tobytes())
                 if heard is None and time.monotonic() < self._wait_until:
@@ -250,3 +272,30 @@ class HumanAudio:
                     self.browser_pacer.put(packet)
         finally:
             self.buffers.notify = None
+
+
+class BrowserRecording:
+    """A browser call into a ``CallRecorder`` (16 kHz stereo: the caller left, what the caller heard right): both
+    sides resampled from 48 kHz, one tick per packet of the outbound track's clock, so they stay aligned."""
+
+    def __init__(self, recorder: CallRecorder) -> None:
+        self.recorder = recorder
+        self._caller = StreamResampler(RATE, LEG_RATE)
+        self._caller_frames = Rechunker(LEG_PACKET_SAMPLES, capacity=LEG_PACKET_SAMPLES * 40)
+        self._heard = StreamResampler(RATE, LEG_RATE)
+        self._heard_frames = Rechunker(LEG_PACKET_SAMPLES)
+
+    def heard_caller(self, pcm: np.ndarray) -> None:
+        """One frame of the caller's audio (48 kHz mono)."""
+        if self._caller_frames.pending + len(pcm) // 3 + LEG_PACKET_SAMPLES > LEG_PACKET_SAMPLES * 40:
+            self._caller_frames.clear()  # the clock stalled for long: the caller's side restarts in step
+        self._caller_frames.push(self._caller.process(pcm))
+
+    def tick(self, sent: np.ndarray) -> None:
+        """One packet sent to the browser (48 kHz), with the caller's frame of the same tick, to the recorder."""
+        self._heard_frames.push(self._heard.process(sent))
+        heard = self._heard_frames.pop()
+        if heard is None:
+            return
+        caller = self._caller_frames.pop()
+        self.recorder.put(caller.tobytes() if caller is not None else None, heard.tobytes())

@@ -50,6 +50,10 @@ class WebRtcMetrics:
             "personagate_gateway_webrtc_caller_frames_dropped_total",
             "20 ms frames of browser audio dropped because they waited too long to be read (the event loop was "
             "behind).", registry=r)
+        self.recordings = Counter(
+            "personagate_gateway_webrtc_recordings_total",
+            "Browser calls to tenants that record calls, by result: written (a complete FLAC), failed (see the log).",
+            ["result"], registry=r)
         self.events_dropped = Counter(
             "personagate_gateway_webrtc_events_dropped_total",
             "Data channel messages (agent text) not sent because the browser was not reading them.", registry=r)
