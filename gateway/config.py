@@ -269,7 +269,10 @@ class GatewaySettings(LayeredSettings):
     def _sip_public_address(cls, address: str | None) -> str | None:
         if address is None or address == "":
             return None
-        if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}|[0-9A-Fa-f:.]{2,45}", address) or address in ("0.0.0.0", "::"):
+        if ":" in address:  # the SIP transport is UDP over IPv4: pjsua cannot start with an IPv6 public address
+            raise ValueError(f"sip_public_address must be an IPv4 address or a host name (SIP runs over IPv4 here), "
+                             f"got {address!r}")
+        if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", address) or address == "0.0.0.0":
             raise ValueError(f"sip_public_address must be a host name or IP address others can reach, got {address!r}")
         return address
 
@@ -290,7 +293,20 @@ class GatewaySettings(LayeredSettings):
             raise ValueError(f"sip_rtp_port_range ({count} ports from {port}) holds {count // 2} calls (RTP and RTCP "
                              f"each) but sip_max_calls is {self.sip_max_calls}: widen the range or lower "
                              "sip_max_calls")
+        accounts = 1 + len(self.sip_registrations)
+        if self.rtp_port_share(0)[1] < 4:
+            raise ValueError(f"sip_rtp_port_range ({count} ports) is shared by {accounts} SIP accounts (the trunks' "
+                             "and each of sip_registrations): each needs at least 4 ports")
         return self
+
+    def rtp_port_share(self, account: int) -> tuple[int, int]:
+        """The RTP ports of SIP account ``account`` (0: the trunks'; 1…: ``sip_registrations`` in order): its first
+        port and how many, an even share of ``sip_rtp_port_range`` (the whole range with no registrations); (first,
+        0) without a bound."""
+        if not self.sip_rtp_port_range:
+            return self.sip_rtp_port, 0
+        share = (self.sip_rtp_port_range // (1 + len(self.sip_registrations))) & ~1
+        return self.sip_rtp_port + account * share, share
 
     @model_validator(mode="after")
     def _session_timer(self) -> GatewaySettings:

@@ -316,3 +316,20 @@ def test_caller_hears_an_instant_agent_within_the_frame_the_packet_and_the_filte
     filters = 2 * StreamResampler(line_rate, MODEL_RATE).delay_seconds * 1000
     for offset in range(0, 4 * line_rate // 50, line_rate // 200):
         assert _mouth_to_ear_ms(line_rate, "fir", offset) == pytest.approx(80 + filters, abs=0.01)
+
+
+@pytest.mark.parametrize("line_rate", [8000, 16000, 48000])
+def test_an_agent_released_to_speak_first_starts_on_the_first_packet_and_keeps_the_cadence(line_rate: int) -> None:
+    """The first 20 ms packet after the answer completes a frame at once (silence, then that packet's audio), so
+    the agent's greeting starts 60 ms sooner; every later frame still completes on its 4th packet, 80 ms apart."""
+    line = LineToModel(line_rate)
+    packet = (0.3 * 32767 * np.sin(2 * np.pi * 440 * np.arange(line_rate // 50) / line_rate)).astype(np.int16)
+    assert line.complete_with_silence() is None  # nothing held: nothing to complete
+    assert line.push(packet) == []
+    first = np.frombuffer(line.complete_with_silence() or b"", "<i2")
+    assert len(first) == MODEL_FRAME_SAMPLES
+    assert not first[:MODEL_FRAME_SAMPLES * 3 // 4 - 200].any()  # silence first ...
+    assert np.abs(first[-240:]).max() > 3000  # ... then the caller's packet
+    assert line.pending_samples == 0
+    completed_at = [i for i in range(1, 13) if line.push(packet)]
+    assert completed_at == [4, 8, 12]

@@ -87,7 +87,21 @@ def test_rtp_port_settings_that_cannot_hold_the_calls_are_refused() -> None:
         "at least 4 ports": {"sip_rtp_port": 20000, "sip_rtp_port_range": 2, "sip_max_calls": 1},
         "go past 65535": {"sip_rtp_port": 65000, "sip_rtp_port_range": 1000, "sip_max_calls": 4},
         "sip_public_address must be": {"sip_public_address": "0.0.0.0"},
+        "must be an IPv4 address or a host name": {"sip_public_address": "2001:db8::5"},
+        "each needs at least 4 ports": {"sip_rtp_port": 20000, "sip_rtp_port_range": 8, "sip_max_calls": 4,
+                                        "sip_registrations": [{"registrar": f"sip:pbx{i}.example.com", "username": "u",
+                                                               "password": "p"} for i in range(2)]},
     }
     for message, settings in refused.items():
         with pytest.raises(SettingsError, match=message):
             load_gateway_settings(**settings)
+
+
+def test_each_sip_account_walks_its_own_share_of_the_rtp_ports() -> None:
+    """pjsua walks RTP ports per account and gives up after 100 busy pairs: the trunks' account and each REGISTER
+    binding get an even share of the range, so their calls never collide in it."""
+    registrations = [{"registrar": f"sip:pbx{i}.example.com", "username": "u", "password": "p"} for i in range(2)]
+    settings = load_gateway_settings(sip_rtp_port=20000, sip_rtp_port_range=1200, sip_max_calls=256,
+                                     sip_registrations=registrations)
+    assert [settings.rtp_port_share(i) for i in range(3)] == [(20000, 400), (20400, 400), (20800, 400)]
+    assert load_gateway_settings(sip_rtp_port=20000, sip_rtp_port_range=512).rtp_port_share(0) == (20000, 512)

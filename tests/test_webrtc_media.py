@@ -9,6 +9,7 @@ import fractions
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.rtcrtpreceiver import RemoteStreamTrack
+from aiortc.rtp import RtpPacket
 from av import AudioFrame
 
 from gateway.audio import OutboundPacer
@@ -70,6 +71,22 @@ async def test_the_inbound_jitter_buffer_is_the_gateways() -> None:
     try:
         receiver = pc.addTransceiver("audio").receiver
         assert set_jitter_buffer(receiver, 2)
-        assert receiver._RTCRtpReceiver__jitter_buffer._prefetch == 2
+        buffer = receiver._RTCRtpReceiver__jitter_buffer
+        assert buffer._prefetch == 2
     finally:
         await pc.close()
+    # A lost packet, then two, then packets out of order: the buffer goes on holding 2 (3 after a reordering),
+    # not 14, for the rest of the call.
+    order = [seq for seq in range(400) if seq not in (50, 120, 121, 200)]
+    for at in range(250, 390, 40):
+        order[at], order[at + 1] = order[at + 1], order[at]
+    released = []
+    for seq in order:
+        packet = RtpPacket(payload_type=111, sequence_number=seq, timestamp=seq * PACKET_SAMPLES)
+        packet._data = b"opus"
+        _, frame = buffer.add(packet)
+        if frame is not None:
+            released.append((seq, frame.timestamp // PACKET_SAMPLES))
+    lags = [arrived - out for arrived, out in released]
+    assert max(lags[60:240]) == 2, lags  # after the losses, before any reordering
+    assert max(lags[-20:]) <= 3

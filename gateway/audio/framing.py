@@ -58,6 +58,14 @@ class Rechunker:
         self._len = rest
         return out
 
+    def pop_partial(self) -> np.ndarray | None:
+        """What waits for the next chunk to fill (a new array, shorter than a chunk), or None if nothing does."""
+        if not self._len:
+            return None
+        out = self._buf[:self._len].copy()
+        self._len = 0
+        return out
+
     def clear(self) -> None:
         self._len = 0
 
@@ -81,6 +89,21 @@ class LineToModel:
         while (frame := frames.pop()) is not None:
             out.append(frame.astype("<i2", copy=False).tobytes())
         return out
+
+    def complete_with_silence(self) -> bytes | None:
+        """The frame in progress, completed now with silence in front of the caller audio it holds (None when it
+        holds none). How a front end releases an agent to speak first: the worker steps a session only on caller
+        audio, so the agent's greeting would otherwise wait for a whole 80 ms of the caller's audio to gather.
+        Frames after it complete on the same 80 ms cadence as before, one every four 20 ms packets, so none
+        ever waits behind another at the worker. (A separate silent frame sent at the release would: the next
+        frame, complete less than 80 ms later, could reach the worker before its tick took the first, and the
+        extra frame would then wait there, 80 ms later for every word, for the rest of the call.)"""
+        held = self._frames.pop_partial()
+        if held is None:
+            return None
+        frame = np.zeros(MODEL_FRAME_SAMPLES, dtype="<i2")
+        frame[MODEL_FRAME_SAMPLES - len(held):] = held
+        return frame.tobytes()
 
     @property
     def pending_samples(self) -> int:

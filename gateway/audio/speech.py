@@ -4,13 +4,6 @@ room sit well below -50 dBFS; speech at -30 to -15 dBFS.
 
     start = SpeechStart(frame_samples=320, pre_roll_samples=1280)   # 20 ms frames at 16 kHz, 80 ms kept
     heard = start.push(pcm)     # s16le bytes, any number of whole frames: None, or the caller's first audio
-
-**Releasing the agent.** The worker steps a session only on caller audio, so an agent released to speak first
-(at the answer, after the consent announcement, or when a silent caller has waited long enough) would begin only
-once the first 80 ms of the caller's audio had been gathered. Front ends send ``SILENT_FRAME`` at that moment
-instead: the agent's greeting begins one frame sooner (measured on the browser path: time to first audio 284–306
-→ 200–204 ms), and the caller loses nothing: their frames reach the worker when they would have, one step after
-this one (the echo round trip is unchanged).
 """
 
 from __future__ import annotations
@@ -21,7 +14,6 @@ import numpy as np
 
 SPEECH_DBFS = -40.0  # a frame is loud above this RMS level
 SPEECH_FRAMES = 3  # loud frames in a row that count as speech: 60 ms of 20 ms frames
-SILENT_FRAME = bytes(3840)  # one model frame of silence (80 ms, 24 kHz s16le): what releases an agent to speak first
 
 
 class SpeechStart:

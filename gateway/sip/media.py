@@ -40,7 +40,7 @@ import numpy as np
 import pjsua2 as pj
 
 from ..audio import LineToModel, ModelToLine, OutboundPacer
-from ..audio.speech import SILENT_FRAME, SpeechStart
+from ..audio.speech import SpeechStart
 from ..calls import AgentCall
 from ..worker_client import AgentAudio
 from .recording import CallRecorder
@@ -224,14 +224,19 @@ class MediaBridge:
         buffers.take_inbound()  # what arrived before the call was live (ringing) is not the agent's
         pcm, self.released_by = await self._hold()
         self.released_at = time.monotonic()
-        if self.released_by != "caller":
-            self.call.send(SILENT_FRAME)  # the agent starts now, not 80 ms later (``gateway/audio/speech.py``)
+        # Released to speak first: the first caller packet completes a frame at once, led by silence
+        # (``LineToModel.complete_with_silence``), so the agent starts 60 ms sooner, on the same 80 ms cadence.
+        start_now = self.released_by != "caller"
         while True:
             if pcm:
-                for frame in line.push(pcm):
+                frames = line.push(pcm)
+                if start_now and not frames:
+                    frames = [frame for frame in (line.complete_with_silence(),) if frame is not None]
+                start_now = False
+                for frame in frames:
                     self.call.send(frame)
             filled = round(line.pending_samples / LINE_FRAME_MODEL_SAMPLES)
-            buffers.wake_frames = max(1, FRAMES_PER_WAKE - filled)
+            buffers.wake_frames = 1 if start_now else max(1, FRAMES_PER_WAKE - filled)
             if len(buffers.inbound) < buffers.wake_frames:  # else a frame came meanwhile and did not wake us
                 await self._wake.wait()
                 self._wake.clear()

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import re
@@ -184,11 +185,11 @@ class SipServer:
         ep = self.ua.ep
         # The transport's published address ("host:port"): with sip_host 0.0.0.0 pjsua publishes an interface's.
         local = ep.transportGetInfo(ep.transportEnum()[0]).localName
-        for registration in self.settings.sip_registrations:
+        for index, registration in enumerate(self.settings.sip_registrations, 1):
             account = RegistrationAccount(registration, self.metrics, self._incoming, self.registered,
                                           self._retry_registration_later)
             self.ua.keep(("registration", registration.name), account)
-            account.start(local, self._configure_media)
+            account.start(local, functools.partial(self._configure_media, account=index))
 
     def _retry_registration_later(self, name: str, delay: float) -> None:
         """(pjsua thread) In ``delay`` seconds, ``RegistrationAccount.retry`` on the pjsua thread."""
@@ -235,18 +236,22 @@ class SipServer:
         account.create(cfg, True)
         return account
 
-    def _configure_media(self, cfg: pj.AccountConfig) -> None:
+    def _configure_media(self, cfg: pj.AccountConfig, account: int = 0) -> None:
         """An account's RTP sockets: bound to ``sip_host``; a pair per call from ``sip_rtp_port`` upwards, wrapping
         within ``sip_rtp_port_range`` (pjsua's port_range), so a firewall or a host-network pod opens exactly that
-        range (0: pjsua's own, 4000 upwards); ``sip_public_address`` in the SDP's c= line, where callers send RTP."""
+        range (0: pjsua's own, 4000 upwards); ``sip_public_address`` in the SDP's c= line, where callers send RTP.
+        Each account (0: the trunks'; 1…: ``sip_registrations``) walks its own share of the range: pjsua keeps a
+        next-port counter per account and gives up after 100 busy pairs, so accounts sharing one range would
+        collide (``GatewaySettings.rtp_port_share``)."""
         s = self.settings
         media = cfg.mediaConfig.transportConfig
         media.boundAddress = s.sip_host
         if s.sip_rtp_port:
-            media.port = s.sip_rtp_port
+            first, ports = s.rtp_port_share(account)
+            media.port = first
             # pjsua wraps back to the first port only once the next RTP port is *past* port + portRange, so its
             # last pair is port + portRange, +1: two ports beyond. Our range counts the ports themselves.
-            media.portRange = s.sip_rtp_port_range - 2 if s.sip_rtp_port_range else 0
+            media.portRange = ports - 2 if ports else 0
         if s.sip_public_address:
             media.publicAddress = s.sip_public_address
 

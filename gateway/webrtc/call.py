@@ -250,8 +250,12 @@ class BrowserCall:
             self.hang_up("connection_failed" if state == "failed" else "hangup")
 
     def _digit(self, digit: str) -> None:
-        """A key the caller pressed on the page: the tenant's escalation digit calls its human."""
+        """A key the caller pressed on the page: the tenant's escalation digit calls its human; once bridged, keys
+        go on to the human's side (a PBX queue or menu may ask for them)."""
         self.dtmf.append(digit)
+        if self.state is B.BRIDGED and self.human is not None:
+            self.human.send_dtmf(digit)
+            return
         escalation = self.tenant.spec.escalation
         if escalation is None or digit != escalation.dtmf_digit or self.state is not B.LIVE \
                 or self._transferred.is_set() or (self._escalation is not None and not self._escalation.done()):
@@ -295,7 +299,8 @@ class BrowserCall:
         assert self.human is not None
         human = self.human
         self._to(B.BRIDGED)
-        await agent.end("transfer")
+        # The caller and the human hear each other first; the agent's session is ended after (that can take a
+        # second: the worker's close and the slot's release), so nothing of either is lost meanwhile.
         pump.cancel()
         self.pacer.flush()  # agent audio still queued is not for the human's caller
         bridge = HumanAudio(human.buffers, self.pacer)
@@ -304,6 +309,7 @@ class BrowserCall:
         self._side_task(bridge.run(), "human")
         self._event("transferred")
         log.info("browser caller bridged to %s", human.target, extra={"call": self.call_id, "tenant": self.tenant.id})
+        await agent.end("transfer")
         gone = asyncio.create_task(human.gone.wait())
         hangup = asyncio.create_task(self._hangup.wait())
         silent = asyncio.create_task(self._media_watch())
@@ -312,8 +318,10 @@ class BrowserCall:
         finally:
             for task in (gone, hangup, silent):
                 task.cancel()
-        self.bridge_ended_by = "human" if gone.done() and not hangup.done() else \
-            "media_timeout" if silent.done() else "caller"
+        if hangup.done():
+            self.bridge_ended_by = "caller" if self._hangup_reason == "hangup" else self._hangup_reason
+        else:
+            self.bridge_ended_by = "human" if gone.done() else "media_timeout"
         self.end_reason = "transfer"
 
     # ------------------------------------------------------------------ events to the browser
@@ -403,7 +411,7 @@ class BrowserCall:
                 self.caller.release(agent, wait_for_caller)
         elif self.caller is not None:  # the agent hears the caller once the consent announcement has been played
             caller = self.caller
-            self._announced = lambda: caller.release(agent, wait_for_caller)
+            self._announced = lambda: caller.release(agent, wait_for_caller, "announcement")
         pump = AgentAudioPump(self.pacer, on_text=lambda text: self._event("text", text=text),
                               on_first_audio=self._agent_audio)
         pumping = self._side_task(pump.run(agent), "out")
