@@ -385,20 +385,31 @@ bearer = HTTPBearer(
 )
 
 
-async def caller(request: Request,
-                 credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> Principal:
-    """Who the bearer token belongs to: 503 while the API is disabled, else 401 unless it is known."""
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+
+
+async def principal(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Principal | None:
+    """Who the bearer token belongs to (None without one): 401 for a token the tokens file does not know;
+    ``TokensUnavailable`` while the file cannot be used. Shared with the browser call API (``gateway/webrtc``)."""
     admin: Admin = request.app.state.admin
-    try:
-        table = await asyncio.to_thread(admin.tokens.current)
-    except TokensUnavailable as exc:
-        raise ApiError(503, str(exc)) from exc
+    table = await asyncio.to_thread(admin.tokens.current)
     if credentials is None:
-        raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)",
-                       headers={"WWW-Authenticate": "Bearer"})
+        return None
     who = table.identify(credentials.credentials)
     if who is None:
         raise ApiError(401, "invalid token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    return who
+
+
+async def caller(request: Request, credentials: Credentials) -> Principal:
+    """Who the bearer token belongs to: 503 while the API is disabled, else 401 unless it is known."""
+    try:
+        who = await principal(request, credentials)
+    except TokensUnavailable as exc:
+        raise ApiError(503, str(exc)) from exc
+    if who is None:
+        raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)",
+                       headers={"WWW-Authenticate": "Bearer"})
     return who
 
 

@@ -18,7 +18,7 @@ soxr, which holds back 20-80 ms per direction, as an option), ``framing.py`` (ex
 ``pacing.py`` (the outbound buffer), ``bench.py`` (per-packet cost).
 """
 
-from .framing import LineToModel, ModelToLine, Rechunker
+from .framing import LineToModel, ModelToLine, Rechunker, Repacketizer
 from .pacing import OutboundPacer, PacerStats
 from .resample import LINE_RATES, MODEL_RATE, StreamResampler
 
@@ -30,5 +30,6 @@ __all__ = [
     "OutboundPacer",
     "PacerStats",
     "Rechunker",
+    "Repacketizer",
     "StreamResampler",
 ]

@@ -6,7 +6,8 @@ exact size out, no sample lost, duplicated or reordered. Its storage is allocate
 - ``LineToModel(line_rate)``: line packets (int16 at the line rate) -> 1920-sample 24 kHz frames as the
   3840 bytes ``AgentCall.send`` takes.
 - ``ModelToLine(line_rate)``: agent frames (3840 bytes, or int16 samples) -> line packets of
-  ``line_rate * packet_ms / 1000`` int16 samples, for the ``OutboundPacer``.
+  ``line_rate * packet_ms / 1000`` int16 samples, for the ``OutboundPacer``. It is a ``Repacketizer``: any rate
+  to packets of any other (a browser bridged to a SIP leg, 48 ⇄ 16 kHz; a browser call's recording).
 """
 
 from __future__ import annotations
@@ -121,23 +122,24 @@ class LineToModel:
         self._frames.clear()
 
 
-class ModelToLine:
-    """Agent audio: 80 ms model frames -> line packets of ``packet_ms`` at ``line_rate`` (int16)."""
+class Repacketizer:
+    """A stream at ``in_rate`` (int16, any count per push) -> packets of ``packet_ms`` at ``out_rate``, through one
+    stateful resampler. ``max_push_samples``: the most one push brings (sizes the buffer)."""
 
-    def __init__(self, line_rate: int, *, packet_ms: int = PACKET_MS, quality: str = "HQ",
-                 engine: str = "fir") -> None:
-        if line_rate * packet_ms % 1000:
-            raise ValueError(f"{packet_ms} ms is not a whole number of samples at {line_rate} Hz")
-        self.line_rate = line_rate
-        self.packet_samples = line_rate * packet_ms // 1000
-        self.resampler = StreamResampler(MODEL_RATE, line_rate, np.int16, quality=quality, engine=engine)
-        frame_out = -(-MODEL_FRAME_SAMPLES * line_rate // MODEL_RATE)
-        self._packets = Rechunker(self.packet_samples, np.int16, capacity=4 * frame_out + 4 * self.packet_samples)
+    def __init__(self, in_rate: int, out_rate: int, *, max_push_samples: int, packet_ms: int = PACKET_MS,
+                 quality: str = "HQ", engine: str = "fir") -> None:
+        if out_rate * packet_ms % 1000:
+            raise ValueError(f"{packet_ms} ms is not a whole number of samples at {out_rate} Hz")
+        self.packet_samples = out_rate * packet_ms // 1000
+        self.resampler = StreamResampler(in_rate, out_rate, np.int16, quality=quality, engine=engine)
+        push_out = -(-max_push_samples * out_rate // in_rate)
+        self._packets = Rechunker(self.packet_samples, np.int16, capacity=4 * push_out + 4 * self.packet_samples)
 
-    def push(self, frame: np.ndarray | bytes) -> list[np.ndarray]:
-        """One agent frame (3840 bytes s16le, or 1920 int16 samples); returns the line packets it completes
-        (usually four, as int16 arrays of ``packet_samples``)."""
-        samples = np.frombuffer(frame, dtype="<i2") if isinstance(frame, bytes | bytearray | memoryview) else frame
+    def push(self, samples: np.ndarray | bytes) -> list[np.ndarray]:
+        """Samples (int16, or s16le bytes); returns the packets they complete, as int16 arrays of
+        ``packet_samples``."""
+        if isinstance(samples, bytes | bytearray | memoryview):
+            samples = np.frombuffer(samples, dtype="<i2")
         packets = self._packets
         packets.push(self.resampler.process(samples))
         out: list[np.ndarray] = []
@@ -148,3 +150,14 @@ class ModelToLine:
     def reset(self) -> None:
         self.resampler.reset()
         self._packets.clear()
+
+
+class ModelToLine(Repacketizer):
+    """Agent audio: 80 ms model frames (3840 bytes s16le, or 1920 int16 samples) -> line packets of ``packet_ms`` at
+    ``line_rate`` (int16; usually four per frame)."""
+
+    def __init__(self, line_rate: int, *, packet_ms: int = PACKET_MS, quality: str = "HQ",
+                 engine: str = "fir") -> None:
+        super().__init__(MODEL_RATE, line_rate, max_push_samples=MODEL_FRAME_SAMPLES, packet_ms=packet_ms,
+                         quality=quality, engine=engine)
+        self.line_rate = line_rate

@@ -70,7 +70,7 @@ from .bridge import HumanLeg
 from .leg import Leg, LegEvent
 from .media import RINGBACK, MediaBridge, MediaBuffers
 from .metrics import SipMetrics
-from .recording import CallRecorder, consent_frames, recording_path
+from .recording import CallRecorder, finish_recording, start_recording
 
 if TYPE_CHECKING:
     from ..tenants.tenant import PersonaConfig, Tenant
@@ -442,17 +442,11 @@ class InboundCall:
     async def _start_recording(self) -> asyncio.Event | None:
         """With the tenant's recording on: the recorder started and the announcement queued to play from the
         answer; returns the event set once it has been played (None: no recording, nothing played)."""
-        recording = self.tenant.spec.recording
-        clip = self.tenant.consent_announcement
-        if not recording.enabled or clip is None:
+        started = await start_recording(self.tenant, self.recordings_dir, self.sip_call_id,
+                                        sip_call_id=self.sip_call_id)
+        if started is None:
             return None
-        if self.recordings_dir is None:
-            log.warning("the tenant records calls but the gateway has no recordings_dir: this call is neither "
-                        "announced nor recorded", extra={"sip_call_id": self.sip_call_id, "tenant": self.tenant.id})
-            return None
-        frames = await consent_frames(clip)
-        self.recorder = CallRecorder(recording_path(self.recordings_dir, self.tenant.id, self.sip_call_id))
-        self.recorder.start()
+        self.recorder, frames = started
         self.buffers.recorder = self.recorder
         announced = asyncio.Event()
 
@@ -472,13 +466,9 @@ class InboundCall:
         if recorder is None:
             return {}
         self.buffers.recorder = None
-        complete = await asyncio.to_thread(recorder.close)
-        self.metrics.recordings.labels(result="written" if complete else "failed").inc()
-        if recorder.frames_dropped:
-            log.warning("the recording lost %d frames: the disk did not keep up", recorder.frames_dropped,
-                        extra={"sip_call_id": self.sip_call_id, "path": str(recorder.path)})
-        return {"recording": str(recorder.path) if complete else None,
-                "recording_seconds": round(recorder.seconds, 2), "recording_frames_dropped": recorder.frames_dropped}
+        record = await finish_recording(recorder, sip_call_id=self.sip_call_id)
+        self.metrics.recordings.labels(result="written" if record["recording"] else "failed").inc()
+        return record
 
     async def _converse(self, agent: AgentCall) -> None:
         announced = await self._start_recording()

@@ -1,11 +1,10 @@
 """Call recording (a tenant's ``recording.enabled``): the consent announcement, and one stereo FLAC per call.
 
-    announcement = await consent_frames(tenant.consent_announcement)   # 20 ms frames at the bridge's rate
-    recorder = CallRecorder(recording_path(root, tenant.id, call_id))
-    recorder.start()                       # its writer thread opens the file
+    recorder, announcement = await start_recording(tenant, recordings_dir, call_id)  # or None: no recording
     buffers.recorder = recorder            # the bridge's clock thread hands it each 20 ms tick
+    buffers.announce(announcement, done)   # 20 ms frames at the bridge's rate, played first
     ...
-    await asyncio.to_thread(recorder.close)
+    record = await finish_recording(recorder)   # the file finished off the loop; the call record's fields
 
 Browser calls are recorded the same way (``gateway/webrtc/media.py``: ``BrowserRecording`` brings both sides from
 48 kHz to the file's 16 kHz, ticked by the outbound track's 20 ms clock).
@@ -41,6 +40,8 @@ if TYPE_CHECKING:
     import pjsua2 as pj
 
     from agent_runtime.voices import PreparedClip
+
+    from ..tenants.tenant import Tenant
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,38 @@ async def consent_frames(clip: PreparedClip, rate: int = CLOCK_RATE) -> tuple[by
             _announcements.popitem(last=False)
     _announcements.move_to_end(key)
     return frames
+
+
+# ---------------------------------------------------------------------------------------------- a call's recording
+
+
+async def start_recording(tenant: Tenant, recordings_dir: Path | None, call_id: str, rate: int = CLOCK_RATE,
+                          **log_extra: object) -> tuple[CallRecorder, tuple[bytes, ...]] | None:
+    """For a tenant that records calls: the call's recorder, started, and its consent announcement as 20 ms frames
+    at ``rate``. None if the tenant does not record calls, or if the gateway has no ``recordings_dir`` (a warning:
+    the call is then neither announced nor recorded)."""
+    clip = tenant.consent_announcement
+    if not tenant.spec.recording.enabled or clip is None:
+        return None
+    if recordings_dir is None:
+        log.warning("the tenant records calls but the gateway has no recordings_dir: this call is neither "
+                    "announced nor recorded", extra={**log_extra, "tenant": tenant.id})
+        return None
+    frames = await consent_frames(clip, rate)
+    recorder = CallRecorder(recording_path(recordings_dir, tenant.id, call_id))
+    recorder.start()
+    return recorder, frames
+
+
+async def finish_recording(recorder: CallRecorder, **log_extra: object) -> dict[str, object]:
+    """``recorder``'s file finished (off the event loop); what the call record says about it (``recording``: its
+    path, None if it could not be written)."""
+    complete = await asyncio.to_thread(recorder.close)
+    if recorder.frames_dropped:
+        log.warning("the recording lost %d frames: the disk did not keep up", recorder.frames_dropped,
+                    extra={**log_extra, "path": str(recorder.path)})
+    return {"recording": str(recorder.path) if complete else None,
+            "recording_seconds": round(recorder.seconds, 2), "recording_frames_dropped": recorder.frames_dropped}
 
 
 # ---------------------------------------------------------------------------------------------- the file

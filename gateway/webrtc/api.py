@@ -35,13 +35,13 @@ import math
 import secrets
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, FastAPI, Request, Security
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPAuthorizationCredentials
 
-from ..admin.api import ApiError, read_body
+from ..admin.api import ApiError, Credentials, principal, read_body
 from ..admin.tokens import Principal, TokensUnavailable
 from ..calls import PersonaRejected
 from ..routing import Refusal
@@ -219,21 +219,17 @@ class WebRtc:
 
 _REFUSALS = {"no_capacity": "no agent is free to take the call now", "draining": "this gateway is draining",
              "unavailable": "the call routing store cannot be reached"}
-bearer = HTTPBearer(auto_error=False)
 
 
 async def identify(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Principal | None:
-    """Who the bearer token belongs to, or None without one; 401 for a token that is not known."""
+    """Who the admin token belongs to (``principal``), or None without one; a caller with no token is never held
+    up by the admin tokens file, and a token while that file cannot be used is a 401."""
     if credentials is None:
         return None
     try:
-        table = await asyncio.to_thread(request.app.state.admin.tokens.current)
+        return await principal(request, credentials)
     except TokensUnavailable as exc:
         raise ApiError(401, f"admin tokens are not available: {exc}") from exc
-    who = table.identify(credentials.credentials)
-    if who is None:
-        raise ApiError(401, "invalid token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
-    return who
 
 
 def client_key(address: str) -> str:
@@ -248,9 +244,6 @@ def client_key(address: str) -> str:
             return str(ip.ipv4_mapped)
         return str(ipaddress.ip_network(f"{ip}/64", strict=False))
     return str(ip)
-
-
-Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
 
 
 def install(app: FastAPI, webrtc: WebRtc) -> None:

@@ -51,7 +51,7 @@ from ..audio import OutboundPacer
 from ..calls import AgentCall, Calls, PersonaRejected
 from ..routing import Refusal
 from ..sip.bridge import HumanLeg
-from ..sip.recording import CallRecorder, consent_frames, recording_path
+from ..sip.recording import CallRecorder, finish_recording, start_recording
 from ..tenants.schema import DTMF_DIGITS
 from .media import (
     PACKET_SAMPLES,
@@ -445,17 +445,10 @@ class BrowserCall:
     async def _start_recording(self) -> bool:
         """With the tenant's recording on (and the gateway's ``recordings_dir``): the recorder started and the
         consent announcement queued to play first; True if so (the agent is then released once it has played)."""
-        recording = self.tenant.spec.recording
-        clip = self.tenant.consent_announcement
-        if not recording.enabled or clip is None:
+        started = await start_recording(self.tenant, self.recordings_dir, self.call_id, RATE, call=self.call_id)
+        if started is None:
             return False
-        if self.recordings_dir is None:
-            log.warning("the tenant records calls but the gateway has no recordings_dir: this call is neither "
-                        "announced nor recorded", extra={"call": self.call_id, "tenant": self.tenant.id})
-            return False
-        frames = await consent_frames(clip, RATE)
-        self.recorder = CallRecorder(recording_path(self.recordings_dir, self.tenant.id, self.call_id))
-        self.recorder.start()
+        self.recorder, frames = started
         recording_tap = BrowserRecording(self.recorder)
         self.track.recording = recording_tap
         if self.caller is not None:
@@ -475,11 +468,9 @@ class BrowserCall:
         self.track.recording = None
         if self.caller is not None:
             self.caller.recording = None
-        complete = await asyncio.to_thread(recorder.close)
-        self.metrics.recordings.labels(result="written" if complete else "failed").inc()
-        return {"recording": str(recorder.path) if complete else None,
-                "recording_seconds": round(recorder.seconds, 2), "recording_frames_dropped": recorder.frames_dropped,
-                "consent_announced": round(self.announced_at - self.ready_at, 3)
+        record = await finish_recording(recorder, call=self.call_id)
+        self.metrics.recordings.labels(result="written" if record["recording"] else "failed").inc()
+        return {**record, "consent_announced": round(self.announced_at - self.ready_at, 3)
                 if self.announced_at and self.ready_at else None}
 
     async def _media_watch(self) -> None:

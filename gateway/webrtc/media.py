@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import fractions
 import logging
 import math
@@ -36,7 +37,7 @@ from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
-from ..audio import LineToModel, ModelToLine, OutboundPacer, Rechunker, StreamResampler
+from ..audio import LineToModel, ModelToLine, OutboundPacer, Repacketizer
 from ..audio.speech import SpeechStart
 from ..calls import AgentCall
 from ..sip.media import MediaBuffers
@@ -54,7 +55,9 @@ MODEL_FRAME_LINE_SAMPLES = 3840  # 80 ms at 48 kHz: what the agent hears first w
 STALL_SECONDS = 0.1  # the outbound clock this late: rebase instead of bursting
 INBOUND_BACKLOG_FRAMES = 5  # 100 ms of decoded browser audio may wait; older frames are dropped
 TIME_BASE = fractions.Fraction(1, RATE)
-
+MAX_OPUS_FRAME_SAMPLES = 6 * PACKET_SAMPLES  # a browser may send Opus frames of up to 120 ms
+HUMAN_BURST_SAMPLES = 25 * LEG_PACKET_SAMPLES  # what the human's tap may hold at once (MediaBuffers' inbound bound)
+RECORDED_CALLER_PACKETS = 40  # the caller's side of a recording waits at most this many ticks for the clock
 
 
 class AgentTrack(MediaStreamTrack):
@@ -256,16 +259,13 @@ class HumanAudio:
     def __init__(self, buffers: MediaBuffers, browser_pacer: OutboundPacer) -> None:
         self.buffers = buffers
         self.browser_pacer = browser_pacer
-        self._to_human = StreamResampler(RATE, LEG_RATE)
-        self._to_human_packets = Rechunker(LEG_PACKET_SAMPLES, capacity=LEG_PACKET_SAMPLES * 8)  # a 120 ms Opus frame
-        self._to_browser = StreamResampler(LEG_RATE, RATE)
-        self._to_browser_packets = Rechunker(PACKET_SAMPLES, capacity=PACKET_SAMPLES * 100)  # 25 frames at once
+        self._to_human = Repacketizer(RATE, LEG_RATE, max_push_samples=MAX_OPUS_FRAME_SAMPLES)
+        self._to_browser = Repacketizer(LEG_RATE, RATE, max_push_samples=HUMAN_BURST_SAMPLES)
         self._wake = asyncio.Event()
 
     def from_browser(self, pcm: np.ndarray) -> None:
         """One frame of the browser's audio (48 kHz mono) for the human."""
-        self._to_human_packets.push(self._to_human.process(pcm))
-        while (packet := self._to_human_packets.pop()) is not None:
+        for packet in self._to_human.push(pcm):
             self.buffers.pacer.put(packet)
 
     async def run(self) -> None:
@@ -278,11 +278,7 @@ class HumanAudio:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                pcm = self.buffers.take_inbound()
-                if not pcm:
-                    continue
-                self._to_browser_packets.push(self._to_browser.process(np.frombuffer(pcm, "<i2")))
-                while (packet := self._to_browser_packets.pop()) is not None:
+                for packet in self._to_browser.push(self.buffers.take_inbound()):
                     self.browser_pacer.put(packet)
         finally:
             self.buffers.notify = None
@@ -294,22 +290,17 @@ class BrowserRecording:
 
     def __init__(self, recorder: CallRecorder) -> None:
         self.recorder = recorder
-        self._caller = StreamResampler(RATE, LEG_RATE)
-        self._caller_frames = Rechunker(LEG_PACKET_SAMPLES, capacity=LEG_PACKET_SAMPLES * 40)
-        self._heard = StreamResampler(RATE, LEG_RATE)
-        self._heard_frames = Rechunker(LEG_PACKET_SAMPLES)
+        self._caller = Repacketizer(RATE, LEG_RATE, max_push_samples=MAX_OPUS_FRAME_SAMPLES)
+        # the caller's packets waiting for their tick; if the clock stalls for long, the oldest go
+        self._caller_packets: collections.deque[np.ndarray] = collections.deque(maxlen=RECORDED_CALLER_PACKETS)
+        self._heard = Repacketizer(RATE, LEG_RATE, max_push_samples=PACKET_SAMPLES)
 
     def heard_caller(self, pcm: np.ndarray) -> None:
         """One frame of the caller's audio (48 kHz mono)."""
-        if self._caller_frames.pending + len(pcm) // 3 + LEG_PACKET_SAMPLES > LEG_PACKET_SAMPLES * 40:
-            self._caller_frames.clear()  # the clock stalled for long: the caller's side restarts in step
-        self._caller_frames.push(self._caller.process(pcm))
+        self._caller_packets.extend(self._caller.push(pcm))
 
     def tick(self, sent: np.ndarray) -> None:
-        """One packet sent to the browser (48 kHz), with the caller's frame of the same tick, to the recorder."""
-        self._heard_frames.push(self._heard.process(sent))
-        heard = self._heard_frames.pop()
-        if heard is None:
-            return
-        caller = self._caller_frames.pop()
-        self.recorder.put(caller.tobytes() if caller is not None else None, heard.tobytes())
+        """One packet sent to the browser (48 kHz), with the caller's packet of the same tick, to the recorder."""
+        for heard in self._heard.push(sent):
+            caller = self._caller_packets.popleft() if self._caller_packets else None
+            self.recorder.put(caller.tobytes() if caller is not None else None, heard.tobytes())
