@@ -30,6 +30,7 @@ from gateway.webrtc.api import OfferRateLimit, client_key
 from gateway.webrtc.ice import restrict_host_addresses
 from gateway.webrtc.offer import OfferError, check_offer
 from tests.conftest import free_port, serve
+from tests.test_sip import _ready, _until
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC = ("harbor-mutual", "claims")  # public_link: true in the shipped tenant
@@ -192,10 +193,7 @@ def webrtc_stack(folder: Path, env: dict[str, str] | None = None, *, slots: int 
                     env=env | {"PERSONAGATE_GATEWAY_ADMIN_TOKENS_FILE": str(tokens)})
     with worker, gateway:
         http = f"http://127.0.0.1:{http_port}"
-        deadline = time.monotonic() + 15
-        while httpx.get(f"{http}/readyz").json().get("slots_free") != slots:
-            assert time.monotonic() < deadline, "the gateway never saw the worker's slots"
-            time.sleep(0.1)
+        _until(lambda: _ready(http)["slots_free"] == slots, "the gateway sees the worker's slots")
         yield Stack(http, harbor, bank)
 
 

@@ -24,7 +24,6 @@ import math
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,8 +36,8 @@ import pytest
 import soundfile
 import yaml
 
-from gateway.admin.tokens import new_token
-from tests.conftest import free_port, serve
+from tests.test_sip import _ready, _until
+from tests.test_webrtc import Stack, tenant_copy, webrtc_stack
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -83,35 +82,16 @@ def chromium_args(wav: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def webrtc_stack(admin_tokens: Path | None = None) -> Iterator[str]:
-    """A one-slot tiny-model worker and the gateway (the shipped tenants; ICE on 127.0.0.1 only; admin tokens from
-    ``admin_tokens`` if given), real processes on loopback; yields the gateway's HTTP address once it sees the
-    worker's free slot."""
-    env = os.environ | {"NO_TORCH_COMPILE": "1"}
-    gateway_env = env | {"PERSONAGATE_GATEWAY_WEBRTC_ICE_INTERFACES": '["127.0.0.1"]'}
-    worker_port, http_port = free_port(), free_port()
-    worker = serve([sys.executable, "-m", "gateway.cli", "worker", "--model", "tiny", "--port", str(worker_port),
-                    "--slots", "1"], f"http://127.0.0.1:{worker_port}/readyz", env=env)
-    gateway = serve([sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants",
-                     str(TENANTS), "--worker", f"http://127.0.0.1:{worker_port}",
-                     *(["--admin-tokens", str(admin_tokens)] if admin_tokens else [])],
-                    f"http://127.0.0.1:{http_port}/readyz", env=gateway_env)
-    with worker, gateway:
-        http = f"http://127.0.0.1:{http_port}"
-        until(lambda: slots_free(http) == 1, "the gateway sees the worker's free slot")
-        yield http
+def browser_stack(folder: Path) -> Iterator[Stack]:
+    """``tests.test_webrtc.webrtc_stack`` with one slot and the shipped tenants (copied into ``folder``), ICE on
+    127.0.0.1 only (a machine, or a container, may have no other interface)."""
+    tenant_copy(folder / "tenants")
+    with webrtc_stack(folder, {"PERSONAGATE_GATEWAY_WEBRTC_ICE_INTERFACES": '["127.0.0.1"]'}, slots=1) as stack:
+        yield stack
 
 
 def slots_free(http: str) -> int:
-    return httpx.get(f"{http}/readyz", timeout=5).json()["slots_free"]
-
-
-def until(check, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.1)
+    return _ready(http)["slots_free"]
 
 
 @contextlib.contextmanager
@@ -197,18 +177,21 @@ def page_state(page: Page) -> dict:
 
 
 @pytest.fixture(scope="module")
-def admin_token(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    """A harbor-mutual admin token, and the gateway's tokens file that knows it."""
-    token, digest = new_token()
-    path = tmp_path_factory.mktemp("tokens") / "admin-tokens.yaml"
-    path.write_text(f"tenants:\n  {TENANT}:\n    - {digest}\n")
-    return token, path
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with browser_stack(tmp_path_factory.mktemp("browser")) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
-def stack(admin_token: tuple[str, Path]) -> Iterator[str]:
-    with webrtc_stack(admin_token[1]) as http:
-        yield http
+def stack(gateway: Stack) -> str:
+    """The gateway's HTTP address."""
+    return gateway.http
+
+
+@pytest.fixture(scope="module")
+def admin_token(gateway: Stack) -> str:
+    """A harbor-mutual admin's token, known to the gateway."""
+    return gateway.admin_token
 
 
 @pytest.fixture(scope="module")
@@ -237,12 +220,12 @@ def test_a_browser_calls_a_public_persona_hears_the_agent_and_reads_its_transcri
     assert call["transcript"].strip(), call
     assert call["ended_status"] == "Ended: hangup", call
     # hanging up gives the agent back: the next caller gets it
-    until(lambda: slots_free(stack) == 1, "the hung-up call's slot is free again", timeout=10)
+    _until(lambda: slots_free(stack) == 1, "the hung-up call's slot is free again", timeout=10)
     assert unexpected(errors) == []
 
 
 def test_a_private_persona_is_refused_without_a_token_and_called_by_its_tenant_admin(
-        stack: str, admin_token: tuple[str, Path], browser: tuple[Page, list[str]]) -> None:
+        stack: str, admin_token: str, browser: tuple[Page, list[str]]) -> None:
     """A tenant admin hears a persona before putting it on a number: without the token the page shows the
     gateway's refusal (HTTP status and detail); with it, the list shows the tenant's private personas and the
     call goes through."""
@@ -262,16 +245,16 @@ def test_a_private_persona_is_refused_without_a_token_and_called_by_its_tenant_a
     assert page.is_visible("#error")
 
     page.click("#admin summary")
-    page.fill("#token", admin_token[0])
+    page.fill("#token", admin_token)
     page.click("#load")
     wait_for(page, f"[...document.querySelectorAll('#persona option')].some(o => o.label === '{private} (private)')",
              timeout=10)
     assert page.input_value("#persona") == f"{TENANT}/{private}"
-    assert page.evaluate("sessionStorage.getItem('personagate.token')") == admin_token[0]
+    assert page.evaluate("sessionStorage.getItem('personagate.token')") == admin_token
     call_until_heard(page)
     assert page_state(page)["error"] is None and not page.is_visible("#error")
     assert hang_up(page) == "Ended: hangup"
-    until(lambda: slots_free(stack) == 1, "the hung-up call's slot is free again", timeout=10)
+    _until(lambda: slots_free(stack) == 1, "the hung-up call's slot is free again", timeout=10)
     assert len(unexpected(errors)) == 1 and "status of 404" in errors[0], errors  # the refused offer, nothing else
 
 
@@ -287,11 +270,11 @@ def test_hanging_up_while_connecting_leaves_no_call_behind(stack: str, browser: 
         page.click("#call")
         page.wait_for_timeout(delay_ms)
         assert hang_up(page) == "Ended: hangup"
-        until(lambda: slots_free(stack) == 1, "no slot is held for the abandoned call", timeout=10)
+        _until(lambda: slots_free(stack) == 1, "no slot is held for the abandoned call", timeout=10)
     open_link(page, stack, TENANT, persona)
     call_until_heard(page)
     page.goto("about:blank")  # the page goes away mid-call: its pagehide hangs up
-    until(lambda: slots_free(stack) == 1, "the closed page's slot is free again", timeout=5)
+    _until(lambda: slots_free(stack) == 1, "the closed page's slot is free again", timeout=5)
     assert unexpected(errors) == []
 
 
@@ -336,7 +319,8 @@ def main() -> None:
     calls = []
     with tempfile.TemporaryDirectory() as folder:
         caller_wav(Path(folder) / "caller.wav")
-        with webrtc_stack() as http, browser_page(Path(folder) / "caller.wav") as (page, _):
+        with browser_stack(Path(folder)) as gateway, browser_page(Path(folder) / "caller.wav") as (page, _):
+            http = gateway.http
             for n in range(1 + args.calls):
                 screenshot = args.screenshot if n == 1 else None  # a few seconds in: some transcript to show
                 before = gateway_first_audio_seconds(http)
@@ -349,7 +333,7 @@ def main() -> None:
                                              - figures["gatewayFirstAudioMs"])
                 calls.append(figures)
                 print(("first call " if n == 0 else "") + json.dumps(figures), flush=True)
-                until(lambda: slots_free(http) == 1, "the slot is free again", timeout=10)
+                _until(lambda: slots_free(http) == 1, "the slot is free again", timeout=10)
     for key in calls[0]:
         values = [c[key] for c in calls[1:]]
         print(f"{key} over {len(values)} calls after the first: median {statistics.median(values):.0f} ms, "
