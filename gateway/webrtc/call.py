@@ -327,6 +327,8 @@ class BrowserCall:
     # ------------------------------------------------------------------ events to the browser
 
     def _event(self, kind: str, **fields: Any) -> None:
+        if self.state in (B.ENDING, B.ENDED) and kind != "ended":
+            return  # "ended" is the last message: agent text still in flight while the call ends is not sent
         message = json.dumps({"type": kind, **fields})
         channel = self.channel
         if channel is None or channel.readyState != "open":
