@@ -154,9 +154,18 @@ class Stack:
     other_token: str  # northwind-bank's admin
 
 
-def tenant_copy(folder: Path, *, harbor_limit: int | None = None, bank_public_and_closed: bool = False) -> Path:
+def tenant_copy(folder: Path, *, harbor_limit: int | None = None, bank_public_and_closed: bool = False,
+                harbor_always_open: bool = False) -> Path:
+    """The shipped tenants copied into ``folder``, changed for a test: Harbor Mutual's call limit, the bank's public
+    link with its lines closed at every hour, or Harbor Mutual open at every hour (its ``hours`` removed), so that
+    what a test sees never depends on the time of day it runs at."""
     for tenant in ("harbor-mutual", "northwind-bank"):
         shutil.copytree(ROOT / "tenants" / tenant, folder / tenant)
+    if harbor_always_open:  # no hours: the line is open all the time (docs/tenants.md)
+        path = folder / "harbor-mutual" / "tenant.yaml"
+        data, n = re.subn(r"\nhours:\n(?:(?:  .*)?\n)*", "\n", path.read_text())
+        assert n == 1
+        path.write_text(data)
     if bank_public_and_closed:  # card-services on a public link, and the bank closed at every hour
         path = folder / "northwind-bank" / "tenant.yaml"
         data = re.sub(r'"\d\d:\d\d-\d\d:\d\d"', "closed", path.read_text())

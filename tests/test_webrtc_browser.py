@@ -83,9 +83,10 @@ def chromium_args(wav: Path) -> list[str]:
 
 @contextlib.contextmanager
 def browser_stack(folder: Path) -> Iterator[Stack]:
-    """``tests.test_webrtc.webrtc_stack`` with one slot and the shipped tenants (copied into ``folder``), ICE on
-    127.0.0.1 only (a machine, or a container, may have no other interface)."""
-    tenant_copy(folder / "tenants")
+    """``tests.test_webrtc.webrtc_stack`` with one slot and the shipped tenants (copied into ``folder``, Harbor Mutual
+    open at every hour: the page must show the same call whenever the test runs), ICE on 127.0.0.1 only (a machine,
+    or a container, may have no other interface)."""
+    tenant_copy(folder / "tenants", harbor_always_open=True)
     with webrtc_stack(folder, {"PERSONAGATE_GATEWAY_WEBRTC_ICE_INTERFACES": '["127.0.0.1"]'}, slots=1) as stack:
         yield stack
 
