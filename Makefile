@@ -7,6 +7,9 @@ TORCH_VERSION ?= 2.13.0
 # Extra pip options for the CPU build of torch on machines without a GPU, e.g. an --index-url of
 # PyTorch's CPU wheels where no local CPU wheel is configured (pip's find-links on our machines).
 TORCH_CPU_PIP_OPTS ?=
+# pjsua2 (the SIP front end) is built from pjproject's source with deploy/pjsua2's settings and patches, cached
+# outside the clone (deploy/pjsua2/build.sh); PJSUA2=none leaves it out (the worker's image has no SIP).
+PJSUA2 ?= source
 ARGS ?=
 PYTEST_ARGS ?=
 
@@ -19,7 +22,7 @@ install: $(STAMP)
 # torch goes in first and on its own: where there is no NVIDIA GPU the CPU build is taken, so that
 # nothing later pulls the multi-gigabyte CUDA wheels. moshi is installed without its dependencies
 # (its torch/numpy pins are stale); pyproject.toml declares what it really needs.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml deploy/pjsua2/build.sh deploy/pjsua2/config_site.h $(wildcard deploy/pjsua2/patches/* deploy/pjsua2/ext/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
@@ -31,6 +34,7 @@ $(STAMP): pyproject.toml
 	fi
 	$(BIN)/python -m pip install --quiet --no-deps "moshi==0.2.13"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	if [ "$(PJSUA2)" = source ]; then deploy/pjsua2/build.sh --python $(BIN)/python; fi
 	touch $(STAMP)
 
 run: install

@@ -144,12 +144,14 @@ class GatewaySettings(LayeredSettings):
         ["127.0.0.0/8", "::1/128"],
         description="trunks admitted by source address (CIDRs); INVITEs from elsewhere get 403")
     sip_max_calls: int = Field(
-        256, ge=1, le=4096, description="pjsua's call table; capped by the library's build (PJSUA_MAX_CALLS: 4 in the "
-                                        "pjsua2-python 2.15.1 wheel, 512 built by deploy/pjsua2/build.sh)")
+        256, ge=1, le=512, description="pjsua's call table (at most PJSUA_MAX_CALLS, 512 in deploy/pjsua2's build); "
+                                       "an INVITE past it is answered 486 by pjsua itself")
+    sip_max_message_bytes: int = Field(
+        16_384, ge=1_500, le=65_000, description="the largest SIP request taken, over UDP or TCP; a larger one is answered "
+                                                 "513 Message Too Large (the build reads up to 64 KB)")
     sip_max_invites_per_second: int = Field(
         10, ge=1, le=10_000, description="INVITEs handled in any one second; more are held 250 ms and refused 503 with "
-                                         "Retry-After. With the pjsua2-python wheel (64 sockets) keep it near 10; a "
-                                         "build from deploy/pjsua2 (4096) takes hundreds")
+                                         "Retry-After")
     sip_outbound_cushion_packets: int = Field(
         1, ge=0, le=4, description="20 ms packets of agent audio the outbound buffer may keep against the worker's "
                                    "jitter: each adds up to 20 ms to what the caller hears; 0 is the least latency, "

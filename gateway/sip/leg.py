@@ -23,8 +23,8 @@ from typing import Any
 
 import pjsua2 as pj
 
-from .media import FramePort, MediaBuffers
-from .ua import UserAgent, call_op
+from .media import MediaBuffers
+from .ua import FramePort, UserAgent, call_op
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,8 @@ class Leg(pj.Call):
         self.serial = next(_serials)
         self.buffers = buffers
         self.events: Callable[[LegEvent], None] = lambda event: None
-        self.port: FramePort | None = None
+        self.port: FramePort | None = None  # lent by ``ua.ports`` while the call's audio is up; given back at the end
+        self._port_media: pj.AudioMedia | None = None  # the stream the port is connected with
         self.over = False
         self.refer_answer = 603  # the answer to a REFER received
         self.tap = True  # False: no media port (a leg only ever bridged to another call, bridge.py)
@@ -189,10 +190,10 @@ class Leg(pj.Call):
                 return
             audio = self.getAudioMedia(index)
             if self.port is None:
-                self.port = FramePort(self.buffers)
-                self.port.create(f"leg{self.serial}")
+                self.port = self.ua.ports.take(self.buffers)
             audio.startTransmit(self.port)
             self.port.startTransmit(audio)
+            self._port_media = audio
             return
 
     def _release(self) -> None:
@@ -200,10 +201,9 @@ class Leg(pj.Call):
         if peer is not None and peer.peer is self:
             peer.peer = None
         port, self.port = self.port, None
+        media, self._port_media = self._port_media, None
         if port is not None:
-            with contextlib.suppress(pj.Error):
-                port.stopTransmit(port)  # no-op if not connected; the destructor removes it from the bridge
-        del port
+            self.ua.ports.give_back(port, [media] if media is not None else [])
         self.ua.drop(self.serial)
 
     # ------------------------------------------------------------------ commands (pjsua thread)
@@ -216,6 +216,22 @@ class Leg(pj.Call):
             self.hangup(call_op(status, reason, headers))
         else:
             self.answer(call_op(status, reason, headers))
+
+    def refuse(self, prm: pj.CallOpParam) -> None:
+        """Refuse an incoming call with ``prm``'s final status (and headers), on the pjsua thread's next turn.
+
+        Never inside pjsua's ``onIncomingCall``: there a final answer to an INVITE without SDP ends the call at once,
+        and pjsua2 then frees the INVITE it is still holding a second time (an abort, ``Assertion 'rdata' failed``,
+        in pjsua2 2.15 and 2.16; deploy/pjsua2/patches/0001 fixes pjsua2 too). ``answer``, not ``hangup``: a hangup
+        before any provisional answer drops the extra headers (WWW-Authenticate, Retry-After)."""
+        ua, serial = self.ua, self.serial
+
+        def send() -> None:
+            leg = ua.kept(serial)
+            if isinstance(leg, Leg) and not leg.over:
+                leg.answer(prm)
+
+        ua.post(send)
 
     def stream_stats(self, index: int = 0) -> dict[str, object]:
         """RTP receive statistics of the audio stream (pjmedia's RTCP view): packets, loss, jitter, and how long

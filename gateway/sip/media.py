@@ -2,8 +2,8 @@
 
 Two halves on two threads:
 
-- ``FramePort`` (an ``AudioMediaPort``, one per call) is called by the bridge's clock thread every 20 ms,
-  holding the GIL. Its callbacks only copy: a received frame is copied (a C++ vector copy, no Python loop)
+- ``ua.FramePort`` (an ``AudioMediaPort`` lent to the call) is called by the bridge's clock thread every 20 ms,
+  holding the GIL, and hands each frame to the call's ``MediaBuffers``. Its callbacks only copy: a received frame is copied (a C++ vector copy, no Python loop)
   into the inbound queue; a requested frame is the next frame of the consent announcement, a ringback frame,
   the next prepared outbound frame, or silence; with a recorder attached each tick's pair (what came in, what
   went out) is appended to its bounded queue (``recording.py``). Nothing there calls pjsua, allocates big
@@ -163,29 +163,6 @@ class MediaBuffers:
         return b"".join(bytes(c) for c in chunks)
 
 
-class FramePort(pj.AudioMediaPort):
-    """The call's tap on the bridge: 16 kHz mono s16le, 20 ms. Made and destroyed on the pjsua thread."""
-
-    def __init__(self, buffers: MediaBuffers) -> None:
-        super().__init__()
-        self.buffers = buffers
-
-    def create(self, name: str) -> None:
-        fmt = pj.MediaFormatAudio()
-        fmt.type = pj.PJMEDIA_TYPE_AUDIO
-        fmt.clockRate = CLOCK_RATE
-        fmt.channelCount = 1
-        fmt.bitsPerSample = 16
-        fmt.frameTimeUsec = PTIME_MS * 1000
-        self.createPort(name, fmt)
-
-    def onFrameReceived(self, frame: pj.MediaFrame) -> None:
-        self.buffers.frame_received(frame)
-
-    def onFrameRequested(self, frame: pj.MediaFrame) -> None:
-        self.buffers.frame_requested(frame)
-
-
 class MediaBridge:
     """Caller audio to the agent and agent audio to the caller, for one live call (asyncio side)."""
 
@@ -284,4 +261,4 @@ class MediaBridge:
                 self._on_agent_audio()
 
 
-__all__ = ["RINGBACK", "FramePort", "MediaBridge", "MediaBuffers"]
+__all__ = ["RINGBACK", "MediaBridge", "MediaBuffers"]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 # INVITE to 200 OK: routing, the claim and the persona's priming (a few ms cached; seconds if not).
 SETUP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0)
@@ -101,6 +104,7 @@ class SipMetrics:
             "personagate_gateway_sip_registered",
             "Each REGISTER binding (sip_registrations, labelled user@registrar): 1 while registered, 0 otherwise.",
             ["registration"], registry=r)
+        registry.register(GuardCounts())
         self.registrations = Counter(
             "personagate_gateway_sip_registrations_total",
             "REGISTER outcomes per binding: ok (2xx), failed (any other final answer or no answer), unregistered.",
@@ -113,3 +117,31 @@ class SipMetrics:
         self.rtp_packets_received.inc(stats["rtp_packets_received"])
         self.rtp_packets_lost.inc(stats["rtp_packets_lost"])
         self.rtp_jitter_seconds.observe(stats["rx_jitter_ms"]["mean"] / 1000)
+
+
+class GuardCounts(Collector):
+    """The SIP guard's counters (kept in C++ on the pjsua thread, read at each scrape): every final response the
+    endpoint sent, pjsua's own included (486 from a full call table, 481, 422 …), and requests dropped unanswered."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        import pjsua2 as pj  # only where SIP runs
+
+        responses = CounterMetricFamily(
+            "personagate_gateway_sip_responses",
+            "Final SIP responses sent, by the request's method (known methods, else 'other') and status: the "
+            "gateway's answers, pjsua's own (486 when its call table is full, 481, 422, 488 …) and the SIP guard's "
+            "to malformed or unsupported requests (400, 405, 416, 481, 489, 501, 505, 513). Retransmissions are "
+            "counted once.", labels=["method", "status"])
+        dropped = CounterMetricFamily(
+            "personagate_gateway_sip_requests_dropped",
+            "Received SIP messages that could not be answered, by why: no_via (no Via header to answer to), "
+            "bad_response (a malformed response), bad_ack (a malformed ACK), unreadable (no start line), "
+            "send_failed (the answer could not be sent).", labels=["reason"])
+        for line in pj.sipGuardCounts():
+            kind, *labels, count = line.split(" ")
+            if kind == "response":
+                responses.add_metric(labels, float(count))
+            elif kind == "dropped":
+                dropped.add_metric(labels, float(count))
+        yield responses
+        yield dropped

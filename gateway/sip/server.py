@@ -10,14 +10,17 @@ An INVITE is decided on the pjsua thread at once (``_incoming``): a source addre
 the tenant's status and reason, otherwise 180 Ringing and an ``InboundCall`` on the event loop takes over
 (``inbound.py``: 183 with ringback, the session claimed and primed, 200 OK when it is ready).
 
-**Floods.** pjsua creates an INVITE's RTP and RTCP sockets before ``_incoming`` sees it, and pjlib returns a
-closed socket's ioqueue slot only 500 ms later (``PJ_IOQUEUE_KEY_FREE_DELAY``); the wheel's ioqueue has 64 slots
-(``PJ_IOQUEUE_MAX_HANDLES``), and when none is free pjlib *aborts the process* (an assertion in
-``pj_ioqueue_register_sock2``). Measured: a burst of INVITEs refused in a few ms each (about 1000 a second)
-killed the gateway within 50 of them. So beyond ``sip_max_invites_per_second`` (10) INVITEs in a second the
-gateway refuses each with 503 and Retry-After *after holding it* ``FLOOD_HOLD_SECONDS``: pjsua's call table (4 calls in the wheel)
-stays full, so pjsua itself answers the rest 486 Busy Here at once, without opening sockets, and calls end at
-most ``PJSUA_MAX_CALLS / FLOOD_HOLD_SECONDS`` times a second (``personagate_gateway_sip_invites_shed_total``).
+**Floods.** pjsua creates an INVITE's RTP and RTCP sockets before ``_incoming`` sees it. Beyond
+``sip_max_invites_per_second`` (10) INVITEs in a second the gateway refuses each with 503 and Retry-After *after
+holding it* ``FLOOD_HOLD_SECONDS``: the calls held fill pjsua's call table (``sip_max_calls``), so at most that
+many INVITEs hold sockets at once, and pjsua itself answers the rest 486 Busy Here at once, without opening any
+(``personagate_gateway_sip_invites_shed_total``; every answer, pjsua's too, in
+``personagate_gateway_sip_responses_total``).
+
+**Before pjsua.** The SIP guard built into pjsua2 (``deploy/pjsua2/ext/sip_guard.hpp``, started by ``ua.py``)
+answers malformed and unsupported requests as RFC 3261 wants (400 naming the problem, 405, 416, 481, 489, 501,
+505, 513), so what reaches ``_incoming`` is a well-formed INVITE. Refusals are given outside pjsua's callback
+(``Leg.refuse``).
 
 **Session timers** (RFC 4028) are pjsua's, configured in ``_make_account``: a caller that supports them gets
 ``sip_session_expires_seconds`` or the shorter interval it asks for; one that asks for less than
@@ -156,7 +159,8 @@ class SipServer:
         if s.recordings_dir is not None:
             await asyncio.to_thread(check_recordings_dir, s.recordings_dir)
         self.ua = UserAgent(UaConfig(host=s.sip_host, port=s.sip_port, max_calls=s.sip_max_calls,
-                                     log_level=s.sip_log_level, public_address=s.sip_public_address),
+                                     log_level=s.sip_log_level, public_address=s.sip_public_address,
+                                     max_message_bytes=s.sip_max_message_bytes),
                             make_account=self._make_account)
         self.port = await asyncio.to_thread(self.ua.start)
         log.info("SIP listening on udp %s:%d", s.sip_host, self.port, extra={
@@ -322,10 +326,7 @@ class SipServer:
         prm = call_op(401, "Unauthorized")
         for value in self.auth.challenges(stale=stale):
             prm.txOption.headers.append(header("WWW-Authenticate", value))
-        if not leg.over:
-            # answer(), not hangup(): a hangup before any provisional answer drops the extra headers (measured,
-            # pjsua2 2.15.1), and a final status through answer() ends the INVITE session all the same.
-            leg.answer(prm)
+        leg.refuse(prm)
         self.metrics.invites.labels(answer="401").inc()
         log.info("INVITE challenged: 401", extra={"sip_call_id": sip_call_id, "number": number, "why": why})
 
@@ -356,7 +357,7 @@ class SipServer:
                  extra={"sip_call_id": sip_call_id, "number": number, "why": "flood"})
 
     def _refuse(self, leg: Leg, status: int, reason: str, why: str, number: str | None, sip_call_id: str) -> None:
-        leg.respond(status, reason)
+        leg.refuse(call_op(status, reason))
         self.metrics.invites.labels(answer=str(status)).inc()
         log.info("INVITE refused: %d %s", status, reason, extra={
             "sip_call_id": sip_call_id, "number": number, "why": why})

@@ -9,7 +9,9 @@ dropped here too, so their C++ destructors never run on another thread (garbage 
 unregistered thread asserts in pjlib: pjproject #2416, #3856, #4353).
 
 The conference bridge runs on the null sound device's clock thread (no sound card on a server): media
-ports' frame callbacks run there, holding the GIL, so they only copy bytes (``media.py``).
+ports' frame callbacks run there, holding the GIL, so they only copy bytes (``media.py``). Those ports are
+never destroyed while that clock runs (``FramePorts``), and no final answer is given inside ``onIncomingCall``
+(``Leg.refuse``): docs/sip.md, "Object lifetimes".
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import os
 import queue
 import sys
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -47,6 +51,88 @@ BYTES_PER_FRAME = SAMPLES_PER_FRAME * 2  # 640: one 20 ms frame of s16le mono at
 CODECS = ("PCMU/8000/1", "PCMA/8000/1", "G722/16000/1")
 
 
+class FrameSink:
+    """What a ``FramePort`` hands its frames to (``media.MediaBuffers``): called on the bridge's clock thread."""
+
+    def frame_received(self, frame: pj.MediaFrame) -> None: ...
+
+    def frame_requested(self, frame: pj.MediaFrame) -> None: ...
+
+
+class FramePort(pj.AudioMediaPort):
+    """A tap on the conference bridge (16 kHz mono s16le, 20 ms) whose frames go to ``sink``, or nowhere while it
+    has none. Made, lent and kept by ``FramePorts`` on the pjsua thread."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.sink: FrameSink | None = None
+        fmt = pj.MediaFormatAudio()
+        fmt.type = pj.PJMEDIA_TYPE_AUDIO
+        fmt.clockRate = CLOCK_RATE
+        fmt.channelCount = 1
+        fmt.bitsPerSample = 16
+        fmt.frameTimeUsec = PTIME_MS * 1000
+        self.createPort(name, fmt)
+
+    def onFrameReceived(self, frame: pj.MediaFrame) -> None:
+        sink = self.sink  # read once: the pjsua thread may take it away meanwhile
+        if sink is not None:
+            sink.frame_received(frame)
+
+    def onFrameRequested(self, frame: pj.MediaFrame) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink.frame_requested(frame)
+
+
+class FramePorts:
+    """Media ports lent to calls and given back, never destroyed while the bridge's clock runs.
+
+    pjsua2 calls a port's Python object from the clock thread. A port destroyed while the bridge still runs it
+    (when its call ends, or by the garbage collector on whatever thread) is called half-destroyed: its attributes
+    gone (``AttributeError``), then freed memory (SIGSEGV), as calls hung up within 50 ms of the answer showed.
+    So a call's port is lent from here and given back when the call ends: disconnected, its sink removed at once
+    (no frame reaches the call after that), and lent again only after ``QUARANTINE_SECONDS``, by which time the
+    bridge has applied the disconnection (pjmedia applies connection changes on its next tick). Ports are
+    destroyed in ``close``, once the clock has stopped. (pjsua thread only.)"""
+
+    QUARANTINE_SECONDS = 0.1  # five bridge ticks
+
+    def __init__(self) -> None:
+        self._idle: deque[tuple[float, FramePort]] = deque()  # given back, oldest first
+        self._made = 0
+        self.lent = 0
+
+    def take(self, sink: FrameSink) -> FramePort:
+        if self._idle and time.monotonic() - self._idle[0][0] >= self.QUARANTINE_SECONDS:
+            port = self._idle.popleft()[1]
+        else:
+            self._made += 1
+            port = FramePort(f"port{self._made}")
+        port.sink = sink
+        self.lent += 1
+        return port
+
+    def give_back(self, port: FramePort, connected: list[pj.AudioMedia]) -> None:
+        """``port`` disconnected from each of ``connected`` (both ways) and idle from now on."""
+        port.sink = None
+        for media in connected:
+            with contextlib.suppress(pj.Error):
+                port.stopTransmit(media)
+            with contextlib.suppress(pj.Error):
+                media.stopTransmit(port)
+        self.lent -= 1
+        self._idle.append((time.monotonic(), port))
+
+    @property
+    def made(self) -> int:
+        return self._made
+
+    def close(self) -> None:
+        """Destroy every idle port: only once the bridge's clock has stopped."""
+        self._idle.clear()
+
+
 @dataclass(frozen=True)
 class UaConfig:
     host: str = "127.0.0.1"
@@ -56,6 +142,7 @@ class UaConfig:
     log_level: int = 1  # pjsua's own log (0-6) on stderr
     codecs: tuple[str, ...] = CODECS  # offered (and accepted) in this order; the caller narrows it (--codec)
     public_address: str | None = None  # the address in Via/Contact instead of the bound one (NAT 1:1, a node's IP)
+    max_message_bytes: int = 16_384  # a larger SIP request is answered 513 by the guard (sip_max_message_bytes)
 
 
 class UserAgent:
@@ -72,6 +159,7 @@ class UserAgent:
         self.account: pj.Account | None = None
         self.bound_port = 0
         self._keep: dict[object, object] = {}  # pjsua objects kept alive until dropped on this thread
+        self.ports = FramePorts()
 
     # ------------------------------------------------------------------ any thread
 
@@ -188,7 +276,18 @@ class UserAgent:
             tcfg.publicAddress = cfg.public_address
         transport = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
         bound = ep.transportGetInfo(transport).localName  # "host:port"
+        # SIP over TCP on the same port (RFC 3261 requires both): large requests and trunks that insist on TCP. With
+        # port 0 (a caller) any free TCP port will do.
+        ep.transportCreate(pj.PJSIP_TRANSPORT_TCP, tcfg)
         ep.libStart()
+        # The SIP guard (deploy/pjsua2/ext/sip_guard.hpp, built into this pjsua2): malformed and unsupported requests
+        # answered as RFC 3261 wants before pjsua sees them, and every final response counted. Started before this
+        # thread first handles events, so no request arrives unguarded.
+        guard = pj.SipGuardConfig()
+        guard.maxMessageBytes = cfg.max_message_bytes
+        failed = pj.sipGuardStart(guard)
+        if failed:
+            raise RuntimeError(f"the SIP guard did not start: {failed}")
         ep.audDevManager().setNullDev()  # no sound card: the null device only clocks the bridge
         for codec in ep.codecEnum2():
             ep.codecSetPriority(codec.codecId, 0)
@@ -213,7 +312,11 @@ class UserAgent:
         self._destroy()
 
     def _destroy(self) -> None:
+        if self.ep is not None:
+            with contextlib.suppress(Exception):
+                self.ep.audDevManager().setNoDev()  # the bridge's clock stops: no frame callback from here on
         self._keep.clear()
+        self.ports.close()
         account, self.account = self.account, None
         if account is not None:
             with contextlib.suppress(Exception):
@@ -222,6 +325,7 @@ class UserAgent:
         gc.collect()  # the calls' and ports' destructors before libDestroy (pjproject #4353), on this thread
         ep, self.ep = self.ep, None
         if ep is not None:
+            pj.sipGuardStop()
             with contextlib.suppress(Exception):
                 ep.libDestroy()
         del ep
