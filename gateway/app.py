@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -40,6 +41,15 @@ Authenticate with `Authorization: Bearer <token>`. An operator token reaches eve
 admin's token reaches its own tenant only (403 elsewhere). Tokens are made with
 `personagate tenants token`; the gateway stores only their SHA-256 hashes.
 """
+
+
+def settle_garbage_collector() -> None:
+    """Once started: what the gateway holds for good (modules, settings, tenants) leaves the collector's view, so
+    that a full collection, which holds the interpreter lock throughout, scans only what calls make. Unfrozen,
+    each one scanned ~150,000 objects for ~90 ms, a stall every media callback of every call waited out (a gap
+    in the RTP sent to callers), and the collector took a fifth of the gateway's CPU with dozens of calls."""
+    gc.collect()
+    gc.freeze()
 
 
 def create_app(
@@ -77,6 +87,7 @@ def create_app(
                 await sip.start()
             if webrtc is not None:
                 await webrtc.start()
+            settle_garbage_collector()
             yield
         finally:
             if webrtc is not None:

@@ -348,6 +348,10 @@ def _run_token(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def _run_gateway(args: argparse.Namespace) -> int:
+    # One BLAS thread, before numpy loads: the gateway's matrix products are small (a call's 20 ms resampling), and
+    # OpenBLAS's own threads would spin for each of them on every core, hundreds of calls at once.
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
     import logging
 
     import uvicorn
