@@ -187,6 +187,35 @@ def test_fir_resampler_gives_the_same_output_whatever_the_packet_sizes(dtype: ty
     assert np.max(np.abs(joined.astype(np.float64) - whole)) <= tolerance
 
 
+@pytest.mark.parametrize("rates", [(16000, 24000), (24000, 16000), (8000, 24000), (24000, 8000), (48000, 24000),
+                                   (24000, 48000)])
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_compiled_fir_gives_the_numpy_filters_samples(rates: tuple[int, int], dtype: type,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resampler's compiled inner loop (gateway/audio/_polyphase.c, built by `make install`) is in use and gives
+    what the numpy formulation of the same filter gives, packet for packet, to float32 rounding (one LSB in int16):
+    callers hear the filter whose figures the other tests measure."""
+    from gateway.audio import resample
+
+    assert resample._polyphase is not None, "the compiled resampler is not built: run make install"
+    x = _speech_like(rates[0], 1.0)
+    if dtype is np.float32:
+        x = (x / 32768).astype(np.float32)
+    rng = np.random.default_rng(5)
+    sizes = [int(n) for n in rng.integers(0, 2 * rates[0] // 50, 200)]
+    compiled, reference = StreamResampler(*rates, dtype), StreamResampler(*rates, dtype)
+    out_compiled, out_reference, i = [], [], 0
+    for n in sizes:
+        out_compiled.append(compiled.process(x[i:i + n]))
+        monkeypatch.setattr(resample, "_polyphase", None)
+        out_reference.append(reference.process(x[i:i + n]))
+        monkeypatch.undo()
+        i += n
+    a, b = np.concatenate(out_compiled), np.concatenate(out_reference)
+    assert len(a) == len(b) and [len(p) for p in out_compiled] == [len(p) for p in out_reference]
+    assert np.max(np.abs(a.astype(np.float64) - b)) <= (1 if dtype is np.int16 else 1e-6)
+
+
 def test_fir_resampler_gives_exactly_20ms_per_20ms_packet_on_every_line_rate() -> None:
     for rate in (8000, 16000, 48000):
         for a, b in ((rate, MODEL_RATE), (MODEL_RATE, rate)):

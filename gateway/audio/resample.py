@@ -33,6 +33,11 @@ import numpy as np
 import soxr
 from scipy.signal import firwin, kaiserord
 
+try:  # the compiled inner loop (_polyphase.c), built by `make install`
+    from . import _polyphase
+except ImportError:  # a source tree not installed: the same filter through numpy, slower
+    _polyphase = None
+
 MODEL_RATE = 24_000
 LINE_RATES = (8_000, 16_000, 48_000)  # PCMU/PCMA, G.722 (its RTP clock says 8000; its audio is 16 kHz), WebRTC
 QUALITIES = ("HQ", "VHQ")
@@ -183,6 +188,7 @@ class _Fir:
             offset = j * self.down // self.up
             wide[j, offset:offset + self.taps] = self._phases[j * self.down % self.up]
         self._wide = np.ascontiguousarray(wide.T)
+        self._wide_rows = wide  # the compiled loop reads each output's row whole
         self._clips = 0
         self._buf = np.zeros(0, dtype=np.float32)
         self.reset()
@@ -230,6 +236,16 @@ class _Fir:
         count = last - first + 1
         if count <= 0:
             return np.zeros(0, dtype=self.dtype)
+        if _polyphase is not None:
+            out = np.empty(count, dtype=self.dtype)
+            self._clips += _polyphase.run(self._buf, self._phases, self._wide_rows, up, down, taps, self._start, first,
+                                          out)
+            self._next = last + 1
+            return out
+        return self._run_numpy(first, count, last)
+
+    def _run_numpy(self, first: int, count: int, last: int) -> np.ndarray:
+        up, down, taps = self.up, self.down, self.taps
         if first % up == 0 and count % up == 0:
             # Whole periods (every 20 ms packet): output first + q*up + j reads row q of a strided view of
             # the window through row j of the widened phase matrix: one matrix product in all.
