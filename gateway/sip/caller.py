@@ -38,25 +38,27 @@ class _CallerBuffers(MediaBuffers):
         super().__init__(inbound_frames=None)
         self.times: collections.deque[float] = collections.deque()
         self.recording = False
-        self.playing: collections.deque[pj.ByteVector] = collections.deque()
-        self._silence = pj.ByteVector(bytes(BYTES_PER_FRAME))
+        self.playing: collections.deque[bytes] = collections.deque()
+        self._silence = bytes(BYTES_PER_FRAME)
 
     def play(self, pcm: bytes) -> None:
-        self.playing.extend(pj.ByteVector(pcm[i:i + BYTES_PER_FRAME]) for i in range(0, len(pcm), BYTES_PER_FRAME))
+        self.playing.extend(pcm[i:i + BYTES_PER_FRAME] for i in range(0, len(pcm), BYTES_PER_FRAME))
 
     def frame_requested(self, frame: pj.MediaFrame) -> None:
         frame.type = pj.PJMEDIA_FRAME_TYPE_AUDIO
         try:
-            frame.buf = self.playing.popleft()
+            frame.buf.assign_from_bytes(self.playing.popleft())
         except IndexError:
-            frame.buf = self._silence
+            frame.buf.assign_from_bytes(self._silence)
         frame.size = BYTES_PER_FRAME
 
     def frame_received(self, frame: pj.MediaFrame) -> None:
         if not self.recording or frame.type != pj.PJMEDIA_FRAME_TYPE_AUDIO or frame.size != BYTES_PER_FRAME:
             return
         self.times.append(time.monotonic())
-        self.inbound.append(pj.ByteVector(frame.buf))
+        pcm = bytearray(BYTES_PER_FRAME)
+        frame.buf.copy_to_bytearray(pcm)
+        self.inbound.append(pcm)
 
 
 class _Account(pj.Account):

@@ -68,7 +68,7 @@ from ..routing import Refusal
 from ..worker_client import AgentAudio, AgentText
 from .bridge import HumanLeg
 from .leg import Leg, LegEvent
-from .media import RINGBACK, MediaBridge, MediaBuffers
+from .media import RINGBACK, MediaBridge, PortMedia
 from .metrics import SipMetrics
 from .recording import CallRecorder, finish_recording, start_recording
 
@@ -170,7 +170,7 @@ class InboundCall:
         self.caller_first_wait = caller_first_wait  # speaks_first: false; None: as long as the call lasts
         self.recorder: CallRecorder | None = None
         self.announced_at: float | None = None  # when the consent announcement's last frame went out
-        self.buffers: MediaBuffers = leg.buffers
+        self.buffers = cast(PortMedia, leg.buffers)
         self.state = S.RINGING
         self.history: list[tuple[SipCallState, float]] = [(S.RINGING, time.monotonic())]
         self.agent: AgentCall | None = None

@@ -23,8 +23,8 @@ from typing import Any
 
 import pjsua2 as pj
 
-from .media import MediaBuffers
-from .ua import FramePort, UserAgent, call_op
+from .media import MediaBuffers, PortMedia
+from .ua import BridgePort, UserAgent, call_op
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +101,14 @@ class Leg(pj.Call):
     """A call on the pjsua thread. Keep it with ``ua.keep(leg.serial, leg)``; it drops itself when over."""
 
     def __init__(self, ua: UserAgent, account: pj.Account, call_id: int = pj.PJSUA_INVALID_ID, *,
-                 buffers: MediaBuffers) -> None:
+                 buffers: MediaBuffers | PortMedia) -> None:
         super().__init__(account, call_id)
         self.ua = ua
         self.account = account
         self.serial = next(_serials)
         self.buffers = buffers
         self.events: Callable[[LegEvent], None] = lambda event: None
-        self.port: FramePort | None = None  # lent by ``ua.ports`` while the call's audio is up; given back at the end
+        self.port: BridgePort | None = None  # lent by ``ua.ports`` while the call's audio is up; given back at the end
         self._port_media: pj.AudioMedia | None = None  # the stream the port is connected with
         self.over = False
         self.refer_answer = 603  # the answer to a REFER received

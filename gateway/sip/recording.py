@@ -37,8 +37,6 @@ from ..audio import StreamResampler
 from .ua import BYTES_PER_FRAME, CLOCK_RATE, SAMPLES_PER_FRAME
 
 if TYPE_CHECKING:
-    import pjsua2 as pj
-
     from agent_runtime.voices import PreparedClip
 
     from ..tenants.tenant import Tenant
@@ -132,7 +130,7 @@ class CallRecorder:
     def __init__(self, path: Path, *, max_pending_frames: int = MAX_PENDING_FRAMES) -> None:
         self.path = path
         self.partial = path.with_name(path.name + ".part")
-        self._pending: collections.deque[tuple[pj.ByteVector | bytes | None, bytes]] = collections.deque(
+        self._pending: collections.deque[tuple[bytes | bytearray | None, bytes]] = collections.deque(
             maxlen=max_pending_frames)
         self.frames_dropped = 0
         self.frames_written = 0
@@ -146,7 +144,7 @@ class CallRecorder:
 
     # the bridge's clock thread: append only
 
-    def put(self, caller: pj.ByteVector | bytes | None, heard: bytes) -> None:
+    def put(self, caller: bytes | bytearray | None, heard: bytes) -> None:
         """One 20 ms tick at 16 kHz: the caller's frame (None: none arrived) and the frame sent to the caller."""
         if len(self._pending) == self._pending.maxlen:
             self.frames_dropped += 1
@@ -191,7 +189,7 @@ class CallRecorder:
             return
         block = np.empty((len(ticks), SAMPLES_PER_FRAME, 2), dtype="<i2")
         for i, (caller, heard) in enumerate(ticks):
-            block[i, :, 0] = np.frombuffer(bytes(caller) if caller is not None else _SILENCE, "<i2")
+            block[i, :, 0] = np.frombuffer(caller if caller is not None else _SILENCE, "<i2")
             block[i, :, 1] = np.frombuffer(heard, "<i2")
         out.write(block.reshape(-1, 2))
         self.frames_written += len(ticks)

@@ -62,7 +62,7 @@ from ..tenants.tenant import Rejection
 from .auth import AuthDecision, AuthResult, DigestAuthenticator
 from .inbound import InboundCall
 from .leg import Leg
-from .media import MediaBuffers
+from .media import RINGBACK, PortMedia
 from .metrics import SipMetrics
 from .registration import RegistrationAccount
 from .ua import UaConfig, UserAgent, call_op, header
@@ -146,6 +146,7 @@ class SipServer:
         self._idle.set()
         self.metrics = SipMetrics(calls.metrics.registry)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._events_fd: int | None = None
         self._arrivals: deque[float] = deque()  # INVITEs in the last second (pjsua thread)
         users = {name: secret.get_secret_value() for name, secret in settings.sip_auth_users.items()}
         self.auth = DigestAuthenticator(settings.sip_auth_realm, users, algorithms=settings.sip_auth_algorithms,
@@ -163,6 +164,10 @@ class SipServer:
                                      max_message_bytes=s.sip_max_message_bytes),
                             make_account=self._make_account)
         self.port = await asyncio.to_thread(self.ua.start)
+        # Agent calls' media ports (pj.AgentPort) post their events to one eventfd, read here on the loop.
+        pj.agentPortSetRingback(b"".join(RINGBACK))
+        self._events_fd = pj.agentPortEventFd()
+        self._loop.add_reader(self._events_fd, self.ua.ports.dispatch)
         log.info("SIP listening on udp %s:%d", s.sip_host, self.port, extra={
             "allow": s.sip_allow, "auth_policy": s.sip_auth_policy, "auth_users": len(s.sip_auth_users),
             "registrations": self._registrations})
@@ -171,6 +176,9 @@ class SipServer:
 
     async def stop(self) -> None:
         await asyncio.gather(*(call.stop() for call in list(self.active.values())))  # each: BYE or 503, at once
+        if self._events_fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._events_fd)
+            self._events_fd = None
         if self.ua is not None:
             await self._unregister()
             await asyncio.to_thread(self.ua.stop)
@@ -264,7 +272,7 @@ class SipServer:
     def _incoming(self, account: pj.Account, call_index: int, message: str, source: str) -> None:
         assert self.ua is not None and self._loop is not None
         leg = Leg(self.ua, account, call_index,
-                  buffers=MediaBuffers(cushion_packets=self.settings.sip_outbound_cushion_packets))
+                  buffers=PortMedia(cushion_packets=self.settings.sip_outbound_cushion_packets))
         self.ua.keep(leg.serial, leg)
         sip_call_id = leg.getInfo().callIdString
         ip = source_ip(source)

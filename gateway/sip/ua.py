@@ -59,9 +59,21 @@ class FrameSink:
     def frame_requested(self, frame: pj.MediaFrame) -> None: ...
 
 
+class AgentSink:
+    """The Python side of an ``AgentPort`` (``media.PortMedia``): given its port on the pjsua thread, and its
+    events (``pj.AGENT_PORT_*`` bits) on the event loop."""
+
+    def attach(self, port: pj.AgentPort) -> None: ...
+
+    def detach(self) -> None: ...
+
+    def on_events(self, events: int) -> None: ...
+
+
 class FramePort(pj.AudioMediaPort):
     """A tap on the conference bridge (16 kHz mono s16le, 20 ms) whose frames go to ``sink``, or nowhere while it
-    has none. Made, lent and kept by ``FramePorts`` on the pjsua thread."""
+    has none; its callbacks are Python, on the clock thread (a human's leg, the ``call`` command). Agent calls use
+    ``pj.AgentPort``, whose frames never leave C++ on that thread (deploy/pjsua2/ext/agent_port.hpp)."""
 
     def __init__(self, name: str) -> None:
         super().__init__()
@@ -85,52 +97,87 @@ class FramePort(pj.AudioMediaPort):
             sink.frame_requested(frame)
 
 
+BridgePort = FramePort | pj.AgentPort
+
+
 class FramePorts:
     """Media ports lent to calls and given back, never destroyed while the bridge's clock runs.
 
-    pjsua2 calls a port's Python object from the clock thread. A port destroyed while the bridge still runs it
-    (when its call ends, or by the garbage collector on whatever thread) is called half-destroyed: its attributes
-    gone (``AttributeError``), then freed memory (SIGSEGV), as calls hung up within 50 ms of the answer showed.
-    So a call's port is lent from here and given back when the call ends: disconnected, its sink removed at once
-    (no frame reaches the call after that), and lent again only after ``QUARANTINE_SECONDS``, by which time the
-    bridge has applied the disconnection (pjmedia applies connection changes on its next tick). Ports are
-    destroyed in ``close``, once the clock has stopped. (pjsua thread only.)"""
+    pjsua2 calls a ``FramePort``'s Python object from the clock thread. A port destroyed while the bridge still
+    runs it (when its call ends, or by the garbage collector on whatever thread) is called half-destroyed: its
+    attributes gone (``AttributeError``), then freed memory (SIGSEGV), as calls hung up within 50 ms of the answer
+    showed. So a call's port is lent from here and given back when the call ends: disconnected, its sink removed
+    at once (no frame reaches the call after that), and lent again only after ``QUARANTINE_SECONDS``, by which
+    time the bridge has applied the disconnection (pjmedia applies connection changes on its next tick). Ports are
+    destroyed in ``close``, once the clock has stopped. ``AgentPort``s are kept the same way: one is made and
+    destroyed on the pjsua thread only, and reset before it is lent again. (pjsua thread only, but for
+    ``dispatch``.)"""
 
     QUARANTINE_SECONDS = 0.1  # five bridge ticks
 
     def __init__(self) -> None:
-        self._idle: deque[tuple[float, FramePort]] = deque()  # given back, oldest first
+        self._idle: dict[type, deque[tuple[float, BridgePort]]] = {FramePort: deque(), pj.AgentPort: deque()}
         self._made = 0
         self.lent = 0
+        self.agents: dict[int, AgentSink] = {}  # AgentPort id → the sink it is lent to (read by ``dispatch``)
 
-    def take(self, sink: FrameSink) -> FramePort:
-        if self._idle and time.monotonic() - self._idle[0][0] >= self.QUARANTINE_SECONDS:
-            port = self._idle.popleft()[1]
+    def take(self, sink: FrameSink | AgentSink) -> BridgePort:
+        kind = pj.AgentPort if isinstance(sink, AgentSink) else FramePort
+        idle = self._idle[kind]
+        port: BridgePort
+        if idle and time.monotonic() - idle[0][0] >= self.QUARANTINE_SECONDS:
+            port = idle.popleft()[1]
         else:
             self._made += 1
-            port = FramePort(f"port{self._made}")
-        port.sink = sink
+            if kind is FramePort:
+                port = FramePort(f"port{self._made}")
+            else:
+                port = pj.AgentPort()
+                port.create(f"agent{self._made}")
+        if isinstance(port, FramePort):
+            port.sink = sink  # type: ignore[assignment]
+        else:
+            assert isinstance(sink, AgentSink)
+            self.agents[port.getId()] = sink
+            sink.attach(port)
         self.lent += 1
         return port
 
-    def give_back(self, port: FramePort, connected: list[pj.AudioMedia]) -> None:
+    def give_back(self, port: BridgePort, connected: list[pj.AudioMedia]) -> None:
         """``port`` disconnected from each of ``connected`` (both ways) and idle from now on."""
-        port.sink = None
+        if isinstance(port, FramePort):
+            port.sink = None
+        else:
+            sink = self.agents.pop(port.getId(), None)
+            if sink is not None:
+                sink.detach()
         for media in connected:
             with contextlib.suppress(pj.Error):
                 port.stopTransmit(media)
             with contextlib.suppress(pj.Error):
                 media.stopTransmit(port)
+        if isinstance(port, pj.AgentPort):
+            port.reset()
         self.lent -= 1
-        self._idle.append((time.monotonic(), port))
+        self._idle[type(port)].append((time.monotonic(), port))
 
     @property
     def made(self) -> int:
         return self._made
 
+    def dispatch(self) -> None:
+        """(The event loop, when ``pj.agentPortEventFd()`` is readable) hand each agent port's events to its sink."""
+        agents = self.agents
+        for code in pj.agentPortEvents():
+            sink = agents.get(code >> 3)
+            if sink is not None:
+                sink.on_events(code & 7)
+
     def close(self) -> None:
         """Destroy every idle port: only once the bridge's clock has stopped."""
-        self._idle.clear()
+        for idle in self._idle.values():
+            idle.clear()
+        self.agents.clear()
 
 
 @dataclass(frozen=True)
