@@ -21,7 +21,7 @@ import time
 
 import uvicorn
 
-from gateway.serving import GracefulServer
+from gateway.serving import GracefulServer, restarts_before_this_process
 
 from .config import WorkerSettings
 from .server import Worker, create_app
@@ -89,6 +89,7 @@ async def _wait_idle(worker: Worker, deadline: float) -> bool:
 def serve(settings: WorkerSettings) -> int:
     """Run the worker until it is stopped (see the module docstring); the exit status."""
     app = create_app(settings)
+    app.state.worker.metrics.restarts.inc(restarts_before_this_process())
     config = uvicorn.Config(
         app,
         host=settings.host,

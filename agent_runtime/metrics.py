@@ -73,3 +73,9 @@ class WorkerMetrics:
             "personagate_worker_input_frames_missing_total",
             "Ticks at which a live session had no caller frame and was not stepped.", registry=r,
         )
+        self.restarts = Counter(
+            "personagate_worker_restarts_total",
+            "Times `personagate up` restarted the worker after a crash, counted up to this process's start "
+            "(0 when not run by `up`): one higher in each restarted process, so increase() counts the restarts.",
+            registry=r,
+        )

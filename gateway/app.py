@@ -103,6 +103,7 @@ def create_app(
     app.state.admin = admin
     app.state.registry = registry
     app.state.calls = calls
+    app.state.metrics = metrics
     app.state.sip = None
     app.state.webrtc = webrtc
     install(app, admin)

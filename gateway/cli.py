@@ -359,7 +359,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
     from agent_runtime import logs
     from gateway.app import create_app
     from gateway.config import SettingsError, load_gateway_settings
-    from gateway.serving import GracefulServer
+    from gateway.serving import GracefulServer, restarts_before_this_process
 
     try:
         settings = load_gateway_settings(args.config, tenants_dir=args.tenants, admin_tokens_file=args.admin_tokens,
@@ -387,6 +387,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
     print(f"personagate gateway: tenants from {settings.tenants_dir}, admin API {admin}, routing {routing}, SIP {sip} "
           f"(SIGTERM drains calls for up to {settings.drain_seconds:g} s, Ctrl-C stops)", file=sys.stderr)
     app = create_app(settings)
+    app.state.metrics.restarts.inc(restarts_before_this_process())
     calls = app.state.calls
     config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_config=None)
     server = GracefulServer(config, drain=lambda: app.state.drain(settings.drain_seconds), stop=calls.stop)

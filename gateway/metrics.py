@@ -87,3 +87,9 @@ class GatewayMetrics:
             "personagate_gateway_call_filler_frames_total",
             "80 ms comfort-noise frames played while calls moved to another worker.", registry=r,
         )
+        self.restarts = Counter(
+            "personagate_gateway_restarts_total",
+            "Times `personagate up` restarted the gateway after a crash, counted up to this process's start "
+            "(0 when not run by `up`): one higher in each restarted process, so increase() counts the restarts.",
+            registry=r,
+        )

@@ -11,12 +11,16 @@ the app has had its say:
 
 The signals are not re-raised afterwards (uvicorn would): the exit status stays 0. The gateway
 (``personagate gateway``) uses it, and the worker's ``WorkerServer`` (``agent_runtime/drain.py``) builds on it.
+
+``restarts_before_this_process()`` reads what ``personagate up`` (gateway/up.py) tells a process it restarts:
+both processes export it as their ``…_restarts_total`` counter.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable
@@ -25,6 +29,18 @@ from types import FrameType
 import uvicorn
 
 log = logging.getLogger(__name__)
+
+# Set by ``personagate up`` on each process it starts: how many times it has restarted that component before.
+RESTARTS_ENV = "PERSONAGATE_RESTARTS"
+
+
+def restarts_before_this_process() -> int:
+    """How many times ``personagate up`` restarted this component (worker or gateway) after a crash before it
+    started this process, from ``PERSONAGATE_RESTARTS``: 0 when run on its own, or when the value is not a count."""
+    try:
+        return max(int(os.environ.get(RESTARTS_ENV, "0")), 0)
+    except ValueError:
+        return 0
 
 
 class GracefulServer(uvicorn.Server):

@@ -1,7 +1,24 @@
 """``personagate up``: the whole stack on one machine — a worker and a gateway (HTTP and SIP), each in its own
 process (so the model's compute never shares an interpreter with the gateway's real-time work),
-supervised together: both start, both are reported ready, and both stop when either stops. Ctrl-C
-stops both at once; SIGTERM drains both (calls in progress finish; a second signal stops at once).
+supervised together:
+
+- Both start, and ``up`` says once, in full, how to use them when the stack can take a call.
+- A component that crashes after it has been ready (a non-zero exit status, or killed by a signal other than
+  SIGINT/SIGTERM) is restarted on its own after 1 s, 2 s, 4 s … up to 30 s; the delay starts again from 1 s
+  once it has then stayed ready for 60 s. The other one keeps running: the worker keeps its model and primed
+  personas while the gateway restarts, and the gateway refuses calls while the worker restarts, as in any
+  worker outage. Each crash is one line on stderr, and so is each return (``the gateway is back (restart N)``).
+- A component that exits before it was ever ready (bad settings, a port in use) stops ``up`` with status 1:
+  restarting it would only fail again. So does one that stops cleanly without ``up`` asking (status 0, or
+  SIGINT/SIGTERM): someone stopped it on purpose.
+- Ctrl-C stops both at once; SIGTERM drains both (calls in progress finish; a second signal stops at once).
+  Nothing is restarted once either has begun.
+
+Restart counts: ``up`` starts each process with ``PERSONAGATE_RESTARTS`` (gateway/serving.py) set to how many
+times it has restarted that component before, and the process exports that number as
+``personagate_worker_restarts_total`` or ``personagate_gateway_restarts_total``. The number is constant for the
+life of one process and one higher in each restarted one, so ``increase()`` across the processes counts the
+restarts; a restart of ``up`` itself starts again from 0, which Prometheus reads as a counter reset.
 
 Routing: by default the gateway's embedded store, fed by reading the worker's ``/v1/info`` every second
 (no Redis needed); with ``--redis-url`` both the worker (heartbeats) and the gateway (claims) use that Redis.
@@ -18,15 +35,27 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from .admin.tokens import new_token
+from .serving import RESTARTS_ENV
 
 READY_TIMEOUT_SECONDS = 900.0  # a PersonaPlex checkpoint takes minutes to load from disk
 STOP_TIMEOUT_SECONDS = 30.0
+READY_POLL_SECONDS = 0.5
+FIRST_RESTART_DELAY_SECONDS = 1.0
+MAX_RESTART_DELAY_SECONDS = 30.0
+# Ready this long after a restart: the component is healthy again, and its next crash is a new incident
+# (restarted after the first delay), not part of a crash loop.
+HEALTHY_SECONDS = 60.0
+# How a process ends when someone stops it on purpose (the worker and the gateway drain or stop on these and
+# exit 0; they die by them only before their handlers are installed): not a crash.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -59,52 +88,262 @@ def operator_token(state_dir: Path) -> tuple[str, Path]:
 
 
 async def run_up(options: UpOptions) -> int:
+    """Run the stack until Ctrl-C or SIGTERM (status 0), or until a component fails in a way a restart cannot
+    mend or the stack is not ready in time (status 1); see the module docstring."""
     token, tokens_file = operator_token(options.state_dir)
-    cli = [sys.executable, "-m", "gateway.cli"]
-    worker_env = None
-    routing: list[str] = ["--worker", f"http://{_url_host(options.host)}:{options.worker_port}"]
+    supervisor = Supervisor(_components(options, tokens_file), on_up=lambda: _say_ready(options, token, tokens_file))
+    return await supervisor.run()
+
+
+@dataclass
+class Component:
+    """The worker or the gateway: how to start it, and what ``up`` knows about its current process."""
+
+    name: str
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    ready_url: str  # 200 once this component is ready (its own part: the gateway's does not wait for a worker)
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0  # by this ``up``, after crashes
+    crashes_in_a_row: int = 0  # without a healthy run in between: sets the restart delay
+    ready_since: float | None = None  # loop time at which the current process was first seen ready
+    ever_ready: bool = False  # some process of this component has been ready: a crash is worth a restart
+    announced_restarts: int = 0  # restarts already reported as "up" or "back"
+
+    async def start(self) -> asyncio.subprocess.Process:
+        """Start a process of this component, telling it how many restarts came before it."""
+        self.ready_since = None
+        self.process = await asyncio.create_subprocess_exec(
+            *self.argv, env=self.env | {RESTARTS_ENV: str(self.restarts)})
+        return self.process
+
+    def crashed(self, ready_since: float | None, now: float) -> float:
+        """Count a crash, at ``now``, of a process that had been ready since ``ready_since`` (None: it never was);
+        the seconds to wait before restarting it. Ready for HEALTHY_SECONDS makes it a first crash again."""
+        healthy = ready_since is not None and now - ready_since >= HEALTHY_SECONDS
+        self.crashes_in_a_row = 1 if healthy else self.crashes_in_a_row + 1
+        self.restarts += 1
+        return restart_delay(self.crashes_in_a_row)
+
+
+def restart_delay(crashes_in_a_row: int) -> float:
+    """Seconds to wait before restarting a component after its ``crashes_in_a_row``-th crash (1 for the first)
+    with no healthy run in between: 1, 2, 4, … capped at 30."""
+    doublings = min(max(crashes_in_a_row - 1, 0), 16)
+    return min(MAX_RESTART_DELAY_SECONDS, FIRST_RESTART_DELAY_SECONDS * 2**doublings)
+
+
+def describe_exit(returncode: int) -> str:
+    """A process's end as people read it: ``exit 1``, ``killed by SIGSEGV``."""
+    if returncode >= 0:
+        return f"exit {returncode}"
+    try:
+        return f"killed by {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"killed by signal {-returncode}"
+
+
+def stopped_on_purpose(returncode: int) -> bool:
+    """Whether a process ended as a stopped one does (status 0, or one of ``STOP_SIGNALS``), not as a crash."""
+    return returncode == 0 or -returncode in STOP_SIGNALS
+
+
+class Supervisor:
+    """Runs the components, restarts those that crash after having been ready, and stops them all on a signal
+    or a failure that a restart cannot mend."""
+
+    def __init__(self, components: list[Component], on_up: Callable[[], None]) -> None:
+        self.components = {component.name: component for component in components}
+        self.on_up = on_up  # the stack can take calls for the first time
+        self.signals: asyncio.Queue[int] = asyncio.Queue()
+        self.stopping = False  # set before the first stop signal goes out: from then on nothing is restarted
+        self.stop_signal: int = signal.SIGINT  # what a process started while stopping is sent at once
+        self._stopped = asyncio.Event()  # set with ``stopping``: wakes restarts waiting out their delay
+        self._restarted = asyncio.Event()  # a component crashed: watch readiness until the stack is back
+
+    async def run(self) -> int:
+        """Start the components and supervise them until ``up`` stops; its exit status (0: stopped by a signal)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.signals.put_nowait, sig)
+        keepers: list[asyncio.Task[None]] = []
+        first_signal = asyncio.create_task(self.signals.get())
+        watcher = asyncio.create_task(self._watch_readiness())
+        failed = True
+        try:
+            for component in self.components.values():
+                await component.start()
+                keepers.append(asyncio.create_task(self._keep(component), name=component.name))
+            done, _ = await asyncio.wait([first_signal, watcher, *keepers], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # a bug in the watcher or a keeper surfaces here, after everything is stopped
+            # A keeper returns only after saying why its component cannot be restarted.
+            if watcher in done and not first_signal.done():
+                _say("not ready in time; stopping")
+            failed = not first_signal.done()
+        finally:
+            watcher.cancel()
+            # SIGTERM is passed on as a drain (calls in progress finish); Ctrl-C, a failure or a second
+            # signal stop everything at once.
+            first = first_signal.result() if first_signal.done() and not first_signal.cancelled() else signal.SIGINT
+            first_signal.cancel()
+            await self._stop(first, keepers)
+        return 1 if failed else 0
+
+    async def _keep(self, component: Component) -> None:
+        """Restart ``component`` each time it crashes after having been ready. Returns once ``up`` stops, or
+        after saying why the component is not restarted (which stops ``up``)."""
+        loop = asyncio.get_running_loop()
+        name = component.name
+        while True:
+            assert component.process is not None
+            returncode = await component.process.wait()
+            ready_since, component.ready_since = component.ready_since, None
+            if self.stopping:
+                return
+            how = describe_exit(returncode)
+            if stopped_on_purpose(returncode):
+                _say(f"the {name} stopped ({how}) without up asking it to: not restarted; stopping the rest")
+                return
+            if not component.ever_ready:
+                _say(f"the {name} exited ({how}) before it was ever ready: not restarted (a configuration error "
+                     f"or a port in use would only fail again); stopping the rest")
+                return
+            delay = component.crashed(ready_since, loop.time())
+            when = "" if ready_since is not None else " before it was ready again"
+            _say(f"the {name} crashed ({how}){when}; restarting it in {delay:g} s "
+                 f"(restart {component.restarts} since up started)")
+            self._restarted.set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stopped.wait()
+            if self.stopping:
+                return
+            try:
+                process = await component.start()
+            except OSError as exc:
+                _say(f"the {name} could not be restarted ({exc}); stopping the rest")
+                return
+            if self.stopping:  # ``up`` began to stop while this process was starting: it missed the signal
+                _send(process, self.stop_signal)
+
+    async def _watch_readiness(self) -> None:
+        """Say when the stack is up (once, in full) and when a restarted component is back. Returns only if
+        the stack is not ready within READY_TIMEOUT_SECONDS of the start."""
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_SECONDS
+            if not await self._until_ready(client, deadline):
+                return
+            self.on_up()
+            for component in self.components.values():
+                component.announced_restarts = component.restarts
+            while True:
+                await self._restarted.wait()
+                self._restarted.clear()
+                await self._until_ready(client, None)
+                for component in self.components.values():
+                    if component.restarts > component.announced_restarts:
+                        _say(f"the {component.name} is back (restart {component.restarts})")
+                        component.announced_restarts = component.restarts
+
+    async def _until_ready(self, client: httpx.AsyncClient, deadline: float | None) -> bool:
+        """Until a call placed now would be answered (True), or ``deadline`` (loop time) passes (False). Before
+        the first time, says what the stack waits for whenever that changes."""
+        loop = asyncio.get_running_loop()
+        said = None
+        while deadline is None or loop.time() < deadline:
+            waiting = await self._not_ready(client)
+            if waiting is None:
+                return True
+            if deadline is not None and waiting != said:
+                _say(f"waiting: {waiting}")
+                said = waiting
+            await asyncio.sleep(READY_POLL_SECONDS)
+        return False
+
+    async def _not_ready(self, client: httpx.AsyncClient) -> str | None:
+        """What the stack still waits for, or None when it can take a call: the worker ready, and the gateway
+        ready (tenants loaded, the routing store answering) with the worker in view. Notes which components
+        are ready on the way."""
+        worker_status, _ = await self._probe(client, self.components["worker"])
+        gateway_status, gateway = await self._probe(client, self.components["gateway"])
+        if worker_status is None:
+            return "the worker is starting"
+        if worker_status != 200:
+            return "the worker is loading its model"
+        if gateway_status is None:
+            return "the gateway is starting"
+        if gateway_status != 200:
+            return f"the gateway: {gateway.get('reason', 'not ready')}"
+        if not gateway.get("workers_alive"):
+            return "the gateway to see the worker"
+        return None
+
+    async def _probe(self, client: httpx.AsyncClient, component: Component) -> tuple[int | None, dict[str, Any]]:
+        """The status and JSON body of ``component``'s readiness probe, (None, {}) if it does not answer; marks
+        the component ready on a 200 from the process running now."""
+        process = component.process
+        try:
+            answer = await client.get(component.ready_url)
+            details = answer.json()
+        except (httpx.HTTPError, ValueError):
+            return None, {}
+        if answer.status_code == 200 and process is component.process and process is not None \
+                and process.returncode is None and component.ready_since is None:
+            component.ready_since = asyncio.get_running_loop().time()
+            component.ever_ready = True
+        return answer.status_code, details if isinstance(details, dict) else {}
+
+    async def _stop(self, sig: int, keepers: list[asyncio.Task[None]]) -> None:
+        """Stop every component (SIGTERM: a drain, until done or a second signal) and wait for them to exit."""
+        self.stopping = True
+        self._stopped.set()
+        self._signal_all(sig)
+        if sig == signal.SIGTERM:
+            _say("draining: calls in progress finish (Ctrl-C stops at once)")
+            again = asyncio.create_task(self.signals.get())
+            running: set[asyncio.Task[None]] = set(keepers)
+            while running and not again.done():
+                done, _ = await asyncio.wait([*running, again], return_when=asyncio.FIRST_COMPLETED)
+                running -= done
+            again.cancel()
+            if not running:
+                return
+            self._signal_all(signal.SIGINT)
+        for component, keeper in zip(self.components.values(), keepers, strict=False):
+            _, pending = await asyncio.wait([keeper], timeout=STOP_TIMEOUT_SECONDS)
+            if pending and component.process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    component.process.kill()
+            await keeper
+
+    def _signal_all(self, sig: int) -> None:
+        self.stop_signal = sig
+        for component in self.components.values():
+            if component.process is not None:
+                _send(component.process, sig)
+
+
+def _components(options: UpOptions, tokens_file: Path) -> list[Component]:
+    """The worker and the gateway of ``options``: their command lines, environments and readiness probes."""
+    cli = (sys.executable, "-m", "gateway.cli")
+    worker_url = f"http://{_url_host(options.host)}:{options.worker_port}"
+    gateway_url = f"http://{_url_host(options.host)}:{options.http_port}"
+    worker_env = dict(os.environ)
+    routing: tuple[str, ...] = ("--worker", worker_url)
     if options.redis_url:
-        worker_env = os.environ | {"PERSONAGATE_WORKER_REDIS_URL": options.redis_url}
-        routing = ["--redis-url", options.redis_url]
-    worker = await asyncio.create_subprocess_exec(
-        *cli, "worker", "--host", options.host, "--port", str(options.worker_port), *options.worker_args,
-        env=worker_env)
+        worker_env["PERSONAGATE_WORKER_REDIS_URL"] = options.redis_url
+        routing = ("--redis-url", options.redis_url)
     # Tenants that record calls (with a consent announcement) are recorded here unless the environment says where.
     gateway_env = {"PERSONAGATE_GATEWAY_RECORDINGS_DIR": str(recordings_dir(options))} | os.environ
-    gateway = await asyncio.create_subprocess_exec(
-        *cli, "gateway", "--host", options.host, "--port", str(options.http_port), "--tenants", str(options.tenants),
-        "--admin-tokens", str(tokens_file), "--sip-host", options.host, "--sip-port", str(options.sip_port), *routing,
-        env=gateway_env)
-    children = {"worker": worker, "gateway": gateway}
-
-    signals: asyncio.Queue[int] = asyncio.Queue()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, signals.put_nowait, sig)
-
-    exits = {name: asyncio.create_task(proc.wait(), name=name) for name, proc in children.items()}
-    stopping = asyncio.create_task(signals.get())
-    ready = asyncio.create_task(_until_ready(options))
-    try:
-        done, _ = await asyncio.wait([ready, stopping, *exits.values()], return_when=asyncio.FIRST_COMPLETED)
-        if ready in done and ready.result():
-            _say_ready(options, token, tokens_file)
-            done, _ = await asyncio.wait([stopping, *exits.values()], return_when=asyncio.FIRST_COMPLETED)
-        failed = [name for name, task in exits.items() if task in done]
-        for name in failed:
-            print(f"personagate up: the {name} stopped (exit {children[name].returncode}); stopping the rest",
-                  file=sys.stderr)
-        if not failed and not stopping.done():
-            print("personagate up: not ready in time; stopping", file=sys.stderr)
-            failed = ["timeout"]
-        return 1 if failed else 0
-    finally:
-        ready.cancel()
-        # SIGTERM is passed on as a drain (calls in progress finish); Ctrl-C, a child's failure or a
-        # second signal stop everything at once.
-        first = stopping.result() if stopping.done() and not stopping.cancelled() else signal.SIGINT
-        stopping.cancel()
-        await _stop(children, first, signals)
+    return [
+        Component("worker", (*cli, "worker", "--host", options.host, "--port", str(options.worker_port),
+                             *options.worker_args), worker_env, f"{worker_url}/readyz"),
+        Component("gateway", (*cli, "gateway", "--host", options.host, "--port", str(options.http_port),
+                              "--tenants", str(options.tenants), "--admin-tokens", str(tokens_file),
+                              "--sip-host", options.host, "--sip-port", str(options.sip_port), *routing),
+                  gateway_env, f"{gateway_url}/readyz"),
+    ]
 
 
 def recordings_dir(options: UpOptions) -> Path:
@@ -119,44 +358,6 @@ def _url_host(host: str) -> str:
     if host == "::":
         return "[::1]"
     return f"[{host}]" if ":" in host else host
-
-
-async def _until_ready(options: UpOptions) -> bool:
-    """Until a call placed now would be answered: the worker ready, and the gateway ready (tenants loaded, the
-    routing store answering) with the worker in view. Says once what each is waiting for, when it changes."""
-    worker = f"http://{options.host}:{options.worker_port}/readyz"
-    gateway = f"http://{options.host}:{options.http_port}/readyz"
-    deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_SECONDS
-    said = None
-    async with httpx.AsyncClient(timeout=2.0) as client:
-        while asyncio.get_running_loop().time() < deadline:
-            waiting = await _not_ready(client, worker, gateway)
-            if waiting is None:
-                return True
-            if waiting != said:
-                print(f"personagate up: waiting: {waiting}", file=sys.stderr, flush=True)
-                said = waiting
-            await asyncio.sleep(0.5)
-    return False
-
-
-async def _not_ready(client: httpx.AsyncClient, worker: str, gateway: str) -> str | None:
-    """What the stack still waits for, or None when it can take a call."""
-    try:
-        if (await client.get(worker)).status_code != 200:
-            return "the worker is loading its model"
-    except httpx.HTTPError:
-        return "the worker is starting"
-    try:
-        answer = await client.get(gateway)
-        details = answer.json()
-    except (httpx.HTTPError, ValueError):
-        return "the gateway is starting"
-    if answer.status_code != 200:
-        return f"the gateway: {details.get('reason', 'not ready')}"
-    if not details.get("workers_alive"):
-        return "the gateway to see the worker"
-    return None
 
 
 def _say_ready(options: UpOptions, token: str, tokens_file: Path) -> None:
@@ -187,28 +388,11 @@ def _redact(url: str) -> str:
     return re.sub(r"//([^@/:]*):[^@/]*@", r"//\1:***@", url)
 
 
-async def _stop(children: dict[str, asyncio.subprocess.Process], sig: int, signals: asyncio.Queue[int]) -> None:
-    _signal(children, sig)
-    if sig == signal.SIGTERM:
-        print("personagate up: draining: calls in progress finish (Ctrl-C stops at once)", file=sys.stderr)
-        exited = asyncio.gather(*(proc.wait() for proc in children.values()))
-        again = asyncio.create_task(signals.get())
-        await asyncio.wait([exited, again], return_when=asyncio.FIRST_COMPLETED)
-        again.cancel()
-        if exited.done():
-            return
-        _signal(children, signal.SIGINT)
-    for proc in children.values():
-        try:
-            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_SECONDS)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+def _say(text: str) -> None:
+    print(f"personagate up: {text}", file=sys.stderr, flush=True)
 
 
-def _signal(children: dict[str, asyncio.subprocess.Process], sig: int) -> None:
-    for proc in children.values():
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
+def _send(process: asyncio.subprocess.Process, sig: int) -> None:
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(sig)

@@ -1,36 +1,62 @@
 """`personagate up`, the README's main job: one command brings up a worker and the gateway with the
-shipped tenants, makes a local operator token, says how to use them, and stops both on Ctrl-C."""
+shipped tenants, makes a local operator token, says how to use them, restarts either one when it crashes
+(the other keeps running), and stops both on Ctrl-C."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
+import pytest
 
+from gateway.up import HEALTHY_SECONDS, Component, describe_exit, restart_delay, stopped_on_purpose
 from tests.conftest import free_port, udp_free_port
 
 REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 
-def _start_up(tmp_path: Path, slots: int) -> tuple[subprocess.Popen, int, int, int]:
-    """`personagate up` with the shipped tenants in ``tmp_path`` on free ports: (process, worker port,
-    HTTP port, SIP port). Read its ready message with ``_ready_lines``."""
+def _start_up(tmp_path: Path, slots: int, *, env: dict[str, str] | None = None,
+              ports: tuple[int, int, int] | None = None) -> tuple[subprocess.Popen, int, int, int]:
+    """`personagate up` with the shipped tenants in ``tmp_path`` on free ports (or ``ports``): (process, worker
+    port, HTTP port, SIP port). Read its ready message with ``_ready_lines``, and its log (its stderr and its
+    children's) with ``_log``."""
     shutil.copytree(REPO / "tenants", tmp_path / "tenants")
-    worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
-    up = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "up", "--worker-port", str(worker_port), "--http-port", str(http_port),
-         "--sip-port", str(sip_port), "--slots", str(slots)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env=os.environ | {"PYTHONPATH": str(REPO)}, start_new_session=True,  # its own group: see _kill
-    )
+    worker_port, http_port, sip_port = ports or (free_port(), free_port(), udp_free_port())
+    # The log is a file, not a pipe: an unread pipe would block them once full.
+    with (tmp_path / "up.log").open("wb") as log, _no_core_files():
+        up = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "up", "--worker-port", str(worker_port), "--http-port",
+             str(http_port), "--sip-port", str(sip_port), "--slots", str(slots)],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=log, text=True,
+            env=os.environ | {"PYTHONPATH": str(REPO)} | (env or {}),
+            start_new_session=True,  # its own group: see _kill
+        )
     return up, worker_port, http_port, sip_port
+
+
+@contextlib.contextmanager
+def _no_core_files() -> Iterator[None]:
+    """Processes started meanwhile (and theirs) write no core file when a test crashes them: a worker's would
+    be hundreds of megabytes. The limit is inherited at fork, so setting it around the start is enough."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
 
 
 def _kill(up: subprocess.Popen) -> None:
@@ -48,6 +74,58 @@ def _ready_lines(up: subprocess.Popen) -> list[str]:
         assert up.poll() is None and time.monotonic() < deadline, "".join(lines)
         lines.append(up.stdout.readline().strip())
     return lines
+
+
+def _log(tmp_path: Path) -> str:
+    """What `up`, the worker and the gateway have written to stderr so far."""
+    return (tmp_path / "up.log").read_text(errors="replace")
+
+
+def _crashes(tmp_path: Path) -> list[str]:
+    """The crashes `up` has reported so far, one line each."""
+    return [line for line in _log(tmp_path).splitlines() if line.startswith("personagate up: ") and " crashed " in line]
+
+
+def _until(condition: Callable[[], T], what: str, timeout: float = 120.0) -> T:
+    """Poll ``condition`` until it returns something true (returned), or fail saying ``what`` did not happen."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:g} s"
+        time.sleep(0.2)
+    return value
+
+
+def _children(up: subprocess.Popen) -> dict[str, int]:
+    """The PIDs of the processes `up` runs now, by component (``worker``, ``gateway``): its child processes,
+    known by their command line (``python -m gateway.cli worker|gateway …``)."""
+    children: dict[str, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if parent == up.pid and argv[1:3] == [b"-m", b"gateway.cli"] and len(argv) > 3:
+            children[argv[3].decode()] = int(stat.parent.name)
+    return children
+
+
+def _metric(port: int, name: str) -> float:
+    """The value of an unlabelled metric on the ``/metrics`` of the server on ``port``."""
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not on :{port}/metrics")
+
+
+def _call(tmp_path: Path, sip_port: int) -> dict:
+    """A one-second SIP call to harbor-mutual through the gateway (a real pjsua2 caller): its report."""
+    dialed = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "call", f"sip:+14155550186@127.0.0.1:{sip_port}", "--seconds", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert dialed.returncode == 0, dialed.stderr[-3000:]
+    return json.loads(dialed.stdout)
 
 
 def test_up_serves_a_worker_and_the_admin_api_and_stops_both_on_ctrl_c(tmp_path):
@@ -79,12 +157,7 @@ def test_up_serves_a_worker_and_the_admin_api_and_stops_both_on_ctrl_c(tmp_path)
 
         # The printed SIP call works: a real pjsua2 caller through the gateway to the tiny model and back.
         assert any(f"personagate call sip:+14155550186@127.0.0.1:{sip_port}" in line for line in lines)
-        dialed = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "call", f"sip:+14155550186@127.0.0.1:{sip_port}", "--seconds", "1"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
-        )
-        assert dialed.returncode == 0, dialed.stderr[-3000:]
-        report = json.loads(dialed.stdout)
+        report = _call(tmp_path, sip_port)
         assert report["status"] == 200 and report["seconds_received"] >= 0.9, report
         # harbor-mutual records its calls (after a consent notice): in the state folder, as the message says
         assert any(str(tmp_path / ".personagate" / "recordings") in line for line in lines)
@@ -113,5 +186,111 @@ def test_sigterm_on_up_drains_both_and_exits(tmp_path):
         _ready_lines(up)
         up.send_signal(signal.SIGTERM)
         assert up.wait(30) == 0
+        assert _crashes(tmp_path) == []  # the children's exits during the drain are no crashes
     finally:
         _kill(up)
+
+
+def test_a_crashed_gateway_is_restarted_while_the_worker_keeps_running(tmp_path):
+    up, worker_port, http_port, sip_port = _start_up(tmp_path, slots=1)
+    try:
+        _ready_lines(up)
+        before = _children(up)
+        assert set(before) == {"worker", "gateway"}, before
+        os.kill(before["gateway"], signal.SIGSEGV)
+
+        _until(lambda: "personagate up: the gateway is back (restart 1)" in _log(tmp_path), "the gateway back")
+        after = _children(up)
+        assert after["worker"] == before["worker"]  # the worker, its model and primed personas, stayed
+        assert after["gateway"] != before["gateway"]
+        crash = ("personagate up: the gateway crashed (killed by SIGSEGV); restarting it in 1 s "
+                 "(restart 1 since up started)")
+        assert _crashes(tmp_path) == [crash]
+        assert _metric(http_port, "personagate_gateway_restarts_total") == 1
+        assert _metric(worker_port, "personagate_worker_restarts_total") == 0
+
+        # The restarted gateway takes calls, to the worker that kept running.
+        report = _call(tmp_path, sip_port)
+        assert report["status"] == 200 and report["seconds_received"] >= 0.9, report
+        assert _children(up) == after
+
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 0
+        assert "personagate is up." not in up.stdout.read()  # said once, in full; the return is one line
+    finally:
+        _kill(up)
+
+
+def test_a_crashed_worker_is_restarted_while_the_gateway_keeps_running(tmp_path):
+    up, worker_port, http_port, sip_port = _start_up(tmp_path, slots=1)
+    try:
+        _ready_lines(up)
+        before = _children(up)
+        os.kill(before["worker"], signal.SIGKILL)
+
+        _until(lambda: "personagate up: the worker is back (restart 1)" in _log(tmp_path), "the worker back")
+        after = _children(up)
+        assert after["gateway"] == before["gateway"]
+        assert after["worker"] != before["worker"]
+        crash = ("personagate up: the worker crashed (killed by SIGKILL); restarting it in 1 s "
+                 "(restart 1 since up started)")
+        assert _crashes(tmp_path) == [crash]
+        assert _metric(worker_port, "personagate_worker_restarts_total") == 1
+        assert _metric(http_port, "personagate_gateway_restarts_total") == 0
+
+        # "Back" means the stack takes calls again: the gateway that kept running sees the new worker.
+        assert httpx.get(f"http://127.0.0.1:{http_port}/readyz").json()["workers_alive"] == 1
+        report = _call(tmp_path, sip_port)
+        assert report["status"] == 200 and report["seconds_received"] >= 0.9, report
+
+        up.send_signal(signal.SIGTERM)  # a drain: the restarted worker drains too
+        assert up.wait(60) == 0
+        assert "personagate is up." not in up.stdout.read()
+    finally:
+        _kill(up)
+
+
+@pytest.mark.parametrize("failure", ["invalid gateway setting", "worker port in use"])
+def test_a_component_that_fails_at_start_stops_up_with_its_error(tmp_path, failure):
+    """Restarting a misconfiguration would only fail again: `up` stops, exit status 1, and says why."""
+    ports = (free_port(), free_port(), udp_free_port())
+    with socket.socket() as taken:
+        env = None
+        if failure == "invalid gateway setting":
+            env, name, error = {"PERSONAGATE_GATEWAY_HISTORY_VERSIONS": "0"}, "gateway", "history_versions"
+        else:
+            taken.bind(("127.0.0.1", ports[0]))
+            taken.listen()
+            name, error = "worker", "address already in use"
+        up, _, http_port, _ = _start_up(tmp_path, slots=1, env=env, ports=ports)
+        try:
+            assert up.wait(120) == 1
+        finally:
+            _kill(up)
+    log = _log(tmp_path)
+    assert error in log
+    # The worker whose port is taken exits 1, or is killed by SIGABRT when its model was still loading.
+    assert f"personagate up: the {name} exited (" in log
+    assert "before it was ever ready: not restarted" in log
+    assert _crashes(tmp_path) == [] and "personagate is up." not in up.stdout.read()
+    with pytest.raises(httpx.HTTPError):  # the rest was stopped
+        httpx.get(f"http://127.0.0.1:{http_port if name == 'worker' else ports[0]}/healthz", timeout=1)
+
+
+def test_restart_delays_double_up_to_a_cap_and_start_again_after_a_healthy_run():
+    assert [restart_delay(n) for n in range(1, 9)] == [1, 2, 4, 8, 16, 30, 30, 30]
+    assert restart_delay(10_000) == 30
+    gateway = Component("gateway", ("true",), {}, "http://127.0.0.1:1/readyz")
+    # Crashes soon after each restart (or before it was ready again) back off; a long healthy run resets that.
+    assert [gateway.crashed(100.0, 110.0), gateway.crashed(None, 112.0), gateway.crashed(113.0, 120.0)] == [1, 2, 4]
+    assert gateway.crashed(125.0, 125.0 + HEALTHY_SECONDS) == 1
+    assert gateway.crashed(190.0, 191.0) == 2
+    assert gateway.restarts == 5
+
+
+def test_exits_read_as_people_say_them_and_clean_stops_are_no_crashes():
+    assert describe_exit(1) == "exit 1"
+    assert describe_exit(-signal.SIGSEGV) == "killed by SIGSEGV"
+    assert describe_exit(-signal.SIGABRT) == "killed by SIGABRT"
+    assert [stopped_on_purpose(rc) for rc in (0, -signal.SIGINT, -signal.SIGTERM)] == [True] * 3
+    assert [stopped_on_purpose(rc) for rc in (1, 2, -signal.SIGKILL, -signal.SIGSEGV)] == [False] * 4
