@@ -11,7 +11,7 @@
 #   the upstream tag, checked against its commit.
 # Cache: ${PERSONAGATE_CACHE_DIR:-${XDG_CACHE_HOME:-~/.cache}/personagate}/pjsua2/<key>, the key a hash of the
 # source, this script, config_site.h, the patches and guard/, the Python ABI, the compiler and OpenSSL: a second
-# clone or CI run on the same machine reuses the build (about 5 minutes on 2 cores otherwise).
+# clone or CI run on the same machine reuses the build (about 3 minutes on 2 cores otherwise).
 # Build needs: a C/C++ toolchain, make, swig, the Python headers, OpenSSL's headers (Debian: build-essential swig
 # python3-dev libssl-dev). Where one is missing and this runs as root with apt-get, they are installed.
 set -euo pipefail
@@ -113,7 +113,7 @@ else
             exit 1
         fi
     else
-        say "building pjproject $PJPROJECT_VERSION from ${source#archive } (about 5 minutes on 2 cores)"
+        say "building pjproject $PJPROJECT_VERSION from ${source#archive } (about 3 minutes on 2 cores)"
         tar -xzf "${source#archive }" -C "$work"
     fi
     src="$work/pjproject-$PJPROJECT_VERSION"
@@ -153,6 +153,9 @@ else
     mv "$out" "$built"
     say "built and cached: $built"
 fi
+
+touch "$built"  # most recently used: older builds beyond the three latest are removed
+ls -1dt "$cache_root"/*/ 2>/dev/null | tail -n +4 | xargs -r rm -rf
 
 if [[ $install -eq 1 ]]; then
     site="$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')"

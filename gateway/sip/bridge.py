@@ -11,8 +11,8 @@ the gateway stays in the middle until either side hangs up, then BYEs the other.
 
 Results, as ``personagate_gateway_sip_transfers_total{method="bridge",result}``: ``success`` (answered and
 bridged), ``busy`` (486 or 600), ``no_answer`` (no answer within the ring timeout: the INVITE is cancelled; or
-408, 480, 487), ``failed`` (any other final answer, the INVITE not sent, e.g. pjsua's call table full: the
-pjsua2-python wheel has 4 calls per process and a bridged call holds 2, or the caller gone meanwhile), and
+408, 480, 487), ``failed`` (any other final answer, the INVITE not sent, e.g. pjsua's call table full: a
+bridged call holds 2 of its ``sip_max_calls``, or the caller gone meanwhile), and
 ``abandoned`` (the caller hung up while the target rang: the INVITE is cancelled).
 
 The human's INVITE carries the caller's identity (the caller's From) as ``P-Asserted-Identity`` (RFC 3325), which

@@ -47,7 +47,7 @@ PTIME_MS = 20
 SAMPLES_PER_FRAME = CLOCK_RATE * PTIME_MS // 1000  # 320
 BYTES_PER_FRAME = SAMPLES_PER_FRAME * 2  # 640: one 20 ms frame of s16le mono at the bridge's clock
 
-# Offered in this order; every other codec the wheel has is disabled (telephone-event is always offered).
+# Offered in this order; every other codec the build has is disabled (telephone-event is always offered).
 CODECS = ("PCMU/8000/1", "PCMA/8000/1", "G722/16000/1")
 
 
@@ -296,11 +296,8 @@ class UserAgent:
         ep_cfg = pj.EpConfig()
         ep_cfg.uaConfig.threadCnt = 0
         ep_cfg.uaConfig.mainThreadOnly = True
-        # PJSUA_MAX_CALLS is a compile-time cap and maxCalls is silently clamped to it (pjproject #4488): the
-        # pjsua2-python 2.15.1 wheel is built with pjproject's default, 4 (measured: the 5th makeCall fails
-        # with PJ_ETOOMANY whatever maxCalls says; pjsua answers a 5th INVITE itself, busy). More calls per
-        # process need pjproject built from source with a config_site.h (PJSUA_MAX_CALLS, PJ_IOQUEUE_MAX_HANDLES):
-        # deploy/pjsua2/build.sh (512 calls, an epoll ioqueue of 4096 sockets).
+        # PJSUA_MAX_CALLS is a compile-time cap and maxCalls is silently clamped to it (pjproject #4488): 512 in
+        # deploy/pjsua2's build (config_site.h), which sip_max_calls cannot exceed.
         ep_cfg.uaConfig.maxCalls = cfg.max_calls
         ep_cfg.uaConfig.userAgent = cfg.user_agent
         ep_cfg.logConfig.level = cfg.log_level
