@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         "sip", help="concurrent calls through one gateway and an echo worker: packet interval, loss, latency")
     bench_sip.add_argument("--calls", default="1,2,4", help="comma-separated counts of concurrent calls")
     bench_sip.add_argument("--seconds", type=float, default=20.0, help="length of each round's calls (default 20)")
+    bench_sip.add_argument("--gateway-cpu", type=int, help="run the gateway on this CPU alone (the worker and the "
+                                                           "measuring caller on the others): what one core carries")
     bench_sip.add_argument("--json", action="store_true", help="print one JSON document")
 
     session = commands.add_parser("session", help="talk to a worker: play a wav, record the agent, print JSON")
@@ -425,7 +427,11 @@ def _run_bench_sip(args: argparse.Namespace) -> int:
         print("personagate: --calls takes counts of at least 1 (e.g. 1,2,4) and --seconds at least 5",
               file=sys.stderr)
         return 2
-    return bench.run(counts, args.seconds, as_json=args.json)
+    try:
+        return bench.run(counts, args.seconds, as_json=args.json, gateway_cpu=args.gateway_cpu)
+    except ValueError as exc:
+        print(f"personagate: {exc}", file=sys.stderr)
+        return 2
 
 
 def _run_bench_routing(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """``personagate bench sip``: concurrent calls through one gateway process and an echo worker, measured on
 the wire (a benchmark, not a test: the figures depend on the machine).
 
-    personagate bench sip [--calls 1,2,4] [--seconds 20] [--json]
+    personagate bench sip [--calls 1,2,4] [--seconds 20] [--gateway-cpu 0] [--json]
 
 It starts an echo worker (``--model echo``, one slot per call) and a gateway on free loopback ports with
 the shipped ``tenants/``, then, for each count in ``--calls``, places that many calls at once from a
@@ -22,8 +22,9 @@ measuring caller made for this: a minimal SIP user agent (INVITE, ACK, BYE over 
   timing (the last 20 ms packet of a frame is timed at its first sample), so the issue's "≤ 20 ms beyond the
   80 ms frame" reads: gateway latency − 60 ms ≤ 20 ms, p95.
 
-pjsua2's wheel caps a process at 4 calls (``ua.py``); with pjsua2 built from source (``deploy/pjsua2/``)
-the gateway takes ``sip_max_calls``. Run with ``PYTHONPATH`` pointing at such a build to measure past 4.
+- **gateway CPU**: the gateway process's CPU time over the round (100 %: one core). ``--gateway-cpu N`` runs the
+  gateway on CPU N alone (the worker and the measuring caller on the others), so that a round within the bar
+  shows what one core carries.
 """
 
 from __future__ import annotations
@@ -458,8 +459,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def echo_stack(slots: int, max_calls: int, log_path: Path):
-    """An echo worker and a gateway (real processes, loopback); yields the gateway's SIP address."""
+def echo_stack(slots: int, max_calls: int, log_path: Path, gateway_cpu: int | None = None):
+    """An echo worker and a gateway (real processes, loopback); yields the gateway's SIP address. With
+    ``gateway_cpu``, the gateway runs on that CPU alone and the worker and this process on the others: what one
+    core carries."""
     env = os.environ | {"NO_TORCH_COMPILE": "1", "PERSONAGATE_GATEWAY_SIP_MAX_CALLS": str(max_calls),
                         "PERSONAGATE_GATEWAY_SIP_MAX_INVITES_PER_SECOND": str(10 * INVITES_PER_SECOND)}
     worker_port, http_port, sip_port = _free_port(socket.SOCK_STREAM), _free_port(socket.SOCK_STREAM), \
@@ -467,9 +470,16 @@ def echo_stack(slots: int, max_calls: int, log_path: Path):
     tenants = bench_tenants(log_path.parent / "tenants")
     cli = [sys.executable, "-m", "gateway.cli"]
     log = log_path.open("w")
+    others = None
+    if gateway_cpu is not None:
+        others = os.sched_getaffinity(0) - {gateway_cpu}
+        if gateway_cpu not in os.sched_getaffinity(0) or not others:
+            raise ValueError(f"--gateway-cpu {gateway_cpu}: needs that CPU and at least one other for the rest")
+        os.sched_setaffinity(0, others)  # the measuring caller (and, inherited, the worker) stay off its CPU
     worker = subprocess.Popen([*cli, "worker", "--model", "echo", "--port", str(worker_port), "--slots", str(slots)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    gateway = subprocess.Popen([*cli, "gateway", "--port", str(http_port), "--tenants", str(tenants), "--worker",
+    pin = [] if gateway_cpu is None else ["taskset", "-c", str(gateway_cpu)]  # util-linux: every thread it starts
+    gateway = subprocess.Popen([*pin, *cli, "gateway", "--port", str(http_port), "--tenants", str(tenants), "--worker",
                                 f"http://127.0.0.1:{worker_port}", "--sip-port", str(sip_port)],
                                env=env, stdout=subprocess.DEVNULL, stderr=log)
     try:
@@ -559,11 +569,11 @@ def summarise(calls: int, figures: list[CallFigures], records: dict[str, Gateway
     }
 
 
-async def bench(counts: list[int], seconds: float) -> list[dict[str, object]]:
+async def bench(counts: list[int], seconds: float, gateway_cpu: int | None = None) -> list[dict[str, object]]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="personagate-bench-sip-") as tmp:
         log_path = Path(tmp) / "gateway.log"
-        with echo_stack(max(counts), max(counts) + 4, log_path) as (target, gateway_pid):
+        with echo_stack(max(counts), max(counts) + 4, log_path, gateway_cpu) as (target, gateway_pid):
             for calls in counts:
                 cpu_before, began = cpu_seconds(gateway_pid), time.monotonic()
                 figures = await run_round(target, calls, seconds, BENCH_NUMBER)
@@ -576,10 +586,11 @@ async def bench(counts: list[int], seconds: float) -> list[dict[str, object]]:
     return rows
 
 
-def run(counts: list[int], seconds: float, *, as_json: bool = False) -> int:
-    rows = asyncio.run(bench(counts, seconds))
+def run(counts: list[int], seconds: float, *, as_json: bool = False, gateway_cpu: int | None = None) -> int:
+    rows = asyncio.run(bench(counts, seconds, gateway_cpu))
     if as_json:
-        print(json.dumps({"machine": f"{os.cpu_count()} cores", "seconds": seconds, "rounds": rows}, indent=2))
+        print(json.dumps({"machine": f"{os.cpu_count()} cores", "seconds": seconds, "gateway_cpu": gateway_cpu,
+                          "rounds": rows}, indent=2))
         return 0
     print(f"{'calls':>5} {'answered':>8} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'lost':>5} {'underrun':>8} "
           f"{'rtt p50':>8} {'rtt p95':>8} {'worker':>7} {'gw p50':>7} {'gw p95':>7} {'gw cpu%':>7}")

@@ -289,6 +289,24 @@ class AgentPort : public pj::AudioMediaPort {
         return recorded_dropped;
     }
 
+    /* What the bridge would play now (the clock thread's onFrameRequested, called directly: tests and diagnostics
+     * of the pacer's rules without a bridge). */
+    PyObject *nextFrame() {
+        pj::MediaFrame frame;
+        onFrameRequested(frame);
+        return PyBytes_FromStringAndSize((const char *)frame.buf.data(), (Py_ssize_t)frame.buf.size());
+    }
+
+    /* Hand the port a caller frame as the bridge would (onFrameReceived, called directly: tests). */
+    void receiveFrame(PyObject *pcm_obj) {
+        personagate_agent::Bytes pcm(pcm_obj);
+        pj::MediaFrame frame;
+        frame.type = PJMEDIA_FRAME_TYPE_AUDIO;
+        frame.buf.assign(pcm.data(), pcm.data() + pcm.size());
+        frame.size = (unsigned)pcm.size();
+        onFrameReceived(frame);
+    }
+
     /* ------------------------------------------------------------------ the bridge's clock thread */
 
     virtual void onFrameReceived(pj::MediaFrame &frame) {

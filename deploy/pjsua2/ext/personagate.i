@@ -50,5 +50,7 @@ class AgentPort : public pj::AudioMediaPort {
     void setRecording(bool on);
     PyObject *takeRecorded();
     unsigned long getRecordedDropped();
+    PyObject *nextFrame();
+    void receiveFrame(PyObject *pcm);
 };
 %thread;
