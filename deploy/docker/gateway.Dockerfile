@@ -18,8 +18,8 @@ COPY Makefile pyproject.toml README.md ./
 COPY agent_runtime agent_runtime
 COPY gateway gateway
 COPY deploy/pjsua2 deploy/pjsua2
-RUN PERSONAGATE_CACHE_DIR=/tmp/cache make install PYTHON=python3 TORCH_CPU_PIP_OPTS="${TORCH_CPU_PIP_OPTS}" \
-    && rm -rf /tmp/cache \
+RUN make install PYTHON=python3 TORCH_CPU_PIP_OPTS="${TORCH_CPU_PIP_OPTS}" \
+    && rm -rf /root/.cache \
     && find /app/.venv -name '__pycache__' -prune -exec rm -rf {} +
 
 FROM ${PYTHON_IMAGE}

@@ -134,6 +134,10 @@ static pj_bool_t on_rx_request(pjsip_rx_data *rdata) {
         /* RFC 3261 18.3: over UDP, a body shorter than Content-Length is an error; bytes beyond it are discarded
          * (pjsip takes the rest of the datagram as the body whatever Content-Length says). */
         long declared = (long)rdata->msg_info.clen->len;
+        if (declared < 0) { /* pjsip's parser keeps Content-Length in an int: past 2^31 it wraps negative */
+            respond(rdata, 400, "Bad Content-Length Header");
+            return PJ_TRUE;
+        }
         if (declared > received_body_bytes(rdata)) {
             respond(rdata, 400, "Content-Length Larger Than The Body");
             return PJ_TRUE;
