@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     gateway.add_argument("--worker", action="append", metavar="URL",
                          help="without --redis-url: a worker's HTTP base URL; repeat for several "
                               "(default http://127.0.0.1:8765)")
-    gateway.add_argument("--sip", action="store_const", const=True, help="answer SIP calls (UDP; default off)")
+    gateway.add_argument("--sip", action="store_const", const=True, help="answer SIP calls (UDP, TCP; default off)")
     gateway.add_argument("--sip-host", help="SIP/RTP listen address (default 127.0.0.1)")
-    gateway.add_argument("--sip-port", type=int, help="SIP UDP port (default 5060); implies --sip")
+    gateway.add_argument("--sip-port", type=int, help="SIP port, UDP and TCP (default 5060); implies --sip")
     gateway.add_argument("--log-level", default="info")
 
     call = commands.add_parser(
@@ -117,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
                       help="answer a REFER 202 and call its target (default: refuse it, 603)")
     call.add_argument("--codec", action="append", default=[], choices=("PCMU", "PCMA", "G722"),
                       help="offer only this codec; repeat to offer several, in order (default: PCMU PCMA G722)")
+    call.add_argument("--transport", choices=("udp", "tcp", "tls"), default="udp",
+                      help="SIP over UDP (default), TCP or TLS (the gateway's sip_tls_port, 5061 by default)")
+    call.add_argument("--ca-file", help="with --transport tls: check the gateway's certificate against these CAs "
+                                        "(PEM); without it the certificate is not checked")
+    call.add_argument("--srtp", choices=("off", "optional", "mandatory"), default="off",
+                      help="offer SRTP (SDES keys): optional (RTP/AVP with keys) or mandatory (RTP/SAVP); "
+                           "the report's srtp says whether the call got it (default: off)")
 
     up = commands.add_parser("up", help="the whole stack on one machine: a worker and the gateway, supervised")
     _worker_options(up)
@@ -275,7 +282,8 @@ def _run_call(args: argparse.Namespace) -> int:
             return 2
     result = place_call(args.uri, play, seconds, host=args.host, timeout=args.timeout, dtmf=dtmf,
                         refer_answer=202 if args.accept_refer else 603, codecs=args.codec, user=args.user,
-                        password=args.password or os.environ.get("PERSONAGATE_CALL_PASSWORD"))
+                        password=args.password or os.environ.get("PERSONAGATE_CALL_PASSWORD"),
+                        transport=args.transport, srtp=args.srtp, ca_file=args.ca_file)
     if args.record is not None:
         soundfile.write(args.record, result.audio, CLOCK_RATE, subtype="PCM_16")
     print(json.dumps(result.report, indent=2))
@@ -385,7 +393,9 @@ def _run_gateway(args: argparse.Namespace) -> int:
     admin = "off (no admin_tokens_file)" if settings.admin_tokens_file is None else \
         f"http://{settings.host}:{settings.http_port}/v1/admin (docs at /docs)"
     routing = "Redis" if settings.redis_url else "embedded, workers " + " ".join(settings.workers)
-    sip = f"udp {settings.sip_host}:{settings.sip_port}" if settings.sip_enabled else "off"
+    sip = f"udp and tcp {settings.sip_host}:{settings.sip_port}" if settings.sip_enabled else "off"
+    if settings.sip_enabled and settings.sip_tls_enabled:
+        sip += f", tls {settings.sip_host}:{settings.sip_tls_port} (SRTP {settings.sip_srtp})"
     print(f"personagate gateway: tenants from {settings.tenants_dir}, admin API {admin}, routing {routing}, SIP {sip} "
           f"(SIGTERM drains calls for up to {settings.drain_seconds:g} s, Ctrl-C stops)", file=sys.stderr)
     app = create_app(settings)

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from agent_runtime.settings_files import LayeredSettings, SettingsError, load_settings
@@ -125,10 +125,33 @@ class GatewaySettings(LayeredSettings):
     drain_seconds: float = Field(
         3600.0, ge=0, description="on SIGTERM: how long calls in progress may go on before they are ended")
     # SIP front end (gateway/sip/).
-    sip_enabled: bool = Field(False, description="answer SIP calls (UDP on sip_host:sip_port); 'personagate up' turns "
-                                                 "it on")
-    sip_host: str = Field("127.0.0.1", description="the SIP (UDP) and RTP listen address")
-    sip_port: int = Field(5060, ge=0, le=65535, description="the SIP UDP port (0: any free port)")
+    sip_enabled: bool = Field(False, description="answer SIP calls (UDP and TCP on sip_host:sip_port, TLS on "
+                                                 "sip_tls_port); 'personagate up' turns it on")
+    sip_host: str = Field("127.0.0.1", description="the SIP (UDP, TCP, TLS) and RTP listen address")
+    sip_port: int = Field(5060, ge=0, le=65535, description="the SIP port, UDP and TCP alike (0: any free port)")
+    # SIP over TLS and SRTP (docs/sip.md, "Transports, TLS and SRTP").
+    sip_tls_port: int = Field(5061, ge=0, le=65535, description="the SIP over TLS port (TCP), listening when "
+                                                                "sip_tls_cert_file and sip_tls_key_file are set")
+    sip_tls_cert_file: Path | None = Field(
+        None, description="the gateway's TLS certificate, PEM (its chain may follow it in the file); with "
+                          "sip_tls_key_file it turns SIP over TLS on")
+    sip_tls_key_file: Path | None = Field(None, description="the certificate's private key, PEM, unencrypted")
+    sip_tls_ca_file: Path | None = Field(
+        None, description="PEM CA certificates that trunks' client certificates must chain to: a client presenting "
+                          "a certificate they do not vouch for is refused (see sip_tls_require_client_cert)")
+    sip_tls_require_client_cert: bool = Field(
+        False, description="mutual TLS: a TLS connection without a client certificate that sip_tls_ca_file vouches "
+                           "for is refused")
+    sip_tls_min_version: Literal["1.2", "1.3"] = Field("1.2", description="the oldest TLS version accepted")
+    sip_srtp: Literal["off", "optional", "mandatory"] = Field(
+        "optional", description="SRTP with SDES keys (RFC 4568): optional: SRTP for a caller that offers it, plain "
+                                "RTP otherwise; mandatory: a call without SRTP is refused 488; off: plain RTP only "
+                                "(an offer of SRTP alone is refused 488). SDES keys travel in the SDP, so by default "
+                                "only calls over TLS get SRTP (sip_srtp_insecure_signalling)")
+    sip_srtp_insecure_signalling: bool = Field(
+        False, description="also use SRTP on calls signalled over UDP or TCP, whose SDES keys anyone on the path can "
+                           "read (RFC 4568 wants secure signalling); off: such calls get plain RTP, or 488 with "
+                           "sip_srtp mandatory")
     sip_public_address: str | None = Field(
         None, description="the address other parties reach this gateway at, written into SDP (c=) and the SIP "
                           "Contact/Via instead of the bound one: a NAT 1:1 address, or the node's IP when "
@@ -295,20 +318,66 @@ class GatewaySettings(LayeredSettings):
             raise ValueError(f"sip_rtp_port_range ({count} ports from {port}) holds {count // 2} calls (RTP and RTCP "
                              f"each) but sip_max_calls is {self.sip_max_calls}: widen the range or lower "
                              "sip_max_calls")
-        accounts = 1 + len(self.sip_registrations)
         if self.rtp_port_share(0)[1] < 4:
-            raise ValueError(f"sip_rtp_port_range ({count} ports) is shared by {accounts} SIP accounts (the trunks' "
-                             "and each of sip_registrations): each needs at least 4 ports")
+            raise ValueError(f"sip_rtp_port_range ({count} ports) is shared by {self.sip_accounts} SIP accounts (the "
+                             "trunks', the TLS trunks' when TLS is on, and each of sip_registrations): each needs at "
+                             "least 4 ports")
         return self
 
+    @property
+    def sip_accounts(self) -> int:
+        """pjsua accounts: the trunks' (UDP and TCP), each of ``sip_registrations``, and with TLS on the TLS trunks'
+        (its own SRTP policy: ``gateway/sip/server.py``)."""
+        return 1 + len(self.sip_registrations) + int(self.sip_tls_enabled)
+
     def rtp_port_share(self, account: int) -> tuple[int, int]:
-        """The RTP ports of SIP account ``account`` (0: the trunks'; 1…: ``sip_registrations`` in order): its first
-        port and how many, an even share of ``sip_rtp_port_range`` (the whole range with no registrations); (first,
-        0) without a bound."""
+        """The RTP ports of SIP account ``account`` (0: the trunks'; 1…: ``sip_registrations`` in order; then the TLS
+        trunks'): its first port and how many, an even share of ``sip_rtp_port_range`` (the whole range with one
+        account); (first, 0) without a bound."""
         if not self.sip_rtp_port_range:
             return self.sip_rtp_port, 0
-        share = (self.sip_rtp_port_range // (1 + len(self.sip_registrations))) & ~1
+        share = (self.sip_rtp_port_range // self.sip_accounts) & ~1
         return self.sip_rtp_port + account * share, share
+
+    @field_validator("sip_tls_cert_file", "sip_tls_key_file", "sip_tls_ca_file")
+    @classmethod
+    def _sip_tls_file(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        if path is None or str(path) == "":
+            return None
+        from .sip.tls import check_readable
+
+        return check_readable(info.field_name or "", path)
+
+    @model_validator(mode="after")
+    def _sip_tls(self) -> GatewaySettings:
+        from .sip.tls import check_ca_file, check_key_pair
+
+        cert, key = self.sip_tls_cert_file, self.sip_tls_key_file
+        if (cert is None) != (key is None):
+            given, missing = ("sip_tls_cert_file", "sip_tls_key_file") if key is None else \
+                ("sip_tls_key_file", "sip_tls_cert_file")
+            raise ValueError(f"{given} is set but {missing} is not: SIP over TLS needs both")
+        if cert is not None and key is not None:
+            check_key_pair(cert, key)
+            if self.sip_tls_port and self.sip_tls_port == self.sip_port:
+                raise ValueError(f"sip_tls_port ({self.sip_tls_port}) is sip_port: SIP over TCP listens there")
+        elif self.sip_tls_ca_file is not None or self.sip_tls_require_client_cert:
+            setting = "sip_tls_ca_file" if self.sip_tls_ca_file is not None else "sip_tls_require_client_cert"
+            raise ValueError(f"{setting} is set but SIP over TLS is off: set sip_tls_cert_file and sip_tls_key_file")
+        if self.sip_tls_ca_file is not None:
+            check_ca_file(self.sip_tls_ca_file)
+        elif self.sip_tls_require_client_cert:
+            raise ValueError("sip_tls_require_client_cert needs sip_tls_ca_file: the CAs client certificates must "
+                             "chain to")
+        if self.sip_srtp == "mandatory" and cert is None and not self.sip_srtp_insecure_signalling:
+            raise ValueError("sip_srtp is mandatory but SIP over TLS is off and sip_srtp_insecure_signalling is false: "
+                             "no call could carry its SRTP keys, so every call would be refused; set "
+                             "sip_tls_cert_file and sip_tls_key_file, or allow sip_srtp_insecure_signalling")
+        return self
+
+    @property
+    def sip_tls_enabled(self) -> bool:
+        return self.sip_tls_cert_file is not None and self.sip_tls_key_file is not None
 
     @model_validator(mode="after")
     def _session_timer(self) -> GatewaySettings:

@@ -36,8 +36,9 @@ CLOSE_MARGIN = 60  # seconds past the drain for the preStop pause, hanging up st
 # What gpu-prod reads but does not ship: the operator creates them (docs/deploy.md says how).
 EXTERNAL = {"gpu-prod": {("Secret", "personagate-redis"), ("Secret", "personagate-sip-auth"),
                          ("Secret", "personagate-admin-tokens"), ("Secret", "personagate-turn"),
-                         ("PersistentVolumeClaim", "personagate-weights")},
-            "cpu-demo": {("Secret", "personagate-admin-tokens"), ("Secret", "personagate-turn")}}
+                         ("Secret", "personagate-sip-tls"), ("PersistentVolumeClaim", "personagate-weights")},
+            "cpu-demo": {("Secret", "personagate-admin-tokens"), ("Secret", "personagate-turn"),
+                         ("Secret", "personagate-sip-tls")}}
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet")
 KUBECTL = shutil.which("kubectl")
 
@@ -216,6 +217,13 @@ def test_gateways_on_the_host_network_with_a_bounded_rtp_range_and_the_node_addr
         assert {"protocol": "UDP", "port": first, "endPort": first + count - 1} in ports, (overlay, ports)
         sip_port = int(env["PERSONAGATE_GATEWAY_SIP_PORT"]["value"])
         assert {"protocol": "UDP", "port": sip_port} in ports, overlay
+        # SIP over TCP on the same port, and TLS on its own (listening once its certificate is configured): open
+        # in the policy and declared by the container, which host-network pods reserve on the node.
+        tls_port = int(env.get("PERSONAGATE_GATEWAY_SIP_TLS_PORT", {"value": "5061"})["value"])
+        assert {"protocol": "TCP", "port": sip_port} in ports and {"protocol": "TCP", "port": tls_port} in ports
+        declared = {(p["containerPort"], p["protocol"]) for p in gateway["spec"]["template"]["spec"]["containers"][0]
+                    ["ports"]}
+        assert {(sip_port, "UDP"), (sip_port, "TCP"), (tls_port, "TCP")} <= declared, (overlay, declared)
 
 
 def test_services_and_network_policies_select_existing_pods(rendered: dict[str, list[dict[str, Any]]]) -> None:

@@ -24,7 +24,7 @@ import pjsua2 as pj
 
 from .leg import Leg, LegEvent
 from .media import MediaBuffers
-from .ua import BYTES_PER_FRAME, CLOCK_RATE, CODECS, UaConfig, UserAgent, call_op
+from .ua import BYTES_PER_FRAME, CLOCK_RATE, CODECS, TlsTransport, UaConfig, UserAgent, call_op
 
 SILENCE_DBFS = -50.0
 # ``--codec`` names and the pjmedia codec ids they stand for (the gateway's offer, ua.CODECS)
@@ -81,9 +81,23 @@ def is_ringback(pcm: np.ndarray, rate: int = CLOCK_RATE) -> bool:
     return band > 0.6 * spectrum.sum()
 
 
+TRANSPORTS = ("udp", "tcp", "tls")
+SRTP_USE = {"off": pj.PJMEDIA_SRTP_DISABLED, "optional": pj.PJMEDIA_SRTP_OPTIONAL,
+            "mandatory": pj.PJMEDIA_SRTP_MANDATORY}
+
+
+def with_transport(uri: str, transport: str) -> str:
+    """``uri`` with ``;transport=`` naming ``transport`` (unless it names one already, or is sips:, TLS itself)."""
+    if transport == "udp" or ";transport=" in uri.lower() or (transport == "tls" and uri.lower().startswith("sips:")):
+        return uri
+    head, sep, headers = uri.partition("?")
+    return f"{head};transport={transport}{sep}{headers}"
+
+
 def place_call(uri: str, play: np.ndarray | None, seconds: float, *, host: str = "127.0.0.1",
                timeout: float = 30.0, dtmf: Sequence[tuple[str, float]] = (), refer_answer: int = 603,
-               codecs: Sequence[str] = (), user: str | None = None, password: str | None = None) -> CallResult:
+               codecs: Sequence[str] = (), user: str | None = None, password: str | None = None,
+               transport: str = "udp", srtp: str = "off", ca_file: str | None = None) -> CallResult:
     """Call ``uri``; once answered, play ``play`` (16 kHz s16) and record for ``seconds``; then hang up.
 
     ``dtmf``: (digits, seconds after the answer) sent as RFC 4733 telephone-events. A REFER received is
@@ -93,10 +107,18 @@ def place_call(uri: str, play: np.ndarray | None, seconds: float, *, host: str =
     first); the codec the call ended up with goes in the report as ``codec`` (e.g. ``G722/16000``).
 
     ``user``/``password``: digest credentials for any realm; pjsua answers a 401/407 by sending the INVITE
-    again with them."""
+    again with them.
+
+    ``transport``: udp, tcp or tls (the URI gets ``;transport=``); over TLS, ``ca_file`` makes the server's
+    certificate checked against those CAs (else it is not checked: a test caller). ``srtp``: off, optional (offer
+    SDES keys with RTP/AVP) or mandatory (RTP/SAVP); keys are offered over any transport, TLS or not. The report
+    says which transport and whether the audio was SRTP (``transport``, ``srtp``)."""
     unknown = [name for name in codecs if name not in CODEC_IDS]
     if unknown:
         raise ValueError(f"unknown codec {unknown[0]!r}; expected one of {', '.join(CODEC_IDS)}")
+    if transport not in TRANSPORTS or srtp not in SRTP_USE:
+        raise ValueError(f"transport {transport!r} / srtp {srtp!r}: expected one of {TRANSPORTS} / {tuple(SRTP_USE)}")
+    uri = with_transport(uri, transport)
     events: queue.SimpleQueue[tuple[float, LegEvent]] = queue.SimpleQueue()
     buffers = _CallerBuffers()
 
@@ -105,6 +127,9 @@ def place_call(uri: str, play: np.ndarray | None, seconds: float, *, host: str =
         cfg = pj.AccountConfig()
         cfg.idUri = f"sip:caller@{host}:{ua.config.port}"
         cfg.mediaConfig.transportConfig.boundAddress = host
+        cfg.mediaConfig.srtpUse = SRTP_USE[srtp]
+        cfg.mediaConfig.srtpSecureSignaling = 0  # a test caller offers keys wherever it is told to
+        cfg.mediaConfig.srtpOpt.keyings = pj.IntVector([pj.PJMEDIA_SRTP_KEYING_SDES])
         if user is not None:
             cfg.sipConfig.authCreds.append(pj.AuthCredInfo("digest", "*", user, pj.PJSIP_CRED_DATA_PLAIN_PASSWD,
                                                            password or ""))
@@ -112,8 +137,9 @@ def place_call(uri: str, play: np.ndarray | None, seconds: float, *, host: str =
         return account
 
     offer = tuple(CODEC_IDS[name] for name in codecs) or CODECS
+    tls = TlsTransport(port=0, ca_file=ca_file or "", verify_server=bool(ca_file)) if transport == "tls" else None
     ua = UserAgent(UaConfig(host=host, port=0, max_calls=4, user_agent="personagate-call", log_level=0,
-                            codecs=offer), make_account=make_account)
+                            codecs=offer, tls=tls), make_account=make_account)
     ua.start()
     serials: list[int] = []  # the leg itself stays on the pjsua thread (its destructor must run there)
 
@@ -140,7 +166,7 @@ def place_call(uri: str, play: np.ndarray | None, seconds: float, *, host: str =
 
     pending = sorted(dtmf, key=lambda item: item[1])
 
-    report: dict[str, Any] = {"uri": uri}
+    report: dict[str, Any] = {"uri": uri, "transport": transport}
     began = time.monotonic()
     answered_at: float | None = None
     ended = False
@@ -197,6 +223,7 @@ def place_call(uri: str, play: np.ndarray | None, seconds: float, *, host: str =
             if answered_at is not None:
                 stats = ua.submit(on_leg("stream_stats")).result(5)
                 stats["codec"] = ua.submit(on_leg_info(_stream_codec)).result(5)
+                stats["srtp"] = ua.submit(on_leg_info(lambda leg: leg.srtp)).result(5)
             ua.post(on_leg("bye"))
             wait_events(time.monotonic() + 5)
     finally:

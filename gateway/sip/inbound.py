@@ -148,7 +148,7 @@ class InboundCall:
                  max_call_seconds: float | None,
                  loop: asyncio.AbstractEventLoop, metrics: SipMetrics, bridge_fallback: bool = True,
                  ring_timeout: float = 30.0, recordings_dir: Path | None = None,
-                 caller_first_wait: float | None = None, ringing_interval: float = 1.0) -> None:
+                 caller_first_wait: float | None = None, ringing_interval: float = 1.0, transport: str = "udp") -> None:
         self.ua = ua
         # The loop side keeps the leg's serial, never the leg: ``UserAgent`` keeps it on the pjsua thread until it
         # is disconnected, so it is always destroyed there (pjlib asserts when a call is destroyed on another).
@@ -156,6 +156,8 @@ class InboundCall:
         self.sip_call_id = sip_call_id
         self.number = number
         self.caller = caller
+        self.transport = transport  # the INVITE's: udp, tcp or tls
+        self.srtp = False  # the audio is SRTP (as last negotiated)
         self.tenant = tenant
         self.persona = persona
         self.calls = calls
@@ -214,6 +216,7 @@ class InboundCall:
             self._gone.set()
         elif event.kind == "media":
             self._media_held = bool(event.headers.get("held"))
+            self.srtp = bool(event.headers.get("srtp"))
             if self.state in (S.ANSWERING, S.LIVE, S.BRIDGED):  # bridged too: a hold there is no media timeout either
                 self._hold(self._media_held, event.headers.get("direction", ""))
         elif event.kind == "dtmf":
@@ -539,10 +542,12 @@ class InboundCall:
         self.metrics.outbound_shed.inc(stats.shed)
         self.metrics.caller_frames_dropped.inc(self.buffers.inbound_dropped)
         self.metrics.observe_rtp(self.rtp)
+        self.metrics.calls.labels(transport=self.transport, srtp=str(self.srtp).lower()).inc()
         began = self.history[0][1]
         log.info("SIP call ended", extra={  # the call record: one JSON line per answered call
             "sip_call_id": self.sip_call_id, "tenant": self.tenant.id, "persona": agent.persona_name,
-            "number": self.number, "caller": self.caller, "worker_id": agent.worker_id, "reason": self.end_reason,
+            "number": self.number, "caller": self.caller, "transport": self.transport, "srtp": self.srtp,
+            "worker_id": agent.worker_id, "reason": self.end_reason,
             "setup_seconds": round(self.answered_at - began, 3) if self.answered_at else None,
             "first_agent_audio_seconds": round(self.first_agent_audio - self.answered_at, 3)
             if self.first_agent_audio and self.answered_at else None,

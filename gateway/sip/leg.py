@@ -37,7 +37,8 @@ class LegEvent:
     # digit received: ``reason`` is the digit, ``headers["method"]`` rfc4733 or info), "transfer" (the NOTIFY
     # sipfrag status of our REFER, or the REFER's own failure: ``headers["final"]`` "1" when final), "refer" (a
     # REFER received: ``headers["refer_to"]``), "media" (the audio stream (re)negotiated by an offer/answer:
-    # ``headers["held"]`` "1" while the other side holds us, i.e. we may not send; ``headers["direction"]`` ours)
+    # ``headers["held"]`` "1" while the other side holds us, i.e. we may not send; ``headers["direction"]`` ours;
+    # ``headers["srtp"]`` "1" while the audio is SRTP)
     kind: str
     status: int = 0
     reason: str = ""
@@ -63,6 +64,14 @@ DIRECTIONS = {pj.PJMEDIA_DIR_NONE: "inactive", pj.PJMEDIA_DIR_ENCODING: "sendonl
               pj.PJMEDIA_DIR_DECODING: "recvonly", pj.PJMEDIA_DIR_ENCODING_DECODING: "sendrecv"}
 _HOLD_ADDRESS = re.compile(r"^c=IN IP4 0\.0\.0\.0\s*$", re.MULTILINE)
 _DIRECTION = re.compile(r"^a=(sendrecv|sendonly|recvonly|inactive)\s*$", re.MULTILINE)
+
+
+_SDES_KEY = re.compile(r"^a=crypto:", re.MULTILINE)
+
+
+def has_sdes_keys(sdp: str) -> bool:
+    """An SDP that carries SDES keys (``a=crypto``, RFC 4568): as an answer, its audio is SRTP."""
+    return _SDES_KEY.search(sdp) is not None
 
 
 def is_rfc2543_hold(sdp: str) -> bool:
@@ -117,6 +126,7 @@ class Leg(pj.Call):
         # Summed over the audio streams this dialog had, each taken as it is destroyed (before DISCONNECTED):
         # a hold by a=inactive and its resume replace the stream, whose counters start again from zero.
         self.rtp_stats: dict[str, Any] = {}
+        self.srtp = False  # the last SDP answer, ours or theirs, carries SDES keys: the audio is SRTP
 
     def onCallState(self, prm: pj.OnCallStateParam) -> None:
         info = self.getInfo()
@@ -162,8 +172,12 @@ class Leg(pj.Call):
         """A final response to our INVITE, with its headers (e.g. Retry-After), as a ``response`` event."""
         if event.type != pj.PJSIP_EVENT_TSX_STATE or event.body.tsxState.type != pj.PJSIP_EVENT_RX_MSG:
             return
-        response = parse_response(event.body.tsxState.src.rdata.wholeMsg)
+        message = event.body.tsxState.src.rdata.wholeMsg
+        response = parse_response(message)
         if response is not None and response.status >= 200 and "INVITE" in response.headers.get("cseq", ""):
+            body = message.split("\r\n\r\n", 1)[1] if "\r\n\r\n" in message else ""
+            if 200 <= response.status < 300 and "v=0" in body:  # their answer to our offer
+                self.srtp = has_sdes_keys(body)
             self.events(response)
 
     def onCallSdpCreated(self, prm: pj.OnCallSdpCreatedParam) -> None:
@@ -172,6 +186,8 @@ class Leg(pj.Call):
         on a hold answered sendrecv (telephony notes §2, livekit/sip#779)."""
         if prm.remSdp.wholeSdp and is_rfc2543_hold(prm.remSdp.wholeSdp):
             prm.sdp.wholeSdp = answer_inactive(prm.sdp.wholeSdp)
+        if prm.remSdp.wholeSdp:  # our answer: SDES keys in it only when SRTP was agreed
+            self.srtp = has_sdes_keys(prm.sdp.wholeSdp)
 
     def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
         if self.peer is not None:  # bridged (bridge.py): re-connected after any media change, e.g. a re-INVITE
@@ -185,7 +201,7 @@ class Leg(pj.Call):
                 continue
             self.events(LegEvent("media", headers={"held": "" if media.dir & pj.PJMEDIA_DIR_ENCODING else "1",
                                                    "direction": DIRECTIONS.get(media.dir, str(media.dir)),
-                                                   "status": str(media.status)}))
+                                                   "status": str(media.status), "srtp": "1" if self.srtp else ""}))
             if media.status not in (pj.PJSUA_CALL_MEDIA_ACTIVE, pj.PJSUA_CALL_MEDIA_REMOTE_HOLD):
                 return
             audio = self.getAudioMedia(index)

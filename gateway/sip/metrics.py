@@ -24,14 +24,19 @@ class SipMetrics:
             "personagate_gateway_sip_invites_total",
             "INVITEs by the gateway's final answer: 200, 401 (digest challenge), 403 (source not allowed, or digest "
             "refused), 404 (unknown number), the "
-            "tenant's after-hours status, 486 (tenant limit), 503 (no slot, store unavailable, draining, priming "
-            "timeout), 500, or cancelled (CANCEL or hang-up before the answer).",
+            "tenant's after-hours status, 486 (tenant limit), 488 (sip_srtp mandatory and the INVITE not over TLS), 503 "
+            "(no slot, store unavailable, draining, priming timeout), 500, or cancelled (CANCEL or hang-up before "
+            "the answer).",
             ["answer"], registry=r,
         )
         self.invites_shed = Counter(
             "personagate_gateway_sip_invites_shed_total",
             "INVITEs beyond the flood rate (sip_max_invites_per_second), held a moment, then refused 503 with "
             "Retry-After (also counted in invites_total{answer=\"503\"}).", registry=r)
+        self.calls = Counter(
+            "personagate_gateway_sip_calls_total",
+            "Answered SIP calls, counted as they end, by the transport their INVITE came over (udp, tcp, tls) and "
+            "whether their audio was SRTP (srtp: true or false).", ["transport", "srtp"], registry=r)
         self.calls_active = Gauge(
             "personagate_gateway_sip_calls_active", "SIP calls being set up (ringing) or answered.", registry=r)
         self.setup_seconds = Histogram(

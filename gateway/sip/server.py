@@ -1,7 +1,7 @@
 """The gateway's SIP front end: a pjsua2 user agent on its own thread that answers INVITEs with agent calls.
 
     sip = SipServer(settings, registry, calls)   # the app's lifespan does this
-    await sip.start()                            # listening on settings.sip_host:sip_port (UDP)
+    await sip.start()                            # listening on sip_host:sip_port (UDP, TCP), sip_tls_port (TLS)
     ...
     await sip.stop()                             # BYE / 503 to every call, the endpoint destroyed
 
@@ -35,6 +35,11 @@ wants both. Digest (``auth.py``): no credentials → 401 with a stateless nonce;
 for pjsua) is verified: wrong → 403, right over an expired nonce → 401 stale=true
 (``personagate_gateway_sip_auth_total{result}``).
 
+**Transports and SRTP** (docs/sip.md, "Transports, TLS and SRTP"): UDP and TCP on ``sip_port``, TLS on
+``sip_tls_port`` with a certificate. SRTP (SDES keys, ``sip_srtp``) is an account's policy, so INVITEs over TLS
+have an account of their own (``_TlsAccount``); SDES keys are only exchanged over TLS unless
+``sip_srtp_insecure_signalling``, and with ``sip_srtp`` mandatory an INVITE over anything else is refused 488.
+
 **REGISTER** (``registration.py``): each of ``sip_registrations`` is a pjsua Account that registers at its
 PBX or carrier, refreshes, retries, and unregisters at ``stop``; INVITEs sent to its Contact arrive here too,
 through the same ``_incoming``.
@@ -65,7 +70,8 @@ from .leg import Leg
 from .media import RINGBACK, PortMedia
 from .metrics import SipMetrics
 from .registration import RegistrationAccount
-from .ua import UaConfig, UserAgent, call_op, header
+from .tls import certificate_summary
+from .ua import TlsTransport, UaConfig, UserAgent, call_op, header
 
 if TYPE_CHECKING:
     from ..calls import Calls
@@ -89,6 +95,17 @@ def dialed_number(message: str) -> str | None:
         return None
     user = unquote(match.group(1).split(";", 1)[0])
     return re.sub(r"[-.()]", "", user)
+
+
+_TOP_VIA = re.compile(r"^(?:via|v)[ \t]*:[ \t]*SIP[ \t]*/[ \t]*2\.0[ \t]*/[ \t]*([A-Za-z]+)", re.IGNORECASE | re.MULTILINE)
+
+
+def signalling_transport(message: str) -> str:
+    """The transport a request came over, as its sender's top Via names it: ``udp``, ``tcp``, ``tls``, or ``other``
+    (a metric label: never the sender's own text)."""
+    match = _TOP_VIA.search(message.split("\r\n\r\n", 1)[0])
+    name = match.group(1).lower() if match else "udp"
+    return name if name in ("udp", "tcp", "tls") else "other"
 
 
 def source_ip(address: str) -> str:
@@ -133,6 +150,11 @@ class _Account(pj.Account):
         self.server._incoming(self, prm.callId, prm.rdata.wholeMsg, prm.rdata.srcAddress)
 
 
+class _TlsAccount(_Account):
+    """The trunks' account for INVITEs over TLS, bound to the TLS transport: pjsua gives an INVITE to the account of
+    its transport first, so SRTP's keys are only ever exchanged where signalling is encrypted (pjsua thread)."""
+
+
 class SipServer:
     def __init__(self, settings: GatewaySettings, registry: TenantRegistry, calls: Calls) -> None:
         self.settings = settings
@@ -141,6 +163,7 @@ class SipServer:
         self.allow = AllowList(settings.sip_allow)
         self.ua: UserAgent | None = None
         self.port: int | None = None
+        self.tls_port: int | None = None  # with SIP over TLS on
         self.active: dict[int, InboundCall] = {}
         self._idle = asyncio.Event()  # no call in progress
         self._idle.set()
@@ -159,18 +182,36 @@ class SipServer:
         s = self.settings
         if s.recordings_dir is not None:
             await asyncio.to_thread(check_recordings_dir, s.recordings_dir)
+        tls = TlsTransport(port=s.sip_tls_port, cert_file=str(s.sip_tls_cert_file), key_file=str(s.sip_tls_key_file),
+                           ca_file=str(s.sip_tls_ca_file or ""), verify_client=s.sip_tls_ca_file is not None,
+                           require_client_cert=s.sip_tls_require_client_cert,
+                           min_version=s.sip_tls_min_version) if s.sip_tls_enabled else None
         self.ua = UserAgent(UaConfig(host=s.sip_host, port=s.sip_port, max_calls=s.sip_max_calls,
                                      log_level=s.sip_log_level, public_address=s.sip_public_address,
-                                     max_message_bytes=s.sip_max_message_bytes),
+                                     max_message_bytes=s.sip_max_message_bytes, tls=tls),
                             make_account=self._make_account)
         self.port = await asyncio.to_thread(self.ua.start)
         # Agent calls' media ports (pj.AgentPort) post their events to one eventfd, read here on the loop.
         pj.agentPortSetRingback(b"".join(RINGBACK))
         self._events_fd = pj.agentPortEventFd()
         self._loop.add_reader(self._events_fd, self.ua.ports.dispatch)
-        log.info("SIP listening on udp %s:%d", s.sip_host, self.port, extra={
+        listening = f"udp and tcp {s.sip_host}:{self.port}"
+        extra: dict[str, object] = {"srtp": s.sip_srtp, "srtp_insecure_signalling": s.sip_srtp_insecure_signalling}
+        if tls is not None:
+            self.tls_port = self.ua.tls_port
+            listening += f", tls {s.sip_host}:{self.tls_port}"
+            assert s.sip_tls_cert_file is not None
+            cert = certificate_summary(s.sip_tls_cert_file)
+            extra |= {"tls_certificate": cert.subject, "tls_certificate_expires": cert.not_after.isoformat(),
+                      "tls_client_certificates": "required" if s.sip_tls_require_client_cert else
+                      "verified when presented" if s.sip_tls_ca_file else "not verified",
+                      "tls_min_version": s.sip_tls_min_version}
+            if cert.expired:
+                log.warning("the SIP TLS certificate %r expired on %s: TLS peers that verify it will refuse it",
+                            cert.subject, cert.not_after.isoformat(), extra={"file": str(s.sip_tls_cert_file)})
+        log.info("SIP listening on %s", listening, extra={
             "allow": s.sip_allow, "auth_policy": s.sip_auth_policy, "auth_users": len(s.sip_auth_users),
-            "registrations": self._registrations})
+            "registrations": self._registrations, **extra})
         if s.sip_registrations:
             await asyncio.wrap_future(self.ua.submit(self._register))
 
@@ -235,27 +276,48 @@ class SipServer:
             await asyncio.sleep(0.05)
 
     def _make_account(self, ua: UserAgent) -> pj.Account:
+        """The trunks' account (UDP and TCP), and with TLS on the TLS trunks' (kept on the user agent): two, because
+        SRTP's policy is an account's, and over TLS it may differ (``_configure_srtp``). The TLS account is bound to
+        the TLS transport and ranks first, so pjsua hands it every INVITE that came over TLS (an account whose
+        transport matches the INVITE's wins) and the other account every other."""
+        s = self.settings
+        if "tls" in ua.transports:
+            tls_account = _TlsAccount(self)
+            cfg = self._account_config(ua, rtp_share=s.sip_accounts - 1, secure=True)
+            cfg.sipConfig.transportId = ua.transports["tls"]
+            cfg.priority = 1
+            tls_account.create(cfg, False)
+            ua.keep(("account", "tls"), tls_account)
         account = _Account(self)
+        account.create(self._account_config(ua, rtp_share=0, secure=False), True)
+        return account
+
+    def _account_config(self, ua: UserAgent, *, rtp_share: int, secure: bool) -> pj.AccountConfig:
         cfg = pj.AccountConfig()
         s = self.settings
         cfg.idUri = f"sip:personagate@{s.sip_public_address or s.sip_host}:{ua.config.port or 5060}"
-        self._configure_media(cfg)
+        self._configure_media(cfg, rtp_share, secure=secure)
+        # pjsua would otherwise connect to a TCP or TLS caller's Contact as soon as its INVITE arrives, before the INVITE
+        # is admitted, only to put that connection's port in the Via of later requests: any INVITE could make the
+        # gateway connect wherever its Contact says. The Via names the listening port instead; responses go back on
+        # the connection each request came on either way.
+        cfg.natConfig.contactUseSrcPort = False
         # RFC 4028 session timers when the caller supports them (pjsip runs them: a caller that refreshes
         # neither by re-INVITE nor UPDATE gets BYE before the session expires; Session-Expires below Min-SE: 422).
         cfg.callConfig.timerUse = pj.PJSUA_SIP_TIMER_OPTIONAL
-        cfg.callConfig.timerSessExpiresSec = self.settings.sip_session_expires_seconds
-        cfg.callConfig.timerMinSESec = self.settings.sip_min_se_seconds
-        account.create(cfg, True)
-        return account
+        cfg.callConfig.timerSessExpiresSec = s.sip_session_expires_seconds
+        cfg.callConfig.timerMinSESec = s.sip_min_se_seconds
+        return cfg
 
-    def _configure_media(self, cfg: pj.AccountConfig, account: int = 0) -> None:
+    def _configure_media(self, cfg: pj.AccountConfig, account: int = 0, *, secure: bool = False) -> None:
         """An account's RTP sockets: bound to ``sip_host``; a pair per call from ``sip_rtp_port`` upwards, wrapping
         within ``sip_rtp_port_range`` (pjsua's port_range), so a firewall or a host-network pod opens exactly that
         range (0: pjsua's own, 4000 upwards); ``sip_public_address`` in the SDP's c= line, where callers send RTP.
-        Each account (0: the trunks'; 1…: ``sip_registrations``) walks its own share of the range: pjsua keeps a
-        next-port counter per account and gives up after 100 busy pairs, so accounts sharing one range would
-        collide (``GatewaySettings.rtp_port_share``)."""
+        Each account (0: the trunks'; 1…: ``sip_registrations``; then the TLS trunks') walks its own share of the
+        range: pjsua keeps a next-port counter per account and gives up after 100 busy pairs, so accounts sharing
+        one range would collide (``GatewaySettings.rtp_port_share``). ``secure``: its calls come over TLS (SRTP)."""
         s = self.settings
+        self._configure_srtp(cfg.mediaConfig, secure)
         media = cfg.mediaConfig.transportConfig
         media.boundAddress = s.sip_host
         if s.sip_rtp_port:
@@ -266,6 +328,23 @@ class SipServer:
             media.portRange = ports - 2 if ports else 0
         if s.sip_public_address:
             media.publicAddress = s.sip_public_address
+
+    def _configure_srtp(self, media: pj.AccountMediaConfig, secure: bool) -> None:
+        """SRTP by ``sip_srtp``, keyed by SDES only (RFC 4568: keys in the SDP, so only as safe as the signalling).
+        Over TLS (``secure``), or anywhere with ``sip_srtp_insecure_signalling``, the setting applies as it is.
+        Otherwise the keys would cross the network in clear, so such an account has no SRTP at all: an offer of
+        SRTP alone (RTP/SAVP) is refused 488 by pjsua (no common media), one of RTP/AVP with keys gets plain RTP,
+        and with ``mandatory`` every INVITE that reaches the gateway is refused 488 (``_srtp_refusal``). (pjsua's own
+        secure-signalling check would refuse those 406 Not Acceptable, which is about Accept headers.)"""
+        s = self.settings
+        use = {"off": pj.PJMEDIA_SRTP_DISABLED, "optional": pj.PJMEDIA_SRTP_OPTIONAL,
+               "mandatory": pj.PJMEDIA_SRTP_MANDATORY}[s.sip_srtp]
+        if not (secure or s.sip_srtp_insecure_signalling):
+            use = pj.PJMEDIA_SRTP_DISABLED
+        media.srtpUse = use
+        # pjsua's levels: 0 any signalling, 1 TLS to the next hop, 2 sips: end to end.
+        media.srtpSecureSignaling = 0 if s.sip_srtp_insecure_signalling else 1
+        media.srtpOpt.keyings = pj.IntVector([pj.PJMEDIA_SRTP_KEYING_SDES])
 
     # ------------------------------------------------------------------ the pjsua thread
 
@@ -285,6 +364,11 @@ class SipServer:
             if status == 401:
                 return self._challenge(leg, why, stale, number, sip_call_id)
             return self._refuse(leg, status, "Forbidden", why, number, sip_call_id)
+        # The TLS account takes exactly the INVITEs that came over TLS; otherwise the sender's Via says which.
+        transport = "tls" if isinstance(account, _TlsAccount) else signalling_transport(message)
+        why = self._srtp_refusal(account, transport)
+        if why is not None:
+            return self._refuse(leg, 488, "Not Acceptable Here", why, number, sip_call_id)
         if number is None:
             return self._refuse(leg, 404, "Not Found", "no number in the Request-URI", number, sip_call_id)
         routed = self.registry.route(number)
@@ -304,7 +388,7 @@ class SipServer:
                            ring_timeout=self.settings.sip_transfer_ring_seconds,
                            recordings_dir=self.settings.recordings_dir,
                            caller_first_wait=self.settings.sip_caller_first_wait_seconds,
-                           ringing_interval=self.settings.sip_ringing_interval_seconds)
+                           ringing_interval=self.settings.sip_ringing_interval_seconds, transport=transport)
         self._loop.call_soon_threadsafe(self._begin, call)
 
     def _admission(self, message: str, ip: str) -> tuple[int, str, bool] | None:
@@ -322,6 +406,16 @@ class SipServer:
                                                     "algorithm": decision.algorithm})
             return None
         return decision.status, self._auth_why(decision), decision.result is AuthResult.STALE
+
+    def _srtp_refusal(self, account: pj.Account, transport: str) -> str | None:
+        """Why an admitted INVITE is refused 488 for SRTP's sake, or None: with ``sip_srtp`` mandatory, one that did
+        not come over TLS, unless ``sip_srtp_insecure_signalling`` lets its keys cross in clear. (One that did, but
+        offers no SRTP, never gets here: pjsua refuses it 488 itself, as media it cannot accept.)"""
+        s = self.settings
+        if s.sip_srtp != "mandatory" or s.sip_srtp_insecure_signalling or isinstance(account, _TlsAccount):
+            return None
+        return (f"sip_srtp is mandatory and this INVITE came over {transport}: its SRTP keys would cross the network in "
+                "clear (only TLS may carry them unless sip_srtp_insecure_signalling)")
 
     @staticmethod
     def _auth_why(decision: AuthDecision) -> str:

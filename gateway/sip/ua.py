@@ -181,6 +181,21 @@ class FramePorts:
 
 
 @dataclass(frozen=True)
+class TlsTransport:
+    """SIP over TLS: the gateway's listener with its certificate (``sip_tls_*``), or a caller's transport (no
+    certificate of its own)."""
+
+    port: int = 5061  # 0: any free port
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""  # the CAs that certificates verified here must chain to
+    verify_client: bool = False  # a client certificate that does not chain to ca_file ends its connection
+    require_client_cert: bool = False  # mutual TLS: no client certificate, no connection
+    verify_server: bool = False  # a caller: the server's certificate must chain to ca_file (and name its host)
+    min_version: str = "1.2"  # "1.2" or "1.3"
+
+
+@dataclass(frozen=True)
 class UaConfig:
     host: str = "127.0.0.1"
     port: int = 5060  # 0: any free port (the caller)
@@ -190,10 +205,12 @@ class UaConfig:
     codecs: tuple[str, ...] = CODECS  # offered (and accepted) in this order; the caller narrows it (--codec)
     public_address: str | None = None  # the address in Via/Contact instead of the bound one (NAT 1:1, a node's IP)
     max_message_bytes: int = 16_384  # a larger SIP request is answered 513 by the guard (sip_max_message_bytes)
+    tls: TlsTransport | None = None  # SIP over TLS as well as UDP and TCP
 
 
 class UserAgent:
-    """A pjsua2 Endpoint on its own thread. ``start()`` returns once the UDP transport listens."""
+    """A pjsua2 Endpoint on its own thread. ``start()`` returns once the transports listen: UDP and TCP on one port,
+    and TLS on its own with ``config.tls``."""
 
     def __init__(self, config: UaConfig, *, make_account: Callable[[UserAgent], pj.Account] | None = None) -> None:
         self.config = config
@@ -205,6 +222,8 @@ class UserAgent:
         self.ep: pj.Endpoint | None = None
         self.account: pj.Account | None = None
         self.bound_port = 0
+        self.tls_port = 0  # the TLS transport's port, once started with config.tls
+        self.transports: dict[str, int] = {}  # "udp", "tcp", "tls" → pjsua's transport id
         self._keep: dict[object, object] = {}  # pjsua objects kept alive until dropped on this thread
         self.ports = FramePorts()
 
@@ -318,11 +337,14 @@ class UserAgent:
         tcfg.boundAddress = cfg.host
         if cfg.public_address:
             tcfg.publicAddress = cfg.public_address
-        transport = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
+        transport = self.transports["udp"] = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
         bound = ep.transportGetInfo(transport).localName  # "host:port"
         # SIP over TCP on the same port (RFC 3261 requires both): large requests and trunks that insist on TCP. With
         # port 0 (a caller) any free TCP port will do.
-        ep.transportCreate(pj.PJSIP_TRANSPORT_TCP, tcfg)
+        self.transports["tcp"] = ep.transportCreate(pj.PJSIP_TRANSPORT_TCP, tcfg)
+        if cfg.tls is not None:
+            self.transports["tls"] = self._create_tls(ep, cfg.tls)
+            self.tls_port = int(ep.transportGetInfo(self.transports["tls"]).localName.rsplit(":", 1)[1])
         ep.libStart()
         # The SIP guard (deploy/pjsua2/ext/sip_guard.hpp, built into this pjsua2): malformed and unsupported requests
         # answered as RFC 3261 wants before pjsua sees them, and every final response counted. Started before this
@@ -341,6 +363,30 @@ class UserAgent:
         if self._make_account is not None:
             self.account = self._make_account(self)
         return int(bound.rsplit(":", 1)[1])
+
+    def _create_tls(self, ep: pj.Endpoint, tls: TlsTransport) -> int:
+        """The TLS transport; its files were checked with the settings (``tls.py``), so a failure here is rare and
+        is raised naming the port and pjsua's reason."""
+        cfg = self.config
+        tcfg = pj.TransportConfig()
+        tcfg.port = tls.port
+        tcfg.boundAddress = cfg.host
+        if cfg.public_address:
+            tcfg.publicAddress = cfg.public_address
+        t = tcfg.tlsConfig
+        t.certFile, t.privKeyFile, t.CaListFile = tls.cert_file, tls.key_file, tls.ca_file
+        t.proto = pj.PJ_SSL_SOCK_PROTO_TLS1_3 if tls.min_version == "1.3" else \
+            pj.PJ_SSL_SOCK_PROTO_TLS1_2 | pj.PJ_SSL_SOCK_PROTO_TLS1_3
+        # pjsip's server asks every client for a certificate: verifyClient ends a connection whose certificate does
+        # not chain to the CA file, requireClientCert one without any.
+        t.verifyClient = tls.verify_client
+        t.requireClientCert = tls.require_client_cert
+        t.verifyServer = tls.verify_server
+        t.msecTimeout = 10_000  # a handshake that stalls longer is dropped
+        try:
+            return ep.transportCreate(pj.PJSIP_TRANSPORT_TLS, tcfg)
+        except pj.Error as exc:
+            raise RuntimeError(f"SIP over TLS did not start on {cfg.host}:{tls.port}: {exc.reason}") from None
 
     def _shutdown(self) -> None:
         ep = self.ep
