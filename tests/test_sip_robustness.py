@@ -164,6 +164,24 @@ def test_malformed_datagrams_are_answered_or_dropped_and_the_gateway_keeps_servi
     assert metrics['personagate_gateway_sip_requests_dropped_total{reason="no_via"}'] >= 1
 
 
+def test_any_sip_call_id_makes_a_valid_agent_call_id() -> None:
+    """Whatever Call-ID pjsip lets through becomes a call id the routing store takes (no control characters, at most
+    128 characters), distinct for distinct Call-IDs: a fuzzed INVITE with "\\x12" in its Call-ID was refused 500
+    after a ValueError's traceback."""
+    from types import SimpleNamespace
+
+    from gateway.routing.router import check_id
+    from gateway.sip.inbound import InboundCall
+
+    seen = set()
+    for sip_call_id in ("abc@host", "fuzz.0\x124ab8", "fuzz.0\x134ab8", "\x00", "a\x7fb" * 60, "x" * 129, "x" * 128):
+        call_id = InboundCall._agent_call_id(SimpleNamespace(sip_call_id=sip_call_id))  # type: ignore[arg-type]
+        assert check_id("call_id", call_id) == call_id and len(call_id) <= 128
+        seen.add(call_id)
+    assert len(seen) == 7
+    assert InboundCall._agent_call_id(SimpleNamespace(sip_call_id="abc@host")) == "abc@host"  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------------------------------------- INVITE flood
 
 FLOOD = 200
