@@ -3,12 +3,14 @@
 import contextlib
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -46,9 +48,12 @@ def udp_free_port() -> int:
 def serve(command: list[str], ready_url: str, *, env: dict[str, str] | None = None, timeout: float = 60.0
           ) -> Iterator[subprocess.Popen]:
     """Run ``command`` (a server on loopback) until ``ready_url`` answers 200; stop it afterwards.
-    Its log goes to a file, not a pipe: an unread pipe would block the server once full."""
-    with tempfile.TemporaryFile() as log:
+    Its log (stderr) goes to a file, not a pipe: an unread pipe would block the server once full. The process
+    yielded carries that file's path as ``log_path`` (``tests.helpers.logs`` reads it), until it is stopped; with
+    ``PERSONAGATE_TEST_KEEP_LOGS=<folder>`` the log is copied there when the server stops."""
+    with tempfile.NamedTemporaryFile(prefix="personagate-", suffix=".log") as log:
         proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        proc.log_path = Path(log.name)  # type: ignore[attr-defined] - read by tests.helpers.logs
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -62,6 +67,9 @@ def serve(command: list[str], ready_url: str, *, env: dict[str, str] | None = No
             yield proc
         finally:
             stop_process(proc)
+            if keep := os.environ.get("PERSONAGATE_TEST_KEEP_LOGS"):  # a folder to copy each server's log to
+                Path(keep).mkdir(parents=True, exist_ok=True)
+                shutil.copy(log.name, Path(keep) / f"{Path(command[0]).name}-{command[3] if len(command) > 3 else ''}-{proc.pid}.log")
 
 
 def stop_process(proc: subprocess.Popen) -> None:

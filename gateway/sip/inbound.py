@@ -629,13 +629,16 @@ class InboundCall:
                 self.metrics.first_agent_audio_seconds.observe(self.first_agent_audio - self.answered_at)
 
     def _agent_call_id(self) -> str:
-        """The SIP Call-ID as the call id (at most 128 characters: longer ones are shortened, kept unique)."""
+        """The SIP Call-ID as the call id: at most 128 characters and no control characters (the routing store
+        refuses them, and pjsip lets a Call-ID such as "a\x12b" through); any other is shortened or has those
+        characters replaced, kept unique by a hash of the whole."""
         call_id = self.sip_call_id
-        if len(call_id) <= 128:
+        printable = "".join("?" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch for ch in call_id)
+        if len(call_id) <= 128 and printable == call_id:
             return call_id
         import hashlib
 
-        return call_id[:100] + "~" + hashlib.sha256(call_id.encode()).hexdigest()[:27]
+        return printable[:100] + "~" + hashlib.sha256(call_id.encode()).hexdigest()[:27]
 
     async def stop(self) -> None:
         """End the call now (the gateway is stopping): BYE or 503, and the agent call ended."""

@@ -204,7 +204,10 @@ class Leg(pj.Call):
                                                    "status": str(media.status), "srtp": "1" if self.srtp else ""}))
             if media.status not in (pj.PJSUA_CALL_MEDIA_ACTIVE, pj.PJSUA_CALL_MEDIA_REMOTE_HOLD):
                 return
-            audio = self.getAudioMedia(index)
+            try:
+                audio = self.getAudioMedia(index)
+            except pj.Error:  # a stream offered a=inactive has no port in the bridge: nothing to connect until resumed
+                return
             if self.port is None:
                 self.port = self.ua.ports.take(self.buffers)
             audio.startTransmit(self.port)
@@ -228,10 +231,23 @@ class Leg(pj.Call):
         """A provisional answer, 200, or (4xx-6xx) the final refusal of an incoming call."""
         if self.over:
             return
-        if status >= 300:
-            self.hangup(call_op(status, reason, headers))
-        else:
-            self.answer(call_op(status, reason, headers))
+        try:
+            if status >= 300:
+                self.hangup(call_op(status, reason, headers))
+            else:
+                self.answer(call_op(status, reason, headers))
+        except pj.Error as exc:
+            self._not_sent(status, exc)
+
+    def _not_sent(self, status: int, exc: pj.Error) -> None:
+        """An answer pjsua could not send. The usual cause is the caller's: an SDP offer no media session can be
+        made for (say, a connection address that is no address); pjsua then refuses the INVITE itself (488) and the
+        call ends as any other does. Hostile input, not a failure of ours: no traceback in the log."""
+        call_id = ""
+        with contextlib.suppress(pj.Error):
+            call_id = self.getInfo().callIdString
+        log.info("SIP answer %d not sent: %s", status, exc.reason or exc.title,
+                 extra={"sip_call_id": call_id, "pj_status": exc.status})
 
     def refuse(self, prm: pj.CallOpParam) -> None:
         """Refuse an incoming call with ``prm``'s final status (and headers), on the pjsua thread's next turn.
@@ -245,7 +261,10 @@ class Leg(pj.Call):
         def send() -> None:
             leg = ua.kept(serial)
             if isinstance(leg, Leg) and not leg.over:
-                leg.answer(prm)
+                try:
+                    leg.answer(prm)
+                except pj.Error as exc:
+                    leg._not_sent(prm.statusCode, exc)
 
         ua.post(send)
 
