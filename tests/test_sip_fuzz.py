@@ -305,12 +305,6 @@ def test_mutated_sip_never_takes_the_gateway_down_and_the_live_call_keeps_its_au
                     if "sip_responses_total" in name or "requests_dropped" in name or "sip_auth" in name))
 
 
-TCP_BACKLOG = ("pjsip listens for SIP over TCP with a backlog of 5 (PJSIP_TCP_TRANSPORT_BACKLOG) and pjsua accepts a "
-               "few connections per poll: of a burst of connections, every sixth or so waits for the client to send "
-               "its SYN again, 1 s later (3 s, 7 s for the next tries)")
-
-
-@pytest.mark.xfail(strict=True, reason=f"known bug: {TCP_BACKLOG}")
 def test_a_burst_of_tcp_connections_is_accepted_at_once(stack: dict) -> None:
     """40 TCP connections opened at once (trunks reconnecting after a network blip, an SBC's pool): each connected
     within 500 ms, and each can send OPTIONS and get its 200."""

@@ -39,6 +39,11 @@
 #define PJSIP_UDP_SO_RCVBUF_SIZE (1024 * 1024)
 #define PJSIP_UDP_SO_SNDBUF_SIZE (1024 * 1024)
 
+/* A burst of TCP or TLS connections (a trunk's reconnecting pool, a scanner) waits in the kernel's queue instead of
+ * each sixth SYN being dropped and resent a second later. */
+#define PJSIP_TCP_TRANSPORT_BACKLOG 128
+#define PJSIP_TLS_TRANSPORT_BACKLOG 128
+
 /* Keep-alives on TCP/TLS are the peer's business (carriers send their own CRLF pings). */
 #define PJSIP_TCP_KEEP_ALIVE_INTERVAL 0
 #define PJSIP_TLS_KEEP_ALIVE_INTERVAL 0

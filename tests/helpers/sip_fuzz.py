@@ -289,19 +289,7 @@ SEEDS: list[Case] = (
 # Known crashers: inputs that take the gateway down through a bug already found, each with a regression test of its own
 # (marked xfail, strictly). The fuzzer holds them back, so that it goes on finding what is not known yet; remove an
 # entry when its bug is fixed (its regression test then passes, and the strict xfail fails until the mark goes too).
-_ANY_CONTENT_LENGTH = re.compile(rb"(?:content-length|\bl)[ \t]*:[ \t\r\n]*(\d+)", re.IGNORECASE)
-
-
-def content_length_wraps_negative(message: bytes, transport: str) -> bool:
-    """Over UDP, a Content-Length that pjsip's int reads as negative (pj_strtoul: modulo 2**64, then the int's 32 bits):
-    test_sip_robustness.test_udp_invite_with_a_content_length_past_2_31_is_400_not_a_crash."""
-    return transport == "UDP" and any(int(m.group(1)) % (1 << 64) % (1 << 32) >= 1 << 31
-                                      for m in _ANY_CONTENT_LENGTH.finditer(message))
-
-
-KNOWN_CRASHERS: dict[str, Callable[[bytes, str], bool]] = {
-    "content-length-wraps-negative": content_length_wraps_negative,
-}
+KNOWN_CRASHERS: dict[str, Callable[[bytes, str], bool]] = {}
 
 
 def known_crasher(message: bytes, transport: str) -> str | None:

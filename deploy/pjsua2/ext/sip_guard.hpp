@@ -111,6 +111,49 @@ static long received_body_bytes(pjsip_rx_data *rdata) {
     return 0;
 }
 
+/* The name of a header that may appear once and appears more than once, or NULL. */
+static const char *duplicated_header(pjsip_msg *msg) {
+    static const struct {
+        pjsip_hdr_e type;
+        const char *name;
+    } single[] = {{PJSIP_H_CALL_ID, "Call-ID"},       {PJSIP_H_FROM, "From"},
+                  {PJSIP_H_TO, "To"},                 {PJSIP_H_CSEQ, "CSeq"},
+                  {PJSIP_H_MAX_FORWARDS, "Max-Forwards"}, {PJSIP_H_CONTENT_LENGTH, "Content-Length"},
+                  {PJSIP_H_CONTENT_TYPE, "Content-Type"}};
+    for (auto &h : single) {
+        pjsip_hdr *first = (pjsip_hdr *)pjsip_msg_find_hdr(msg, h.type, NULL);
+        if (first && pjsip_msg_find_hdr(msg, h.type, first->next)) return h.name;
+    }
+    return NULL;
+}
+
+/* RFC 3261 8.2.2.3: a Require naming an extension the endpoint does not support is answered 420 Bad Extension,
+ * with Unsupported listing them. True if so answered. */
+static bool unsupported_required(pjsip_rx_data *rdata) {
+    if (!rdata->msg_info.require) return false;
+    const pjsip_generic_array_hdr *supported =
+        (const pjsip_generic_array_hdr *)pjsip_endpt_get_capability(pjsua_get_pjsip_endpt(), PJSIP_H_SUPPORTED, NULL);
+    pjsip_hdr headers;
+    pj_list_init(&headers);
+    pj_str_t name = pj_str(const_cast<char *>("Unsupported"));
+    pjsip_generic_array_hdr *unsupported = pjsip_generic_array_hdr_create(rdata->tp_info.pool, &name);
+    for (pjsip_require_hdr *require = rdata->msg_info.require; require;
+         require = (pjsip_require_hdr *)pjsip_msg_find_hdr(rdata->msg_info.msg, PJSIP_H_REQUIRE, require->next)) {
+        for (unsigned i = 0; i < require->count; ++i) {
+            bool known = false;
+            for (unsigned j = 0; supported && j < supported->count; ++j)
+                known = known || pj_stricmp(&require->values[i], &supported->values[j]) == 0;
+            if (!known && unsupported->count < PJ_ARRAY_SIZE(unsupported->values))
+                unsupported->values[unsupported->count++] = require->values[i];
+        }
+    }
+    if (unsupported->count == 0) return false;
+    pj_list_push_back(&headers, unsupported);
+    pj_str_t text = pj_str(const_cast<char *>("Bad Extension"));
+    pjsip_endpt_respond_stateless(pjsua_get_pjsip_endpt(), rdata, 420, &text, &headers, NULL);
+    return true;
+}
+
 static pj_bool_t on_rx_request(pjsip_rx_data *rdata) {
     pjsip_msg *msg = rdata->msg_info.msg;
     pjsip_method_e id = msg->line.req.method.id;
@@ -129,6 +172,17 @@ static pj_bool_t on_rx_request(pjsip_rx_data *rdata) {
     if (pjsip_method_cmp(&rdata->msg_info.cseq->method, &msg->line.req.method) != 0) {
         respond(rdata, 400, "CSeq Method Does Not Match The Request");
         return PJ_TRUE;
+    }
+    if (const char *twice = duplicated_header(msg)) {
+        /* RFC 4475 3.3.8/3.3.9: pjsip would take the first Call-ID with the last From, To and CSeq; over TCP two
+         * Content-Lengths make the message's end ambiguous, so the stream cannot be trusted after it */
+        respond(rdata, 400, (std::string("Duplicate ") + twice + " Header").c_str());
+        if (std::strcmp(twice, "Content-Length") == 0 && !(rdata->tp_info.transport->flag & PJSIP_TRANSPORT_DATAGRAM))
+            pjsip_transport_shutdown(rdata->tp_info.transport);
+        return PJ_TRUE;
+    }
+    if (id != PJSIP_INVITE_METHOD && id != PJSIP_CANCEL_METHOD && unsupported_required(rdata)) {
+        return PJ_TRUE; /* answered 420 (pjsip's INVITE session answers INVITEs itself) */
     }
     if ((rdata->tp_info.transport->flag & PJSIP_TRANSPORT_DATAGRAM) && rdata->msg_info.clen) {
         /* RFC 3261 18.3: over UDP, a body shorter than Content-Length is an error; bytes beyond it are discarded
@@ -277,6 +331,8 @@ static std::pair<int, std::string> diagnose(const std::string &start, const std:
     std::string version = sp2 == std::string::npos ? "" : start.substr(sp2 + 1);
     if (lower(version).rfind("sip/", 0) == 0 && version != "SIP/2.0") return {505, "Version Not Supported"};
     std::string uri = sp1 != std::string::npos && sp2 > sp1 ? start.substr(sp1 + 1, sp2 - sp1 - 1) : "";
+    if (!uri.empty() && (uri[0] == '<' || uri.find_first_of(" \t") != std::string::npos))
+        return {400, "Bad Request-URI"}; /* RFC 4475 3.1.2.7, 3.1.2.8: <> or whitespace around or inside it */
     size_t colon = uri.find(':');
     std::string scheme = colon == std::string::npos ? "" : lower(uri.substr(0, colon));
     if (!scheme.empty() && scheme != "sip" && scheme != "sips" && scheme != "tel")
