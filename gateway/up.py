@@ -369,7 +369,7 @@ personagate is up.
   routing       {"Redis at " + _redact(options.redis_url) if options.redis_url else "embedded (no Redis)"}
   tenants       {options.tenants} (edits apply to new calls within seconds)
   recordings    {recordings_dir(options)}   (calls to tenants with recording enabled)
-  SIP           udp {_url_host(options.host)}:{options.sip_port}   (trunks from loopback; the dialed number picks the tenant)
+  SIP           udp and tcp {_url_host(options.host)}:{options.sip_port}   (trunks from loopback; the dialed number picks the tenant)
   browser       {admin}/call   (call a persona from this machine's browser: harbor-mutual/claims is public)
   admin API     {admin}/v1/admin   (docs: {admin}/docs)
   admin token   {token}   (operator; kept in {tokens_file.parent})
