@@ -760,12 +760,17 @@ class Calls:
         self._renew_now.set()
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """(ready, details) for ``/readyz``: tenants loaded, routing store reachable, not draining."""
+        """(ready, details) for ``/readyz``: tenants loaded, routing store reachable, not draining. The details
+        count live workers and free slots, and in embedded mode the polled workers that answered."""
         details: dict[str, Any] = {
             "calls": len(self._calls),
             "workers_alive": sum(1 for w in self.last_workers if w.alive),
             "slots_free": sum(w.free for w in self.last_workers if w.alive and not w.draining),
         }
+        if self.workers:
+            # Embedded mode: the workers whose last poll answered. A restarted worker's record outlives it by
+            # the heartbeat TTL, so "alive" alone can still count the old process.
+            details["workers_reachable"] = sum(1 for url in self.workers if self._worker_seen.get(url))
         reason = None
         if self.draining:
             reason = "draining"

@@ -275,7 +275,9 @@ class Supervisor:
             return "the gateway is starting"
         if gateway_status != 200:
             return f"the gateway: {gateway.get('reason', 'not ready')}"
-        if not gateway.get("workers_alive"):
+        # The worker's answer in the gateway's own poll, not only its routing record: after a worker restart
+        # the old process's record stays alive for a few seconds and would announce "back" too early.
+        if not gateway.get("workers_alive") or gateway.get("workers_reachable") == 0:
             return "the gateway to see the worker"
         return None
 
