@@ -671,6 +671,10 @@ def _big_header(size: int) -> str:
     return "X-Customer-Data: " + ("0123456789abcdef" * (size // 16 + 1))[:size] + "\n"
 
 
+# Proxies below the sender's own Via (the template's first): the answer copies them all, back to the top one.
+_VIAS = "".join(f"Via: SIP/2.0/UDP proxy{n}.example.net:5060;branch=z9hG4bK-proxy{n}-{{{{id}}}}\n"
+                for n in range(1, 40))
+
 _TARGETS = {  # number placeholder, source, the answer
     "unknown": ("{{unknown}}", "127.0.0.1", 404, ""),
     "closed": ("{{closed}}", "127.0.0.1", 480, "Closed"),
@@ -694,6 +698,9 @@ def _refusals() -> list[Case]:
                               _invite("bigheader", number, headers=_big_header(size)), status,
                               f"a delayed offer with a {size // 1000} KB header", source=source, reason=reason,
                               call=call))
+        cases.append(Case(f"forty-vias-{target}", _invite("vias", number, body=SDP, headers=_VIAS), status,
+                          "40 Via header fields (39 proxies on the way): answered like any other request",
+                          source=source, reason=reason, call=call))
         for size in (20_000, 60_000):
             cases.append(Case(f"big-sdp-{size // 1000}k-{target}", _invite("bigsdp", number, body=_big_sdp(size)),
                               513, f"a {size // 1000} KB INVITE, over sip_max_message_bytes: 513", source=source,
