@@ -84,14 +84,16 @@ class BoundedSafeLoader(yaml.SafeLoader):
 
     def fetch_flow_collection_start(self, TokenClass: Any) -> None:
         # One '[' or '{' more. Checked here, not only in the composer: the scanner's own cost grows with
-        # the depth of open flow collections (quadratic), long before the composer sees them.
-        if self.flow_level + len(self.indents) >= self.limits.max_depth + 1:
+        # the depth of open flow collections (quadratic), long before the composer sees them. Open
+        # flow collections and block indentation levels are each a collection node, so their count
+        # never exceeds the nesting the composer will find.
+        if self.flow_level + len(self.indents) >= self.limits.max_depth:
             raise self._too_deep()
         super().fetch_flow_collection_start(TokenClass)
 
     def add_indent(self, column: int) -> bool:
         added = super().add_indent(column)
-        if added and self.flow_level + len(self.indents) > self.limits.max_depth + 1:
+        if added and self.flow_level + len(self.indents) > self.limits.max_depth:
             raise self._too_deep()
         return added
 
