@@ -291,3 +291,16 @@ async def test_a_body_with_old_mac_line_ends_is_stored_with_the_files_line_ends(
     assert gw.acme_file.read_text() == ACME.replace(
         "prompt: You answer billing questions for Acme Insurance.", "prompt: You answer billing questions, briefly.")
     assert gw.app.state.registry.tenants["acme"].personas["billing"].prompt == "You answer billing questions, briefly."
+
+
+def test_the_docs_show_what_the_validator_prints_for_a_tab_and_deep_nesting():
+    """docs/tenants.md's examples of a tab and of nesting past the limit are the loader's real lines."""
+    docs = (Path(__file__).parent.parent / "docs" / "tenants.md").read_text()
+    label = "tenants/acme/tenant.yaml"
+    tab = _valid("acme", "+14155550100").replace("    voice:", "\tvoice:")
+    deep = _valid("acme", "+14155550100", f"limits: {deep_value(100)}\n")
+    [tab_problem] = load_tenant(Path("/nonexistent/acme"), ClipCache(), text=tab, label=label)[1]
+    [deep_problem] = load_tenant(Path("/nonexistent/acme"), ClipCache(), text=deep, label=label)[1]
+    assert f"\n{tab_problem}\n" in docs
+    prose = " ".join(docs.split())  # the deep example sits in a wrapped paragraph
+    assert f"`{str(deep_problem).split('; ')[0]}; ...`" in prose
