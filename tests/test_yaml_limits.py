@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client import generate_latest
 
 from agent_runtime.bounded_yaml import YamlLimitError, YamlLimits, describe, load_yaml
 from agent_runtime.config import SettingsError, load_worker_settings
@@ -260,6 +261,9 @@ async def test_hostile_persona_bodies_are_422_positioned_and_the_loop_keeps_answ
                                  "problems": [bodies[body]]}
     assert watch.longest < LOOP_STALL_LIMIT_S, watch.longest
     assert gw.acme_file.read_text() == ACME
+    metrics = generate_latest(gw.app.state.registry.metrics.registry).decode()
+    assert 'personagate_gateway_tenant_edit_refusals_total{reason="limit_aliases"} 5.0' in metrics
+    assert 'personagate_gateway_tenant_edit_refusals_total{reason="limit_depth"} 10.0' in metrics
 
 
 @pytest.mark.parametrize("line_break", OTHER_LINE_BREAKS, ids=["CR", "NEL", "LS", "PS"])
@@ -278,6 +282,8 @@ async def test_a_body_with_other_line_ends_cannot_write_tenant_level_keys(gw, li
     else:
         assert problems[0].startswith("request body:1:21: (body): ")
         assert "is a line end in YAML; expected lines ending in \\n" in problems[0]
+        metrics = generate_latest(gw.app.state.registry.metrics.registry).decode()
+        assert 'personagate_gateway_tenant_edit_refusals_total{reason="line_break"} 1.0' in metrics
     assert gw.acme_file.read_text() == ACME
     assert gw.app.state.registry.tenants["acme"].spec.limits.max_concurrent_calls == 5
 

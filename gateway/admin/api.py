@@ -332,6 +332,9 @@ def _decode(raw: bytes, label: str) -> str:
 
 
 def _edit_error(exc: EditError, who: Principal, admin: Admin) -> ApiError:
+    admin.registry.metrics.tenant_edit_refusals.labels(exc.reason).inc()
+    log.info("tenant edit refused", extra={"actor": who.name, "reason": exc.reason,
+                                           "problems": [str(p) for p in exc.problems[:5]]})
     problems = [admin.show(p, who) for p in exc.problems]
     if all(p.file == BODY for p in exc.problems):
         return ApiError(422, "persona invalid (positions are in the request body)", problems=problems)

@@ -45,11 +45,19 @@ _OTHER_LINE_BREAKS = {"\x85": "NEL (U+0085)", "\u2028": "LINE SEPARATOR (U+2028)
 
 
 class EditError(ValueError):
-    """The edit cannot be made; ``problems`` say why, positioned in the text they are about."""
+    """The edit cannot be made; ``problems`` say why, positioned in the text they are about. ``reason``
+    names the kind of refusal for metrics: ``invalid`` (not YAML, not a mapping, ...), ``limit_<name>``
+    (a YamlLimits limit: size, depth, nodes, aliases, cpu), ``line_break``, ``document_marker`` or
+    ``outside_persona``."""
 
-    def __init__(self, problems: list[Problem]) -> None:
+    def __init__(self, problems: list[Problem], reason: str = "invalid") -> None:
         super().__init__("; ".join(map(str, problems)))
         self.problems = problems
+        self.reason = reason
+
+
+def _reason(exc: yaml.YAMLError) -> str:
+    return f"limit_{exc.limit}" if isinstance(exc, YamlLimitError) else "invalid"
 
 
 @dataclass
@@ -142,7 +150,7 @@ def _layout(text: str, file: str) -> _Layout:
     try:
         root = _compose(text, TENANT_FILE_LIMITS)
     except yaml.YAMLError as exc:
-        raise EditError([_yaml_problem(file, exc)]) from exc
+        raise EditError([_yaml_problem(file, exc)], _reason(exc)) from exc
     if not isinstance(root, yaml.MappingNode):
         raise EditError([Problem(file, 1, 1, "(file)", "expected a mapping of tenant settings")])
     lines, offsets = _lines(text)
@@ -228,7 +236,7 @@ def _normalized(body: str) -> str:
                                         f"in YAML; expected lines ending in \\n (inside double quotes, write it as "
                                         f"\\u{ord(char):04x})"))
     if problems:
-        raise EditError(problems)
+        raise EditError(problems, "line_break")
     return body
 
 
@@ -248,12 +256,12 @@ def _read_body(body: str) -> _Body:
             problems.append(Problem(BODY, number, 1, "(body)", "document markers (--- or ...) cannot be part of a "
                                                                "persona; expected the persona's settings only"))
     if problems:
-        raise EditError(problems)
+        raise EditError(problems, "document_marker")
     try:
         root = _compose(body, BODY_LIMITS)
         value = _construct(root) if root is not None else None
     except yaml.YAMLError as exc:
-        raise EditError([_yaml_problem(BODY, exc)]) from exc
+        raise EditError([_yaml_problem(BODY, exc)], _reason(exc)) from exc
     if root is None:
         raise EditError([Problem(BODY, 1, 1, "(body)", "is empty; expected the persona's settings "
                                                        "(prompt:, voice:, ...)")])
@@ -293,7 +301,8 @@ def _confined(before: Any, new_text: str, name: str, settings: Any) -> bool:
         after = _construct(root) if root is not None else None
     except YamlLimitError as exc:
         _, _, message = describe(exc)
-        raise EditError([Problem(BODY, 1, 1, "(body)", f"with this persona, tenant.yaml would be {message}")]) from exc
+        raise EditError([Problem(BODY, 1, 1, "(body)", f"with this persona, tenant.yaml would be {message}")],
+                        _reason(exc)) from exc
     except yaml.YAMLError:
         return True
     if not isinstance(before, dict) or not isinstance(after, dict):
@@ -319,7 +328,7 @@ def _file_value(lay: _Layout, file: str) -> Any:
 
 def _outside_persona(name: str) -> EditError:
     return EditError([Problem(BODY, 1, 1, "(body)", f"would change tenant.yaml outside persona {name!r}; expected "
-                                                    "the persona's settings only")])
+                                                    "the persona's settings only")], "outside_persona")
 
 
 def put_persona(text: str, name: str, body: str, *, file: str = "tenant.yaml") -> str:
@@ -377,7 +386,7 @@ def delete_persona(text: str, name: str, *, file: str = "tenant.yaml") -> str | 
         new_text = _reemit(lay, {name: None}, nl)
     if not _confined(_file_value(lay, file), new_text, name, None):
         raise EditError([Problem(file, 1, 1, "(file)", f"removing persona {name!r} would change more than it; "
-                                                       "edit the file by hand")])
+                                                       "edit the file by hand")], "outside_persona")
     return new_text
 
 
