@@ -1,9 +1,9 @@
 """One persona of a tenant.yaml, read and replaced as text, leaving the rest of the file byte for byte.
 
-The persona's place is found from PyYAML's node marks (``yaml.compose``). A persona entry runs from
-its key's line to the line before the next persona's key (or the end of ``personas:``), less trailing
-blank lines and comments indented no deeper than the key: those belong to what follows. Its text, as
-the admin API shows it, is the lines after the key line, de-indented.
+The persona's place is found from PyYAML's node marks (composed within the tenant file's limits). A
+persona entry runs from its key's line to the line before the next persona's key (or the end of
+``personas:``), less trailing blank lines and comments indented no deeper than the key: those belong
+to what follows. Its text, as the admin API shows it, is the lines after the key line, de-indented.
 
 A replacement is re-indented to the persona's indentation and put in place of those lines; the key
 line stays (and any comment on it). A persona written in flow style (``claims: {prompt: ...}``) has
@@ -228,6 +228,8 @@ def _normalized(body: str) -> str:
     byte-order mark; refused where it holds a character that YAML reads as a line end and the splice
     would not (NEL, U+2028, U+2029), positioned in the body."""
     body = body.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+    if not any(char in body for char in _OTHER_LINE_BREAKS):
+        return body
     problems = []
     for number, line in enumerate(body.split("\n"), 1):
         for column, char in enumerate(line, 1):
