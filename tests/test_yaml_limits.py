@@ -310,3 +310,13 @@ def test_the_docs_show_what_the_validator_prints_for_a_tab_and_deep_nesting():
     assert f"\n{tab_problem}\n" in docs
     prose = " ".join(docs.split())  # the deep example sits in a wrapped paragraph
     assert f"`{str(deep_problem).split('; ')[0]}; ...`" in prose
+
+
+def test_an_endless_tenant_file_is_read_no_further_than_the_limit(tmp_path):
+    """A tenant.yaml that never ends (a link to /dev/zero) is a problem of that tenant, read only up to
+    the size limit."""
+    (tmp_path / "endless").mkdir()
+    (tmp_path / "endless" / "tenant.yaml").symlink_to("/dev/zero")
+    _, problems = load_tenant(tmp_path / "endless", ClipCache(), label="endless/tenant.yaml")
+    assert [str(p) for p in problems] == [
+        "endless/tenant.yaml:1:1: (file): is more than 1000000 bytes; expected at most 1000000"]

@@ -13,6 +13,7 @@ import datetime as dt
 import difflib
 import hashlib
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -339,13 +340,16 @@ def _load_tenant(folder: Path, clips: ClipCache, text: str | None, file: str) ->
     path = folder / TENANT_FILE
     if text is None:
         try:
-            raw = path.read_bytes()
+            with path.open("rb") as handle:  # never more than the limit read: the file could be endless
+                raw = handle.read(MAX_TENANT_FILE_BYTES + 1)
+                size = os.fstat(handle.fileno()).st_size
         except FileNotFoundError:
             return None, [Problem(file, 1, 1, "(file)", f"missing; expected {TENANT_FILE} in the tenant folder")]
         except OSError as exc:
             return None, [Problem(file, 1, 1, "(file)", f"cannot be read ({exc.strerror})")]
         if len(raw) > MAX_TENANT_FILE_BYTES:
-            return None, [Problem(file, 1, 1, "(file)", f"is {len(raw)} bytes; expected at most {MAX_TENANT_FILE_BYTES}")]
+            told = f"{size} bytes" if size > MAX_TENANT_FILE_BYTES else f"more than {MAX_TENANT_FILE_BYTES} bytes"
+            return None, [Problem(file, 1, 1, "(file)", f"is {told}; expected at most {MAX_TENANT_FILE_BYTES}")]
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
