@@ -15,6 +15,8 @@ import yaml
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
+from .bounded_yaml import describe, load_yaml
+
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_file", default=None)
 
 S = TypeVar("S", bound=BaseSettings)
@@ -43,7 +45,7 @@ class YamlFileSource(PydanticBaseSettingsSource):
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise SettingsError(f"{path}: cannot read the settings file ({exc})") from exc
-        data = yaml.safe_load(text)
+        data = load_yaml(text)  # a yaml.YAMLError is reported, positioned, by load_settings
         if data is None:
             return {}
         if not isinstance(data, dict):
@@ -77,7 +79,8 @@ def load_settings(cls: type[S], what: str, config_file: Path | None = None, **ov
             raise SettingsError(f"{config_file}: no such settings file")
         return cls(**{k: v for k, v in overrides.items() if v is not None})
     except yaml.YAMLError as exc:
-        raise SettingsError(f"{config_file}: not valid YAML ({exc})") from exc
+        line, column, message = describe(exc)
+        raise SettingsError(f"{config_file}:{line}:{column}: {message}") from exc
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from agent_runtime.bounded_yaml import describe, load_yaml
 from agent_runtime.settings_files import LayeredSettings, SettingsError, load_settings
 
 from .routing.redis_store import RedisPrefixSetting, RedisUrlSetting
@@ -420,8 +421,11 @@ class GatewaySettings(LayeredSettings):
 
 def _read_credentials(path: Path) -> dict[str, SecretStr]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        line, column, message = describe(exc)
+        raise ValueError(f"sip_auth_users_file {path}:{line}:{column}: {message}") from None
+    except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"sip_auth_users_file {path}: cannot read it ({exc})") from None
     if data is None:
         return {}

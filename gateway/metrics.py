@@ -43,6 +43,14 @@ class GatewayMetrics:
             "HTTP requests answered (admin API, probes), by method, route template and status code.",
             ["method", "route", "status"], registry=r,
         )
+        self.tenant_edit_refusals = Counter(
+            "personagate_gateway_tenant_edit_refusals_total",
+            "Persona edits through the admin API refused by the YAML checks before anything was written, by "
+            "reason: invalid (not YAML, not a mapping), limit_size, limit_depth, limit_nodes, limit_aliases, "
+            "limit_cpu (a YAML limit), line_break (NEL, U+2028, U+2029), document_marker, outside_persona (the "
+            "edit would change tenant.yaml outside its persona).",
+            ["reason"], registry=r,
+        )
         # Calls (gateway/calls.py): a front end's call with its agent session on a worker.
         self.calls_active = Gauge(
             "personagate_gateway_calls_active",

@@ -31,7 +31,15 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from agent_runtime.voices import VoiceClipError
 
 from ..tenants import schema
-from ..tenants.edit import BODY, EditError, check_body, delete_persona, put_persona, read_persona
+from ..tenants.edit import (
+    BODY,
+    MAX_BODY_BYTES,
+    EditError,
+    check_body,
+    delete_persona,
+    put_persona,
+    read_persona,
+)
 from ..tenants.loader import (
     ANNOUNCEMENT_SECONDS,
     MAX_TENANT_FILE_BYTES,
@@ -48,7 +56,7 @@ from .tokens import Principal, TokenFile, TokensUnavailable
 
 log = logging.getLogger(__name__)
 
-MAX_PERSONA_BYTES = 64 * 1024
+MAX_PERSONA_BYTES = MAX_BODY_BYTES
 YAML_TYPE = "text/yaml; charset=utf-8"
 CLIP_TYPES = {".wav": "audio/wav", ".flac": "audio/flac"}
 _OTHER_TENANT = re.compile(r"tenant '([a-z0-9-]+)' \(([^()]*)\)")
@@ -324,6 +332,9 @@ def _decode(raw: bytes, label: str) -> str:
 
 
 def _edit_error(exc: EditError, who: Principal, admin: Admin) -> ApiError:
+    admin.registry.metrics.tenant_edit_refusals.labels(exc.reason).inc()
+    log.info("tenant edit refused", extra={"actor": who.name, "reason": exc.reason,
+                                           "problems": [str(p) for p in exc.problems[:5]]})
     problems = [admin.show(p, who) for p in exc.problems]
     if all(p.file == BODY for p in exc.problems):
         return ApiError(422, "persona invalid (positions are in the request body)", problems=problems)
@@ -476,7 +487,8 @@ def install(app: FastAPI, admin: Admin) -> None:
         except UnicodeDecodeError as exc:
             raise ApiError(422, "the persona is not UTF-8 text") from exc
         try:
-            check_body(body)  # body problems first, with positions in the body
+            # Body problems first, with positions in the body; read in a thread (CPU work, bounded).
+            await asyncio.to_thread(check_body, body)
         except EditError as exc:
             raise _edit_error(exc, who, admin) from exc
         return await admin.write_tenant_file(

@@ -30,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from agent_runtime.bounded_yaml import describe, load_yaml
+
 from ..tenants.schema import TENANT_ID
 
 HASH = re.compile(r"^sha256:([0-9a-f]{64})$")
@@ -84,9 +86,10 @@ def new_token() -> tuple[str, str]:
 def parse_tokens(text: str, file: str) -> TokenTable:
     """The token table in ``text``; TokensUnavailable names every problem, one per line."""
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
-        raise TokensUnavailable(f"{file}: not valid YAML ({exc})") from exc
+        line, column, message = describe(exc)
+        raise TokensUnavailable(f"{file}:{line}:{column}: {message}") from exc
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -12,6 +12,8 @@ import contextlib
 import datetime as dt
 import difflib
 import hashlib
+import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -22,13 +24,19 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from agent_runtime.bounded_yaml import BoundedSafeLoader, YamlLimits, describe
 from agent_runtime.voices import PreparedClip, VoiceClipError, prepare_clip
 
 from .schema import PERSONA_NAME, TENANT_ID, TenantFile, clip_path
 from .tenant import PersonaConfig, Tenant
 
+log = logging.getLogger(__name__)
+
 TENANT_FILE = "tenant.yaml"
 MAX_TENANT_FILE_BYTES = 1_000_000
+# A tenant.yaml is a few levels deep (personas.<name>.voice.preset); these bound what reading any file
+# may cost (agent_runtime/bounded_yaml.py): the nesting, and the values once aliases are expanded.
+TENANT_FILE_LIMITS = YamlLimits(max_bytes=MAX_TENANT_FILE_BYTES, max_depth=32, max_nodes=200_000)
 MAX_CLIP_BYTES = 10_000_000
 VOICE_SECONDS = (2.0, 10.0)
 ANNOUNCEMENT_SECONDS = (1.0, 30.0)
@@ -111,6 +119,18 @@ class _Document:
     def __init__(self, file: str, root: yaml.Node) -> None:
         self.file = file
         self.root = root
+        # Keys of each mapping node looked up so far (by node id): a lookup per number of a tenant
+        # with thousands of numbers stays linear.
+        self._keys: dict[int, dict[str, tuple[yaml.Node, yaml.Node]]] = {}
+
+    def _pair(self, node: yaml.MappingNode, key: str) -> tuple[yaml.Node, yaml.Node] | None:
+        keys = self._keys.get(id(node))
+        if keys is None:
+            keys = {}
+            for k, v in node.value:
+                keys.setdefault(str(k.value), (k, v))  # the first of duplicate keys, as a scan would find
+            self._keys[id(node)] = keys
+        return keys.get(key)
 
     def mark(self, path: Iterable[Any], *, key: bool = False) -> tuple[int, int]:
         """Line and column of the value at ``path`` (of its key with ``key``); where the path runs
@@ -120,7 +140,7 @@ class _Document:
         for index, step in enumerate(steps):
             last = index == len(steps) - 1
             if isinstance(node, yaml.MappingNode):
-                pair = next(((k, v) for k, v in node.value if k.value == str(step)), None)
+                pair = self._pair(node, str(step))
                 if pair is None:
                     break
                 node = pair[0] if last and key else pair[1]
@@ -136,9 +156,13 @@ class _Document:
         return Problem(self.file, line, column, ".".join(map(str, steps)) or "(file)", message)
 
 
-class _KeysAsWritten(yaml.SafeLoader):
+class _KeysAsWritten(BoundedSafeLoader):
     """Mapping keys are kept as the text the admin wrote: `+14155550100:` stays a phone number
-    (YAML would make it an int) and `on:` stays a word (YAML 1.1 would make it true)."""
+    (YAML would make it an int) and `on:` stays a word (YAML 1.1 would make it true). Read within
+    ``TENANT_FILE_LIMITS`` unless told otherwise."""
+
+    def __init__(self, stream: str, limits: YamlLimits = TENANT_FILE_LIMITS) -> None:
+        super().__init__(stream, limits)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:  # type: ignore[override]
         self.flatten_mapping(node)
@@ -170,22 +194,20 @@ _KeysAsWritten.add_constructor("tag:yaml.org,2002:timestamp", _KeysAsWritten.con
 
 
 def _parse_yaml(file: str, text: str) -> tuple[_Document | None, Any, list[Problem]]:
-    loader = _KeysAsWritten(text)
+    loader = None
     try:
+        loader = _KeysAsWritten(text)
         root = loader.get_single_node()
         if root is None:
             return None, None, [Problem(file, 1, 1, "(file)", "the file is empty; expected the tenant's settings")]
         problems = list(_duplicate_keys(_Document(file, root), root, []))
         data = loader.construct_document(root)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        what = " ".join(filter(None, [exc.context, exc.problem]))
-        return None, None, [Problem(file, line, column, "(yaml)", f"not valid YAML: {what}")]
     except yaml.YAMLError as exc:
-        return None, None, [Problem(file, 1, 1, "(yaml)", f"not valid YAML: {exc}")]
+        line, column, message = describe(exc)
+        return None, None, [Problem(file, line, column, "(yaml)", message)]
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return _Document(file, root), data, problems
 
 
@@ -303,18 +325,31 @@ def load_tenant(folder: Path, clips: ClipCache, *, text: str | None = None, labe
                 ) -> tuple[Tenant | None, list[Problem]]:
     """Validate one tenant folder (``text`` instead of its tenant.yaml, to check a proposed edit).
     Returns the tenant, or None with every problem found. ``label`` is how the file is named in
-    messages (default: its path)."""
+    messages (default: its path). Never raises: whatever goes wrong checking one tenant is a problem
+    of that tenant, so that a reload still applies the others and ``validate`` prints no traceback."""
+    file = label or str(folder / TENANT_FILE)
+    try:
+        return _load_tenant(folder, clips, text, file)
+    except Exception as exc:  # a bug, not the file: the log has the traceback, the admin a position
+        log.exception("tenant check failed", extra={"tenant": folder.name, "file": file})
+        return None, [Problem(file, 1, 1, "(file)", f"could not be checked ({type(exc).__name__}); the gateway's "
+                                                    "log has the details")]
+
+
+def _load_tenant(folder: Path, clips: ClipCache, text: str | None, file: str) -> tuple[Tenant | None, list[Problem]]:
     path = folder / TENANT_FILE
-    file = label or str(path)
     if text is None:
         try:
-            raw = path.read_bytes()
+            with path.open("rb") as handle:  # never more than the limit read: the file could be endless
+                raw = handle.read(MAX_TENANT_FILE_BYTES + 1)
+                size = os.fstat(handle.fileno()).st_size
         except FileNotFoundError:
             return None, [Problem(file, 1, 1, "(file)", f"missing; expected {TENANT_FILE} in the tenant folder")]
         except OSError as exc:
             return None, [Problem(file, 1, 1, "(file)", f"cannot be read ({exc.strerror})")]
         if len(raw) > MAX_TENANT_FILE_BYTES:
-            return None, [Problem(file, 1, 1, "(file)", f"is {len(raw)} bytes; expected at most {MAX_TENANT_FILE_BYTES}")]
+            told = f"{size} bytes" if size > MAX_TENANT_FILE_BYTES else f"more than {MAX_TENANT_FILE_BYTES} bytes"
+            return None, [Problem(file, 1, 1, "(file)", f"is {told}; expected at most {MAX_TENANT_FILE_BYTES}")]
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
