@@ -53,7 +53,8 @@ class AuditLog:
                            target=target, status=status, result=result, version=version,
                            detail=detail[:300] if detail else None)
         (self._logins if action == "login" else self._changes).append(entry)
-        log.info("admin audit", extra=entry.model_dump())
+        # A throttled guesser's every attempt is an entry; at info level they would flood the log.
+        log.log(logging.DEBUG if entry.status == 429 else logging.INFO, "admin audit", extra=entry.model_dump())
         return entry
 
     def read(self, viewer_tenant: str | None, *, tenant: str | None = None, limit: int = 100) -> list[AuditEntry]:

@@ -7,7 +7,8 @@ must learn nothing during the penalty, and a holder of the right token behind a 
 out the same ``Retry-After`` as the guesser. Successes neither spend nor refill a bucket.
 
 Memory is bounded: at most ``max_keys`` keys are tracked; when a new key would pass that, keys whose
-bucket has refilled (they lose nothing) are dropped, else the least recently failed half. Time comes
+bucket has refilled (they lose nothing) are dropped, then the least recently failed ones until a tenth
+of the room is free. Time comes
 from ``clock`` (monotonic seconds), so tests can move it.
 
     throttle = FailureThrottle(burst=10, per_minute=6, max_keys=10_000)
@@ -71,9 +72,12 @@ class FailureThrottle:
         return 0.0 if room >= 1 else (1 - room) / self.rate
 
     def _forget(self, now: float) -> None:
-        full = [key for key in self._room if self._refilled(key, now) >= self.burst]
-        for key in full or list(self._room)[: max(1, len(self._room) // 2)]:
+        """Make room for a tenth of ``max_keys`` at least (so that this scan is rare): keys whose failures are all
+        forgiven first, then the least recently failed."""
+        for key in [key for key in self._room if self._refilled(key, now) >= self.burst]:
             del self._room[key]
+        while len(self._room) > self.max_keys - max(1, self.max_keys // 10):
+            self._room.popitem(last=False)
 
 
 def retry_after(wait: float) -> str:
