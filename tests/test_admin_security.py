@@ -3,7 +3,8 @@ Retry-After, in bounded memory), an audit log of every write attempt and refused
 only as far as its token reaches, no server path in any answer, clip paths and clips that lie refused with a
 4xx, and /docs served with no CDN.
 
-All in-process (httpx over ASGI); the throttle's clock is a fake one, moved by the tests.
+In-process (httpx over ASGI), the throttle's clock a fake one moved by the tests; the browser check of /docs runs
+a real gateway process and Debian's Chromium, which may reach nothing but the gateway.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import io
 import re
 import struct
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ from gateway.admin.audit import AuditLog
 from gateway.admin.throttle import FailureThrottle, retry_after, source_key
 from gateway.admin.tokens import new_token
 from gateway.config import GatewaySettings, SettingsError, load_gateway_settings
-from tests.helpers.admin import ADMIN, PERSONA, admin_gateway, speech_like_wav
+from tests.helpers.admin import ADMIN, PERSONA, admin_gateway, gateway_process, speech_like_wav
 
 
 class FakeClock:
@@ -322,3 +324,37 @@ async def test_docs_are_served_by_the_gateway_with_no_external_host(tmp_path):
         assert '"type": "null"' not in str(spec).replace("'", '"')
         assert (await gw.client.get("/openapi.json")).json()["openapi"].startswith("3.1")
         assert (await gw.client.get("/redoc")).status_code == 404  # it would load a CDN: not served
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium "
+                                                  "(apt-get install chromium; .ci/run installs it)")
+def test_docs_render_in_a_browser_that_can_reach_nothing_but_the_gateway(tmp_path):
+    """Swagger UI renders the admin API (its title, its operations, no error box) in Chromium with every request
+    to another host refused, and the page asks for none."""
+    from playwright.sync_api import Route, sync_playwright
+
+    with gateway_process(tmp_path) as (base, _), sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            elsewhere: list[str] = []
+
+            def only_the_gateway(route: Route) -> None:
+                if route.request.url.startswith(base):
+                    route.continue_()
+                else:
+                    elsewhere.append(route.request.url)
+                    route.abort()
+
+            page.route("**/*", only_the_gateway)
+            page.goto(f"{base}/docs")
+            page.wait_for_selector(".opblock", timeout=30_000)
+            assert "personagate gateway" in page.inner_text(".info .title")
+            assert page.locator(".opblock").count() >= 13
+            assert page.locator(".errors-wrapper").count() == 0
+            assert elsewhere == []
+        finally:
+            browser.close()

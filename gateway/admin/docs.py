@@ -4,7 +4,7 @@ where no CDN can be reached (an air-gapped cluster, a laptop offline).
 That package carries Swagger UI 4, which renders OpenAPI 3.0 only; FastAPI writes 3.1. The page therefore
 reads ``/docs/openapi-3.0.json``: the same document with the few 3.1 forms FastAPI uses written the 3.0 way
 (``nullable``, boolean ``exclusiveMinimum``, ``example``, ``enum`` for ``const``). ``/openapi.json`` stays 3.1,
-the one for clients and tools.
+the one for clients and tools. Swagger UI's online validator badge (a request to swagger.io) is off.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ window.ui = SwaggerUIBundle({{
   layout: "BaseLayout",
   deepLinking: true,
   persistAuthorization: true,
+  validatorUrl: null,
 }});
 </script>
 </body>
