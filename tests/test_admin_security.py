@@ -9,6 +9,8 @@ a real gateway process and Debian's Chromium, which may reach nothing but the ga
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import io
 import re
 import struct
@@ -110,6 +112,18 @@ async def test_wrong_tokens_from_one_address_get_429_with_retry_after_even_for_t
         assert gw.sample("personagate_gateway_auth_failures_total", reason="throttled") == 291
         assert gw.sample("personagate_gateway_admin_refusals_total", reason="throttled") == 291
         assert gw.sample("personagate_gateway_admin_refusals_total", reason="unauthenticated") == 10
+
+
+async def test_wrong_tokens_sent_all_at_once_are_checked_no_more_than_the_burst(tmp_path):
+    """Concurrency does not widen the burst: of 100 wrong tokens sent at once, 10 are checked (401), the rest are
+    429. Right tokens cost nothing: 100 sent at once from one address are all served."""
+    async with admin_gateway(tmp_path, clock=FakeClock(), admin_auth_failure_burst=10) as gw:
+        async with gw.client_from("198.51.100.30") as admin:
+            served = await asyncio.gather(*(admin.get(f"{ADMIN}/tenants", headers=gw.auth("acme")) for _ in range(100)))
+            assert {r.status_code for r in served} == {200}
+        answers = await asyncio.gather(*(gw.client.get(f"{ADMIN}/tenants", headers=_wrong()) for _ in range(100)))
+        statuses = collections.Counter(r.status_code for r in answers)
+        assert statuses == {401: 10, 429: 90}, statuses
 
 
 async def test_guessing_one_tokens_prefix_from_many_addresses_is_held_on_that_prefix(tmp_path):

@@ -453,22 +453,23 @@ async def principal(request: Request, credentials: HTTPAuthorizationCredentials 
     if credentials is None:
         await asyncio.to_thread(admin.tokens.current)
         return None
+    table = await asyncio.to_thread(admin.tokens.current)
+    # From here on nothing awaits: the throttle's test and its count are one step of the event loop, so wrong
+    # tokens sent at once cannot all pass an unheld address while their checks are in flight.
     source = client_address(request)
-    keys = (source_key(source),), (credentials.credentials[:TOKEN_PREFIX_CHARS],)
-    wait = max(admin.sources.held(*keys[0]), admin.prefixes.held(*keys[1]))
+    address, prefix = source_key(source), credentials.credentials[:TOKEN_PREFIX_CHARS]
+    wait = max(admin.sources.held(address), admin.prefixes.held(prefix))
     if wait:
         admin.metrics.auth_failures.labels("throttled").inc()
         _audit_login(admin, request, source, 429, "throttled: too many wrong tokens")
         raise ApiError(429, f"too many wrong tokens; try again in {retry_after(wait)} s",
                        headers={"Retry-After": retry_after(wait)})
-    table = await asyncio.to_thread(admin.tokens.current)
     who = table.identify(credentials.credentials)
     if who is None:
-        wait = max(admin.sources.failed(*keys[0]), admin.prefixes.failed(*keys[1]))
+        held = max(admin.sources.failed(address), admin.prefixes.failed(prefix))
         admin.metrics.auth_failures.labels("invalid_token").inc()
-        held = f"; held for {retry_after(wait)} s" if wait else ""
-        _audit_login(admin, request, source, 401, "invalid token" + held)
-        log.warning("invalid admin token", extra={"client": source, "path": request.url.path, "held_seconds": wait})
+        _audit_login(admin, request, source, 401, "invalid token" + (f"; held for {retry_after(held)} s" if held else ""))
+        log.warning("invalid admin token", extra={"client": source, "path": request.url.path, "held_seconds": held})
         raise ApiError(401, "invalid token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
     return who
 

@@ -8,13 +8,15 @@ out the same ``Retry-After`` as the guesser. Successes neither spend nor refill 
 
 Memory is bounded: at most ``max_keys`` keys are tracked; when a new key would pass that, keys whose
 bucket has refilled (they lose nothing) are dropped, then the least recently failed ones until a tenth
-of the room is free. Time comes
-from ``clock`` (monotonic seconds), so tests can move it.
+of the room is free. Time comes from ``clock`` (monotonic seconds), so tests can move it.
 
     throttle = FailureThrottle(burst=10, per_minute=6, max_keys=10_000)
-    wait = throttle.held(source_key(address), "prefix:" + token[:8])  # > 0: refuse, Retry-After: ceil(wait)
-    ...                                                                # check the credential
-    throttle.failed(source_key(address), "prefix:" + token[:8])        # it was wrong
+    credentials = await load_what_the_check_needs()    # any awaiting comes first
+    wait = throttle.held(source_key(address))          # > 0: refuse (429, Retry-After: retry_after(wait))
+    if not check(token, credentials):                  # no await from held() to failed(): concurrent wrong
+        throttle.failed(source_key(address))           # attempts cannot all pass an unheld key
+
+A right credential costs nothing, so a legitimate client may send as many requests at once as it likes.
 """
 
 from __future__ import annotations
