@@ -256,8 +256,8 @@ def test_the_audit_log_is_bounded_and_logins_cannot_push_changes_out():
 
 
 async def test_a_nul_or_control_character_in_a_clip_path_is_422(tmp_path):
-    """A NUL byte in a clip path was a 500; it is a 422 saying why, on upload and on read, and nothing is
-    written."""
+    """A NUL byte in a clip path was a 500; it is a 422 saying why, on upload and on read, and in a persona that
+    names the clip; nothing is written."""
     async with admin_gateway(tmp_path) as gw:
         for path in ("voices/a%00b.wav", "voices/a%00.wav", "voices%00/x.wav", "voices/a%01b.wav"):
             for method in ("PUT", "GET"):
@@ -268,6 +268,9 @@ async def test_a_nul_or_control_character_in_a_clip_path_is_422(tmp_path):
                 assert "control character" in r.json()["detail"]
         r = await gw.client.put(f"{ADMIN}/tenants/acme/clips/voices/a%0Ab.wav", content=b"x", headers=gw.auth("acme"))
         assert r.status_code == 404  # a line break matches no route
+        persona = 'prompt: Hi.\nvoice: {clip: "voices/a\\0b.wav"}\n'  # YAML's escape for a NUL
+        r = await gw.client.put(f"{ADMIN}/tenants/acme/personas/nul", content=persona, headers=gw.auth("acme"))
+        assert r.status_code == 422 and "control character" in r.text, r.text
         assert not (gw.root / "acme" / "voices").exists()
 
 
