@@ -60,6 +60,12 @@ _FULL_SCALE: dict[str, tuple[float, float]] = {  # subtype -> (full scale, toler
     "PCM_S8": (1.0, 1 / 128),
 }
 _FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
+# A file's bytes beyond the audio its header declares (headers, metadata chunks, FLAC's frame headers): at
+# most this much plus 1/32 of the audio. More is a file whose header lies about what it holds (5 s declared,
+# megabytes stored): refused, so that what is stored is what was checked.
+NOT_AUDIO_ALLOWANCE = 64 * 1024
+_BYTES_PER_SAMPLE = {"PCM_S8": 1, "PCM_U8": 1, "ULAW": 1, "ALAW": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4,
+                     "FLOAT": 4, "DOUBLE": 8}  # others (ADPCM, ...) are compressed: 4 is more than enough
 
 _ACCEPTED_FORMATS = ("WAV", "WAVEX", "RF64", "FLAC")  # RIFF WAVE in its three headers, and FLAC
 _BLOCK_SAMPLES = 1 << 20  # decoded per read, over all channels: bounds memory for many-channel files
@@ -146,6 +152,7 @@ def prepare_clip(data: bytes, *, min_seconds: float = MIN_CLIP_SECONDS,
                                  f"{MAX_SOURCE_RATE // 1000} kHz")
         if sound.frames > 0:  # the header's length: refuse a long file before decoding it
             _check_length(sound.frames, rate, min_seconds, max_seconds, too_long_only=True)
+            _check_holds_only_audio(len(data), sound)
         mono, clipped = _decode(sound)
     if len(mono) == 0:
         raise VoiceClipError(f"clip has 0 samples; expected {min_seconds:g} to {max_seconds:g} s of speech")
@@ -200,6 +207,15 @@ def _decode(sound: soundfile.SoundFile) -> tuple[np.ndarray, float]:
     mono = np.concatenate(parts) if parts else np.zeros(0)
     clipped = float(at_full_scale.max()) / len(mono) if len(mono) else 0.0
     return mono, clipped
+
+
+def _check_holds_only_audio(size: int, sound: soundfile.SoundFile) -> None:
+    audio = sound.frames * sound.channels * _BYTES_PER_SAMPLE.get(sound.subtype, 4)
+    if size > audio + audio // 32 + NOT_AUDIO_ALLOWANCE:
+        raise VoiceClipError(
+            f"the file holds {size} bytes but its header declares {sound.frames / sound.samplerate:.2f} s of audio "
+            f"({audio} bytes as {sound.subtype}): {size - audio} bytes are something else; expected at most "
+            f"{NOT_AUDIO_ALLOWANCE} bytes besides the audio (export it again, without embedded pictures)")
 
 
 def _check_length(frames: int, rate: int, min_seconds: float, max_seconds: float, *,

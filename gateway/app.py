@@ -22,7 +22,10 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .admin.api import Admin, install
+from .admin.api import Admin, AdminMetrics, install
+from .admin.audit import AuditLog
+from .admin.docs import install_docs
+from .admin.throttle import FailureThrottle
 from .admin.tokens import TokenFile
 from .calls import Calls
 from .config import GatewaySettings
@@ -65,6 +68,10 @@ def create_app(
         tokens=TokenFile(settings.admin_tokens_file),
         max_clip_bytes=settings.max_clip_bytes,
         clips=ClipCache(),
+        sources=_auth_throttle(settings),
+        prefixes=_auth_throttle(settings),
+        audit=AuditLog(changes=settings.admin_audit_entries, logins=max(100, settings.admin_audit_entries // 10)),
+        metrics=AdminMetrics(metrics.registry),
     )
 
     webrtc = None
@@ -99,7 +106,10 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
 
-    app = FastAPI(title="personagate gateway", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # /docs is served from the swagger-ui-bundle package (admin/docs.py), not a CDN: it works offline.
+    app = FastAPI(title="personagate gateway", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    install_docs(app)
     app.state.admin = admin
     app.state.registry = registry
     app.state.calls = calls
@@ -141,6 +151,11 @@ def create_app(
 
     app.add_middleware(_CountRequests, metrics=metrics)
     return app
+
+
+def _auth_throttle(settings: GatewaySettings) -> FailureThrottle:
+    return FailureThrottle(burst=settings.admin_auth_failure_burst, per_minute=settings.admin_auth_failures_per_minute,
+                           max_keys=settings.admin_auth_tracked_keys)
 
 
 class _CountRequests:

@@ -111,6 +111,20 @@ class GatewaySettings(LayeredSettings):
         None, description="YAML file of SHA-256 hashes of admin API tokens; without it the admin API is off")
     max_clip_bytes: int = Field(5_000_000, ge=1024, le=MAX_CLIP_BYTES, description="largest voice clip upload")
     history_versions: int = Field(50, ge=1, le=10_000, description="versions kept per file in a tenant's history")
+    # Failed-login throttling and the audit log (gateway/admin/throttle.py, gateway/admin/audit.py).
+    admin_auth_failure_burst: int = Field(
+        10, ge=1, le=10_000, description="wrong bearer tokens one client address (IPv4, or IPv6 /64), and separately "
+                                         "one token prefix, may send at once; past that, every attempt is refused "
+                                         "with 429 and Retry-After until the throttle forgives a failure")
+    admin_auth_failures_per_minute: float = Field(
+        6.0, gt=0, le=10_000, description="after the burst: wrong tokens forgiven per minute, per client address and "
+                                          "per token prefix")
+    admin_auth_tracked_keys: int = Field(
+        10_000, ge=100, le=1_000_000, description="client addresses, and token prefixes, the throttle remembers "
+                                                  "(each; those that have waited out their penalty go first)")
+    admin_audit_entries: int = Field(
+        10_000, ge=100, le=1_000_000, description="admin API write attempts kept in the audit log (GET "
+                                                  "/v1/admin/audit); refused logins are kept apart, a tenth as many")
     # Calls and routing (gateway/calls.py, gateway/routing/).
     redis_url: RedisUrlSetting = Field(
         None, description="the routing Redis shared by gateways and workers: redis://, rediss://, unix:// or "

@@ -3,7 +3,10 @@ rollback, reload status. OpenAPI at ``/docs`` and ``/openapi.json``.
 
 Every request carries ``Authorization: Bearer <token>`` (see tokens.py): an operator token reaches
 every tenant, a tenant admin's token only its own tenant. A tenant token on another tenant's path is
-answered 403 whether that tenant exists or not, before anything about it is looked up.
+answered 403 whether that tenant exists or not, before anything about it is looked up. Wrong tokens are
+throttled per client address and per token prefix (throttle.py: 429 with Retry-After); every write
+attempt and every refused login is recorded in the audit log (audit.py, ``GET /v1/admin/audit``).
+Errors never carry the server's paths: those go to the log.
 
 Every write is checked the way the gateway will load it (the whole tenant.yaml after the change, with
 the same ``file:line:column: field.path: message`` problems as ``personagate tenants validate``; a
@@ -18,14 +21,18 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request, Security
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Security
+from fastapi import Path as Path_
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from agent_runtime.voices import VoiceClipError
@@ -52,6 +59,8 @@ from ..tenants.loader import (
 )
 from ..tenants.registry import TenantRegistry, TenantStatus
 from ..tenants.store import NotWritable, TenantStore, Version, VersionNotFound, sha256
+from .audit import AuditEntry, AuditLog
+from .throttle import FailureThrottle, retry_after, source_key
 from .tokens import Principal, TokenFile, TokensUnavailable
 
 log = logging.getLogger(__name__)
@@ -60,6 +69,13 @@ MAX_PERSONA_BYTES = MAX_BODY_BYTES
 YAML_TYPE = "text/yaml; charset=utf-8"
 CLIP_TYPES = {".wav": "audio/wav", ".flac": "audio/flac"}
 _OTHER_TENANT = re.compile(r"tenant '([a-z0-9-]+)' \(([^()]*)\)")
+# The per-prefix throttle's key: 8 characters of a token (48 bits). Guessers spread over many addresses who
+# hold the start of one token (a truncated log line) are held on it; random guesses spread over prefixes and
+# meet the per-address throttle instead.
+TOKEN_PREFIX_CHARS = 8
+REFUSAL_REASONS = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found", 409: "conflict",
+                   412: "precondition_failed", 413: "too_large", 422: "invalid", 429: "throttled",
+                   503: "unavailable"}
 
 
 class ApiError(Exception):
@@ -115,6 +131,10 @@ class HistoryOut(BaseModel):
     versions: list[Version]  # newest first
 
 
+class AuditOut(BaseModel):
+    entries: list[AuditEntry]  # newest first
+
+
 class WriteOut(BaseModel):
     tenant: str
     file: str
@@ -127,7 +147,9 @@ class WriteOut(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut, "description": text} for code, text in {
         401: "no bearer token, or an unknown one", 403: "the token is for another tenant",
-        404: "no such tenant, persona, file or version", 503: "the admin API is disabled (no tokens file)",
+        404: "no such tenant, persona, file or version",
+        429: "too many wrong tokens from this address or for this token prefix; see Retry-After",
+        503: "the admin API is disabled (no tokens file, or one that cannot be used)",
     }.items()
 }
 WRITE_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, **{
@@ -143,6 +165,25 @@ WRITE_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, **{
 # ------------------------------------------------------------------------------------ the service
 
 
+class AdminMetrics:
+    """Refusals, counted: every admin API request refused, and every failed or throttled token check (the admin
+    API's and the browser call API's)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.refusals = Counter(
+            "personagate_gateway_admin_refusals_total",
+            "Admin API requests refused, by reason (unauthenticated, throttled, forbidden, not_found, invalid, "
+            "too_large, conflict, precondition_failed, unavailable, bad_request).",
+            ["reason"], registry=registry)
+        self.auth_failures = Counter(
+            "personagate_gateway_auth_failures_total",
+            "Bearer tokens refused (admin API and browser calls), by reason: invalid_token (unknown), throttled "
+            "(the address or the token prefix is held after too many wrong tokens).",
+            ["reason"], registry=registry)
+        for reason in ("invalid_token", "throttled"):
+            self.auth_failures.labels(reason)
+
+
 @dataclass
 class Admin:
     registry: TenantRegistry
@@ -150,6 +191,11 @@ class Admin:
     tokens: TokenFile
     max_clip_bytes: int
     clips: ClipCache
+    # Wrong tokens per client address, and per token prefix (TOKEN_PREFIX_CHARS): see throttle.py.
+    sources: FailureThrottle = field(default_factory=lambda: FailureThrottle(burst=10, per_minute=6))
+    prefixes: FailureThrottle = field(default_factory=lambda: FailureThrottle(burst=10, per_minute=6))
+    audit: AuditLog = field(default_factory=AuditLog)
+    metrics: AdminMetrics = field(default_factory=lambda: AdminMetrics(CollectorRegistry()))
 
     @property
     def root(self) -> Path:
@@ -306,7 +352,8 @@ class Admin:
         except NotWritable as exc:
             raise ApiError(409, str(exc)) from exc
         except OSError as exc:
-            raise ApiError(500, f"cannot write the tenant's files: {exc}") from exc
+            log.exception("cannot write a tenant's files")  # the path and the reason: for the log only
+            raise ApiError(500, "cannot write the tenant's files; the gateway's log says why") from exc
 
 
 def _etag(data: bytes) -> str:
@@ -399,17 +446,49 @@ bearer = HTTPBearer(
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
 
 
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def _path_tenant(request: Request) -> str | None:
+    tenant = request.path_params.get("tenant")
+    return tenant if isinstance(tenant, str) and schema.TENANT_ID.match(tenant) else None
+
+
 async def principal(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Principal | None:
-    """Who the bearer token belongs to (None without one): 401 for a token the tokens file does not know;
-    ``TokensUnavailable`` while the file cannot be used. Shared with the browser call API (``gateway/webrtc``)."""
+    """Who the bearer token belongs to (None without one): 401 for a token the tokens file does not know, 429
+    while the client's address or the token's prefix is held by the failure throttle (the token is not even
+    checked then); ``TokensUnavailable`` while the file cannot be used. Shared with the browser call API
+    (``gateway/webrtc``), so wrong tokens there count against the same throttle."""
     admin: Admin = request.app.state.admin
-    table = await asyncio.to_thread(admin.tokens.current)
     if credentials is None:
+        await asyncio.to_thread(admin.tokens.current)
         return None
+    table = await asyncio.to_thread(admin.tokens.current)
+    # From here on nothing awaits: the throttle's test and its count are one step of the event loop, so wrong
+    # tokens sent at once cannot all pass an unheld address while their checks are in flight.
+    source = client_address(request)
+    address, prefix = source_key(source), credentials.credentials[:TOKEN_PREFIX_CHARS]
+    wait = max(admin.sources.held(address), admin.prefixes.held(prefix))
+    if wait:
+        admin.metrics.auth_failures.labels("throttled").inc()
+        _audit_login(admin, request, source, 429, "throttled: too many wrong tokens")
+        raise ApiError(429, f"too many wrong tokens; try again in {retry_after(wait)} s",
+                       headers={"Retry-After": retry_after(wait)})
     who = table.identify(credentials.credentials)
     if who is None:
+        held = max(admin.sources.failed(address), admin.prefixes.failed(prefix))
+        admin.metrics.auth_failures.labels("invalid_token").inc()
+        _audit_login(admin, request, source, 401, "invalid token" + (f"; held for {retry_after(held)} s" if held else ""))
+        log.warning("invalid admin token", extra={"client": source, "path": request.url.path, "held_seconds": held})
         raise ApiError(401, "invalid token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
     return who
+
+
+def _audit_login(admin: Admin, request: Request, source: str, status: int, detail: str) -> None:
+    admin.audit.record(actor=None, source=source, action="login", tenant=_path_tenant(request),
+                       target=f"{request.method} {request.url.path}"[:200], status=status, result="refused",
+                       detail=detail)
 
 
 async def caller(request: Request, credentials: Credentials) -> Principal:
@@ -417,14 +496,20 @@ async def caller(request: Request, credentials: Credentials) -> Principal:
     try:
         who = await principal(request, credentials)
     except TokensUnavailable as exc:
-        raise ApiError(503, str(exc)) from exc
+        raise ApiError(503, str(exc)) from exc  # never exc.detail: it names the file (logged by TokenFile)
     if who is None:
+        if request.method != "GET":  # a write attempt without a token; reads without one are only probes
+            _audit_login(request.app.state.admin, request, client_address(request), 401, "no bearer token")
         raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)",
                        headers={"WWW-Authenticate": "Bearer"})
     return who
 
 
 Who = Annotated[Principal, Depends(caller)]
+# The pattern is documentation (and guides schema-driven clients and fuzzers to paths that reach the checks);
+# _clip_path checks every path, with messages that say what is wrong.
+ClipPathParam = Annotated[str, Path_(description="the clip's path in the tenant folder, e.g. voices/agent.wav",
+                                     json_schema_extra={"pattern": r"\.(wav|flac)$"})]
 IfMatch = Annotated[str | None, Header(description="the ETag last read; the write is refused (412) if the file "
                                                    "has changed since")]
 
@@ -434,6 +519,25 @@ def install(app: FastAPI, admin: Admin) -> None:
     ``app.state.admin``)."""
 
     router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=ERRORS)
+
+    async def audited(request: Request, who: Principal, action: str, tenant: str | None, target: str | None,
+                      work: Awaitable[WriteOut]) -> WriteOut:
+        """``work``'s answer, with an audit entry for it: applied, unchanged, or refused and why."""
+        source = client_address(request)
+        try:
+            out = await work
+        except ApiError as exc:
+            admin.audit.record(actor=who.name, source=source, action=action, tenant=tenant, target=target,
+                               status=exc.status, result="refused", detail=exc.detail)
+            raise
+        except Exception:
+            admin.audit.record(actor=who.name, source=source, action=action, tenant=tenant, target=target,
+                               status=500, result="failed", detail="internal error")
+            raise
+        admin.audit.record(actor=who.name, source=source, action=action, tenant=tenant, target=target, status=200,
+                           result="applied" if out.changed else "unchanged",
+                           version=out.version.version if out.version else None)
+        return out
 
     @router.get("/tenants", response_model=list[TenantOut], summary="Tenants this token may see")
     async def list_tenants(who: Who) -> list[TenantOut]:
@@ -479,44 +583,55 @@ def install(app: FastAPI, admin: Admin) -> None:
                 openapi_extra=yaml_body, summary="Replace (or add) a persona: its YAML, spliced into tenant.yaml")
     async def put_persona_(tenant: str, persona: str, request: Request, who: Who, if_match: IfMatch = None
                            ) -> WriteOut:
-        await admin.reach(who, tenant)
-        _valid(_PERSONA_NAME, persona)
-        raw = await read_body(request, MAX_PERSONA_BYTES, "the persona")
-        try:
-            body = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ApiError(422, "the persona is not UTF-8 text") from exc
-        try:
-            # Body problems first, with positions in the body; read in a thread (CPU work, bounded).
-            await asyncio.to_thread(check_body, body)
-        except EditError as exc:
-            raise _edit_error(exc, who, admin) from exc
-        return await admin.write_tenant_file(
-            who, tenant, lambda text: put_persona(text, persona, body, file=f"{tenant}/{TENANT_FILE}"),
-            if_match=if_match)
+        async def put() -> WriteOut:
+            await admin.reach(who, tenant)
+            _valid(_PERSONA_NAME, persona)
+            raw = await read_body(request, MAX_PERSONA_BYTES, "the persona")
+            try:
+                body = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ApiError(422, "the persona is not UTF-8 text") from exc
+            try:
+                # Body problems first, with positions in the body; read in a thread (CPU work, bounded).
+                await asyncio.to_thread(check_body, body)
+            except EditError as exc:
+                raise _edit_error(exc, who, admin) from exc
+            return await admin.write_tenant_file(
+                who, tenant, lambda text: put_persona(text, persona, body, file=f"{tenant}/{TENANT_FILE}"),
+                if_match=if_match)
+
+        return await audited(request, who, "put_persona", tenant, persona, put())
 
     @router.delete("/tenants/{tenant}/personas/{persona}", response_model=WriteOut, responses=WRITE_ERRORS,
                    summary="Remove a persona (refused while a number or after-hours routes to it)")
-    async def delete_persona_(tenant: str, persona: str, who: Who, if_match: IfMatch = None) -> WriteOut:
-        await admin.reach(who, tenant)
-        return await admin.write_tenant_file(
-            who, tenant, lambda text: delete_persona(text, persona, file=f"{tenant}/{TENANT_FILE}"),
-            if_match=if_match, missing=f"no persona {persona!r} in tenant {tenant!r}")
+    async def delete_persona_(tenant: str, persona: str, request: Request, who: Who, if_match: IfMatch = None
+                              ) -> WriteOut:
+        async def delete() -> WriteOut:
+            await admin.reach(who, tenant)
+            return await admin.write_tenant_file(
+                who, tenant, lambda text: delete_persona(text, persona, file=f"{tenant}/{TENANT_FILE}"),
+                if_match=if_match, missing=f"no persona {persona!r} in tenant {tenant!r}")
+
+        return await audited(request, who, "delete_persona", tenant, persona, delete())
 
     clip_body = {"requestBody": {"required": True, "content": {
         media: {"schema": {"type": "string", "format": "binary"}} for media in ("audio/wav", "audio/flac")}}}
 
     @router.put("/tenants/{tenant}/clips/{path:path}", response_model=WriteOut, responses=WRITE_ERRORS,
                 openapi_extra=clip_body, summary="Upload a voice clip (wav or flac, checked like any tenant clip)")
-    async def put_clip(tenant: str, path: str, request: Request, who: Who, if_match: IfMatch = None) -> WriteOut:
-        await admin.reach(who, tenant)
-        await _clip_path(admin, tenant, path)
-        data = await read_body(request, admin.max_clip_bytes, "the clip")
-        return await admin.write_clip(who, tenant, path, data, if_match=if_match)
+    async def put_clip(tenant: str, path: ClipPathParam, request: Request, who: Who, if_match: IfMatch = None
+                       ) -> WriteOut:
+        async def put() -> WriteOut:
+            await admin.reach(who, tenant)
+            await _clip_path(admin, tenant, path)
+            data = await read_body(request, admin.max_clip_bytes, "the clip")
+            return await admin.write_clip(who, tenant, path, data, if_match=if_match)
+
+        return await audited(request, who, "put_clip", tenant, path[:200], put())
 
     @router.get("/tenants/{tenant}/clips/{path:path}", response_class=Response, summary="A voice clip as stored",
                 responses={200: {"content": {"audio/wav": {}, "audio/flac": {}}, "description": "the clip"}})
-    async def get_clip(tenant: str, path: str, who: Who) -> Response:
+    async def get_clip(tenant: str, path: ClipPathParam, who: Who) -> Response:
         await admin.reach(who, tenant)
         await _clip_path(admin, tenant, path)
         data = await asyncio.to_thread(admin.store.read, tenant, path)
@@ -542,18 +657,22 @@ def install(app: FastAPI, admin: Admin) -> None:
 
     @router.post("/tenants/{tenant}/history/{version}/rollback", response_model=WriteOut, responses=WRITE_ERRORS,
                  summary="Restore one version of a file (checked like any write; recorded as a new version)")
-    async def rollback(tenant: str, version: int, who: Who, if_match: IfMatch = None) -> WriteOut:
-        await admin.reach(who, tenant)
-        entry, data = await _version(tenant, version)
-        if entry.file != TENANT_FILE:
-            return await admin.write_clip(who, tenant, entry.file, data, if_match=if_match, action="rollback",
-                                          from_version=version)
-        try:
-            old = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ApiError(422, f"version {version} is not UTF-8 text") from exc
-        return await admin.write_tenant_file(who, tenant, lambda _: old, if_match=if_match, action="rollback",
-                                             from_version=version)
+    async def rollback(tenant: str, version: int, request: Request, who: Who, if_match: IfMatch = None
+                       ) -> WriteOut:
+        async def restore() -> WriteOut:
+            await admin.reach(who, tenant)
+            entry, data = await _version(tenant, version)
+            if entry.file != TENANT_FILE:
+                return await admin.write_clip(who, tenant, entry.file, data, if_match=if_match, action="rollback",
+                                              from_version=version)
+            try:
+                old = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ApiError(422, f"version {version} is not UTF-8 text") from exc
+            return await admin.write_tenant_file(who, tenant, lambda _: old, if_match=if_match, action="rollback",
+                                                 from_version=version)
+
+        return await audited(request, who, "rollback", tenant, f"version {version}", restore())
 
     async def _version(tenant: str, version: int) -> tuple[Version, bytes]:
         try:
@@ -566,16 +685,35 @@ def install(app: FastAPI, admin: Admin) -> None:
         return admin.reload_out(who)
 
     @router.post("/reload", response_model=ReloadOut, summary="Check the tenants folder now and apply changes")
-    async def reload_now(who: Who) -> ReloadOut:
+    async def reload_now(request: Request, who: Who) -> ReloadOut:
         # The operator's check re-reads everything; a tenant admin's reads only what changed.
         await asyncio.to_thread(admin.registry.reload, force=who.operator)
+        admin.audit.record(actor=who.name, source=client_address(request), action="reload", tenant=who.tenant,
+                           target=None, status=200, result="applied")
         return admin.reload_out(who)
+
+    @router.get("/audit", response_model=AuditOut, summary="The audit log: write attempts and refused logins",
+                description="Newest first. The operator reads every entry; a tenant admin only those about its "
+                            "own tenant (other tenants' admins shown as 'another tenant').")
+    async def audit(who: Who, tenant: str | None = None,
+                    limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> AuditOut:
+        if tenant is not None and not who.may_reach(tenant):
+            raise ApiError(403, f"this token cannot reach tenant {tenant!r}")
+        return AuditOut(entries=admin.audit.read(who.tenant, tenant=tenant, limit=limit))
 
     app.include_router(router)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        if request.url.path.startswith(router.prefix):
+            admin.metrics.refusals.labels(REFUSAL_REASONS.get(exc.status, str(exc.status))).inc()
         content: dict[str, Any] = {"detail": exc.detail}
         if exc.problems is not None:
             content["problems"] = exc.problems
         return JSONResponse(content, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if request.url.path.startswith(router.prefix):
+            admin.metrics.refusals.labels("invalid").inc()
+        return await request_validation_exception_handler(request, exc)

@@ -13,13 +13,15 @@ the file holds nothing that grants access. ``personagate tenants token`` makes o
 again when it changes (modification time, size or inode: a rotated Secret is an atomic swap of a
 symbolic link), so a new or revoked token applies without a restart. A file that cannot be read or
 is malformed disables the admin API until it is fixed: a broken rotation must not leave revoked
-tokens working.
+tokens working. Why it cannot be used (its path, its problems) goes to the gateway's log, never to
+clients: the answer they get says only that the admin API is disabled.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
@@ -34,6 +36,9 @@ from agent_runtime.bounded_yaml import describe, load_yaml
 
 from ..tenants.schema import TENANT_ID
 
+log = logging.getLogger(__name__)
+
+UNUSABLE = "admin API disabled: the admin tokens file cannot be used; the gateway's log says why"
 HASH = re.compile(r"^sha256:([0-9a-f]{64})$")
 
 
@@ -57,7 +62,12 @@ class Principal:
 
 
 class TokensUnavailable(Exception):
-    """The tokens file cannot be used (missing, unreadable, malformed); the message says why."""
+    """The tokens file cannot be used (missing, unreadable, malformed). ``str()`` is what a client may be told;
+    ``detail`` says why, for the log and the command line (it may name the file's path)."""
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail or message
 
 
 @dataclass(frozen=True)
@@ -164,8 +174,10 @@ class TokenFile:
             if stamp != self._stamp:
                 self._table, self._error = self._read()
                 self._stamp = stamp
+                if self._error is not None:  # logged once per change of the file, not once per request
+                    log.error("admin API disabled: %s", self._error, extra={"tokens_file": str(self.path)})
             if self._table is None:
-                raise TokensUnavailable(f"admin API disabled: {self._error}")
+                raise TokensUnavailable(UNUSABLE, f"admin API disabled: {self._error}")
             return self._table
 
     def _read(self) -> tuple[TokenTable | None, str | None]:

@@ -55,6 +55,8 @@ def _phone_number(value: str) -> str:
 
 
 def clip_path(value: str) -> str:
+    if not value.isprintable():  # a NUL or a line break: no file system takes it, and logs would be forged with it
+        raise ValueError(f"{value!r} has a control character; expected a relative path like 'voices/agent.wav'")
     if value.startswith("/") or "\\" in value or any(part in ("", ".", "..") for part in value.split("/")):
         raise ValueError(f"{value!r} is not a file in the tenant folder; expected a relative path like 'voices/agent.wav'")
     if not value.lower().endswith(CLIP_SUFFIXES):
