@@ -5,6 +5,7 @@ listen on a port of its own so that the public port never carries it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import ssl
 import subprocess
@@ -97,6 +98,19 @@ def test_info_needs_the_secret_while_the_probes_and_metrics_stay_open(worker):
     assert httpx.get(f"{base}/healthz").status_code == 200
     metrics = httpx.get(f"{base}/metrics").text
     assert _sample(metrics, "personagate_worker_unauthorized_requests_total", endpoint="info", reason="wrong") >= 1
+
+
+async def test_a_gateway_without_the_secret_finds_no_worker_and_says_why(worker, registry,  # noqa: F811
+                                                                         caplog: pytest.LogCaptureFixture):
+    """A gateway started without the workers' secret (a deployment mistake) routes no call to them, and its log
+    says what to set instead of leaving the operator with 'no capacity'."""
+    settings = GatewaySettings(tenants_dir=Path(registry.root), workers=[f"http://{worker}"], worker_secret="")
+    assert settings.worker_auth().secret is None
+    with caplog.at_level(logging.WARNING, logger="gateway.calls"):
+        async with Calls.from_settings(settings, registry) as calls:
+            assert not [w for w in await calls.router.workers() if w.alive]
+    assert any("needs a shared secret (401)" in r.getMessage() and "worker_secret" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 def test_a_worker_with_no_secret_refuses_to_start_unless_opened_on_purpose(monkeypatch: pytest.MonkeyPatch):
