@@ -76,6 +76,7 @@ class Worker:
     closing: bool = False  # the drain is over: sessions still running are being closed with 1001
     registration: Registration | None = None  # heartbeats to the routing store (redis_url set)
     secrets: SecretChecker = field(default_factory=lambda: SecretChecker(()))  # who may open sessions, read /v1/info
+    refusals_logged: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)  # see _refused
     _changed: asyncio.Event | None = field(default=None, repr=False)
 
     @property
@@ -278,13 +279,25 @@ def _unauthorized(verdict: AuthResult) -> Response:
                         headers={"WWW-Authenticate": 'Bearer realm="personagate-worker"'})
 
 
+REFUSAL_LOG_SECONDS = 10.0  # at most one log line per endpoint and reason this often: a scanner cannot flood the log
+
+
 def _refused(worker: Worker, endpoint: str, verdict: AuthResult, client: Any) -> None:
-    """Count (and log) a request refused for its credential; the secret it carried is never logged."""
+    """Count a request refused for its credential, and log it (at most every REFUSAL_LOG_SECONDS per endpoint and
+    reason, with how many more there were); the secret it carried is never logged."""
     worker.metrics.unauthorized.labels(endpoint, verdict).inc()
     if endpoint == "sessions":
         worker.metrics.sessions_refused.labels("unauthorized").inc()
+    key = (endpoint, verdict)
+    now = time.monotonic()
+    last, unlogged = worker.refusals_logged.get(key, (float("-inf"), 0))
+    if now - last < REFUSAL_LOG_SECONDS:
+        worker.refusals_logged[key] = (last, unlogged + 1)
+        return
+    worker.refusals_logged[key] = (now, 0)
     log.warning("request refused: %s credential", verdict, extra={
-        "endpoint": endpoint, "client": f"{client.host}:{client.port}" if client else None})
+        "endpoint": endpoint, "client": f"{client.host}:{client.port}" if client else None,
+        "refused_unlogged_since_last": unlogged})
 
 
 async def _session(worker: Worker, ws: WebSocket) -> None:
