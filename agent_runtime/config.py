@@ -9,9 +9,10 @@ from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from gateway.plane import check_secret, check_server_tls, read_secrets
 from gateway.routing.redis_store import RedisPrefixSetting, RedisUrlSetting
 
 from .settings_files import LayeredSettings, SettingsError, load_settings
@@ -106,6 +107,21 @@ class WorkerSettings(LayeredSettings):
     heartbeat_seconds: float = Field(1.0, gt=0, le=60, description="how often the worker heartbeats to Redis")
     worker_ttl_seconds: float = Field(
         3.0, gt=0, le=600, description="how long a heartbeat keeps the worker alive in the routing store")
+    # The internal plane (gateway/plane.py, docs/deploy.md): who may open sessions and read /v1/info, and TLS.
+    session_secret: SecretStr | None = Field(
+        None, description="a shared secret gateways must send (Authorization: Bearer) to open sessions and read "
+                          "/v1/info; at least 16 characters")
+    session_secret_file: Path | None = Field(
+        None, description="a file of accepted shared secrets, one per line (two during a rotation), e.g. a "
+                          "Kubernetes Secret mounted as a file; accepted beside session_secret")
+    insecure_open_sessions: bool = Field(
+        False, description="serve sessions and /v1/info to anyone who can connect, with no secret: for a worker "
+                           "only its own machine reaches. Without it, a worker with no secret refuses to start")
+    tls_cert_file: Path | None = Field(
+        None, description="the worker's TLS certificate, PEM (chain may follow); with tls_key_file the worker "
+                          "serves https:// and wss:// only")
+    tls_key_file: Path | None = Field(None, description="the certificate's private key, PEM, unencrypted")
+    _accepted_secrets: tuple[str, ...] = PrivateAttr(())
 
     @field_validator("advertise_url")
     @classmethod
@@ -127,6 +143,43 @@ class WorkerSettings(LayeredSettings):
         ):
             raise ValueError("must be 1 to 200 characters, no control characters")
         return worker_id
+
+    @field_validator("session_secret", "session_secret_file", "tls_cert_file", "tls_key_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _plane(self) -> WorkerSettings:
+        accepted: list[str] = []
+        if self.session_secret is not None:
+            accepted.append(check_secret("session_secret", self.session_secret.get_secret_value()))
+        if self.session_secret_file is not None:
+            accepted += read_secrets("session_secret_file", self.session_secret_file)
+        if accepted and self.insecure_open_sessions:
+            raise ValueError("insecure_open_sessions is set with a session secret: choose one (a worker with a "
+                             "secret refuses sessions without it)")
+        self._accepted_secrets = tuple(dict.fromkeys(accepted))
+        check_server_tls("tls_cert_file", self.tls_cert_file, "tls_key_file", self.tls_key_file)
+        return self
+
+    @property
+    def accepted_secrets(self) -> tuple[str, ...]:
+        """The shared secrets a session or a /v1/info request may carry; empty: none needed."""
+        return self._accepted_secrets
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert_file is not None and self.tls_key_file is not None
+
+    def open_plane_problem(self) -> str | None:
+        """Why this worker must not serve as configured (no secret, and not opened on purpose), or None."""
+        if self._accepted_secrets or self.insecure_open_sessions:
+            return None
+        return ("the worker has no session secret, so anyone who can reach it could take its slots and hear its "
+                "calls: set session_secret_file (or PERSONAGATE_WORKER_SESSION_SECRET) to the gateways' "
+                "worker_secret, or, for a worker nothing else can reach, insecure_open_sessions "
+                "(--insecure-open-sessions). 'personagate up' sets one up by itself")
 
     @model_validator(mode="after")
     def _weights_for_personaplex(self) -> WorkerSettings:
@@ -156,7 +209,7 @@ class WorkerSettings(LayeredSettings):
         if self.advertise_url is not None:
             return self.advertise_url
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"ws://{host}:{self.port}/v1/sessions"
+        return f"{'wss' if self.tls_enabled else 'ws'}://{host}:{self.port}/v1/sessions"
 
     def resolved_worker_id(self) -> str:
         return self.worker_id or f"{socket.gethostname()}:{self.port}"

@@ -99,6 +99,9 @@ def serve(settings: WorkerSettings) -> int:
         ws_ping_interval=10,
         ws_ping_timeout=10,
         timeout_graceful_shutdown=CLOSE_WAIT_SECONDS,
+        # With a certificate every connection is TLS: https:// probes and wss:// sessions (gateway/plane.py).
+        ssl_certfile=settings.tls_cert_file,
+        ssl_keyfile=settings.tls_key_file,
     )
     server = WorkerServer(config, app.state.worker)
     server.run()

@@ -56,6 +56,11 @@ class WorkerMetrics:
             "personagate_worker_sessions_refused_total", "Session requests refused, by reason.", ["reason"],
             registry=r,
         )
+        self.unauthorized = Counter(
+            "personagate_worker_unauthorized_requests_total",
+            "Requests refused for their credential (no shared secret, or a wrong one), by endpoint "
+            "(sessions, info) and reason (missing, wrong).", ["endpoint", "reason"], registry=r,
+        )
         self.input_frames_shed = Counter(
             "personagate_worker_input_frames_shed_total",
             "Caller frames dropped because they were stale (the session's backlog was full).", registry=r,

@@ -1,5 +1,9 @@
 """The worker's HTTP/WebSocket server: sessions on ``/v1/sessions``, probes, metrics.
 
+Sessions and ``/v1/info`` (which names the calls in progress) are served only to callers that send one of
+the worker's shared secrets (``Authorization: Bearer``, ``gateway/plane.py``): a WebSocket upgrade without it
+is answered 401 before it is accepted, so no slot is ever taken for it. The probes and ``/metrics`` stay open.
+
 The protocol is documented in docs/worker-protocol.md; the close codes are in ``CloseCode``. Draining
 (SIGTERM: no new sessions, calls in progress go on) is driven by ``drain.py``; registration with the
 gateways' routing store by ``registration.py``.
@@ -25,6 +29,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from gateway.plane import AuthResult, SecretChecker
+
 from .config import SessionSampling, WorkerSettings
 from .echo import EchoBundle, load_echo
 from .metrics import WorkerMetrics
@@ -39,6 +45,7 @@ log = logging.getLogger(__name__)
 class CloseCode(enum.IntEnum):
     NORMAL = 1000  # the session ended (by the client's "end" or by the worker)
     GOING_AWAY = 1001  # the worker is shutting down: a drain's deadline passed, or it was told to stop at once
+    POLICY_VIOLATION = 1008  # no or a wrong shared secret (where the server cannot answer the upgrade 401)
     INTERNAL_ERROR = 1011
     TRY_AGAIN_LATER = 1013  # the worker takes no sessions now: loading its model, or draining
     BAD_REQUEST = 4400  # malformed start message or audio frame
@@ -68,6 +75,8 @@ class Worker:
     draining: bool = False  # SIGTERM: new sessions are refused, those in progress go on
     closing: bool = False  # the drain is over: sessions still running are being closed with 1001
     registration: Registration | None = None  # heartbeats to the routing store (redis_url set)
+    secrets: SecretChecker = field(default_factory=lambda: SecretChecker(()))  # who may open sessions, read /v1/info
+    refusals_logged: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)  # see _refused
     _changed: asyncio.Event | None = field(default=None, repr=False)
 
     @property
@@ -143,8 +152,14 @@ class Worker:
 
 
 def create_app(settings: WorkerSettings) -> Starlette:
-    """The worker app. It starts serving probes at once and loads the model in the background."""
-    worker = Worker(settings)
+    """The worker app. It starts serving probes at once and loads the model in the background.
+    Refuses (ValueError) settings with no session secret unless ``insecure_open_sessions`` says so."""
+    problem = settings.open_plane_problem()
+    if problem is not None:
+        raise ValueError(problem)
+    worker = Worker(settings, secrets=SecretChecker(settings.accepted_secrets))
+    if not worker.secrets.enabled:
+        log.warning("sessions and /v1/info are open to anyone who can connect (insecure_open_sessions)")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -177,6 +192,10 @@ def create_app(settings: WorkerSettings) -> Starlette:
         return _metrics(worker)
 
     async def info(request: Request) -> Response:
+        verdict = worker.secrets.check(request.headers)
+        if verdict != "ok":
+            _refused(worker, "info", verdict, request.client)
+            return _unauthorized(verdict)
         return _info(worker)
 
     async def sessions(ws: WebSocket) -> None:
@@ -249,7 +268,47 @@ def _info(worker: Worker) -> Response:
 DRAINING_REASON = "the worker is draining"
 
 
+UNAUTHORIZED_REASONS: dict[AuthResult, str] = {
+    "missing": "a shared secret is needed: Authorization: Bearer <the worker's session secret>",
+    "wrong": "the shared secret is not one this worker accepts",
+}
+
+
+def _unauthorized(verdict: AuthResult) -> Response:
+    return JSONResponse({"error": UNAUTHORIZED_REASONS[verdict]}, status_code=401,
+                        headers={"WWW-Authenticate": 'Bearer realm="personagate-worker"'})
+
+
+REFUSAL_LOG_SECONDS = 10.0  # at most one log line per endpoint and reason this often: a scanner cannot flood the log
+
+
+def _refused(worker: Worker, endpoint: str, verdict: AuthResult, client: Any) -> None:
+    """Count a request refused for its credential, and log it (at most every REFUSAL_LOG_SECONDS per endpoint and
+    reason, with how many more there were); the secret it carried is never logged."""
+    worker.metrics.unauthorized.labels(endpoint, verdict).inc()
+    if endpoint == "sessions":
+        worker.metrics.sessions_refused.labels("unauthorized").inc()
+    key = (endpoint, verdict)
+    now = time.monotonic()
+    last, unlogged = worker.refusals_logged.get(key, (float("-inf"), 0))
+    if now - last < REFUSAL_LOG_SECONDS:
+        worker.refusals_logged[key] = (last, unlogged + 1)
+        return
+    worker.refusals_logged[key] = (now, 0)
+    log.warning("request refused: %s credential", verdict, extra={
+        "endpoint": endpoint, "client": f"{client.host}:{client.port}" if client else None,
+        "refused_unlogged_since_last": unlogged})
+
+
 async def _session(worker: Worker, ws: WebSocket) -> None:
+    verdict = worker.secrets.check(ws.headers)
+    if verdict != "ok":  # before the upgrade is accepted: nothing is read, no slot is counted
+        _refused(worker, "sessions", verdict, ws.client)
+        if "websocket.http.response" in ws.scope.get("extensions", {}):
+            await ws.send_denial_response(_unauthorized(verdict))
+        else:  # a server without the denial extension: refusing the upgrade answers 403
+            await ws.close(CloseCode.POLICY_VIOLATION, UNAUTHORIZED_REASONS[verdict])
+        return
     await ws.accept()
     if worker.draining:  # before anything else: the gateway tries another worker
         worker.metrics.sessions_refused.labels("draining").inc()

@@ -30,6 +30,7 @@ from .admin.tokens import TokenFile
 from .calls import Calls
 from .config import GatewaySettings
 from .metrics import GatewayMetrics
+from .serving import SecondListener
 from .tenants.loader import ClipCache
 from .tenants.registry import TenantRegistry
 from .tenants.store import TenantStore
@@ -85,7 +86,13 @@ def create_app(
         await asyncio.to_thread(registry.reload)
         watcher = asyncio.create_task(registry.watch(), name="tenant-watch")
         sip = None
+        admin_listener = None
         try:
+            if app.state.admin_app is not None:
+                admin_listener = app.state.admin_listener = SecondListener(
+                    app.state.admin_app, "admin API", settings.admin_host or settings.host, settings.admin_port or 0,
+                    cert_file=settings.http_tls_cert_file, key_file=settings.http_tls_key_file)
+                await admin_listener.start()
             await calls.startup()
             if settings.sip_enabled:
                 from .sip.server import SipServer
@@ -102,10 +109,15 @@ def create_app(
             if sip is not None:
                 await sip.stop()  # BYE to calls in progress, 503 to calls being set up; the endpoint destroyed
             await calls.close()
+            if admin_listener is not None:
+                await admin_listener.stop()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
 
+    # With admin_port the admin API (and its docs) is served only on a listener of its own, so that whatever
+    # exposes the public port (browser calls) cannot expose the admin API by accident.
+    admin_app = _admin_app(admin, metrics) if settings.admin_port is not None else None
     # /docs is served from the swagger-ui-bundle package (admin/docs.py), not a CDN: it works offline.
     app = FastAPI(title="personagate gateway", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
@@ -116,7 +128,8 @@ def create_app(
     app.state.metrics = metrics
     app.state.sip = None
     app.state.webrtc = webrtc
-    install(app, admin)
+    app.state.admin_app = admin_app
+    install(app, admin)  # its error answers and app.state.admin serve browser signalling too
     if webrtc is not None:
         from .webrtc.api import install as install_webrtc
 
@@ -149,6 +162,8 @@ def create_app(
     async def metrics_() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    if admin_app is not None:
+        app.add_middleware(_NotServedHere, prefixes=ADMIN_PATHS)
     app.add_middleware(_CountRequests, metrics=metrics)
     return app
 
@@ -156,6 +171,44 @@ def create_app(
 def _auth_throttle(settings: GatewaySettings) -> FailureThrottle:
     return FailureThrottle(burst=settings.admin_auth_failure_burst, per_minute=settings.admin_auth_failures_per_minute,
                            max_keys=settings.admin_auth_tracked_keys)
+
+
+ADMIN_PATHS = ("/v1/admin", "/docs", "/redoc", "/openapi.json")
+
+
+def _admin_app(admin: Admin, metrics: GatewayMetrics) -> FastAPI:
+    """The admin API (and its docs) alone, for its own listener (``admin_port``); /healthz for its probe."""
+    admin_app = FastAPI(title="personagate gateway admin API", version="0.1.0", description=DESCRIPTION,
+                        docs_url=None, redoc_url=None)
+    admin_app.state.admin = admin
+    install_docs(admin_app)
+    install(admin_app, admin)
+
+    @admin_app.get("/healthz", include_in_schema=False)
+    async def healthz() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    admin_app.add_middleware(_CountRequests, metrics=metrics)
+    return admin_app
+
+
+class _NotServedHere:
+    """404 for every path under ``prefixes`` (the admin API and its docs, when they have a listener of their own),
+    whatever routes the app holds: nothing under them is reachable through this listener."""
+
+    def __init__(self, app: Any, prefixes: tuple[str, ...]) -> None:
+        self.app = app
+        self.prefixes = prefixes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "") if scope["type"] in ("http", "websocket") else ""
+        if any(path == p or path.startswith(p + "/") for p in self.prefixes):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await JSONResponse({"detail": "Not Found"}, status_code=404)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class _CountRequests:

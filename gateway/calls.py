@@ -56,6 +56,7 @@ import numpy as np
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from .metrics import GatewayMetrics
+from .plane import WorkerAuth
 from .routing import Claim, Refusal, Router, RoutingMetrics, WorkerSnapshot, WorkerState, make_router
 from .routing.router import check_id
 from .worker_client import FRAME_BYTES, AgentAudio, AgentText, WorkerRefused, WorkerSession
@@ -543,8 +544,10 @@ class Calls:
         session_start_timeout: float = 10.0,
         rehome_deadline: float = 5.0,
         start_attempts: int = 3,
+        worker_auth: WorkerAuth | None = None,
     ) -> None:
         self.router = router
+        self.worker_auth = worker_auth or WorkerAuth()  # the shared secret and CAs for workers' sessions and polls
         self.registry = registry
         self.metrics = metrics or GatewayMetrics()
         self.workers = tuple(url.rstrip("/") for url in workers)  # embedded mode: polled for /v1/info
@@ -582,7 +585,8 @@ class Calls:
         if settings.redis_url:
             options["prefix"] = settings.redis_prefix
         router = make_router(settings.redis_url, **options)
-        return cls(router, registry, metrics=metrics, workers=() if settings.redis_url else settings.workers)
+        return cls(router, registry, metrics=metrics, workers=() if settings.redis_url else settings.workers,
+                   worker_auth=settings.worker_auth())
 
     # ------------------------------------------------------------------ calls
 
@@ -684,7 +688,8 @@ class Calls:
     async def open_session(self, claim: Claim, call: AgentCall, timeout: float) -> WorkerSession:
         """The call's session on the claimed worker (session id = call id), primed and ready."""
         async with asyncio.timeout(timeout):
-            return await WorkerSession.open(claim.url, call.persona.worker_persona, session_id=call.call_id)
+            return await WorkerSession.open(claim.url, call.persona.worker_persona, session_id=call.call_id,
+                                            auth=self.worker_auth)
 
     # ------------------------------------------------------------------ stopping
 
@@ -720,7 +725,8 @@ class Calls:
         if self._loops:
             return
         if self.workers:
-            self._http = httpx.AsyncClient(timeout=min(0.8, self.poll_seconds))
+            self._http = httpx.AsyncClient(timeout=min(0.8, self.poll_seconds), headers=self.worker_auth.headers(),
+                                           verify=self.worker_auth.ssl_context())
             await self._poll_workers()
         await self._maintain()
         self._loops = [
@@ -865,6 +871,12 @@ class Calls:
         assert self._http is not None
         try:
             response = await self._http.get(f"{base}/v1/info")
+            if response.status_code == 401:
+                self._seen(base, False, "it refuses this gateway's shared secret (401): worker_secret must be one of "
+                                        "the worker's session secrets" if self.worker_auth.secret else
+                                        "it needs a shared secret (401) and this gateway has none: set worker_secret "
+                                        "or worker_secret_file")
+                return
             info = response.json()
             state = worker_state(base, info) if isinstance(info, dict) else None
         except (httpx.HTTPError, ValueError) as exc:

@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     _worker_options(worker)
     worker.add_argument("--host", help="listen address (default 127.0.0.1)")
     worker.add_argument("--port", type=int, help="listen port (default 8765)")
+    worker.add_argument("--session-secret-file", type=Path,
+                        help="accepted shared secrets, one per line: gateways send one (default: none, and the worker "
+                             "refuses to start without one unless --insecure-open-sessions)")
+    worker.add_argument("--insecure-open-sessions", action="store_const", const=True,
+                        help="serve sessions and /v1/info with no secret (only for a worker nothing else can reach)")
     worker.add_argument("--log-level", default="info")
 
     bench = commands.add_parser("bench", help="benchmarks")
@@ -73,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     session.add_argument("--play", type=Path, help="caller audio: a wav/flac file (default: silence)")
     session.add_argument("--record", type=Path, help="write the agent's audio to this wav file")
     session.add_argument("--seconds", type=float, help="how long to talk (default: the --play file, or 5 s)")
+    session.add_argument("--secret-file", type=Path,
+                         help="the worker's shared secret (first line); default: $PERSONAGATE_GATEWAY_WORKER_SECRET_FILE"
+                              " or $PERSONAGATE_GATEWAY_WORKER_SECRET as the gateway reads them, else the one "
+                              "'personagate up' keeps in .personagate/worker-secret")
+    session.add_argument("--ca-file", type=Path, help="for a wss:// worker: the CA certificates (PEM) its certificate "
+                                                      "must chain to (default: the system's)")
 
     tenants = commands.add_parser("tenants", help="tenant personas")
     tenant_actions = tenants.add_subparsers(dest="action", required=True)
@@ -90,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     gateway.add_argument("--admin-tokens", type=Path, help="admin API tokens file (default: none, API disabled)")
     gateway.add_argument("--host", help="listen address (default 127.0.0.1)")
     gateway.add_argument("--port", type=int, help="HTTP port (default 8080)")
+    gateway.add_argument("--admin-port", type=int, help="serve the admin API on this port of its own, not on --port "
+                                                        "(default: on --port)")
     gateway.add_argument("--redis-url", help="the routing Redis shared with the workers (default: none, the "
                                              "embedded store, which polls --worker)")
     gateway.add_argument("--worker", action="append", metavar="URL",
@@ -133,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--http-port", type=int, default=8080, help="the gateway's HTTP port (admin API)")
     up.add_argument("--sip-port", type=int, default=5060, help="the gateway's SIP UDP port (default 5060)")
     up.add_argument("--state-dir", type=Path, default=Path(".personagate"),
-                    help="where the local operator token is kept (default: .personagate)")
+                    help="where the local operator token and the workers' shared secret are kept "
+                         "(default: .personagate)")
     up.add_argument("--redis-url", help="route through this Redis (worker heartbeats, gateway claims) instead of "
                                         "the embedded store")
 
@@ -177,6 +191,8 @@ def _settings(args: argparse.Namespace):
         "slots": args.slots,
         "host": getattr(args, "host", None),
         "port": getattr(args, "port", None),
+        "session_secret_file": getattr(args, "session_secret_file", None),
+        "insecure_open_sessions": getattr(args, "insecure_open_sessions", None),
     }
     if args.greedy:
         overrides["sampling"] = {"greedy": True}
@@ -193,14 +209,22 @@ def _settings(args: argparse.Namespace):
 
 
 def _run_worker(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    problem = settings.open_plane_problem()
+    if problem is not None:
+        print(f"personagate: {problem}", file=sys.stderr)
+        return 2
     from agent_runtime import logs
     from agent_runtime.drain import serve
 
-    settings = _settings(args)
     logs.configure(args.log_level)
+    ws, http = ("wss", "https") if settings.tls_enabled else ("ws", "http")
+    access = f"{len(settings.accepted_secrets)} shared secret(s)" if settings.accepted_secrets else \
+        "OPEN to anyone who can connect (insecure_open_sessions)"
     print(
-        f"personagate worker: model {settings.model}, sessions on ws://{settings.host}:{settings.port}/v1/sessions"
-        f" (ready when http://{settings.host}:{settings.port}/readyz says so; SIGTERM drains, Ctrl-C stops)",
+        f"personagate worker: model {settings.model}, sessions on {ws}://{settings.host}:{settings.port}/v1/sessions"
+        f" ({access}; ready when {http}://{settings.host}:{settings.port}/readyz says so; SIGTERM drains, "
+        "Ctrl-C stops)",
         file=sys.stderr,
     )
     return serve(settings)
@@ -217,6 +241,9 @@ def _run_session(args: argparse.Namespace) -> int:
 
     from gateway.worker_client import WorkerRefused, persona_message, talk
 
+    auth = _session_auth(args)
+    if auth is None:
+        return 2
     if args.persona is not None:
         persona = _tenant_persona(args.persona, args.tenants)
         if persona is None:
@@ -227,7 +254,8 @@ def _run_session(args: argparse.Namespace) -> int:
             parts = urlsplit(args.url)
             scheme = "https" if parts.scheme == "wss" else "http"
             try:
-                voices = httpx.get(f"{scheme}://{parts.netloc}/v1/info", timeout=5).json().get("voices") or []
+                voices = httpx.get(f"{scheme}://{parts.netloc}/v1/info", timeout=5, headers=auth.headers(),
+                                   verify=auth.ssl_context()).json().get("voices") or []
             except (httpx.HTTPError, ValueError) as exc:
                 print(f"personagate: cannot reach the worker at {parts.netloc}: {exc}", file=sys.stderr)
                 return 1
@@ -240,7 +268,7 @@ def _run_session(args: argparse.Namespace) -> int:
             return 2
     seconds = args.seconds or (len(caller) / 24_000 if len(caller) else 5.0)
     try:
-        report, agent = asyncio.run(talk(args.url, persona, caller_audio=caller, seconds=seconds))
+        report, agent = asyncio.run(talk(args.url, persona, caller_audio=caller, seconds=seconds, auth=auth))
     except WorkerRefused as exc:
         print(f"personagate: {exc}", file=sys.stderr)
         return 1
@@ -251,6 +279,29 @@ def _run_session(args: argparse.Namespace) -> int:
         soundfile.write(args.record, agent, 24_000)
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _session_auth(args: argparse.Namespace):
+    """``personagate session``'s credential: --secret-file, else the gateway's environment, else ``up``'s local
+    secret when there is one; None after saying why it cannot be read."""
+    from gateway.plane import WorkerAuth, check_secret, read_secrets
+    from gateway.up import DEFAULT_STATE_DIR, WORKER_SECRET_FILE
+
+    try:
+        if args.secret_file is not None:
+            secret: str | None = read_secrets("--secret-file", args.secret_file)[0]
+        elif path := os.environ.get("PERSONAGATE_GATEWAY_WORKER_SECRET_FILE"):
+            secret = read_secrets("PERSONAGATE_GATEWAY_WORKER_SECRET_FILE", Path(path))[0]
+        elif value := os.environ.get("PERSONAGATE_GATEWAY_WORKER_SECRET"):
+            secret = check_secret("PERSONAGATE_GATEWAY_WORKER_SECRET", value)
+        elif (local := DEFAULT_STATE_DIR / WORKER_SECRET_FILE).is_file():
+            secret = read_secrets(str(local), local)[0]
+        else:
+            secret = None
+    except ValueError as exc:
+        print(f"personagate: {exc}", file=sys.stderr)
+        return None
+    return WorkerAuth(secret=secret, ca_file=args.ca_file)
 
 
 def _run_call(args: argparse.Namespace) -> int:
@@ -373,7 +424,8 @@ def _run_gateway(args: argparse.Namespace) -> int:
 
     try:
         settings = load_gateway_settings(args.config, tenants_dir=args.tenants, admin_tokens_file=args.admin_tokens,
-                                         host=args.host, http_port=args.port, redis_url=args.redis_url,
+                                         host=args.host, http_port=args.port, admin_port=args.admin_port,
+                                         redis_url=args.redis_url,
                                          workers=args.worker, sip_host=args.sip_host, sip_port=args.sip_port,
                                          sip_enabled=True if args.sip or args.sip_port is not None else None)
     except SettingsError as exc:
@@ -390,8 +442,11 @@ def _run_gateway(args: argparse.Namespace) -> int:
     logs.configure(args.log_level)
     if args.log_level.lower() == "info":
         logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per worker poll (every second)
+    scheme = "https" if settings.http_tls_enabled else "http"
+    admin_where = f"{settings.admin_host or settings.host}:{settings.admin_port} (its own listener)" \
+        if settings.admin_port is not None else f"{settings.host}:{settings.http_port}"
     admin = "off (no admin_tokens_file)" if settings.admin_tokens_file is None else \
-        f"http://{settings.host}:{settings.http_port}/v1/admin (docs at /docs)"
+        f"{scheme}://{admin_where}/v1/admin (docs at /docs)"
     routing = "Redis" if settings.redis_url else "embedded, workers " + " ".join(settings.workers)
     sip = f"udp and tcp {settings.sip_host}:{settings.sip_port}" if settings.sip_enabled else "off"
     if settings.sip_enabled and settings.sip_tls_enabled:
@@ -401,7 +456,8 @@ def _run_gateway(args: argparse.Namespace) -> int:
     app = create_app(settings)
     app.state.metrics.restarts.inc(restarts_before_this_process())
     calls = app.state.calls
-    config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_config=None)
+    config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_config=None,
+                            ssl_certfile=settings.http_tls_cert_file, ssl_keyfile=settings.http_tls_key_file)
     server = GracefulServer(config, drain=lambda: app.state.drain(settings.drain_seconds), stop=calls.stop)
     server.run()
     return 0 if server.started else 1

@@ -10,12 +10,22 @@ from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import SettingsConfigDict
 
 from agent_runtime.bounded_yaml import describe, load_yaml
 from agent_runtime.settings_files import LayeredSettings, SettingsError, load_settings
 
+from .plane import WorkerAuth, check_ca_file, check_secret, check_server_tls, read_secrets
 from .routing.redis_store import RedisPrefixSetting, RedisUrlSetting
 from .tenants.loader import MAX_CLIP_BYTES
 
@@ -101,6 +111,7 @@ class IceServer(BaseModel):
 class GatewaySettings(LayeredSettings):
     what: ClassVar[str] = "gateway"
     model_config = SettingsConfigDict(env_prefix="PERSONAGATE_GATEWAY_", env_nested_delimiter="__", extra="forbid")
+    _worker_secret: str | None = PrivateAttr(None)  # worker_secret, or worker_secret_file's, checked
 
     host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535, description="the HTTP port: admin API, probes, metrics")
@@ -139,6 +150,26 @@ class GatewaySettings(LayeredSettings):
         3.0, ge=2, le=600, description="without redis_url: how long one /v1/info reading keeps a worker alive")
     drain_seconds: float = Field(
         3600.0, ge=0, description="on SIGTERM: how long calls in progress may go on before they are ended")
+    # The internal plane (gateway/plane.py, docs/deploy.md): the gateway's credential towards workers, TLS to them,
+    # TLS on its own HTTP listener, and the admin API on a listener of its own.
+    worker_secret: SecretStr | None = Field(
+        None, description="the shared secret sent to workers (Authorization: Bearer) on every session and /v1/info "
+                          "poll: one of the workers' session secrets")
+    worker_secret_file: Path | None = Field(
+        None, description="a file holding worker_secret (its first line), e.g. a Kubernetes Secret mounted as a file")
+    worker_tls_ca_file: Path | None = Field(
+        None, description="PEM CA certificates that wss:// and https:// workers' certificates must chain to; unset: "
+                          "the system's CAs")
+    http_tls_cert_file: Path | None = Field(
+        None, description="the HTTP listener's TLS certificate, PEM (chain may follow); with http_tls_key_file the "
+                          "gateway serves https:// only (the admin listener too)")
+    http_tls_key_file: Path | None = Field(None, description="the certificate's private key, PEM, unencrypted")
+    admin_host: str | None = Field(
+        None, description="the admin API's own listen address (with admin_port); default: host")
+    admin_port: int | None = Field(
+        None, ge=0, le=65535, description="a port of its own for the admin API (/v1/admin, /docs): then it is not "
+                                          "served on http_port, which an Ingress may expose for browser calls; "
+                                          "unset: the admin API is on http_port")
     # SIP front end (gateway/sip/).
     sip_enabled: bool = Field(False, description="answer SIP calls (UDP and TCP on sip_host:sip_port, TLS on "
                                                  "sip_tls_port); 'personagate up' turns it on")
@@ -431,6 +462,41 @@ class GatewaySettings(LayeredSettings):
                 raise ValueError(f"worker {url!r} is listed twice")
             out.append(url)
         return out
+
+    @field_validator("worker_secret", "worker_secret_file", "worker_tls_ca_file", "http_tls_cert_file",
+                     "http_tls_key_file", "admin_host", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _plane(self) -> GatewaySettings:
+        if self.worker_secret is not None and self.worker_secret_file is not None:
+            raise ValueError("worker_secret and worker_secret_file are both set: the gateway sends one secret")
+        if self.worker_secret is not None:
+            self._worker_secret = check_secret("worker_secret", self.worker_secret.get_secret_value())
+        elif self.worker_secret_file is not None:
+            self._worker_secret = read_secrets("worker_secret_file", self.worker_secret_file)[0]
+        if self.worker_tls_ca_file is not None:
+            check_ca_file("worker_tls_ca_file", self.worker_tls_ca_file)
+        check_server_tls("http_tls_cert_file", self.http_tls_cert_file, "http_tls_key_file", self.http_tls_key_file)
+        if self.admin_host is not None and self.admin_port is None:
+            raise ValueError("admin_host is set but admin_port is not: the admin API's own listener needs a port")
+        if self.admin_port is not None and self.admin_port != 0 and self.admin_port == self.http_port \
+                and (self.admin_host or self.host) == self.host:
+            raise ValueError(f"admin_port ({self.admin_port}) is http_port: give the admin API a port of its own, "
+                             "or leave admin_port unset to serve it on http_port")
+        return self
+
+    def worker_auth(self) -> WorkerAuth:
+        """What this gateway sends to workers and checks them with (``gateway/plane.py``)."""
+        from .plane import WorkerAuth
+
+        return WorkerAuth(secret=self._worker_secret, ca_file=self.worker_tls_ca_file)
+
+    @property
+    def http_tls_enabled(self) -> bool:
+        return self.http_tls_cert_file is not None and self.http_tls_key_file is not None
 
 
 def _read_credentials(path: Path) -> dict[str, SecretStr]:

@@ -23,8 +23,11 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -92,3 +95,50 @@ class GracefulServer(uvicorn.Server):
         except Exception:
             log.exception("shutting down failed; exiting anyway")
         self.should_exit = True
+
+
+class _NoSignals(uvicorn.Server):
+    """A uvicorn server that leaves the signals to the process's main server."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class SecondListener:
+    """Another address/port served from the same process and event loop as the main server, e.g. the gateway's
+    admin API on its own port: started and stopped by the main app's lifespan, its signals left to the main
+    server. The port is bound in ``start()``, so a port in use fails the start (OSError) instead of exiting."""
+
+    def __init__(self, app: Any, name: str, host: str, port: int, *, cert_file: Path | None = None,
+                 key_file: Path | None = None) -> None:
+        self.name = name
+        self.host = host
+        self.port = port
+        self._config = uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="off",
+                                      ssl_certfile=cert_file, ssl_keyfile=key_file)
+        self._server = _NoSignals(self._config)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        family, kind, proto, _, address = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(self._config.backlog)
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"the {self.name} cannot listen on {self.host}:{self.port}: {exc.strerror}") from exc
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        scheme = "https" if self._config.ssl_certfile else "http"
+        log.info("%s listening on %s://%s:%d", self.name, scheme, self.host, self.port)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name=self.name)
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        await self._task
+        self._task = None

@@ -24,7 +24,10 @@ Routing: by default the gateway's embedded store, fed by reading the worker's ``
 (no Redis needed); with ``--redis-url`` both the worker (heartbeats) and the gateway (claims) use that Redis.
 
 On first use it makes an operator token for the admin API and keeps it in the state folder
-(``.personagate/`` by default), so the local admin API works without any set-up.
+(``.personagate/`` by default), so the local admin API works without any set-up. So too the shared secret of the
+internal plane (``gateway/plane.py``): ``worker-secret`` in the state folder (mode 0600), which the worker accepts
+and the gateway sends, given to both as the path of that file in their environment (a secret set in ``up``'s own
+environment is not passed on: the pair always agrees). ``personagate session`` finds it there too.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from typing import Any
 import httpx
 
 from .admin.tokens import new_token
+from .plane import new_secret, read_secrets, write_private_file
 from .serving import RESTARTS_ENV
 
 READY_TIMEOUT_SECONDS = 900.0  # a PersonaPlex checkpoint takes minutes to load from disk
@@ -56,6 +60,12 @@ HEALTHY_SECONDS = 60.0
 # How a process ends when someone stops it on purpose (the worker and the gateway drain or stop on these and
 # exit 0; they die by them only before their handlers are installed): not a crash.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+DEFAULT_STATE_DIR = Path(".personagate")
+WORKER_SECRET_FILE = "worker-secret"  # in the state folder: the shared secret of the worker and the gateway
+# Where a worker or a gateway could otherwise pick up a secret of its own from up's environment.
+INHERITED_SECRET_ENV = ("PERSONAGATE_WORKER_SESSION_SECRET", "PERSONAGATE_WORKER_SESSION_SECRET_FILE",
+                        "PERSONAGATE_WORKER_INSECURE_OPEN_SESSIONS", "PERSONAGATE_GATEWAY_WORKER_SECRET",
+                        "PERSONAGATE_GATEWAY_WORKER_SECRET_FILE")
 
 
 @dataclass(frozen=True)
@@ -76,22 +86,31 @@ def operator_token(state_dir: Path) -> tuple[str, Path]:
     token_file = state_dir / "operator-token"
     if tokens_file.is_file() and token_file.is_file():
         return token_file.read_text().strip(), tokens_file
-    state_dir.mkdir(parents=True, exist_ok=True)
     token, line = new_token()
     for path, text in ((token_file, token + "\n"), (tokens_file, f"operator:\n  - {line}\n")):
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-        os.replace(tmp, path)
+        write_private_file(path, text)
     return token, tokens_file
+
+
+def worker_secret(state_dir: Path) -> Path:
+    """The file of the shared secret the worker accepts and the gateway sends; made (mode 0600) on first use, and
+    made again if it no longer holds a usable secret."""
+    path = state_dir / WORKER_SECRET_FILE
+    if path.is_file():
+        try:
+            read_secrets(str(path), path)
+            return path
+        except ValueError:
+            pass
+    write_private_file(path, new_secret() + "\n")
+    return path
 
 
 async def run_up(options: UpOptions) -> int:
     """Run the stack until Ctrl-C or SIGTERM (status 0), or until a component fails in a way a restart cannot
     mend or the stack is not ready in time (status 1); see the module docstring."""
     token, tokens_file = operator_token(options.state_dir)
-    supervisor = Supervisor(_components(options, tokens_file), on_up=lambda: _say_ready(options, token, tokens_file))
+    supervisor = Supervisor(_components(options, tokens_file, worker_secret(options.state_dir)), on_up=lambda: _say_ready(options, token, tokens_file))
     return await supervisor.run()
 
 
@@ -326,18 +345,21 @@ class Supervisor:
                 _send(component.process, sig)
 
 
-def _components(options: UpOptions, tokens_file: Path) -> list[Component]:
-    """The worker and the gateway of ``options``: their command lines, environments and readiness probes."""
+def _components(options: UpOptions, tokens_file: Path, secret_file: Path) -> list[Component]:
+    """The worker and the gateway of ``options``: their command lines, environments and readiness probes. Both
+    get ``secret_file``, the worker as its accepted secret, the gateway as the one it sends."""
     cli = (sys.executable, "-m", "gateway.cli")
     worker_url = f"http://{_url_host(options.host)}:{options.worker_port}"
     gateway_url = f"http://{_url_host(options.host)}:{options.http_port}"
-    worker_env = dict(os.environ)
+    inherited = {k: v for k, v in os.environ.items() if k not in INHERITED_SECRET_ENV}
+    worker_env = inherited | {"PERSONAGATE_WORKER_SESSION_SECRET_FILE": str(secret_file.absolute())}
     routing: tuple[str, ...] = ("--worker", worker_url)
     if options.redis_url:
         worker_env["PERSONAGATE_WORKER_REDIS_URL"] = options.redis_url
         routing = ("--redis-url", options.redis_url)
     # Tenants that record calls (with a consent announcement) are recorded here unless the environment says where.
-    gateway_env = {"PERSONAGATE_GATEWAY_RECORDINGS_DIR": str(recordings_dir(options))} | os.environ
+    gateway_env = {"PERSONAGATE_GATEWAY_RECORDINGS_DIR": str(recordings_dir(options))} | inherited | {
+        "PERSONAGATE_GATEWAY_WORKER_SECRET_FILE": str(secret_file.absolute())}
     return [
         Component("worker", (*cli, "worker", "--host", options.host, "--port", str(options.worker_port),
                              *options.worker_args), worker_env, f"{worker_url}/readyz"),
@@ -364,6 +386,9 @@ def _url_host(host: str) -> str:
 
 def _say_ready(options: UpOptions, token: str, tokens_file: Path) -> None:
     worker = f"ws://{options.host}:{options.worker_port}/v1/sessions"
+    # personagate session finds the secret in the default state folder by itself; elsewhere it is told where.
+    secret_flag = "" if options.state_dir == DEFAULT_STATE_DIR else \
+        f" --secret-file {options.state_dir / WORKER_SECRET_FILE}"
     admin = f"http://{options.host}:{options.http_port}"
     print(f"""
 personagate is up.
@@ -378,8 +403,8 @@ personagate is up.
 
 Call a tenant's number over SIP (a real pjsua2 caller; plays the wav, records the agent, prints timings):
   .venv/bin/personagate call sip:+14155550186@{_url_host(options.host)}:{options.sip_port} --play caller.wav --record agent.wav
-Talk to a tenant's persona without SIP:
-  .venv/bin/personagate session {worker} --persona harbor-mutual/claims --record agent.wav
+Talk to a tenant's persona without SIP (with the workers' shared secret, kept in {options.state_dir / WORKER_SECRET_FILE}):
+  .venv/bin/personagate session {worker} --persona harbor-mutual/claims --record agent.wav{secret_flag}
 List the tenants:
   curl -H 'Authorization: Bearer {token}' {admin}/v1/admin/tenants
 Ctrl-C stops everything.

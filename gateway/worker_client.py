@@ -19,9 +19,13 @@ from typing import Self
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from .plane import WorkerAuth
 
 FRAME_BYTES = 3840
+# WorkerRefused.code when the worker answered the upgrade itself 401 (no or a wrong shared secret; no close code)
+UNAUTHORIZED = 4401
 
 
 class WorkerRefused(Exception):
@@ -73,15 +77,27 @@ class WorkerSession:
         self.persona_cached: bool = ready["persona_cached"]
 
     @classmethod
-    async def open(cls, url: str, persona: Mapping[str, object], *, session_id: str | None = None) -> WorkerSession:
-        """Start a session with ``persona`` (see ``persona_message``); raises WorkerRefused with the
-        worker's close code and reason if it does not start."""
+    async def open(cls, url: str, persona: Mapping[str, object], *, session_id: str | None = None,
+                   auth: WorkerAuth | None = None) -> WorkerSession:
+        """Start a session with ``persona`` (see ``persona_message``), proving itself with ``auth``'s secret (and
+        checking a ``wss://`` worker's certificate with its CAs); raises WorkerRefused with the worker's close
+        code and reason if it does not start (``UNAUTHORIZED`` if the worker refused the credential)."""
+        auth = auth or WorkerAuth()
         start: dict[str, object] = {"type": "start", "persona": dict(persona)}
         if session_id is not None:
             start["session_id"] = session_id
         # No permessage-deflate: 80 ms PCM frames barely compress, and zlib on every frame, both ways, cost a
         # quarter of the gateway's CPU with dozens of calls (measured, personagate bench sip).
-        ws = await connect(url, max_size=2**22, compression=None)
+        try:
+            ws = await connect(url, max_size=2**22, compression=None, additional_headers=auth.headers(),
+                               ssl=auth.ssl_for(url))
+        except InvalidStatus as exc:
+            if exc.response.status_code not in (401, 403):
+                raise
+            raise WorkerRefused(UNAUTHORIZED, f"the worker refused this gateway's shared secret (HTTP "
+                                              f"{exc.response.status_code}): "
+                                              f"{'none was sent' if auth.secret is None else 'not one it accepts'}"
+                                ) from None
         try:
             await ws.send(json.dumps(start))
             ready = json.loads(await ws.recv())
@@ -160,6 +176,7 @@ async def talk(
     *,
     caller_audio: np.ndarray,
     seconds: float,
+    auth: WorkerAuth | None = None,
 ) -> tuple[dict[str, object], np.ndarray]:
     """Play ``caller_audio`` (24 kHz mono float32; silence after it ends) into a session in real
     time for ``seconds``; return a report and the agent's audio (24 kHz mono float32)."""
@@ -171,7 +188,7 @@ async def talk(
     arrivals: list[float] = []
     texts: list[str] = []
     first_voiced: float | None = None
-    async with await WorkerSession.open(url, persona) as session:
+    async with await WorkerSession.open(url, persona, auth=auth) as session:
         ready_at = time.monotonic()
 
         async def play() -> None:

@@ -5,6 +5,7 @@ import os
 import shlex
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -15,11 +16,21 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.plane import WorkerAuth, bearer
 from tests.redis_server import redis_server  # noqa: F401
 
 # moshi reads this when its modules are imported: without it every test would pay torch.compile's
 # start-up on CPU for nothing.
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+# The internal plane's shared secret (gateway/plane.py), in one place: every worker the tests start accepts it and
+# every gateway they start sends it, through the environment both inherit; clients the tests drive themselves send
+# WORKER_AUTH_HEADERS (raw WebSocket/HTTP) or WORKER_AUTH (WorkerSession.open, Calls).
+TEST_WORKER_SECRET = "personagate-tests-shared-secret-3f9c"
+os.environ["PERSONAGATE_WORKER_SESSION_SECRET"] = TEST_WORKER_SECRET
+os.environ["PERSONAGATE_GATEWAY_WORKER_SECRET"] = TEST_WORKER_SECRET
+WORKER_AUTH_HEADERS = bearer(TEST_WORKER_SECRET)
+WORKER_AUTH = WorkerAuth(secret=TEST_WORKER_SECRET)
 
 WORKER_SLOTS = 3
 
@@ -45,9 +56,10 @@ def udp_free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(command: list[str], ready_url: str, *, env: dict[str, str] | None = None, timeout: float = 60.0
-          ) -> Iterator[subprocess.Popen]:
-    """Run ``command`` (a server on loopback) until ``ready_url`` answers 200; stop it afterwards.
+def serve(command: list[str], ready_url: str, *, env: dict[str, str] | None = None, timeout: float = 60.0,
+          verify: ssl.SSLContext | bool = True) -> Iterator[subprocess.Popen]:
+    """Run ``command`` (a server on loopback) until ``ready_url`` answers 200 (an https one checked with
+    ``verify``); stop it afterwards.
     Its log (stderr) goes to a file, not a pipe: an unread pipe would block the server once full. The process
     yielded carries that file's path as ``log_path`` (``tests.helpers.logs`` reads it), until it is stopped; with
     ``PERSONAGATE_TEST_KEEP_LOGS=<folder>`` the log is copied there when the server stops."""
@@ -58,7 +70,7 @@ def serve(command: list[str], ready_url: str, *, env: dict[str, str] | None = No
             deadline = time.monotonic() + timeout
             while True:
                 with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(ready_url).status_code == 200:
+                    if httpx.get(ready_url, verify=verify).status_code == 200:
                         break
                 if proc.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)

@@ -39,7 +39,7 @@ from gateway.serving import GracefulServer
 from gateway.tenants.registry import TenantRegistry
 from gateway.tenants.tenant import PersonaConfig, Tenant
 from gateway.worker_client import AgentAudio, WorkerSession
-from tests.conftest import free_port, serve, stop_process
+from tests.conftest import WORKER_AUTH, WORKER_AUTH_HEADERS, free_port, serve, stop_process
 from tests.redis_server import RedisServer
 
 FRAME = 0.08
@@ -130,7 +130,7 @@ def redis_calls(redis: RedisServer, prefix: str, registry: TenantRegistry) -> Ca
     metrics = GatewayMetrics()
     router = RedisRouter(redis.url, prefix=prefix, lease_seconds=3.0, timeout=0.5, connect_timeout=0.3,
                          metrics=RoutingMetrics(metrics.registry))
-    return Calls(router, registry, metrics=metrics, reap_seconds=0.25)
+    return Calls(router, registry, metrics=metrics, reap_seconds=0.25, worker_auth=WORKER_AUTH)
 
 
 @contextlib.asynccontextmanager
@@ -403,7 +403,7 @@ async def test_without_redis_the_gateway_polls_its_worker_and_serves_a_call_like
         call = await calls.start("call-embedded", *route(registry, ACME))
         caller = Caller(call)
         await asyncio.sleep(1.0)
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(headers=WORKER_AUTH_HEADERS) as http:
             info = (await http.get(f"http://127.0.0.1:{port}/v1/info")).json()
         assert "call-embedded" in info["active_sessions"]
         assert caller.frames_since(time.monotonic() - 0.8, filler=False) >= 6
@@ -491,7 +491,8 @@ async def warm(calls: Calls, procs: dict[str, object], tenant: Tenant, persona: 
         others = [w for w in procs if w != worker_id]
         claim = await calls.router.claim(f"warm-{worker_id}", tenant.id, None, exclude_workers=others)
         assert claim.worker_id == worker_id
-        session = await WorkerSession.open(claim.url, persona.worker_persona, session_id=claim.call_id)
+        session = await WorkerSession.open(claim.url, persona.worker_persona, session_id=claim.call_id,
+                                           auth=WORKER_AUTH)
         await session.end()
         await session.close()
         await calls.router.release(claim.call_id)

@@ -24,7 +24,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import free_port, serve
+from tests.conftest import WORKER_AUTH_HEADERS, free_port, serve
 
 FRAME_BYTES = 3840
 FRAME_SECONDS = 0.08
@@ -55,7 +55,7 @@ class Call:
 
     @classmethod
     async def start(cls, base: str, session_id: str) -> Call:
-        ws = await connect(f"ws://{base}/v1/sessions", open_timeout=10)
+        ws = await connect(f"ws://{base}/v1/sessions", open_timeout=10, additional_headers=WORKER_AUTH_HEADERS)
         await ws.send(json.dumps({"type": "start", "session_id": session_id,
                                   "persona": {"prompt": "You are a claims agent.", "voice": "tiny-low"}}))
         ready = json.loads(await asyncio.wait_for(ws.recv(), 30))
@@ -95,7 +95,7 @@ class Call:
 
 async def _refusal(base: str) -> tuple[int | None, str | None]:
     """Ask for a new session; the close code and reason the worker answers with."""
-    ws = await connect(f"ws://{base}/v1/sessions", open_timeout=10)
+    ws = await connect(f"ws://{base}/v1/sessions", open_timeout=10, additional_headers=WORKER_AUTH_HEADERS)
     with contextlib.suppress(ConnectionClosed):
         await ws.send(json.dumps({"type": "start", "persona": {"prompt": "x", "voice": "tiny-low"}}))
         message = await asyncio.wait_for(ws.recv(), 10)
@@ -128,7 +128,7 @@ async def test_sigterm_drains_calls_in_progress_and_refuses_new_ones():
     """SIGTERM: readiness fails at once (liveness stays), a new session is refused with 1013 so the gateway
     tries another worker, the call in progress keeps its audio, and when it ends the process exits 0."""
     with own_worker() as (base, proc):
-        async with httpx.AsyncClient(base_url=f"http://{base}", timeout=5) as http:
+        async with httpx.AsyncClient(base_url=f"http://{base}", timeout=5, headers=WORKER_AUTH_HEADERS) as http:
             call = await Call.start(base, "call-drain-1")
             await asyncio.sleep(1.0)
             signalled = time.monotonic()

@@ -16,7 +16,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import free_port, serve
+from tests.conftest import WORKER_AUTH_HEADERS, free_port, serve
 
 FRAME_BYTES = 3840
 
@@ -41,7 +41,7 @@ def _frames(count: int, seed: int) -> list[bytes]:
 
 async def _echo_call(address: str, frames: list[bytes], persona: dict) -> tuple[dict, list[bytes]]:
     """One session: the ready message and the agent frames, caller frames sent every 80 ms."""
-    async with connect(f"ws://{address}/v1/sessions") as ws:
+    async with connect(f"ws://{address}/v1/sessions", additional_headers=WORKER_AUTH_HEADERS) as ws:
         await ws.send(json.dumps({"type": "start", "persona": persona}))
         ready = json.loads(await ws.recv())
         received: list[bytes] = []
@@ -67,7 +67,7 @@ async def _echo_call(address: str, frames: list[bytes], persona: dict) -> tuple[
 def test_echo_worker_starts_fast_and_says_it_is_the_echo_model(echo_worker: tuple[str, float]) -> None:
     address, seconds = echo_worker
     assert seconds < 10, f"the echo worker took {seconds:.1f} s to become ready"
-    info = httpx.get(f"http://{address}/v1/info").json()
+    info = httpx.get(f"http://{address}/v1/info", headers=WORKER_AUTH_HEADERS).json()
     assert info["model"] == "echo"
     assert info["ready"] is True
     assert info["slots"] == 128
@@ -96,13 +96,13 @@ async def test_two_callers_each_hear_only_themselves(echo_worker: tuple[str, flo
     assert ready_b["persona_cached"] is True
     assert got_a[1:] == a[:-1] and got_b[1:] == b[:-1]
     async with httpx.AsyncClient() as client:
-        info = (await client.get(f"http://{address}/v1/info")).json()
+        info = (await client.get(f"http://{address}/v1/info", headers=WORKER_AUTH_HEADERS)).json()
     assert len(info["cached_personas"]) >= 2
 
 
 async def test_echo_worker_refuses_an_unknown_voice_as_a_model_would(echo_worker: tuple[str, float]) -> None:
     address, _ = echo_worker
-    async with connect(f"ws://{address}/v1/sessions") as ws:
+    async with connect(f"ws://{address}/v1/sessions", additional_headers=WORKER_AUTH_HEADERS) as ws:
         await ws.send(json.dumps({"type": "start", "persona": {"prompt": "x", "voice": "nobody"}}))
         with pytest.raises(ConnectionClosed):
             await ws.recv()

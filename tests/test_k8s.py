@@ -36,9 +36,10 @@ CLOSE_MARGIN = 60  # seconds past the drain for the preStop pause, hanging up st
 # What gpu-prod reads but does not ship: the operator creates them (docs/deploy.md says how).
 EXTERNAL = {"gpu-prod": {("Secret", "personagate-redis"), ("Secret", "personagate-sip-auth"),
                          ("Secret", "personagate-admin-tokens"), ("Secret", "personagate-turn"),
-                         ("Secret", "personagate-sip-tls"), ("PersistentVolumeClaim", "personagate-weights")},
+                         ("Secret", "personagate-sip-tls"), ("Secret", "personagate-plane"),
+                         ("PersistentVolumeClaim", "personagate-weights")},
             "cpu-demo": {("Secret", "personagate-admin-tokens"), ("Secret", "personagate-turn"),
-                         ("Secret", "personagate-sip-tls")}}
+                         ("Secret", "personagate-sip-tls"), ("Secret", "personagate-plane")}}
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet")
 KUBECTL = shutil.which("kubectl")
 
@@ -388,6 +389,11 @@ def _resolved_env(docs: list[dict[str, Any]], container: dict[str, Any], files: 
             else:
                 value = examples[(ref["name"], ref["key"])]
         env[name] = value
+    for name in ("PERSONAGATE_GATEWAY_WORKER_SECRET_FILE", "PERSONAGATE_WORKER_SESSION_SECRET_FILE"):
+        if name in env:  # the personagate-plane Secret, which the operator creates: an example
+            path = files / "worker-secret"
+            path.write_text("example-shared-secret-0123456789\n")
+            env[name] = str(path)
     if "PERSONAGATE_GATEWAY_SIP_AUTH_USERS_FILE" in env:  # a Secret volume: the overlay's, or an example
         content = secrets.get("personagate-sip-auth", {}).get("sip-auth-users.yaml", "trunk-1: example-password\n")
         path = files / "sip-auth-users.yaml"
@@ -422,6 +428,28 @@ def test_the_settings_the_manifests_pass_are_accepted(rendered: dict[str, list[d
                 assert settings.redis_url is not None
                 assert settings.resolved_advertise_url() == "ws://10.244.1.7:8765/v1/sessions"  # the pod's own
                 assert settings.resolved_worker_id() == "personagate-worker-x"
+
+
+def test_workers_and_gateways_share_the_planes_secret_from_a_secret_never_a_literal(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Worker sessions need the shared secret: the worker's accepted secrets and the gateway's are the same key of
+    the same Secret (personagate-plane, which no overlay ships), mounted as a file; no overlay turns the check off
+    or writes a secret into a manifest."""
+    wanted = {"personagate-worker": "PERSONAGATE_WORKER_SESSION_SECRET_FILE",
+              "personagate-gateway": "PERSONAGATE_GATEWAY_WORKER_SECRET_FILE"}
+    for overlay, docs in rendered.items():
+        assert not any(d["kind"] == "Secret" and d["metadata"]["name"].startswith("personagate-plane") for d in docs)
+        for name, setting in wanted.items():
+            pod = _one(docs, "Deployment", name)["spec"]["template"]["spec"]
+            (container,) = [c for c in pod["containers"] if c["name"] in ("worker", "gateway")]
+            env = _env(container)
+            assert "PERSONAGATE_WORKER_INSECURE_OPEN_SESSIONS" not in env, (overlay, name)
+            assert not any(k.endswith(("_SESSION_SECRET", "_WORKER_SECRET")) for k in env), (overlay, name)
+            path = Path(env[setting]["value"])
+            (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent)]
+            (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+            assert volume["secret"]["secretName"] == "personagate-plane" and not volume["secret"].get("optional")
+            assert {"key": "worker-secret", "path": path.name} in volume["secret"]["items"], (overlay, name)
 
 
 def test_referenced_secrets_config_maps_and_volumes_exist_or_are_the_operators(

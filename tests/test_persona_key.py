@@ -14,6 +14,7 @@ import pytest
 from agent_runtime.persona import Persona, PersonaError, PersonaFormatError, persona_from_message, persona_key
 from gateway.tenants.loader import load_tenants
 from gateway.worker_client import WorkerSession, persona_message
+from tests.conftest import WORKER_AUTH, WORKER_AUTH_HEADERS
 
 TENANTS = Path(__file__).resolve().parent.parent / "tenants"
 
@@ -67,9 +68,10 @@ async def test_a_tenant_personas_key_is_what_the_worker_reports_once_primed(work
     assert not result.problems
     personas = [p for t in result.tenants.values() for p in t.personas.values()]
     assert any(p.voice_clip is not None for p in personas) and any(p.voice_preset is not None for p in personas)
-    async with httpx.AsyncClient(base_url=f"http://{worker}", timeout=10) as http:
+    async with httpx.AsyncClient(base_url=f"http://{worker}", timeout=10, headers=WORKER_AUTH_HEADERS) as http:
         for persona in personas:
-            async with await WorkerSession.open(f"ws://{worker}/v1/sessions", persona.worker_persona) as session:
+            async with await WorkerSession.open(f"ws://{worker}/v1/sessions", persona.worker_persona,
+                                                auth=WORKER_AUTH) as session:
                 await session.end()
             cached = (await http.get("/v1/info")).json()["cached_personas"]
             assert persona.persona_key in cached, (persona.tenant, persona.name)

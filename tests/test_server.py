@@ -25,6 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from agent_runtime.voices import PRESET_VOICES
+from tests.conftest import WORKER_AUTH_HEADERS
 from tests.conftest import WORKER_SLOTS as SLOTS
 
 FRAME_BYTES = 3840  # 1920 samples s16le mono, 24 kHz: 80 ms
@@ -47,7 +48,7 @@ def _start(voice: str = "tiny-low", prompt: str = "You are a claims agent.", **f
 
 
 async def _open(base: str, start: str | None = None) -> tuple[ClientConnection, dict]:
-    ws = await connect(f"ws://{base}/v1/sessions", open_timeout=10)
+    ws = await connect(f"ws://{base}/v1/sessions", open_timeout=10, additional_headers=WORKER_AUTH_HEADERS)
     await ws.send(start or _start())
     ready = json.loads(await asyncio.wait_for(ws.recv(), START_WAIT))
     assert ready["type"] == "ready", ready
@@ -56,7 +57,7 @@ async def _open(base: str, start: str | None = None) -> tuple[ClientConnection, 
 
 async def _refused(base: str, first: str | bytes | None) -> tuple[int | None, str | None]:
     """Connect, send `first` (or nothing) and return the close code and reason the worker gives."""
-    ws = await connect(f"ws://{base}/v1/sessions", open_timeout=10)
+    ws = await connect(f"ws://{base}/v1/sessions", open_timeout=10, additional_headers=WORKER_AUTH_HEADERS)
     if first is not None:
         await ws.send(first)
     return await _closed(ws)
@@ -113,7 +114,7 @@ async def _talk(ws: ClientConnection, frames: list[bytes], linger: float = 1.0
 
 
 async def _info(base: str) -> dict:
-    async with httpx.AsyncClient(timeout=10) as http:
+    async with httpx.AsyncClient(timeout=10, headers=WORKER_AUTH_HEADERS) as http:
         response = await http.get(f"http://{base}/v1/info")
     assert response.status_code == 200
     return response.json()
@@ -356,7 +357,7 @@ async def test_the_tiny_worker_offers_personaplex_voice_names(worker):
 async def test_probes_info_and_metrics(worker):
     """Kubernetes probes answer 200 on a ready worker, /v1/info describes it for a gateway, and
     Prometheus sees the pool: capacity, tick step times, sessions started and ended by reason."""
-    async with httpx.AsyncClient(base_url=f"http://{worker}", timeout=10) as http:
+    async with httpx.AsyncClient(base_url=f"http://{worker}", timeout=10, headers=WORKER_AUTH_HEADERS) as http:
         before = (await http.get("/metrics")).text
         started_before = _metric(before, "personagate_worker_sessions_started_total")
 

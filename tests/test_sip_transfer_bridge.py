@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import udp_free_port
+from tests.conftest import WORKER_AUTH_HEADERS, udp_free_port
 from tests.test_sip import _metrics, _ready, _until, echo_stack, escalating_tenant
 
 pytest.importorskip("pjsua2")
@@ -255,7 +255,7 @@ def _transfers(result: str, method: str) -> str:
 
 
 def _active_sessions(stack: dict[str, str]) -> int:
-    return len(httpx.get(f"{stack['worker']}/v1/info", timeout=5).json()["active_sessions"])
+    return len(httpx.get(f"{stack['worker']}/v1/info", timeout=5, headers=WORKER_AUTH_HEADERS).json()["active_sessions"])
 
 
 def test_refused_refer_bridges_the_caller_to_the_human(stack: dict[str, str], tmp_path: Path) -> None:

@@ -21,8 +21,9 @@ from typing import TypeVar
 import httpx
 import pytest
 
+from gateway.plane import bearer
 from gateway.up import HEALTHY_SECONDS, Component, describe_exit, restart_delay, stopped_on_purpose
-from tests.conftest import free_port, udp_free_port
+from tests.conftest import WORKER_AUTH_HEADERS, free_port, udp_free_port
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -147,10 +148,19 @@ def test_up_serves_a_worker_and_the_admin_api_and_stops_both_on_ctrl_c(tmp_path)
                             headers={"Authorization": f"Bearer {token}"}).json()
         assert sorted(t["id"] for t in tenants) == ["harbor-mutual", "northwind-bank"]
 
+        # The worker serves only the gateway: up made a shared secret of their own (0600), not one it inherited.
+        secret_file = tmp_path / ".personagate" / "worker-secret"
+        assert secret_file.stat().st_mode & 0o077 == 0
+        info = f"http://127.0.0.1:{worker_port}/v1/info"
+        assert httpx.get(info).status_code == 401
+        assert httpx.get(info, headers=WORKER_AUTH_HEADERS).status_code == 401  # the tests' secret, in up's env
+        assert httpx.get(info, headers=bearer(secret_file.read_text().strip())).status_code == 200
+        # The README's command, with nothing set up: personagate session finds up's secret by itself.
         talk = subprocess.run(
             [sys.executable, "-m", "gateway.cli", "session", f"ws://127.0.0.1:{worker_port}/v1/sessions",
              "--persona", "northwind-bank/card-services", "--seconds", "0.5"],
             cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+            env={k: v for k, v in os.environ.items() if not k.startswith("PERSONAGATE_GATEWAY_WORKER_SECRET")},
         )
         assert talk.returncode == 0, talk.stderr
         assert json.loads(talk.stdout)["close"] == [1000, "session ended: client_end"]

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import soundfile
 
+from tests.conftest import WORKER_AUTH
+
 
 def _session(worker: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -56,12 +58,12 @@ async def test_a_gateway_can_set_a_personas_sampling(worker):
     url = f"ws://{worker}/v1/sessions"
     persona = persona_message("You are a claims agent.", voice="tiny-low", sampling={"temperature": 0.5,
                                                                                        "text_top_k": 5})
-    session = await WorkerSession.open(url, persona)
+    session = await WorkerSession.open(url, persona, auth=WORKER_AUTH)
     async with session:
         await session.end()
     with pytest.raises(WorkerRefused) as refused:
         await WorkerSession.open(url, persona_message("You are a claims agent.", voice="tiny-low",
-                                                      sampling={"top_k": 0}))
+                                                      sampling={"top_k": 0}), auth=WORKER_AUTH)
     assert refused.value.code == 4422 and "persona.sampling.top_k" in refused.value.reason
 
 

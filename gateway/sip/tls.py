@@ -42,14 +42,16 @@ def check_readable(setting: str, path: Path) -> Path:
     return path
 
 
-def check_key_pair(cert_file: Path, key_file: Path) -> None:
-    """The certificate (chain) and the private key load together; else a ValueError naming both settings."""
+def check_key_pair(cert_file: Path, key_file: Path, *,
+                   settings: tuple[str, str] = ("sip_tls_cert_file", "sip_tls_key_file")) -> None:
+    """The certificate (chain) and the private key load together; else a ValueError naming both ``settings``."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    files = f"sip_tls_cert_file {str(cert_file)!r} and sip_tls_key_file {str(key_file)!r}"
+    cert_setting, key_setting = settings
+    files = f"{cert_setting} {str(cert_file)!r} and {key_setting} {str(key_file)!r}"
     try:
         context.load_cert_chain(cert_file, key_file, password=_no_password)
     except _Encrypted:
-        raise ValueError(f"sip_tls_key_file {str(key_file)!r}: the private key is encrypted; give the gateway an "
+        raise ValueError(f"{key_setting} {str(key_file)!r}: the private key is encrypted; give the gateway an "
                          "unencrypted PEM key (openssl pkey -in KEY -out PLAIN-KEY) kept readable only by it") from None
     except ssl.SSLError as exc:
         if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
@@ -58,16 +60,16 @@ def check_key_pair(cert_file: Path, key_file: Path) -> None:
                          f"({exc.reason or exc})") from None
 
 
-def check_ca_file(ca_file: Path) -> None:
-    """``ca_file`` holds at least one CA certificate OpenSSL can load."""
+def check_ca_file(ca_file: Path, *, setting: str = "sip_tls_ca_file") -> None:
+    """``ca_file`` holds at least one CA certificate OpenSSL can load; else a ValueError naming ``setting``."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
         context.load_verify_locations(cafile=ca_file)
     except ssl.SSLError as exc:
-        raise ValueError(f"sip_tls_ca_file {str(ca_file)!r}: OpenSSL cannot load CA certificates from it "
+        raise ValueError(f"{setting} {str(ca_file)!r}: OpenSSL cannot load CA certificates from it "
                          f"({exc.reason or exc})") from None
     if not context.get_ca_certs():
-        raise ValueError(f"sip_tls_ca_file {str(ca_file)!r}: no CA certificate in it")
+        raise ValueError(f"{setting} {str(ca_file)!r}: no CA certificate in it")
 
 
 @dataclass(frozen=True)
