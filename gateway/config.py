@@ -224,10 +224,10 @@ class GatewaySettings(LayeredSettings):
                                          "valid admin token are not counted")
     webrtc_public_calls_per_tenant: int = Field(
         4, ge=1, le=10_000, description="anonymous (public-link, no token) browser calls one tenant may have in "
-                                        "progress on this gateway, offers being answered included: keep it below the "
-                                        "tenants' max_concurrent_calls and the pool's slots, so that one public link "
-                                        "cannot take every agent; more → 503 with Retry-After (token holders are not "
-                                        "counted)")
+                                        "progress on this gateway, offers being answered included, and never more "
+                                        "than its max_concurrent_calls - 1: keep it below the pool's slots, so that "
+                                        "one public link cannot take every agent; more → 503 with Retry-After (token "
+                                        "holders are not counted)")
     webrtc_public_calls_per_client: int = Field(
         2, ge=1, le=10_000, description="anonymous browser calls one client (an IPv4 address or IPv6 /64) may have in "
                                         "progress on this gateway, all tenants together; more → 429 with Retry-After")

@@ -28,7 +28,7 @@ from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
 from gateway.admin.tokens import new_token
-from gateway.webrtc.api import OfferRateLimit, client_key
+from gateway.webrtc.api import OfferRateLimit, client_key, public_cap
 from gateway.webrtc.ice import CandidatePolicy, bound_remote_candidates, candidate_policy, restrict_host_addresses
 from gateway.webrtc.offer import OfferError, check_offer, read_offer
 from tests.conftest import free_port, serve
@@ -407,15 +407,17 @@ async def test_no_free_agent_is_503_with_retry_after(stack: Stack, http: httpx.A
 async def test_a_bad_offer_gets_a_clear_error(stack: Stack, http: httpx.AsyncClient, body: bytes | None,
                                               content_type: str,
                                               status: int, detail: str) -> None:
-    """A malformed, oversized or mistyped offer is refused with the reason, costs no slot, and the gateway
-    carries on."""
+    """A malformed, oversized or mistyped offer is refused with the reason, costs no slot (none is even claimed:
+    aiortc's own parse comes before the claim too), and the gateway carries on."""
     if body is None:
         async with browser() as call:
             body = re.sub(r"a=setup:\w+", "a=setup:sideways", call.pc.localDescription.sdp).encode()
+    before = claims(await metrics(http))
     response = await http.post(f"/v1/webrtc/calls/{PUBLIC[0]}/{PUBLIC[1]}", content=body,
                                headers={"Content-Type": content_type})
     assert response.status_code == status
     assert detail in response.json()["detail"]
+    assert claims(await metrics(http)) == before
     assert (await http.get("/readyz")).json()["slots_free"] == 2
 
 
@@ -808,6 +810,14 @@ async def test_one_public_link_cannot_take_every_slot(crowd: Stack) -> None:
         after = await metrics(a)
     assert refusals(after, "public_tenant_cap") == refusals(before, "public_tenant_cap") + 1
     assert refusals(after, "public_client_cap") == refusals(before, "public_client_cap") + 1
+
+
+def test_a_public_link_always_leaves_its_tenant_a_call() -> None:
+    """However high webrtc_public_calls_per_tenant is set, anonymous callers leave one of the tenant's
+    max_concurrent_calls to its phone numbers and admins (a tenant limited to one call has just that one)."""
+    assert public_cap(4, 40) == 4
+    assert public_cap(4, 3) == 2
+    assert public_cap(4, 1) == 4  # the tenant limit itself refuses the second call (429)
 
 
 async def _slots_free(http: httpx.AsyncClient) -> int:

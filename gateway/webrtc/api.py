@@ -96,7 +96,9 @@ SDP = "application/sdp"
 MAX_CLIENTS_TRACKED = 10_000
 ENDED_KEPT = 4096  # ended calls a DELETE still answers 204 (the page hangs up by message, then by DELETE)
 SECRET_HEADER = "Personagate-Call-Secret"
-_OVER = (BrowserCallState.ENDED, BrowserCallState.REFUSED)
+# An ending call no longer counts under the anonymous caps: its caller has hung up (or been told the call ended)
+# and may call again; its slot is released within the second.
+_OVER = (BrowserCallState.ENDING, BrowserCallState.ENDED, BrowserCallState.REFUSED)
 
 
 class Refused(ApiError):
@@ -142,6 +144,13 @@ class OfferRateLimit:
         full = [c for c, (t, w) in self._buckets.items() if t + (now - w) * self.rate >= self.burst]
         for client in full or sorted(self._buckets, key=lambda c: self._buckets[c][1])[:len(self._buckets) // 2]:
             del self._buckets[client]
+
+
+def public_cap(setting: int, tenant_limit: int) -> int:
+    """Anonymous calls a tenant may have in progress: ``webrtc_public_calls_per_tenant``, and always below the
+    tenant's own ``max_concurrent_calls`` (one of its calls is left to its phone numbers and admins; a tenant
+    limited to one call has only that one, which its limit guards)."""
+    return min(setting, tenant_limit - 1) if tenant_limit > 1 else setting
 
 
 class WebRtc:
@@ -193,7 +202,7 @@ class WebRtc:
         if by_client >= settings.webrtc_public_calls_per_client:
             raise Refused(429, "public_client_cap", f"this client already has {by_client} call(s) in progress; "
                           "hang up one first", headers=retry)
-        if by_tenant >= settings.webrtc_public_calls_per_tenant:
+        if by_tenant >= public_cap(settings.webrtc_public_calls_per_tenant, tenant.spec.limits.max_concurrent_calls):
             raise Refused(503, "public_tenant_cap", f"{tenant.spec.name} takes no more calls from its public link now",
                           headers=retry)
 
