@@ -232,10 +232,11 @@ class GatewaySettings(LayeredSettings):
         2, ge=1, le=10_000, description="anonymous browser calls one client (an IPv4 address or IPv6 /64) may have in "
                                         "progress on this gateway, all tenants together; more → 429 with Retry-After")
     webrtc_max_offer_candidates: int = Field(
-        16, ge=1, le=64, description="ICE candidates an offer may carry, all its sections together (a browser offers "
-                                     "2-10); more → 400. It also bounds the gateway's connectivity checks: a call's "
-                                     "ICE agent keeps at most this many remote candidates, plus 4 learnt from the "
-                                     "browser's own checks (peer-reflexive)")
+        20, ge=1, le=64, description="UDP ICE candidates an offer may carry, all its sections together (a browser "
+                                     "offers 2-12; TCP ones are left out, and three times this in all); more → 400. "
+                                     "It also bounds the gateway's connectivity checks: a call's ICE agent keeps at "
+                                     "most this many remote candidates, plus 4 learnt from the browser's own checks "
+                                     "(peer-reflexive)")
     webrtc_ice_interfaces: list[str] = Field(
         [], description="where the gateway's ICE agent offers host candidates: interface names (eth0) or addresses "
                         "(10.0.0.5, 127.0.0.1); empty: every address but loopback")

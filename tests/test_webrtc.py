@@ -622,7 +622,8 @@ BAD_OFFERS = {  # what an outside tester sent, each answered 201 before
                          "port 'notaport' is not a port number", "invalid_offer"),
     "rtpmap:999999": (lambda sdp: re.sub(r"a=rtpmap:\d+ opus", "a=rtpmap:999999 opus", sdp),
                       "payload type '999999' is not a number 0-127", "invalid_offer"),
-    "150 candidates": (lambda sdp: with_extra_candidates(sdp, 150), "at most 16 are taken", "too_many_candidates"),
+    "150 candidates": (lambda sdp: with_extra_candidates(sdp, 150), "at most 20 UDP ones are taken",
+                       "too_many_candidates"),
     "candidates on the gateway's host": (lambda sdp: with_candidates_at(sdp, "127.0.0.1"),
                                          "this gateway's own host", "no_usable_candidate"),
     "candidates at the metadata service": (lambda sdp: with_candidates_at(sdp, "169.254.169.254"),
@@ -682,9 +683,19 @@ def test_offer_checks_ports_payload_types_and_candidates() -> None:
         check_offer(re.sub(r"(a=candidate:\S+ \d+ \S+ \d+ \S+ )\d+", r"\g<1>65536", sdp).encode())
     with pytest.raises(OfferError, match="type 'bogus'"):
         check_offer(re.sub(r"typ host", "typ bogus", sdp).encode())
-    with pytest.raises(OfferError, match="at most 3 are taken") as refused:
+    with pytest.raises(OfferError, match="at most 3 UDP ones are taken") as refused:
         check_offer(with_extra_candidates(sdp, 3).encode(), max_candidates=3)
     assert refused.value.reason == "too_many_candidates"
+    # TCP candidates (every browser offers them) are left out, uncounted: the gateway's ICE speaks UDP only
+    tcp = re.sub(r"(a=candidate:\S+ \d+ )udp", r"\1tcp", with_extra_candidates(sdp, 3))
+    assert "udp" in with_extra_candidates(sdp, 0) and "tcp" in tcp
+    with_tcp = with_extra_candidates(sdp, 0).replace(candidate.group(0), candidate.group(0) + "\r\n" +
+                                                     candidate.group(0).replace(" udp ", " tcp "))
+    udp = sdp.count("a=candidate:")
+    kept = read_offer(with_tcp.encode(), max_candidates=udp)  # the TCP one is not counted against the cap
+    assert " tcp " not in kept.sdp and kept.dropped == [] and kept.candidates == udp
+    with pytest.raises(OfferError, match="they are all TCP"):
+        check_offer(tcp.encode())
     policy = CandidatePolicy(loopback=False, families=frozenset({4}), foreign=(ipaddress.ip_network("10.9.0.0/16"),))
     mixed = with_extra_candidates(sdp, 1).replace("198.51.0.1", "10.9.1.1")
     mixed = mixed.replace(candidate.group(0), candidate.group(0) + "\r\n" +

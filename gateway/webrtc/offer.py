@@ -15,8 +15,10 @@ checks here give the client a 400 that names the problem (the first one found) i
   ``a=rtcp-fb``) a number 0-127;
 - ICE candidates: each well formed (component, udp/tcp, priority, an IP address or an mDNS ``.local`` name,
   port, type), never at an address no host may use (unspecified, multicast, broadcast), and at most
-  ``max_candidates`` of them (``webrtc_max_offer_candidates``): the gateway's ICE agent sends connectivity
-  checks to every candidate, so an offer of hundreds would make it a UDP reflector.
+  ``max_candidates`` UDP ones (``webrtc_max_offer_candidates``; and three times that in all): the gateway's
+  ICE agent sends connectivity checks to every candidate, so an offer of hundreds would make it a UDP
+  reflector. TCP candidates (browsers offer them too) are taken out: the gateway's ICE agent speaks UDP only,
+  and they would only use up its bound on remote candidates (``ice.bound_remote_candidates``).
 
 Candidates at addresses the gateway must not send to (``ice.CandidatePolicy``: the host itself, link-local,
 the networks of interfaces left out of ``webrtc_ice_interfaces``) are taken out of the offer before aiortc
@@ -40,7 +42,8 @@ _NUMBER = re.compile(r"^[0-9]{1,10}$")
 _PT_ATTRIBUTES = ("a=rtpmap:", "a=fmtp:", "a=rtcp-fb:")
 _CANDIDATE_TYPES = frozenset({"host", "srflx", "prflx", "relay"})
 _MDNS_NAME = re.compile(r"^[A-Za-z0-9-]{1,63}\.local$")  # what browsers put in place of a host address
-DEFAULT_MAX_CANDIDATES = 16
+DEFAULT_MAX_CANDIDATES = 20
+_TCP = "TCP: the gateway's ICE agent speaks UDP only"  # a candidate taken out without a word
 
 # Refuses a candidate's address (the reason) or lets it through (None); see ``ice.CandidatePolicy``.
 AddressCheck = Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], "str | None"]
@@ -139,34 +142,45 @@ def _payload_type(pt: str, where: str) -> None:
 
 def _check_candidates(session: list[str], sections: list[list[str]], max_candidates: int,
                       address_check: AddressCheck | None) -> Offer:
-    """Each candidate checked; those ``address_check`` refuses taken out; at least one left, at most
-    ``max_candidates`` offered."""
-    offered = sum(line.startswith("a=candidate:") for section in sections for line in section)
-    if offered > max_candidates:
-        raise OfferError(f"the offer has {offered} ICE candidates; at most {max_candidates} are taken (a browser "
-                         "offers a few per network interface)", "too_many_candidates")
+    """Each candidate checked; TCP ones and those ``address_check`` refuses taken out; at least one left, at most
+    ``max_candidates`` UDP ones offered (and three times that in all)."""
+    lines = [line for section in sections for line in section if line.startswith("a=candidate:")]
+    offered = len(lines)
+    udp = sum(_fields(line)[2].lower() == "udp" for line in lines)
+    if udp > max_candidates or offered > 3 * max_candidates:
+        raise OfferError(f"the offer has {offered} ICE candidates ({udp} UDP); at most {max_candidates} UDP ones are "
+                         "taken (a browser offers a few per network interface)", "too_many_candidates")
     offer = Offer(sdp="")
     out = list(session)
     for section in sections:
         for line in section:
             if line.startswith("a=candidate:"):
                 why = _candidate_refused(line, address_check)
+                if why == _TCP:
+                    continue  # expected from every browser: not worth a log line
                 if why is not None:
                     offer.dropped.append(why)
                     continue
                 offer.candidates += 1
             out.append(line)
     if offered and not offer.candidates:
-        raise OfferError(f"none of the offer's {offered} ICE candidates is an address this gateway may send to ("
-                         + "; ".join(offer.dropped[:4]) + ")", "no_usable_candidate")
+        why = "; ".join(offer.dropped[:4]) or "they are all TCP, and the gateway's ICE agent speaks UDP only"
+        raise OfferError(f"none of the offer's {offered} ICE candidates is an address this gateway may send to "
+                         f"({why})", "no_usable_candidate")
     offer.sdp = "\r\n".join(out) + "\r\n"
     return offer
 
 
-def _candidate_refused(line: str, address_check: AddressCheck | None) -> str | None:
-    """None for a candidate the gateway may use; a reason ("<address>: <why>") for one it takes out; OfferError
-    for one that is malformed or at an address no host may use."""
+def _fields(line: str) -> list[str]:
+    """An ``a=candidate:`` line's fields (at least 3, so that the transport can always be read)."""
     fields = line[len("a=candidate:"):].split(" ")
+    return fields + [""] * (3 - len(fields))
+
+
+def _candidate_refused(line: str, address_check: AddressCheck | None) -> str | None:
+    """None for a candidate the gateway may use; a reason ("<address>: <why>") for one it takes out (``_TCP`` for a
+    TCP one, taken out quietly); OfferError for one that is malformed or at an address no host may use."""
+    fields = _fields(line)
     shown = repr(line[:80])
     if len(fields) < 8 or fields[6] != "typ":
         raise OfferError(f"ICE candidate {shown} is not '<foundation> <component> <transport> <priority> <address> "
@@ -182,6 +196,10 @@ def _candidate_refused(line: str, address_check: AddressCheck | None) -> str | N
         raise OfferError(f"ICE candidate {shown}: port {port[:12]!r} is not a port number (0-65535)")
     if kind not in _CANDIDATE_TYPES:
         raise OfferError(f"ICE candidate {shown}: type {kind[:12]!r} is not host, srflx, prflx or relay")
+    if transport.lower() == "tcp":
+        return _TCP
+    if int(port) == 0:
+        raise OfferError(f"ICE candidate {shown}: UDP port 0 cannot be sent to")
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
