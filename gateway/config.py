@@ -265,8 +265,24 @@ class GatewaySettings(LayeredSettings):
         16_384, ge=1024, le=262_144, description="the largest SDP offer accepted (a browser's audio offer with a data "
                                                  "channel is 2-5 KB); larger → 413")
     webrtc_offers_per_minute: int = Field(
-        20, ge=1, le=10_000, description="SDP offers one client address may post per minute (a burst of a third of "
-                                         "it at once); more → 429 with Retry-After")
+        20, ge=1, le=10_000, description="SDP offers one client address may post per minute without a token (a "
+                                         "burst of a third of it at once); more → 429 with Retry-After. Offers with a "
+                                         "valid admin token are not counted")
+    webrtc_public_calls_per_tenant: int = Field(
+        4, ge=1, le=10_000, description="anonymous (public-link, no token) browser calls one tenant may have in "
+                                        "progress on this gateway, offers being answered included, and never more "
+                                        "than its max_concurrent_calls - 1: keep it below the pool's slots, so that "
+                                        "one public link cannot take every agent; more → 503 with Retry-After (token "
+                                        "holders are not counted)")
+    webrtc_public_calls_per_client: int = Field(
+        2, ge=1, le=10_000, description="anonymous browser calls one client (an IPv4 address or IPv6 /64) may have in "
+                                        "progress on this gateway, all tenants together; more → 429 with Retry-After")
+    webrtc_max_offer_candidates: int = Field(
+        20, ge=1, le=64, description="UDP ICE candidates an offer may carry, all its sections together (a browser "
+                                     "offers 2-12; TCP ones are left out, and three times this in all); more → 400. "
+                                     "It also bounds the gateway's connectivity checks: a call's ICE agent keeps at "
+                                     "most this many remote candidates, plus 4 learnt from the browser's own checks "
+                                     "(peer-reflexive)")
     webrtc_ice_interfaces: list[str] = Field(
         [], description="where the gateway's ICE agent offers host candidates: interface names (eth0) or addresses "
                         "(10.0.0.5, 127.0.0.1); empty: every address but loopback")
@@ -282,8 +298,9 @@ class GatewaySettings(LayeredSettings):
         20.0, gt=0, le=300, description="from the offer to a primed agent and connected media; later, the call ends "
                                         "(setup_timeout)")
     webrtc_connect_timeout_seconds: float = Field(
-        10.0, gt=0, le=120, description="from the answer to the browser's media connected (ICE, DTLS); later, the "
-                                        "call ends (setup_timeout) and its slot is freed")
+        5.0, gt=0, le=120, description="from the answer to the browser's media connected (ICE, DTLS); later, the "
+                                       "call ends (setup_timeout) and its slot is freed: an answered offer whose "
+                                       "media never connects holds a slot this long at most")
     webrtc_media_timeout_seconds: float = Field(
         20.0, ge=1, le=3600, description="a connected browser call with no audio from the browser this long ends "
                                          "(media_timeout)")

@@ -223,6 +223,15 @@ def test_a_browser_calls_a_public_persona_hears_the_agent_and_reads_its_transcri
     # hanging up gives the agent back: the next caller gets it
     _until(lambda: slots_free(stack) == 1, "the hung-up call's slot is free again", timeout=10)
     assert unexpected(errors) == []
+    assert refused_hangups(stack) == 0  # the page hangs up with the call's secret
+
+
+def refused_hangups(http: str) -> float:
+    """Hang-ups the gateway refused for want of the call's secret (it has no other client than the page here)."""
+    metrics = httpx.get(f"{http}/metrics", timeout=5).text
+    line = next(line for line in metrics.splitlines()
+                if line.startswith('personagate_gateway_webrtc_refusals_total{reason="hangup_forbidden"}'))
+    return float(line.split()[-1])
 
 
 def test_a_private_persona_is_refused_without_a_token_and_called_by_its_tenant_admin(
@@ -277,6 +286,7 @@ def test_hanging_up_while_connecting_leaves_no_call_behind(stack: str, browser: 
     page.goto("about:blank")  # the page goes away mid-call: its pagehide hangs up
     _until(lambda: slots_free(stack) == 1, "the closed page's slot is free again", timeout=5)
     assert unexpected(errors) == []
+    assert refused_hangups(stack) == 0
 
 
 def test_the_keypad_asks_for_a_person_and_the_page_says_how_it_went(stack: str, browser: tuple[Page, list[str]]

@@ -14,7 +14,7 @@ import pytest
 import soundfile
 
 from tests.test_sip_recording import NOTICE_SECONDS, RATE, _level, _match, _notice
-from tests.test_webrtc import Stack, browser, metrics, place, webrtc_stack
+from tests.test_webrtc import Stack, browser, hang_up, metrics, place, webrtc_stack
 
 TONE_HZ = 440.0  # the browser's voice (tests.test_webrtc.CallerVoice): bursts of half a second, every second
 
@@ -60,7 +60,7 @@ async def test_a_recorded_browser_call_hears_the_notice_first_and_is_recorded(st
         assert (await place(http, call, "recorded", "agent")).status_code == 201
         await call.until(lambda: "ready" in call.kinds(), "the call is ready")
         await asyncio.sleep(seconds)
-        await http.delete(call.location)
+        await hang_up(http, call)
         await call.until(lambda: "ended" in call.kinds(), "the call ends")
     found: list[Path] = []
     deadline = time.monotonic() + 5

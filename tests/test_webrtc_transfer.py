@@ -15,7 +15,7 @@ import pytest
 
 from tests.test_sip import echo_stack, escalating_tenant
 from tests.test_sip_transfer_bridge import Human
-from tests.test_webrtc import PUBLIC, Browser, browser, metrics, place
+from tests.test_webrtc import PUBLIC, Browser, browser, hang_up, metrics, place
 
 pytest.importorskip("pjsua2")
 pytestmark = pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
@@ -84,6 +84,6 @@ async def test_a_busy_human_leaves_the_caller_with_the_agent(stack: dict[str, st
             "type": "transfer_failed", "result": "busy"}
         heard = call.loud_frames
         await call.until(lambda: call.loud_frames > heard + 25, "the agent still answers")
-        await http.delete(call.location)
+        await hang_up(http, call)
         await call.until(lambda: "ended" in call.kinds(), "the call ends")
     assert human.finished() == 0, human.errors()

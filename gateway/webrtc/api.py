@@ -3,8 +3,10 @@
     GET    /call                                  the page (static/call.html; ?tenant=…&persona=… preselects)
     GET    /v1/webrtc/personas                    personas this client may call, and the ICE servers to use
     POST   /v1/webrtc/calls/{tenant}/{persona}    body: the SDP offer (application/sdp, ICE gathered)
-                                                  → 201, the SDP answer, Location: /v1/webrtc/calls/{id}
-    DELETE /v1/webrtc/calls/{id}                  hang up → 204 (also for a call that has just ended)
+                                                  → 201, the SDP answer, Location: /v1/webrtc/calls/{id},
+                                                    Personagate-Call-Secret: the call's secret
+    DELETE /v1/webrtc/calls/{id}                  hang up (Authorization: Bearer <the call's secret, or an admin
+                                                  token of its tenant>) → 204 (also for a call that has just ended)
 
 The exchange is WHIP's (RFC 9725) shape: one POST with the complete offer, one answer, a resource to DELETE.
 
@@ -14,14 +16,36 @@ persona takes calls from its tenant's admins and the operator, with their admin 
 (``Authorization: Bearer``), at any hour: that is how admins hear a persona before it goes on a number. A
 persona this caller may not call is a 404, as one that does not exist.
 
-**Answers** (JSON ``{"detail": …}`` for errors): 400 malformed offer (the reason), 401 an unknown token, 404 no
-such tenant or persona (or not one this caller may call), 413 offer larger than ``webrtc_max_offer_bytes``, 415
-not ``application/sdp``, 429 too many offers from this client (``webrtc_offers_per_minute``, per IPv4 address
-or IPv6 /64) or the tenant at its ``max_concurrent_calls`` (SIP's 486), 503 no agent free / routing store
-unavailable / gateway draining / after hours, with ``Retry-After`` where a retry can help. The offer is
-answered once the slot is claimed; priming goes on while the browser connects, and the data channel says
-``ringing``, then ``ready`` (see ``call.py``); what fails after the claim (the persona refused by the worker, no
-worker starting the session) ends the call with ``ended`` and its reason.
+**The call's secret.** The id is no secret (it is in ``Location`` and in the logs), so each call gets its own
+unguessable secret (32 random bytes), given once, to its creator, in the 201's ``Personagate-Call-Secret``
+header, and never logged. Hanging up (DELETE: the only call control over HTTP; the data channel is the
+browser's own, inside DTLS) needs it, or an admin token of the call's tenant or the operator's, as
+``Authorization: Bearer``; compared in constant time. Without it: 403, and the call goes on.
+
+**Order of the checks**, cheapest and most telling first: the token (401 for an unknown one); for callers
+without a valid token only, the per-client offer rate; the body (415, 413, 400); the persona (404, or 503 after
+hours); the anonymous caps; then the slot. A valid token holder is never rate limited by the anonymous
+per-client limit (an office behind one address). **Anonymous** (public-link) calls, those of callers with no
+admin token of the tenant, are capped in progress: ``webrtc_public_calls_per_client`` per client (429) and
+``webrtc_public_calls_per_tenant`` per tenant (503), counted on this gateway, offers being answered included;
+an answered call whose media does not connect ends after ``webrtc_connect_timeout_seconds``, which frees its
+place under both caps and its slot.
+
+**The slot is claimed only after the offer has passed every check**: ``offer.py``'s (media, ports, payload
+types, candidates), then aiortc's own parse (``setRemoteDescription``); the claim then overlaps the gathering
+of the gateway's candidates. Waiting for ICE to connect before claiming would add the claim and the start of
+priming to every caller's setup time; the connect timeout bounds what a non-connecting offer holds instead.
+
+**Answers** (JSON ``{"detail": …}`` for errors): 400 malformed offer (the reason), 401 an unknown token, 403 a
+hang-up without the call's secret, 404 no such tenant or persona (or not one this caller may call), 413 offer
+larger than ``webrtc_max_offer_bytes``, 415 not ``application/sdp``, 429 too many offers from this client
+(``webrtc_offers_per_minute``, per IPv4 address or IPv6 /64), too many anonymous calls from it, or the tenant at
+its ``max_concurrent_calls`` (SIP's 486), 503 no agent free / routing store unavailable / gateway draining /
+after hours / the tenant's anonymous calls at their cap, with ``Retry-After`` where a retry can help. Every
+refusal is counted in ``personagate_gateway_webrtc_refusals_total{reason}``. The offer is answered once the
+slot is claimed; priming goes on while the browser connects, and the data channel says ``ringing``, then
+``ready`` (see ``call.py``); what fails after the claim (the persona refused by the worker, no worker starting
+the session) ends the call with ``ended`` and its reason.
 """
 
 from __future__ import annotations
@@ -47,10 +71,17 @@ from ..calls import PersonaRejected
 from ..routing import Refusal
 from ..sip.server import check_recordings_dir
 from ..tenants.tenant import Rejection
-from .call import BrowserCall
-from .ice import ice_servers, restrict_host_addresses, rtc_configuration
+from .call import BrowserCall, BrowserCallState
+from .ice import (
+    PEER_REFLEXIVE_ALLOWANCE,
+    bound_remote_candidates,
+    candidate_policy,
+    ice_servers,
+    restrict_host_addresses,
+    rtc_configuration,
+)
 from .metrics import WebRtcMetrics
-from .offer import OfferError, check_offer
+from .offer import OfferError, read_offer
 
 if TYPE_CHECKING:
     from ..calls import Calls
@@ -64,6 +95,26 @@ STATIC = Path(__file__).parent / "static"
 SDP = "application/sdp"
 MAX_CLIENTS_TRACKED = 10_000
 ENDED_KEPT = 4096  # ended calls a DELETE still answers 204 (the page hangs up by message, then by DELETE)
+SECRET_HEADER = "Personagate-Call-Secret"
+# An ending call no longer counts under the anonymous caps: its caller has hung up (or been told the call ended)
+# and may call again; its slot is released within the second.
+_OVER = (BrowserCallState.ENDING, BrowserCallState.ENDED, BrowserCallState.REFUSED)
+
+
+class Refused(ApiError):
+    """An ``ApiError`` with the reason it is counted under (``personagate_gateway_webrtc_refusals_total``)."""
+
+    def __init__(self, status: int, reason: str, detail: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status, detail, headers=headers)
+        self.reason = reason
+
+
+def refusal_reason(exc: ApiError) -> str:
+    """What a refusal is counted as: its own reason, or one told by the status of an error raised by code shared
+    with the admin API (the body's size, the token)."""
+    if isinstance(exc, Refused):
+        return exc.reason
+    return {401: "invalid_token", 404: "not_found", 413: "too_large", 415: "not_sdp"}.get(exc.status, str(exc.status))
 
 
 class OfferRateLimit:
@@ -95,6 +146,13 @@ class OfferRateLimit:
             del self._buckets[client]
 
 
+def public_cap(setting: int, tenant_limit: int) -> int:
+    """Anonymous calls a tenant may have in progress: ``webrtc_public_calls_per_tenant``, and always below the
+    tenant's own ``max_concurrent_calls`` (one of its calls is left to its phone numbers and admins; a tenant
+    limited to one call has only that one, which its limit guards)."""
+    return min(setting, tenant_limit - 1) if tenant_limit > 1 else setting
+
+
 class WebRtc:
     """The browser front end's state: its calls in progress, its limits, its metrics."""
 
@@ -105,18 +163,48 @@ class WebRtc:
         self.metrics = WebRtcMetrics(calls.metrics.registry)
         self.rate_limit = OfferRateLimit(settings.webrtc_offers_per_minute)
         self.active: dict[str, BrowserCall] = {}
-        self.ended: collections.OrderedDict[str, None] = collections.OrderedDict()  # the last ENDED_KEPT call ids
+        self.secrets: dict[str, str] = {}  # call id → its secret, for calls in progress
+        # the last ENDED_KEPT calls: id → (secret, tenant), so that a late DELETE is still told apart from a stranger's
+        self.ended: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
+        self.public: dict[str, BrowserCall] = {}  # anonymous calls, from their offer's acceptance to their end
+        self.candidates = candidate_policy(settings.webrtc_ice_interfaces)
 
     async def start(self) -> None:
         restrict_host_addresses(self.settings.webrtc_ice_interfaces)
+        bound_remote_candidates(self.settings.webrtc_max_offer_candidates + PEER_REFLEXIVE_ALLOWANCE)
+        self.candidates = await asyncio.to_thread(candidate_policy, self.settings.webrtc_ice_interfaces)
         if self.settings.recordings_dir is not None:
             await asyncio.to_thread(check_recordings_dir, self.settings.recordings_dir)
 
     def _forget(self, call_id: str) -> None:
-        self.active.pop(call_id, None)
-        self.ended[call_id] = None
+        call = self.active.pop(call_id, None)
+        self.public.pop(call_id, None)
+        secret = self.secrets.pop(call_id, None)
+        if call is not None and secret is not None:
+            self.ended[call_id] = (secret, call.tenant.id)
         while len(self.ended) > ENDED_KEPT:
             self.ended.popitem(last=False)
+
+    def public_calls(self, tenant_id: str, client: str) -> tuple[int, int]:
+        """Anonymous calls in progress (offers being answered included): this client's, and ``tenant_id``'s."""
+        by_client = by_tenant = 0
+        for call in self.public.values():
+            if call.state not in _OVER:
+                by_client += client_key(call.client) == client
+                by_tenant += call.tenant.id == tenant_id
+        return by_client, by_tenant
+
+    def check_public_caps(self, tenant: Tenant, client: str) -> None:
+        """``Refused`` if an anonymous call from ``client`` to ``tenant`` would pass a cap."""
+        settings = self.settings
+        by_client, by_tenant = self.public_calls(tenant.id, client_key(client))
+        retry = {"Retry-After": str(max(1, math.ceil(self.calls.router.retry_after_seconds)))}
+        if by_client >= settings.webrtc_public_calls_per_client:
+            raise Refused(429, "public_client_cap", f"this client already has {by_client} call(s) in progress; "
+                          "hang up one first", headers=retry)
+        if by_tenant >= public_cap(settings.webrtc_public_calls_per_tenant, tenant.spec.limits.max_concurrent_calls):
+            raise Refused(503, "public_tenant_cap", f"{tenant.spec.name} takes no more calls from its public link now",
+                          headers=retry)
 
     async def wait_idle(self, seconds: float) -> bool:
         """Until no browser call is in progress (True), or ``seconds`` pass (False): a drain waits here for calls
@@ -152,37 +240,47 @@ class WebRtc:
         persona = tenant.personas.get(persona_name) if tenant is not None else None
         admin = who is not None and who.may_reach(tenant_id)
         if persona is None or not (admin or persona.public_link):
-            raise ApiError(404, f"no persona {persona_name!r} to call in tenant {tenant_id!r} (a persona without "
+            raise Refused(404, "not_found", f"no persona {persona_name!r} to call in tenant {tenant_id!r} (a persona without "
                                 "public_link is called with its tenant's admin token)")
         assert tenant is not None
         if admin:
             return tenant, persona  # an admin trying a persona: at any hour
         answer = tenant.answer_for(persona_name, dt.datetime.now(dt.UTC))
         if isinstance(answer, Rejection):
-            raise ApiError(503, f"{tenant.spec.name} is closed now: {answer.reason}")
+            raise Refused(503, "closed", f"{tenant.spec.name} is closed now: {answer.reason}")
         return tenant, answer
 
     async def offer(self, tenant_id: str, persona_name: str, request: Request,
                     credentials: HTTPAuthorizationCredentials | None) -> Response:
         client = request.client.host if request.client else "unknown"
-        wait = self.rate_limit.take(client_key(client))
-        if wait:
-            raise ApiError(429, f"too many call attempts from {client}; try again in {math.ceil(wait)} s",
-                           headers={"Retry-After": str(math.ceil(wait))})
+        who = await identify(request, credentials)
+        if who is None:  # a valid token holder is not held to the anonymous per-client rate
+            wait = self.rate_limit.take(client_key(client))
+            if wait:
+                raise Refused(429, "rate_limited", f"too many call attempts from {client}; try again in "
+                              f"{math.ceil(wait)} s", headers={"Retry-After": str(math.ceil(wait))})
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != SDP:
-            raise ApiError(415, f"the offer is sent as {SDP}, not {content_type or 'no content type'}")
+            raise Refused(415, "not_sdp", f"the offer is sent as {SDP}, not {content_type or 'no content type'}")
         body = await read_body(request, self.settings.webrtc_max_offer_bytes, "the SDP offer")
         try:
-            sdp = check_offer(body)
+            offer = read_offer(body, max_candidates=self.settings.webrtc_max_offer_candidates,
+                               address_check=self.candidates.refuse)
         except OfferError as exc:
-            raise ApiError(400, str(exc)) from None
-        who = await identify(request, credentials)
+            raise Refused(400, exc.reason, str(exc)) from None
         tenant, persona = self.resolve(tenant_id, persona_name, who)
         if self.calls.draining:
-            raise ApiError(503, "this gateway is draining: it takes no new calls",
-                           headers={"Retry-After": str(math.ceil(self.calls.router.retry_after_seconds))})
+            raise Refused(503, "draining", "this gateway is draining: it takes no new calls",
+                          headers={"Retry-After": str(math.ceil(self.calls.router.retry_after_seconds))})
+        anonymous = who is None or not who.may_reach(tenant.id)
+        if anonymous:
+            self.check_public_caps(tenant, client)
+        if offer.dropped:
+            self.metrics.candidates_dropped.inc(len(offer.dropped))
+            log.info("ICE candidates taken out of an offer", extra={"client": client, "tenant": tenant.id,
+                                                                    "dropped": offer.dropped[:8]})
         call_id = "webrtc-" + secrets.token_hex(16)
+        secret = secrets.token_urlsafe(32)
         settings = self.settings
         call = BrowserCall(call_id=call_id, tenant=tenant, persona=persona, calls=self.calls,
                            configuration=rtc_configuration(settings), metrics=self.metrics, client=client,
@@ -194,27 +292,70 @@ class WebRtc:
                            jitter_buffer_packets=settings.webrtc_jitter_buffer_packets,
                            recordings_dir=settings.recordings_dir,
                            sip=getattr(request.app.state, "sip", None), ring_timeout=settings.sip_transfer_ring_seconds)
+        if anonymous:
+            self.public[call_id] = call  # counted from now: concurrent offers see it while this one is answered
         try:
-            answer = await call.answer(sdp)
+            answer = await call.answer(offer.sdp)
         except OfferError as exc:
-            raise ApiError(400, str(exc)) from None
+            raise Refused(400, exc.reason, str(exc)) from None
         except Refusal as exc:
             retry = {"Retry-After": str(max(1, math.ceil(exc.retry_after_seconds)))}
             if exc.reason == "tenant_limit":
-                raise ApiError(429, f"{tenant.spec.name} is at its limit of concurrent calls", headers=retry) from None
-            raise ApiError(503, _REFUSALS.get(exc.reason, "no agent can take the call now"), headers=retry) from None
+                raise Refused(429, "tenant_limit", f"{tenant.spec.name} is at its limit of concurrent calls",
+                              headers=retry) from None
+            raise Refused(503, exc.reason, _REFUSALS.get(exc.reason, "no agent can take the call now"),
+                          headers=retry) from None
         except PersonaRejected as exc:
-            raise ApiError(500, f"the persona could not be started: {exc.reason}") from None
+            raise Refused(500, "persona_rejected", f"the persona could not be started: {exc.reason}") from None
+        finally:
+            if call.state is BrowserCallState.REFUSED:
+                self.public.pop(call_id, None)
         self.active[call_id] = call
+        self.secrets[call_id] = secret
         call.begin()
         assert call.task is not None
         call.task.add_done_callback(lambda _: self._forget(call_id))
         if await request.is_disconnected():  # the client gave up while the slot was claimed: free it now
             call.hang_up("hangup")
         log.info("WebRTC call answered", extra={"call": call_id, "tenant": tenant.id, "persona": persona.name,
-                                                "client": client, "admin": who.name if who else None})
+                                                "client": client, "admin": who.name if who else None,
+                                                "public": anonymous, "candidates": offer.candidates})
         return Response(answer, status_code=201, media_type=SDP,
-                        headers={"Location": f"/v1/webrtc/calls/{call_id}"})
+                        headers={"Location": f"/v1/webrtc/calls/{call_id}", SECRET_HEADER: secret,
+                                 "Cache-Control": "no-store"})
+
+    async def hang_up(self, call_id: str, request: Request, credentials: HTTPAuthorizationCredentials | None) -> None:
+        """Hang up ``call_id`` for a client holding its secret (or an admin token of its tenant); ``Refused``
+        otherwise (403: the call goes on; 404: no such call)."""
+        call = self.active.get(call_id)
+        if call is not None:
+            secret, tenant_id = self.secrets[call_id], call.tenant.id
+        elif call_id in self.ended:
+            secret, tenant_id = self.ended[call_id]
+        else:
+            raise Refused(404, "no_such_call", "no such call")
+        given = credentials.credentials if credentials is not None else ""
+        if not (given and secrets.compare_digest(given.encode(), secret.encode())) \
+                and not await self._admin_of(tenant_id, request, credentials):
+            client = request.client.host if request.client else "unknown"
+            log.warning("WebRTC hang-up refused: without the call's secret", extra={
+                "call": call_id, "tenant": tenant_id, "client": client, "credentials": bool(given)})
+            raise Refused(403, "hangup_forbidden", "hanging up a call takes its secret (Authorization: Bearer "
+                          f"<the {SECRET_HEADER} answered with the call>) or an admin token of its tenant")
+        if call is not None:
+            call.hang_up("hangup")
+
+    @staticmethod
+    async def _admin_of(tenant_id: str, request: Request, credentials: HTTPAuthorizationCredentials | None) -> bool:
+        """Whether the bearer token is an admin token that reaches ``tenant_id`` (False for no token or an unknown
+        one: to a hang-up, a wrong token is just not the secret)."""
+        if credentials is None:
+            return False
+        try:
+            who = await identify(request, credentials)
+        except ApiError:
+            return False
+        return who is not None and who.may_reach(tenant_id)
 
 
 _REFUSALS = {"no_capacity": "no agent is free to take the call now", "draining": "this gateway is draining",
@@ -228,8 +369,9 @@ async def identify(request: Request, credentials: HTTPAuthorizationCredentials |
         return None
     try:
         return await principal(request, credentials)
-    except TokensUnavailable as exc:
-        raise ApiError(401, f"admin tokens are not available: {exc}") from exc
+    except TokensUnavailable as exc:  # the detail names a server file: for the log, not the client
+        log.warning("an admin token was given, but admin tokens are not available: %s", exc)
+        raise Refused(401, "invalid_token", "admin tokens are not available on this gateway") from exc
 
 
 def client_key(address: str) -> str:
@@ -266,6 +408,7 @@ def install(app: FastAPI, webrtc: WebRtc) -> None:
             answer = await webrtc.offer(tenant, persona, request, credentials)
         except ApiError as exc:
             webrtc.metrics.offers.labels(answer=str(exc.status)).inc()
+            webrtc.metrics.refusals.labels(reason=refusal_reason(exc)).inc()
             raise
         except Exception:
             webrtc.metrics.offers.labels(answer="500").inc()
@@ -273,13 +416,14 @@ def install(app: FastAPI, webrtc: WebRtc) -> None:
         webrtc.metrics.offers.labels(answer="201").inc()
         return answer
 
-    @router.delete("/calls/{call_id}", status_code=204, summary="Hang up a browser call")
-    async def hang_up(call_id: str) -> Response:
-        call = webrtc.active.get(call_id)
-        if call is not None:
-            call.hang_up("hangup")
-        elif call_id not in webrtc.ended:
-            raise ApiError(404, "no such call")
+    @router.delete("/calls/{call_id}", status_code=204,
+                   summary="Hang up a browser call (Authorization: Bearer <its secret, or an admin token>)")
+    async def hang_up(call_id: str, request: Request, credentials: Credentials) -> Response:
+        try:
+            await webrtc.hang_up(call_id, request, credentials)
+        except ApiError as exc:
+            webrtc.metrics.refusals.labels(reason=refusal_reason(exc)).inc()
+            raise
         return Response(status_code=204)
 
     app.include_router(router)

@@ -8,9 +8,10 @@
        │           └──────────────────────────┘  (setup failed, or the browser gave up)
        └──► refused (an HTTP error answered the offer)
 
-- ``offered``: the offer passed the API's checks. The slot is claimed (``Calls.start``: the same claim, tenant
-  limit and priming as a SIP call) *while* aiortc takes the offer and gathers its candidates. A refusal
-  before the claim (``Refusal``, ``PersonaRejected``) answers the offer with an HTTP error → ``refused``.
+- ``offered``: the offer passed the API's checks. Once aiortc has taken it too, the slot is claimed
+  (``Calls.start``: the same claim, tenant limit and priming as a SIP call) *while* aiortc gathers the
+  gateway's candidates. An offer aiortc cannot take claims nothing; a refusal before the claim (``Refusal``,
+  ``PersonaRejected``) answers the offer with an HTTP error → ``refused``.
 - ``ringing``: the slot is claimed, the SDP answer sent (201); the persona is primed on the worker while the
   browser connects (ICE, DTLS). The data channel says ``ringing``. Caller audio is read and dropped.
 - ``live``: the agent is primed and the browser's media connected: ``ready`` on the data channel, caller audio
@@ -161,13 +162,17 @@ class BrowserCall:
     async def answer(self, offer: str) -> str:
         """Claim a slot and answer ``offer``; the answer SDP once the slot is claimed. Raises ``OfferError``
         (aiortc could not take the offer), ``Refusal`` or ``PersonaRejected``; the call is then ``refused`` and
-        everything it held released."""
-        self._start = asyncio.create_task(
-            self.calls.start(self.call_id, self.tenant, self.persona, on_claimed=self._claimed.set),
-            name=f"webrtc-start-{self.call_id}")
+        everything it held released. The slot is claimed once aiortc has taken the offer (the last of its
+        checks), while the gateway's candidates are gathered."""
         try:
             try:
                 await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
+            except Exception as exc:  # noqa: BLE001 (aiortc fails on odd offers with any exception type)
+                raise OfferError(f"the offer could not be used: {exc or type(exc).__name__}") from None
+            self._start = asyncio.create_task(
+                self.calls.start(self.call_id, self.tenant, self.persona, on_claimed=self._claimed.set),
+                name=f"webrtc-start-{self.call_id}")
+            try:
                 self.pc.addTrack(self.track)
                 await self.pc.setLocalDescription(await self.pc.createAnswer())  # gathers the host candidates
             except Exception as exc:  # noqa: BLE001 (aiortc fails on odd offers with any exception type)

@@ -7,6 +7,16 @@ named in ``webrtc_ice_interfaces`` (names such as ``eth0``, or addresses, loopba
 reads its address list from a module function each time it gathers; that one function is replaced, once, at
 start (aioice has no setting for it).
 
+**Remote candidates** are where the gateway's ICE agent sends connectivity checks (STUN requests, each
+retransmitted up to 6 times), so an offer chooses where the gateway sends UDP. ``CandidatePolicy`` says which
+addresses a browser's candidate may name: not this host (loopback), unless loopback is one of
+``webrtc_ice_interfaces``; not link-local (cloud metadata services live at 169.254.169.254); not a network of
+an interface left out of ``webrtc_ice_interfaces`` (the node or management network), unless a named interface
+is on it too; and only an address family the gateway offers candidates in. ``offer.py`` takes other candidates
+out of the offer. ``bound_remote_candidates`` caps the remote candidates each aioice connection keeps, those
+learnt from incoming checks (peer-reflexive) included, so its check list (and the STUN it sends) is bounded by
+that cap times the gateway's own candidates. Both replace what aioice has no setting for, once, at start.
+
 **TURN.** Callers behind symmetric NAT or a firewall that blocks UDP need a relay. ``webrtc_ice_servers`` go to
 the browser page (``GET /v1/webrtc/personas``) and to the gateway's own ICE agent (aioice uses the first STUN
 and the first TURN server). With ``webrtc_turn_secret`` set, TURN servers listed without a username get
@@ -18,21 +28,33 @@ long-lived TURN password is ever handed to a browser.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import ipaddress
+import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aioice.ice
+import aioice.stun
 import ifaddr
 from aiortc import RTCConfiguration, RTCIceServer
 
 if TYPE_CHECKING:
     from ..config import GatewaySettings
 
+log = logging.getLogger(__name__)
+
 _original_host_addresses: Callable[[bool, bool], list[str]] = aioice.ice.get_host_addresses
+_original_add_remote_candidate = aioice.ice.Connection.add_remote_candidate
+_original_check_incoming = aioice.ice.Connection.check_incoming
+PEER_REFLEXIVE_ALLOWANCE = 4  # remote candidates learnt from the browser's checks, beyond those it offered
+
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def host_addresses(interfaces: Sequence[str], use_ipv4: bool = True, use_ipv6: bool = True) -> list[str]:
@@ -89,6 +111,87 @@ def restrict_host_addresses(interfaces: Sequence[str]) -> None:
         return host_addresses(chosen, use_ipv4, use_ipv6)
 
     aioice.ice.get_host_addresses = restricted
+
+
+@dataclass(frozen=True)
+class CandidatePolicy:
+    """Which addresses a browser's ICE candidates may name (see the module's docstring); ``refuse`` is
+    ``offer.read_offer``'s ``address_check``."""
+
+    loopback: bool  # the gateway offers a loopback candidate, so a loopback peer is a real one (tests, a proxy)
+    families: frozenset[int]  # IP versions the gateway offers non-loopback candidates in
+    foreign: tuple[IpNetwork, ...]  # networks of this host's interfaces that are not for browsers
+
+    def refuse(self, address: IpAddress) -> str | None:
+        """Why the gateway does not send to ``address`` (None: it may)."""
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if address.is_loopback:
+            return None if self.loopback else "this gateway's own host (loopback is not in webrtc_ice_interfaces)"
+        if address.is_link_local:
+            return "a link-local address"
+        if address.version not in self.families:
+            return f"IPv{address.version}, which this gateway offers no candidate in"
+        for network in self.foreign:
+            if address in network:
+                return f"in {network}, a network of an interface not in webrtc_ice_interfaces"
+        return None
+
+
+def candidate_policy(interfaces: Sequence[str]) -> CandidatePolicy:
+    """The policy for a gateway offering host candidates on ``interfaces`` (empty: every address but loopback);
+    reads this host's interfaces (cheap: one getifaddrs)."""
+    wanted = {_normal(item) for item in interfaces}
+    chosen: list[IpNetwork] = []
+    others: list[IpNetwork] = []
+    loopback = False
+    families: set[int] = set()
+    for adapter in ifaddr.get_adapters():
+        named = adapter.nice_name in wanted or adapter.name in wanted
+        for ip in adapter.ips:
+            text = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
+            try:
+                network = ipaddress.ip_network(f"{text}/{ip.network_prefix}", strict=False)
+            except ValueError:
+                continue  # a scoped IPv6 address ifaddr could not render
+            address = ipaddress.ip_address(text)
+            offered = (not address.is_loopback) if not wanted else (named or _normal(text) in wanted)
+            if offered and address.is_loopback:
+                loopback = True
+            elif offered and not address.is_link_local:
+                families.add(address.version)
+            if not address.is_loopback and not address.is_link_local:
+                (chosen if offered else others).append(network)
+    foreign = tuple(net for net in others if not any(net.overlaps(own) for own in chosen))
+    return CandidatePolicy(loopback=loopback, families=frozenset(families), foreign=foreign)
+
+
+def bound_remote_candidates(limit: int | None) -> None:
+    """From now on, each aioice connection keeps at most ``limit`` remote candidates: offered ones past it are
+    ignored, and incoming checks from a new address past it are answered but start no check back (no new
+    peer-reflexive candidate). None: aioice's own behaviour (no bound)."""
+    if limit is None:
+        aioice.ice.Connection.add_remote_candidate = _original_add_remote_candidate  # type: ignore[method-assign]
+        aioice.ice.Connection.check_incoming = _original_check_incoming  # type: ignore[method-assign]
+        return
+
+    @functools.wraps(_original_add_remote_candidate)
+    async def add_remote_candidate(self: aioice.ice.Connection, candidate: aioice.Candidate | None) -> None:
+        if candidate is not None and len(self._remote_candidates) >= limit:
+            log.info("ICE: remote candidate past the bound of %d ignored", limit)
+            return
+        await _original_add_remote_candidate(self, candidate)
+
+    @functools.wraps(_original_check_incoming)
+    def check_incoming(self: aioice.ice.Connection, message: aioice.stun.Message, addr: tuple[str, int],
+                       protocol: Any) -> None:
+        known = any(c._network_host == addr[0] and c.port == addr[1] for c in self._remote_candidates)
+        if not known and len(self._remote_candidates) >= limit:
+            return  # answered already (1:1); a new pair would send checks to an address nobody offered
+        _original_check_incoming(self, message, addr, protocol)
+
+    aioice.ice.Connection.add_remote_candidate = add_remote_candidate  # type: ignore[method-assign]
+    aioice.ice.Connection.check_incoming = check_incoming  # type: ignore[method-assign]
 
 
 def check_ice_server_url(url: str) -> None:

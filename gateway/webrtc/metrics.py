@@ -7,6 +7,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from ..sip.metrics import FIRST_AUDIO_BUCKETS, SETUP_BUCKETS
 
 OFFER_ANSWERS = ("201", "400", "401", "403", "404", "413", "415", "429", "500", "503")
+REFUSAL_REASONS = ("rate_limited", "public_client_cap", "public_tenant_cap", "invalid_offer", "too_many_candidates",
+                   "no_usable_candidate", "too_large", "not_sdp", "invalid_token", "not_found", "closed",
+                   "tenant_limit", "no_capacity", "unavailable", "draining", "persona_rejected", "hangup_forbidden",
+                   "no_such_call")
 
 
 class WebRtcMetrics:
@@ -20,6 +24,19 @@ class WebRtcMetrics:
             ["answer"], registry=r)
         for answer in OFFER_ANSWERS:
             self.offers.labels(answer=answer)
+        self.refusals = Counter(
+            "personagate_gateway_webrtc_refusals_total",
+            "Requests the browser front end refused, by reason: rate_limited (offers per minute), "
+            "public_client_cap / public_tenant_cap (anonymous calls in progress), invalid_offer, too_many_candidates, "
+            "no_usable_candidate, too_large, not_sdp, invalid_token, not_found, closed, tenant_limit, no_capacity, "
+            "unavailable, draining, persona_rejected, hangup_forbidden (DELETE without the call's secret), "
+            "no_such_call.", ["reason"], registry=r)
+        for reason in REFUSAL_REASONS:
+            self.refusals.labels(reason=reason)
+        self.candidates_dropped = Counter(
+            "personagate_gateway_webrtc_candidates_dropped_total",
+            "ICE candidates taken out of accepted offers: at addresses the gateway does not send to (its own host, "
+            "link-local, networks of interfaces not in webrtc_ice_interfaces).", registry=r)
         self.calls_active = Gauge(
             "personagate_gateway_webrtc_calls_active", "Browser calls answered and not yet ended.", registry=r)
         self.calls_ended = Counter(

@@ -10,25 +10,72 @@ checks here give the client a 400 that names the problem (the first one found) i
 - the audio carries Opus at 48 kHz (what every browser offers) and sends audio: the agent steps only on caller
   audio, so an offer without a microphone (``a=recvonly`` / ``a=inactive``) could never be answered by the
   agent;
-- ICE credentials, a DTLS fingerprint and a DTLS role (``a=setup``): WebRTC media is always DTLS-SRTP.
+- ICE credentials, a DTLS fingerprint and a DTLS role (``a=setup``): WebRTC media is always DTLS-SRTP;
+- every media port a number 0-65535, every RTP payload type (in the m-line, ``a=rtpmap``, ``a=fmtp``,
+  ``a=rtcp-fb``) a number 0-127;
+- ICE candidates: each well formed (component, udp/tcp, priority, an IP address or an mDNS ``.local`` name,
+  port, type), never at an address no host may use (unspecified, multicast, broadcast), and at most
+  ``max_candidates`` UDP ones (``webrtc_max_offer_candidates``; and three times that in all): the gateway's
+  ICE agent sends connectivity checks to every candidate, so an offer of hundreds would make it a UDP
+  reflector. TCP candidates (browsers offer them too) are taken out: the gateway's ICE agent speaks UDP only,
+  and they would only use up its bound on remote candidates (``ice.bound_remote_candidates``).
+
+Candidates at addresses the gateway must not send to (``ice.CandidatePolicy``: the host itself, link-local,
+the networks of interfaces left out of ``webrtc_ice_interfaces``) are taken out of the offer before aiortc
+sees it, rather than refusing the call: browsers routinely offer addresses of their VPN or container
+bridges. An offer with no candidate left is refused: its media could never connect, and it would hold a slot
+until the connect timeout.
 
 The size cap is the API's (``webrtc_max_offer_bytes``: 413 before the body is read whole).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 _LINE = re.compile(r"^[a-z]=")
 _OPUS = re.compile(r"^a=rtpmap:\d+ opus/48000(/2)?$", re.IGNORECASE)
+_NUMBER = re.compile(r"^[0-9]{1,10}$")
+_PT_ATTRIBUTES = ("a=rtpmap:", "a=fmtp:", "a=rtcp-fb:")
+_CANDIDATE_TYPES = frozenset({"host", "srflx", "prflx", "relay"})
+_MDNS_NAME = re.compile(r"^[A-Za-z0-9-]{1,63}\.local$")  # what browsers put in place of a host address
+DEFAULT_MAX_CANDIDATES = 20
+_TCP = "TCP: the gateway's ICE agent speaks UDP only"  # a candidate taken out without a word
+
+# Refuses a candidate's address (the reason) or lets it through (None); see ``ice.CandidatePolicy``.
+AddressCheck = Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], "str | None"]
 
 
 class OfferError(ValueError):
-    """An offer the gateway cannot answer; the message says why (shown to the client with 400)."""
+    """An offer the gateway cannot answer; the message says why (shown to the client with 400), ``reason`` what
+    it is counted as (``personagate_gateway_webrtc_refusals_total``)."""
+
+    def __init__(self, message: str, reason: str = "invalid_offer") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
-def check_offer(body: bytes) -> str:
-    """The offer as text, or ``OfferError``."""
+@dataclass
+class Offer:
+    """An offer that passed the checks: the SDP to give aiortc, and the candidates taken out of it (why)."""
+
+    sdp: str
+    candidates: int = 0  # those kept
+    dropped: list[str] = field(default_factory=list)  # "<address>: <reason>" for each candidate taken out
+
+
+def check_offer(body: bytes, *, max_candidates: int = DEFAULT_MAX_CANDIDATES,
+                address_check: AddressCheck | None = None) -> str:
+    """The offer as text, or ``OfferError`` (``read_offer``'s SDP)."""
+    return read_offer(body, max_candidates=max_candidates, address_check=address_check).sdp
+
+
+def read_offer(body: bytes, *, max_candidates: int = DEFAULT_MAX_CANDIDATES,
+               address_check: AddressCheck | None = None) -> Offer:
+    """The offer, checked, with the candidates ``address_check`` refuses taken out; or ``OfferError``."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -63,7 +110,107 @@ def check_offer(body: bytes) -> str:
                                 ("a=setup:", "DTLS role (a=setup)")):
             if not any(line.startswith(attribute) for line in (*session, *section)):
                 raise OfferError(f"the offer's audio has no {what}")
-    return "\r\n".join(lines) + "\r\n"
+    for section in sections:
+        _check_media_line(section)
+    return _check_candidates(session, sections, max_candidates, address_check)
+
+
+def _check_media_line(section: list[str]) -> None:
+    """The m-line's port is a port, and an RTP section's payload types (there and in its attributes) are 0-127."""
+    fields = section[0][2:].split(" ")
+    if len(fields) < 4:
+        raise OfferError(f"the media line {section[0][:60]!r} is not 'm=<media> <port> <protocol> <formats>'")
+    kind, port, protocol = fields[0], fields[1], fields[2]
+    if not _NUMBER.match(port) or int(port) > 65535:
+        raise OfferError(f"the {kind} section's port {port[:20]!r} is not a port number (0-65535)")
+    if "RTP/" not in protocol:
+        return  # a data channel: its format is a name (webrtc-datachannel), not a payload type
+    for pt in fields[3:]:
+        _payload_type(pt, f"m={kind}")
+    for line in section:
+        attribute = next((a for a in _PT_ATTRIBUTES if line.startswith(a)), None)
+        if attribute is not None:
+            pt = line[len(attribute):].split(" ", 1)[0]
+            if not (attribute == "a=rtcp-fb:" and pt == "*"):
+                _payload_type(pt, attribute.rstrip(":"))
+
+
+def _payload_type(pt: str, where: str) -> None:
+    if not _NUMBER.match(pt) or int(pt) > 127:
+        raise OfferError(f"{where}: payload type {pt[:20]!r} is not a number 0-127")
+
+
+def _check_candidates(session: list[str], sections: list[list[str]], max_candidates: int,
+                      address_check: AddressCheck | None) -> Offer:
+    """Each candidate checked; TCP ones and those ``address_check`` refuses taken out; at least one left, at most
+    ``max_candidates`` UDP ones offered (and three times that in all)."""
+    lines = [line for section in sections for line in section if line.startswith("a=candidate:")]
+    offered = len(lines)
+    udp = sum(_fields(line)[2].lower() == "udp" for line in lines)
+    if udp > max_candidates or offered > 3 * max_candidates:
+        raise OfferError(f"the offer has {offered} ICE candidates ({udp} UDP); at most {max_candidates} UDP ones are "
+                         "taken (a browser offers a few per network interface)", "too_many_candidates")
+    offer = Offer(sdp="")
+    out = list(session)
+    for section in sections:
+        for line in section:
+            if line.startswith("a=candidate:"):
+                why = _candidate_refused(line, address_check)
+                if why == _TCP:
+                    continue  # expected from every browser: not worth a log line
+                if why is not None:
+                    offer.dropped.append(why)
+                    continue
+                offer.candidates += 1
+            out.append(line)
+    if offered and not offer.candidates:
+        why = "; ".join(offer.dropped[:4]) or "they are all TCP, and the gateway's ICE agent speaks UDP only"
+        raise OfferError(f"none of the offer's {offered} ICE candidates is an address this gateway may send to "
+                         f"({why})", "no_usable_candidate")
+    offer.sdp = "\r\n".join(out) + "\r\n"
+    return offer
+
+
+def _fields(line: str) -> list[str]:
+    """An ``a=candidate:`` line's fields (at least 3, so that the transport can always be read)."""
+    fields = line[len("a=candidate:"):].split(" ")
+    return fields + [""] * (3 - len(fields))
+
+
+def _candidate_refused(line: str, address_check: AddressCheck | None) -> str | None:
+    """None for a candidate the gateway may use; a reason ("<address>: <why>") for one it takes out (``_TCP`` for a
+    TCP one, taken out quietly); OfferError for one that is malformed or at an address no host may use."""
+    fields = _fields(line)
+    shown = repr(line[:80])
+    if len(fields) < 8 or fields[6] != "typ":
+        raise OfferError(f"ICE candidate {shown} is not '<foundation> <component> <transport> <priority> <address> "
+                         "<port> typ <type>'")
+    component, transport, priority, host, port, kind = fields[1], fields[2], fields[3], fields[4], fields[5], fields[7]
+    if not _NUMBER.match(component) or not 1 <= int(component) <= 256:
+        raise OfferError(f"ICE candidate {shown}: component {component[:12]!r} is not 1-256")
+    if transport.lower() not in ("udp", "tcp"):
+        raise OfferError(f"ICE candidate {shown}: transport {transport[:12]!r} is not udp or tcp")
+    if not _NUMBER.match(priority) or int(priority) >= 2**32:
+        raise OfferError(f"ICE candidate {shown}: priority {priority[:12]!r} is not a number below 2^32")
+    if not _NUMBER.match(port) or int(port) > 65535:
+        raise OfferError(f"ICE candidate {shown}: port {port[:12]!r} is not a port number (0-65535)")
+    if kind not in _CANDIDATE_TYPES:
+        raise OfferError(f"ICE candidate {shown}: type {kind[:12]!r} is not host, srflx, prflx or relay")
+    if transport.lower() == "tcp":
+        return _TCP
+    if int(port) == 0:
+        raise OfferError(f"ICE candidate {shown}: UDP port 0 cannot be sent to")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        if _MDNS_NAME.match(host):
+            return None  # resolved on the local link by the ICE agent (RFC 8828's names), nowhere else
+        raise OfferError(f"ICE candidate {shown}: {host[:40]!r} is not an IP address (nor an mDNS .local name)") \
+            from None
+    if address.is_unspecified or address.is_multicast or address == ipaddress.IPv4Address("255.255.255.255"):
+        raise OfferError(f"ICE candidate {shown}: {address} is not an address a browser can be reached at")
+    why = address_check(address) if address_check is not None else None
+    return f"{address}: {why}" if why is not None else None
 
 
 def _sections(lines: list[str]) -> tuple[list[str], list[list[str]]]:

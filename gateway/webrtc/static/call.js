@@ -2,8 +2,9 @@
 // transcript, and see how long the first audio took. No build step, no dependencies.
 //
 // Signalling is one HTTP round trip: the complete SDP offer (ICE gathered, no trickle) is POSTed to
-// /v1/webrtc/calls/{tenant}/{persona}; the answer comes back with the call's URL in Location, which a
-// DELETE hangs up. Call events and the agent's text arrive as JSON on the "events" data channel.
+// /v1/webrtc/calls/{tenant}/{persona}; the answer comes back with the call's URL in Location and the call's
+// secret in Personagate-Call-Secret: a DELETE of that URL with the secret as its bearer token hangs up (nobody
+// else can). Call events and the agent's text arrive as JSON on the "events" data channel.
 "use strict";
 
 const ICE_GATHERING_CAP_MS = 2000;
@@ -18,7 +19,7 @@ const view = window.personagateCall = {
   state: "idle", firstAudioMs: null, setupMs: null, serverSetupMs: null, transcript: "", digits: "", error: null,
 };
 let iceServers = [];
-let call = null;  // the call in progress: {clickedAt, pc, channel, mic, audioContext, meter, location, ended}
+let call = null;  // the call in progress: {clickedAt, pc, channel, mic, audioContext, meter, location, secret, ended}
 
 function show(state, detail = "") {
   view.state = state;
@@ -154,9 +155,10 @@ async function startCall(event) {
       {method: "POST", headers: {"Content-Type": "application/sdp", ...authHeaders()}, body: pc.localDescription.sdp});
     if (!response.ok) throw await httpError(response);
     current.location = response.headers.get("Location");
+    current.secret = response.headers.get("Personagate-Call-Secret");
     const answer = await response.text();
     if (current.ended) {  // hung up while the gateway answered
-      deleteCall(current.location);
+      deleteCall(current);
       return;
     }
     await pc.setRemoteDescription({type: "answer", sdp: answer});
@@ -266,7 +268,7 @@ function end(current, reason, {byServer = false} = {}) {
   current.ended = true;
   if (!byServer) {
     if (current.channel?.readyState === "open") current.channel.send(JSON.stringify({type: "hangup"}));
-    deleteCall(current.location);
+    deleteCall(current);
   }
   clearInterval(current.meter);
   current.mic?.getTracks().forEach((track) => track.stop());
@@ -277,9 +279,12 @@ function end(current, reason, {byServer = false} = {}) {
   show("ended", reason);
 }
 
-function deleteCall(url) {
+// Hangs up with the call's own secret (kept in this page's memory only).
+function deleteCall(current) {
+  if (!current.location || !current.secret) return;
   // keepalive: the request outlives the page when it is closed mid-call.
-  if (url) fetch(url, {method: "DELETE", headers: authHeaders(), keepalive: true}).catch(() => {});
+  fetch(current.location, {method: "DELETE", headers: {Authorization: `Bearer ${current.secret}`}, keepalive: true})
+    .catch(() => {});
 }
 
 // --- Wiring -----------------------------------------------------------------------------------
