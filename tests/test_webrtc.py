@@ -27,8 +27,9 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCDataChannel, RTCPeerCo
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
+from gateway.admin.throttle import source_key
 from gateway.admin.tokens import new_token
-from gateway.webrtc.api import OfferRateLimit, client_key, public_cap
+from gateway.webrtc.api import OfferRateLimit, public_cap
 from gateway.webrtc.ice import CandidatePolicy, bound_remote_candidates, candidate_policy, restrict_host_addresses
 from gateway.webrtc.offer import OfferError, check_offer, read_offer
 from tests.conftest import free_port, serve
@@ -464,9 +465,9 @@ def test_offer_checks_name_the_problem() -> None:
 def test_offers_are_counted_per_ipv4_address_and_per_ipv6_64() -> None:
     """One IPv6 subscriber holds a whole /64: the offer rate limit counts the network, so rotating addresses
     inside it gets no more offers."""
-    assert client_key("192.0.2.7") == "192.0.2.7"
-    assert client_key("2001:db8:1:2:aaaa::1") == client_key("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
-    assert client_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert source_key("192.0.2.7") == "192.0.2.7"
+    assert source_key("2001:db8:1:2:aaaa::1") == source_key("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
+    assert source_key("::ffff:192.0.2.7") == "192.0.2.7"
     limit = OfferRateLimit(3, clock=lambda: 0.0)
     assert limit.take("a") == 0 and limit.take("a") == pytest.approx(20.0) and limit.take("b") == 0
 

@@ -53,7 +53,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as dt
-import ipaddress
 import logging
 import math
 import secrets
@@ -66,6 +65,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 
 from ..admin.api import ApiError, Credentials, principal, read_body
+from ..admin.throttle import source_key
 from ..admin.tokens import Principal, TokensUnavailable
 from ..calls import PersonaRejected
 from ..routing import Refusal
@@ -190,14 +190,14 @@ class WebRtc:
         by_client = by_tenant = 0
         for call in self.public.values():
             if call.state not in _OVER:
-                by_client += client_key(call.client) == client
+                by_client += source_key(call.client) == client
                 by_tenant += call.tenant.id == tenant_id
         return by_client, by_tenant
 
     def check_public_caps(self, tenant: Tenant, client: str) -> None:
         """``Refused`` if an anonymous call from ``client`` to ``tenant`` would pass a cap."""
         settings = self.settings
-        by_client, by_tenant = self.public_calls(tenant.id, client_key(client))
+        by_client, by_tenant = self.public_calls(tenant.id, source_key(client))
         retry = {"Retry-After": str(max(1, math.ceil(self.calls.router.retry_after_seconds)))}
         if by_client >= settings.webrtc_public_calls_per_client:
             raise Refused(429, "public_client_cap", f"this client already has {by_client} call(s) in progress; "
@@ -255,7 +255,7 @@ class WebRtc:
         client = request.client.host if request.client else "unknown"
         who = await identify(request, credentials)
         if who is None:  # a valid token holder is not held to the anonymous per-client rate
-            wait = self.rate_limit.take(client_key(client))
+            wait = self.rate_limit.take(source_key(client))
             if wait:
                 raise Refused(429, "rate_limited", f"too many call attempts from {client}; try again in "
                               f"{math.ceil(wait)} s", headers={"Retry-After": str(math.ceil(wait))})
@@ -372,20 +372,6 @@ async def identify(request: Request, credentials: HTTPAuthorizationCredentials |
     except TokensUnavailable as exc:  # the detail names a server file: for the log, not the client
         log.warning("an admin token was given, but admin tokens are not available: %s", exc)
         raise Refused(401, "invalid_token", "admin tokens are not available on this gateway") from exc
-
-
-def client_key(address: str) -> str:
-    """What the offer rate limit counts per: an IPv4 address, or an IPv6 address's /64 (one subscriber's
-    network: a client can take any address in it)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip)
 
 
 def install(app: FastAPI, webrtc: WebRtc) -> None:
