@@ -30,9 +30,11 @@ import numpy as np
 import torch
 from moshi.models import LMGen
 
+from personagate_bench.random_weights import load_personaplex_random
+
 from .batch import SlotBatch, kv_bytes_per_slot
 from .config import Sampling, WorkerSettings
-from .model import FRAME_SAMPLES, LOADERS, ModelBundle, load_personaplex_random
+from .model import FRAME_SAMPLES, LOADERS, ModelBundle
 from .persona import Persona
 from .pool import PoolConfig, SessionPool
 from .priming import PrimePlan, Primer, plan_priming
