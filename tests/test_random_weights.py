@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from agent_runtime import bench
 from agent_runtime.batch import SlotBatch
 from agent_runtime.config import WorkerSettings
 from agent_runtime.model import LOADERS, load_tiny
@@ -22,6 +21,7 @@ from agent_runtime.persona import Persona
 from agent_runtime.priming import Primer, plan_priming
 from agent_runtime.voice_prompt import load_voice, prompt_tokens
 from gateway.cli import main
+from personagate_bench import worker as bench
 from personagate_bench.random_weights import load_personaplex_random
 
 GREEDY = {"use_sampling": False}

@@ -15,7 +15,7 @@ clock drains.
 
 ``resample.py`` (stateful streaming resamplers: a polyphase FIR with a 5.4 ms delay at 8 kHz by default,
 soxr, which holds back 20-80 ms per direction, as an option), ``framing.py`` (exact re-chunking),
-``pacing.py`` (the outbound buffer), ``bench.py`` (per-packet cost).
+``pacing.py`` (the outbound buffer); ``personagate_bench/audio.py`` measures the per-packet cost.
 """
 
 from .framing import LineToModel, ModelToLine, Rechunker, Repacketizer

@@ -447,7 +447,7 @@ def _free_port(kind: int) -> int:
 def bench_tenants(folder: Path) -> Path:
     """The shipped harbor-mutual tenant with its concurrent-call limit lifted (the bench measures the gateway,
     not the tenant's limit)."""
-    shipped = Path(__file__).resolve().parents[2] / "tenants" / "harbor-mutual"
+    shipped = Path(__file__).resolve().parents[1] / "tenants" / "harbor-mutual"
     shutil.copytree(shipped, folder / "harbor-mutual")
     tenant = folder / "harbor-mutual" / "tenant.yaml"
     text, replaced = re.subn(r"max_concurrent_calls: *\d+", "max_concurrent_calls: 10000", tenant.read_text())
