@@ -10,7 +10,7 @@ measuring caller made for this: a minimal SIP user agent (INVITE, ACK, BYE over 
 
 - **packet interval**: the gaps between the gateway's RTP packets as the kernel received them
   (``SO_TIMESTAMPNS``), p50/p99/max over every call after its first second, and packets lost (sequence
-  gaps) — the issue's bar: p99 within 20 ± 5 ms, nothing lost;
+  gaps) — the target: p99 within 20 ± 5 ms, nothing lost;
 - **round trip**: every second the caller sends a 4 ms tone burst, which the echo model returns; from the
   burst's first sample leaving the caller to its first sample coming back. A sample's time is its packet's
   send (or kernel receive) time plus its offset in the packet, so a wire that returned each packet at once
@@ -19,11 +19,11 @@ measuring caller made for this: a minimal SIP user agent (INVITE, ACK, BYE over 
   round trip (``agent_step_round_trip`` p50 in its call record) plus the echo model's deliberate one-frame
   (80 ms) delay. What remains is the gateway's path both ways: jitter buffer, conference bridge, resampling,
   gathering 80 ms frames and the outbound pacer. Gathering 80 ms costs 60 ms by itself under this way of
-  timing (the last 20 ms packet of a frame is timed at its first sample), so the issue's "≤ 20 ms beyond the
+  timing (the last 20 ms packet of a frame is timed at its first sample), so the target "≤ 20 ms beyond the
   80 ms frame" reads: gateway latency − 60 ms ≤ 20 ms, p95.
 
 - **gateway CPU**: the gateway process's CPU time over the round (100 %: one core). ``--gateway-cpu N`` runs the
-  gateway on CPU N alone (the worker and the measuring caller on the others), so that a round within the bar
+  gateway on CPU N alone (the worker and the measuring caller on the others), so that a round within the target
   shows what one core carries.
 """
 

@@ -5,7 +5,7 @@ Connecting (``url_or_client``):
 
 - ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS), ``unix:///path/redis.sock[?db=N]``:
   one server, through a ``BlockingConnectionPool`` (a burst of claims waits for a connection instead of
-  failing with MaxConnectionsError, ops.md 2.5).
+  failing with MaxConnectionsError: a call refused for want of a connection, not of a slot).
 - ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db][?sentinel_password=...]``
   (``rediss+sentinel://`` for TLS to the Redis servers): the master of ``service`` as the Sentinels report
   it; a failover moves the connections to the new master by itself. ``SentinelSettings`` says the same
