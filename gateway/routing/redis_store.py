@@ -80,7 +80,7 @@ class BlockingSentinelConnectionPool(SentinelConnectionPool, BlockingConnectionP
 
 
 class RedisRouter(Router):
-    """``Router`` on Redis. See the module docstring for URLs and outage behaviour."""
+    """``Router`` on Redis. URL forms and outage behaviour: docs/routing.md."""
 
     def __init__(
         self,

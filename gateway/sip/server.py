@@ -366,7 +366,8 @@ class SipServer:
         self._loop.call_soon_threadsafe(self._begin, call)
 
     def _admission(self, message: str, ip: str) -> tuple[int, str, bool] | None:
-        """None to admit the INVITE, else (401 or 403, why, stale) by ``sip_auth_policy`` (the module's docs)."""
+        """None to admit the INVITE, else (401 or 403, why, stale) by ``sip_auth_policy``
+        (docs/sip.md#admitting-invites-sip_auth_policy)."""
         allowed = ip in self.allow
         policy = self.settings.sip_auth_policy
         if self.auth is None or (policy == "allow_or_digest" and allowed):
