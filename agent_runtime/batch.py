@@ -68,7 +68,7 @@ class SlotBatch:
         self._streaming.enter_context(self.lm_gen.streaming(capacity))
         self._streaming.enter_context(self.mimi.streaming(capacity))
         if self._rows is not None:
-            # Only while the model is streaming, i.e. while nothing can clone it (model.py refuses)
+            # Only while the model is streaming, i.e. while nothing can clone it (ModelBundle refuses)
             # and no other batch can step it (moshi refuses): the wrapper never outlives this batch.
             self._streaming.callback(_wrap_depformer(bundle.lm, self._rows.adjust_audio))
         param = next(self.mimi.parameters())

@@ -1,42 +1,15 @@
 """A call's life on the gateway side: a slot claimed, an agent session on a worker, and that session kept
 alive through worker deaths, Redis outages and drains. Front ends (SIP, WebRTC) use this and nothing below it.
 
-    calls = Calls.from_settings(settings, registry, metrics)       # the app's lifespan does this
-    await calls.startup()
     call = await calls.start(call_id, tenant, persona)             # Refusal / PersonaRejected if not
     call.send(frame)                                               # 3840 bytes of caller audio, every 80 ms
     async for event in call.frames(): ...                          # AgentAudio (80 ms) / AgentText
     await call.end("hangup")                                       # frees the slot
 
-**A call's states** (``CallState``; ``call.history`` keeps when each was entered)::
+Contract: audio never waits on the routing store; a lost worker is replaced within ``rehome_deadline`` (comfort
+noise meanwhile) or the call ends ``no_worker``; ``end`` always releases the slot.
 
-    claiming ──► connecting ──► live ──► rehoming ──► live ──► … ──► ending ──► ended
-        ▲            │            │         │
-        └────────────┘            └─────────┴──► ending (end(), no_worker, worker_ended, shutdown)
-     (the worker refused: claim again without it)
-
-- ``claiming``: a slot is reserved in the routing store (tenant limit and persona preference in one step).
-- ``connecting``: the session is opened on the claimed worker (session id = call id) and primed. A worker
-  that refuses (4503 full, 1013 draining or loading) or cannot be reached is left out and the call is
-  claimed again, at most ``start_attempts`` times; 4422 is the persona's fault: ``PersonaRejected``.
-- ``live``: caller frames go to the worker, agent frames and text come back. Neither ever touches the
-  routing store, so a Redis outage never touches audio in progress.
-- ``rehoming``: the worker was lost (its socket closed without an ``end``: 1001, 1006, 1011, 1012; or the
-  reaper found its heartbeat stale and it does not answer a ping). The call is moved in the store
-  (``router.rehome``) and a new session with the same persona is opened on the new worker; the caller
-  hears comfort noise (``COMFORT_NOISE``: pink noise at −40 dBFS, paced at 80 ms) until the new worker's
-  first frame. No worker with room within ``rehome_deadline`` seconds → the call ends with ``no_worker``.
-- ``ending`` / ``ended``: the worker session is ended, the slot released; ``frames()`` stops.
-
-End reasons (``EndReason``; a front end may pass its own, e.g. ``transfer``, ``max_duration``): ``hangup``
-(``end()``'s default), ``no_worker``, ``persona_rejected`` (the new worker refused the persona while
-re-homing), ``worker_ended`` (the worker closed the session itself), ``shutdown`` (the gateway stopped:
-a drain's deadline passed, or it was stopped at once), ``error`` (a bug: see the log).
-
-**Background** (``startup()``): call leases renewed every ``lease/3`` (which re-asserts every call after
-Redis lost its data); the reaper and the worker gauges every second; without Redis, a poller reads each
-configured worker's ``/v1/info`` every second and heartbeats it into the embedded store (with Redis,
-workers heartbeat themselves). Renewal failures are logged once per outage and retried.
+Details (states, end reasons, background tasks): docs/calls.md.
 """
 
 from __future__ import annotations

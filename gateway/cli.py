@@ -483,7 +483,7 @@ def _run_up(args: argparse.Namespace) -> int:
 
 
 def _run_bench_sip(args: argparse.Namespace) -> int:
-    from gateway.sip import bench
+    from personagate_bench import sip as bench
 
     try:
         counts = [int(c) for c in args.calls.split(",") if c.strip()]
@@ -501,7 +501,7 @@ def _run_bench_sip(args: argparse.Namespace) -> int:
 
 
 def _run_bench_routing(args: argparse.Namespace) -> int:
-    from gateway.routing import bench
+    from personagate_bench import routing as bench
 
     for name in ("workers", "slots", "claims", "concurrency"):
         if getattr(args, name) < 1:
@@ -513,7 +513,7 @@ def _run_bench_routing(args: argparse.Namespace) -> int:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from agent_runtime.bench import run_worker_bench
+    from personagate_bench.worker import run_worker_bench
 
     if args.model == "echo":
         print("personagate: bench worker measures a model; the echo model has none (it measures the gateway)",

@@ -116,7 +116,7 @@ class GatewaySettings(LayeredSettings):
     host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535, description="the HTTP port: admin API, probes, metrics")
     tenants_dir: Path = Field(Path("tenants"), description="the folder of tenant folders (<id>/tenant.yaml)")
-    # The promise is that a change applies within 5 s; the poll is one part of that.
+    # A tenant change serves new calls within 5 s (docs/tenants.md#hot-reload); the poll is one part of that.
     tenants_poll_seconds: float = Field(1.0, gt=0, le=4, description="how often the tenants folder is checked")
     admin_tokens_file: Path | None = Field(
         None, description="YAML file of SHA-256 hashes of admin API tokens; without it the admin API is off")

@@ -8,7 +8,7 @@ disable_created_metrics()
 
 # start(): a claim (sub-millisecond), a WebSocket to the worker and its priming (a few ms cached, more if not).
 CALL_START_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# A re-home: the promise is under 1 s.
+# A re-home: it should take under 1 s (a longer gap is a dropped call to the caller); buckets straddle 1 s.
 REHOME_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0)
 # A worker step's round trip: the model's tick is budgeted at 80 ms, so most of a healthy call sits well below.
 AGENT_STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5)

@@ -1,33 +1,14 @@
 """``personagate up``: the whole stack on one machine — a worker and a gateway (HTTP and SIP), each in its own
 process (so the model's compute never shares an interpreter with the gateway's real-time work),
-supervised together:
+supervised together.
 
-- Both start, and ``up`` says once, in full, how to use them when the stack can take a call.
-- A component that crashes after it has been ready (a non-zero exit status, or killed by a signal other than
-  SIGINT/SIGTERM) is restarted on its own after 1 s, 2 s, 4 s … up to 30 s; the delay starts again from 1 s
-  once it has then stayed ready for 60 s. The other one keeps running: the worker keeps its model and primed
-  personas while the gateway restarts, and the gateway refuses calls while the worker restarts, as in any
-  worker outage. Each crash is one line on stderr, and so is each return (``the gateway is back (restart N)``).
-- A component that exits before it was ever ready (bad settings, a port in use) stops ``up`` with status 1:
-  restarting it would only fail again. So does one that stops cleanly without ``up`` asking (status 0, or
-  SIGINT/SIGTERM): someone stopped it on purpose.
-- Ctrl-C stops both at once; SIGTERM drains both (calls in progress finish; a second signal stops at once).
-  Nothing is restarted once either has begun.
+Contract: a component that crashes after it was ready is restarted alone, with backoff, and hands its restart
+count to the new process (``PERSONAGATE_RESTARTS``); one that never became ready, or was stopped on purpose,
+stops ``up``. Ctrl-C stops both, SIGTERM drains both. The operator token and the internal plane's secret
+(``worker-secret``, mode 0600) are made once in the state folder and given to both processes by path; a
+secret in ``up``'s own environment is not passed on, so the pair always agrees.
 
-Restart counts: ``up`` starts each process with ``PERSONAGATE_RESTARTS`` (gateway/serving.py) set to how many
-times it has restarted that component before, and the process exports that number as
-``personagate_worker_restarts_total`` or ``personagate_gateway_restarts_total``. The number is constant for the
-life of one process and one higher in each restarted one, so ``increase()`` across the processes counts the
-restarts; a restart of ``up`` itself starts again from 0, which Prometheus reads as a counter reset.
-
-Routing: by default the gateway's embedded store, fed by reading the worker's ``/v1/info`` every second
-(no Redis needed); with ``--redis-url`` both the worker (heartbeats) and the gateway (claims) use that Redis.
-
-On first use it makes an operator token for the admin API and keeps it in the state folder
-(``.personagate/`` by default), so the local admin API works without any set-up. So too the shared secret of the
-internal plane (``gateway/plane.py``): ``worker-secret`` in the state folder (mode 0600), which the worker accepts
-and the gateway sends, given to both as the path of that file in their environment (a secret set in ``up``'s own
-environment is not passed on: the pair always agrees). ``personagate session`` finds it there too.
+Details (backoff, restart counts, what is printed): README.md#quick-start.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The admin API under attack, against real processes: the cases of issue 14 (a flood of wrong tokens from one
+"""The admin API under attack, against real processes: known attacks (a flood of wrong tokens from one
 address, clips whose header lies, a NUL in a clip path), then its own OpenAPI schema fuzzed (schemathesis): every
 operation, as the operator and as a tenant admin, with generated paths, queries and bodies (path parameters often
 aimed at real tenants and personas, so that requests reach the validators rather than stop at 403/404).
@@ -145,8 +145,8 @@ def _fuzz(operation: APIOperation, target: Target, who: str, failures: list[str]
     run()
 
 
-def _issue_cases(target: Target) -> None:
-    """The cases the issue reports, each answered with a 4xx: 300 wrong tokens from one address (throttled after
+def _known_attacks(target: Target) -> None:
+    """Known attacks, each answered with a 4xx: 300 wrong tokens from one address (throttled after
     the burst, the right token too from there, not from elsewhere), a wav whose header claims 5 s in 3.8 MB, a NUL
     in a clip path."""
     operator = {"Authorization": f"Bearer {target.tokens['operator']}"}
@@ -169,7 +169,7 @@ def _issue_cases(target: Target) -> None:
 
 
 def test_attacks_and_fuzzing_get_4xx_with_the_event_loop_free(tmp_path):
-    """The issue's cases, then generated requests to every admin operation with an operator token and with a tenant
+    """The known attacks, then generated requests to every admin operation with an operator token and with a tenant
     admin's token: each is answered below 500, /healthz keeps answering within STALL_SECONDS all along, and a live
     call (where pjsua2 is installed) keeps its audio."""
     with _target(tmp_path) as target:
@@ -182,7 +182,7 @@ def test_attacks_and_fuzzing_get_4xx_with_the_event_loop_free(tmp_path):
         failures: list[str] = []
         answered: collections.Counter[int] = collections.Counter()
         try:
-            _issue_cases(target)
+            _known_attacks(target)
             for who in ("operator", "tenant"):
                 for operation in operations:
                     _fuzz(operation, target, who, failures, answered)

@@ -87,7 +87,7 @@ def test_a_source_is_an_ipv4_address_or_an_ipv6_64():
 
 
 async def test_wrong_tokens_from_one_address_get_429_with_retry_after_even_for_the_right_token(tmp_path):
-    """The issue's attack: 300 wrong tokens in a row. After the burst every attempt from that address is 429 with
+    """A guessing attack: 300 wrong tokens in a row. After the burst every attempt from that address is 429 with
     Retry-After, unchecked — the right token too, so a guesser learns nothing — while other addresses are served.
     Once Retry-After has passed, the right token works again. Every refusal is counted."""
     clock = FakeClock()

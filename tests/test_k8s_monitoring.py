@@ -476,7 +476,7 @@ def test_promtool_parses_every_dashboard_query(dashboard: dict[str, Any], tmp_pa
 
 def test_dashboard_loads_with_any_prometheus_and_shows_what_operators_need(dashboard: dict[str, Any]) -> None:
     """The data source is a variable (any Prometheus the operator has), every panel and query uses it, panel ids
-    are unique and panels fit Grafana's 24-column grid; the panels the issue asks for are there, and the tick
+    are unique and panels fit Grafana's 24-column grid; the panels operators need (checked below) are there, and the tick
     step panel draws the 80 ms budget as a line."""
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"

@@ -27,16 +27,8 @@ from safetensors.torch import save_file
 
 from agent_runtime.batch import SlotBatch
 from agent_runtime.config import Sampling
-from agent_runtime.model import (
-    SAMPLE_RATE,
-    TINY_MIMI_CONFIG,
-    CheckpointError,
-    ModelBundle,
-    load_personaplex,
-    load_tiny,
-    tiny_lm_kwargs,
-    tiny_voice_presets,
-)
+from agent_runtime.model import SAMPLE_RATE, CheckpointError, ModelBundle, load_personaplex, load_tiny
+from agent_runtime.model.tiny import TINY_MIMI_CONFIG, tiny_lm_kwargs, tiny_voice_presets
 from agent_runtime.persona import Persona
 from agent_runtime.priming import PrimedState, Primer, delay_frames, plan_priming, prompt_frames
 from agent_runtime.voice_prompt import VoicePrompt, load_voice, prompt_tokens, voice_from_pt
@@ -502,7 +494,7 @@ def test_the_personaplex_architecture_matches_the_published_checkpoint():
     so no memory is used)."""
     from moshi.models import LMModel
 
-    from agent_runtime.model import PERSONAPLEX_LM_KWARGS
+    from agent_runtime.model.personaplex import PERSONAPLEX_LM_KWARGS
 
     with torch.device("meta"):
         lm = LMModel(device="meta", dtype=torch.bfloat16, **PERSONAPLEX_LM_KWARGS)

@@ -30,11 +30,11 @@ from gateway.routing import (
     RoutingMetrics,
     SentinelSettings,
     WorkerState,
-    bench,
     make_router,
     parse_sentinel_url,
 )
 from gateway.routing.scripts import KEY_NAMES
+from personagate_bench import routing as bench
 from tests.redis_server import RedisServer, free_port, redis_executable
 
 STORES = ["redis", "embedded"]

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from gateway.sip.bench import MULAW_DECODE, mulaw_encode
+from personagate_bench.sip import MULAW_DECODE, mulaw_encode
 from tests.conftest import udp_free_port
 from tests.test_sip import OPEN_NUMBER, ROOT, _metrics, _ready, _until, call, echo_stack, sipp_caller, tenants  # noqa: F401 - tenants: fixture
 

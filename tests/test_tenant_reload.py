@@ -24,7 +24,7 @@ personas:
     prompt: {prompt}
     voice: {{preset: NATF0}}
 """
-APPLY_WITHIN = 5.0  # the issue's promise to admins
+APPLY_WITHIN = 5.0  # what docs/tenants.md#hot-reload promises admins
 
 
 def _write(root: Path, tenant: str, number: str = "+14155550100", prompt: str = "You are agent one.") -> Path:

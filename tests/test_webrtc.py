@@ -546,7 +546,7 @@ async def test_the_caller_hears_a_clean_echo_paced_in_real_time(echo: Stack) -> 
     assert 0.015 < np.median(gaps) < 0.025
 
 
-# ---------------------------------------------------------------------- hostile callers (issue 14)
+# ---------------------------------------------------------------------- hostile callers
 
 
 def client_at(http: str, address: str) -> httpx.AsyncClient:

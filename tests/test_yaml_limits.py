@@ -240,7 +240,7 @@ LOOP_STALL_LIMIT_S = 3.0
 
 
 async def test_hostile_persona_bodies_are_422_positioned_and_the_loop_keeps_answering(gw):  # noqa: F811
-    """The issue's bodies (a 460-byte alias bomb, 4 KB nested 2000 levels, 60 KB nested 30 000 levels),
+    """Hostile bodies (a 460-byte alias bomb, 4 KB nested 2000 levels, 60 KB nested 30 000 levels),
     sent together several times, are each answered 422 with a problem positioned in the body; the
     file is unchanged and the event loop never stalls."""
     url, auth = f"{ADMIN}/tenants/acme/personas/claims", gw.as_("acme")

@@ -1,4 +1,4 @@
-"""The issue's YAML attacks against a real `personagate gateway` while a call is live on it: alias bombs,
+"""YAML attacks (tests/helpers/hostile_yaml.py) against a real `personagate gateway` while a call is live on it: alias bombs,
 deep nesting and line-end injection in persona bodies, and a tenant.yaml nested 100 000 levels by
 hand. Every body is answered 422 at once, the live call's audio keeps flowing both ways, another
 tenant's edit still applies, and the gateway's log shows no traceback."""
@@ -41,7 +41,7 @@ def stack(tenants: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
 
 
 def test_a_live_call_keeps_its_audio_while_hostile_yaml_is_refused(stack: dict, tenants: Path) -> None:  # noqa: F811
-    """While a call talks: 3 rounds of the issue's bodies (a 460-byte alias bomb, 4 KB nested 2000
+    """While a call talks: 3 rounds of hostile bodies (a 460-byte alias bomb, 4 KB nested 2000
     levels, 60 KB nested 30 000 levels, CR/NEL/U+2028/U+2029 injection) are each 422, and a hand edit
     nesting another tenant's file 100 000 levels is that tenant's positioned problem; meanwhile a
     valid persona edit of the live call's tenant applies, and the call's audio never stops."""

@@ -17,6 +17,7 @@ WORKDIR /app
 COPY Makefile pyproject.toml README.md ./
 COPY agent_runtime agent_runtime
 COPY gateway gateway
+COPY personagate_bench personagate_bench
 COPY deploy/pjsua2 deploy/pjsua2
 RUN make install PYTHON=python3 TORCH_CPU_PIP_OPTS="${TORCH_CPU_PIP_OPTS}" \
     && rm -rf /root/.cache \

@@ -13,9 +13,7 @@ clock drains.
     pacer.get(out)                              # (clock thread, every 20 ms): audio, or silence on underrun
     pacer.flush()                               # barge-in / hold: drop what is queued at once
 
-``resample.py`` (stateful streaming resamplers: a polyphase FIR with a 5.4 ms delay at 8 kHz by default,
-soxr, which holds back 20-80 ms per direction, as an option), ``framing.py`` (exact re-chunking),
-``pacing.py`` (the outbound buffer), ``bench.py`` (per-packet cost).
+Details: docs/audio.md.
 """
 
 from .framing import LineToModel, ModelToLine, Rechunker, Repacketizer

@@ -1,26 +1,14 @@
 """The outbound buffer between the agent (80 ms frames, cut into line packets) and the 20 ms media clock.
 
-It is kept shallow on purpose: whatever is queued here has been committed to the caller's ear and cannot
-be taken back at barge-in, so queue depth sets the latency floor. The rules:
+Kept shallow on purpose: whatever is queued here has been committed to the caller's ear and cannot be taken
+back at barge-in, so queue depth sets the latency floor.
 
-- **Cap.** At most ``frame_packets + cushion_packets`` packets wait (default 4 + 2: one model frame and
-  40 ms of cushion against the worker's jitter). More than that (a burst after a network stall) sheds the
-  *oldest* packets, so the caller hears the newest audio and lag never builds up.
-- **Standing lag.** If what is left after a tick's packet never drops below ``cushion_packets`` over
-  ``window_packets`` clock ticks (default 25: half a second), the excess is shed too: audio that arrives early, steadily, is lag.
-- **Underrun.** A tick that finds nothing to play gets silence, or the last packet again while that was
-  comfort noise (``filler=True``, e.g. ``AgentAudio.filler`` while a call is re-homed), so a gap never
-  turns into a click of dead air in the noise. Each such tick after audio began counts as an underrun;
-  ticks before the first packet (or after ``flush``, until audio comes again) do not.
-- **Flush.** ``flush()`` drops everything queued at once (barge-in, hold).
+Contract: at most ``frame_packets + cushion_packets`` packets wait, the oldest shed first; a standing excess
+over ``window_packets`` ticks is shed too; an empty tick plays silence (or repeats comfort noise) and counts as
+an underrun once audio began; ``flush()`` drops everything. One producer (the asyncio loop: ``put``,
+``flush``) and one consumer (the media clock thread: ``get``), each holding one small lock for microseconds.
 
-Counters: ``underruns`` (packets filled in: ``…_outbound_underruns_total``) and ``shed`` (packets dropped:
-``…_outbound_shed_total``); ``stats()`` reads them with the depth in one go.
-
-**Threads.** One producer (the asyncio loop: ``put``, ``flush``) and one consumer (the media clock thread:
-``get``). Every method holds one small lock for a few index updates and one 20 ms copy, never while
-waiting for anything, so neither side can block the other for more than microseconds. Packets are
-copied into storage allocated once; ``get`` copies into the caller's buffer.
+Details: docs/audio.md#the-outbound-buffer-pacingpy.
 """
 
 from __future__ import annotations

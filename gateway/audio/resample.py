@@ -1,27 +1,11 @@
 """One stateful streaming resampler per call and direction, between a line rate and the model's 24 kHz.
 
-The filter state is carried from packet to packet, so packet edges leave no clicks, whatever the packet
-sizes. Two engines, one interface (``StreamResampler``):
+Contract: the filter state is carried from packet to packet, so packet edges leave no clicks whatever the
+packet sizes. ``engine="fir"`` (the default, a Kaiser windowed-sinc polyphase filter) has a constant, known
+delay (``delay_seconds``) and turns each 20 ms packet into exactly 20 ms of output; ``engine="soxr"`` is kept
+for comparison and other ratios (it emits in bursts, holding back 20-80 ms per direction).
 
-- ``engine="fir"`` (the default): a linear-phase windowed-sinc (Kaiser) polyphase filter for the rational
-  ratios a call needs (8 and 16 kHz, 48 kHz <-> 24 kHz), run with numpy on a sliding window. Its only
-  delay is the filter's, constant and known (``delay_seconds``: 5.4 ms at 8 kHz with ``HQ``, 2.8 ms at
-  16 kHz, 1.8 ms at 48 kHz), and it returns every output sample its input allows at once, so each 20 ms
-  packet gives exactly 20 ms of output. ``HQ``: stopband 100 dB from the lower rate's Nyquist frequency
-  on, passband flat to 85 % of it (3.4 kHz at 8 kHz, telephony's band); ``VHQ``: 130 dB, passband to 90 %.
-- ``engine="soxr"``: soxr's ``ResampleStream`` with the ``HQ`` or ``VHQ`` recipe. Its output is
-  time-aligned (its filter delay is trimmed), but its block engine emits in bursts (at 8 -> 24 kHz HQ,
-  1468 samples every third 20 ms packet; at 24 -> 8 kHz, 489 samples for most 80 ms frames and 979 for
-  some), so it holds back 20-80 ms per direction. Measured end to end (line in, a model that answers at
-  once, line out, 20 ms clock; 80 ms of it is the frame itself): 200 ms at 8 kHz and 160 ms at 16 kHz,
-  against 90.75 ms and 85.5 ms with ``fir``. Kept for
-  comparison and for ratios the FIR engine does not take. (soxr's variable-rate mode emits every packet
-  but loses the round trip's SNR, under 20 dB: not offered.)
-
-Measured (``tests/test_audio_path.py``, int16 at both ends), ``fir`` HQ: a 5 kHz agent tone sent 24 -> 8 kHz
-leaves nothing at all in 0-4 kHz (every sample rounds to 0), a 4-12 kHz sweep 99 dB under its level (soxr:
-87 dB, the int16 noise floor); 8 -> 24 -> 8 kHz keeps speech-like audio at 60 dB SNR once the reported
-10.75 ms delay is taken out (16 kHz: 74 dB; soxr: 63 and 73 dB, with no delay to take out).
+Details (filter specs, measured delay and SNR): docs/audio.md#resampling-resamplepy.
 """
 
 from __future__ import annotations

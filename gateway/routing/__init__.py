@@ -1,7 +1,7 @@
 """Call routing: GPU session slots claimed atomically, tenant limits, worker death and drain.
 
 ``router.py`` is the interface; ``redis_store.py`` (with ``scripts.py``) and ``embedded.py`` implement it;
-``metrics.py`` holds its Prometheus metrics; ``bench.py`` measures claims per second.
+``metrics.py`` holds its Prometheus metrics (``personagate_bench/routing.py`` measures claims per second).
 """
 
 from __future__ import annotations

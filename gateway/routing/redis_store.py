@@ -1,23 +1,11 @@
 """The routing store on Redis: every decision is one Lua script (``scripts.py``), so claims from any number of
 gateways cannot over-commit a worker's slots or a tenant's limit.
 
-Connecting (``url_or_client``):
+Contract: ``RedisRouter`` takes a ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://`` URL (or
+``SentinelSettings``, or a client it then does not own); every method either answers within ``timeout`` or
+raises ``Refusal("unavailable")``, never hangs, and nothing needs restarting when Redis is back.
 
-- ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS), ``unix:///path/redis.sock[?db=N]``:
-  one server, through a ``BlockingConnectionPool`` (a burst of claims waits for a connection instead of
-  failing with MaxConnectionsError, ops.md 2.5).
-- ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db][?sentinel_password=...]``
-  (``rediss+sentinel://`` for TLS to the Redis servers): the master of ``service`` as the Sentinels report
-  it; a failover moves the connections to the new master by itself. ``SentinelSettings`` says the same
-  thing in fields, for settings files. The password is the Redis servers'; the Sentinels' is separate.
-- a ready ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster`` (Redis Cluster: every key
-  shares one hash tag, so the scripts run there unchanged). Its timeouts are its own, and ``close()``
-  leaves it open: whoever made it owns it.
-
-Outage behaviour: connect and command timeouts are short (``connect_timeout``, ``timeout``), one retry on
-a broken connection (a connection pooled before a Redis restart) and no backoff, and each operation is cut
-at ``timeout``: every method raises ``Refusal("unavailable")`` quickly instead of hanging. Nothing needs
-restarting when Redis is back: the pool reconnects and the scripts are re-loaded on NOSCRIPT.
+Details (URL forms, outage behaviour, keys): docs/routing.md.
 """
 
 from __future__ import annotations
@@ -92,7 +80,7 @@ class BlockingSentinelConnectionPool(SentinelConnectionPool, BlockingConnectionP
 
 
 class RedisRouter(Router):
-    """``Router`` on Redis. See the module docstring for URLs and outage behaviour."""
+    """``Router`` on Redis. URL forms and outage behaviour: docs/routing.md."""
 
     def __init__(
         self,

@@ -14,7 +14,8 @@ Who calls what:
   ``reap()`` + ``workers()`` every second or so (any gateway may reap; it is idempotent).
 
 A slot is reserved at claim time, before the gateway connects to the worker: reservations, not load
-readings, are what capacity is counted against (ops.md 2.1, 2.6).
+readings, are what capacity is counted against: a worker reports its load about once a second, so a burst of
+calls counted against that reading would over-commit it.
 """
 
 from __future__ import annotations

@@ -1,30 +1,11 @@
 """The Redis store's Lua scripts and key layout.
 
-Every key sits under one hash tag (the prefix, ``{pg}`` by default), so all of them hash to one Cluster
-slot, and every script receives all of them through KEYS in the order of ``KEY_NAMES``; no script builds
-a key name. Times come from ``redis.call('TIME')`` (milliseconds), never from a client's clock.
+Contract: every key sits under one hash tag (the prefix), and every script receives all of them through KEYS
+in the order of ``KEY_NAMES``; no script builds a key name. Times come from ``redis.call('TIME')``, never from
+a client's clock. Counts (a worker's reservations, a tenant's calls) are derived from lexicographic ZSETs of
+``"<owner>\\0<item>"`` members, never from counters that could drift, so ids must not contain NUL.
 
-Two-level membership uses lexicographic ZSETs (all scores 0) with members ``"<owner>\\0<item>"``: the
-items of one owner are the range ``[owner\\0`` .. ``(owner\\1``, so counting them is ``ZLEXCOUNT``
-(O(log N)) and listing or dropping them is O(log N + items). That is how a worker's reservations and a
-tenant's calls are counted: derived from the placements themselves, never from counters that could drift.
-Ids therefore must not contain NUL (``router.check_id`` refuses all control characters).
-
-| key (after the prefix)  | type | content |
-|-------------------------|------|---------|
-| ``:call:worker``        | HASH | call id -> worker id it is placed on |
-| ``:call:tenant``        | HASH | call id -> tenant (missing while a worker-recovered call awaits renew) |
-| ``:tenant:calls``       | ZSET | ``tenant\\0call``, lex: a tenant's live calls (its count for the limit) |
-| ``:worker:calls``       | ZSET | ``worker\\0call``, lex: reservations on a live worker (reserved count) |
-| ``:call:lease``         | ZSET | call id -> lease deadline (ms); the gateway's renew pushes it on |
-| ``:worker:capacity``    | HASH | worker id -> slots |
-| ``:worker:url``         | HASH | worker id -> ws URL |
-| ``:worker:alive``       | ZSET | worker id -> heartbeat deadline (ms) |
-| ``:worker:free``        | ZSET | worker id -> capacity - reserved: the routing index (live, not draining) |
-| ``:worker:draining``    | SET  | workers that take no new claims (sticky until reaped) |
-| ``:worker:personas``    | ZSET | ``worker\\0persona``, lex: personas a worker has primed |
-| ``:persona:workers``    | ZSET | ``persona\\0worker``, lex: the same, looked up by persona |
-| ``:call:released``      | ZSET | call id -> until when (ms) a heartbeat may not resurrect it |
+Details (each key, its type and content): docs/routing.md#scripts-and-keys-scriptspy.
 """
 
 from __future__ import annotations

@@ -1,29 +1,16 @@
 """Digest authentication of inbound INVITEs (RFC 3261 §22, RFC 7616 semantics, RFC 8760 for SHA-256).
 
-pjsua has no server-side authentication for calls, so the gateway does it itself, statelessly:
+pjsua has no server-side authentication for calls, so the gateway does it itself, statelessly: the nonce
+carries its own issue time and an HMAC under a per-process secret, so a flood of INVITEs costs no memory.
 
-1. An INVITE that must be authenticated and has no ``Authorization`` for our realm is answered
-   ``401 Unauthorized`` with one ``WWW-Authenticate`` per offered algorithm (SHA-256 first, then MD5 by
-   default: RFC 8760 §2.4 lists them most preferred first), ``qop="auth"``.
-2. The nonce is self-validating: ``base64url(issued-at ‖ 8 random bytes ‖ HMAC-SHA256(secret, both)[:16])``
-   with a per-process random secret, so nothing is stored per challenge and a flood of INVITEs costs no memory.
-3. The retried INVITE (a new call for pjsua, CSeq+1) carries ``Authorization``: the response is recomputed
-   from the trunk's password and compared in constant time. A wrong response, an unknown user, a foreign realm
-   or a ``uri`` other than the Request-URI → 403 (never another 401: a client with a wrong password would
-   loop). A correct response over an expired nonce, or over a nonce this process did not issue (the gateway
-   restarted) → 401 with a fresh nonce and ``stale=true``, so the client retries without asking anyone.
+Contract: no credentials for our realm → 401 (one challenge per algorithm, most preferred first); a wrong
+response, unknown user, foreign realm or ``uri`` → 403, never another 401 (a client with a wrong password would
+loop); a correct response over an expired, foreign or replayed nonce (``nc`` not raised) → 401 ``stale=true``.
+Work is bounded: headers over ``MAX_HEADER_CHARS`` are refused unread, a source with ``FAILURE_LIMIT`` failures
+in ``FAILURE_WINDOW_SECONDS`` is refused without hashing, and the source and nonce tables are capped. Passwords
+and digests are never logged.
 
-Bounded work: an ``Authorization`` longer than ``MAX_HEADER_CHARS`` is refused without parsing; verifying one
-costs one HMAC and three hashes of short strings; and a source address that failed ``FAILURE_LIMIT`` times
-within ``FAILURE_WINDOW_SECONDS`` is refused 403 without any hashing until its failures age out (the table of
-sources is capped at ``MAX_TRACKED_SOURCES``, oldest dropped first).
-
-Replays: a nonce once used to admit an INVITE is remembered with its highest ``nc`` (nonce count) until well
-past its lifetime, and an INVITE that does not raise it — a captured one sent again — gets 401 with a fresh nonce
-and ``stale=true``, which only the password's holder can answer. A client reusing a nonce counts ``nc`` up, as
-RFC 7616 asks. Only admitted INVITEs are remembered (``MAX_TRACKED_NONCES``, oldest first), so strangers cannot
-fill the table. Credentials also bind the Request-URI (or, for a UA that signs it without its user part, as
-sipp does, the host). Passwords and digests are never logged.
+Details: docs/sip.md#admitting-invites-sip_auth_policy.
 """
 
 from __future__ import annotations

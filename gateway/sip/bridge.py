@@ -1,30 +1,17 @@
 """Escalation by bridging: the gateway's own call to the human, for a caller whose side will not take a REFER.
 
-Many trunks refuse REFER (a 603, livekit/sip#234), so a blind transfer cannot be the only way to a human. When
-the REFER is refused, or its NOTIFY reports a failure, the gateway (``InboundCall._escalate``) calls the
-tenant's ``escalation.transfer_to`` itself: a ``HumanLeg`` is an outgoing INVITE from the gateway's pjsua
-endpoint. While it rings the caller keeps talking to the agent: nothing is interrupted, and when the human side
-fails there is nothing to undo. When the human answers, the two calls are joined back to back in pjsua's
-conference bridge (``Leg.join``: each call's audio transmitted to the other's, the caller's media port, the
-agent's tap, taken out of the path), the agent session is ended (reason ``transfer``: its slot is freed) and
-the gateway stays in the middle until either side hangs up, then BYEs the other.
+Many trunks refuse REFER (a 603, livekit/sip#234), so a blind transfer cannot be the only way to a human. A
+``HumanLeg`` is an outgoing INVITE to the tenant's ``escalation.transfer_to``; while it rings the caller keeps
+talking to the agent, so a failure has nothing to undo. Once answered the two calls are joined back to back in
+pjsua's conference bridge (``Leg.join``), the agent session ends (``transfer``) and the gateway stays in the
+middle until either side hangs up. A browser caller uses a ``HumanLeg`` with ``caller_serial=None`` and its own
+16 kHz media tap (``buffers``).
 
-Results, as ``personagate_gateway_sip_transfers_total{method="bridge",result}``: ``success`` (answered and
-bridged), ``busy`` (486 or 600), ``no_answer`` (no answer within the ring timeout: the INVITE is cancelled; or
-408, 480, 487), ``failed`` (any other final answer, the INVITE not sent, e.g. pjsua's call table full: a
-bridged call holds 2 of its ``sip_max_calls``, or the caller gone meanwhile), and
-``abandoned`` (the caller hung up while the target rang: the INVITE is cancelled).
+Contract: the result is one of ``success``, ``busy``, ``no_answer``, ``failed``, ``abandoned``
+(``personagate_gateway_sip_transfers_total{method="bridge"}``). The loop side keeps no pjsua object: dialling,
+joining and hanging up run on the pjsua thread and find the legs by serial (``UserAgent.kept``).
 
-The human's INVITE carries the caller's identity (the caller's From) as ``P-Asserted-Identity`` (RFC 3325), which
-a PBX that trusts the gateway shows on the human's phone; once bridged, the caller's key presses are passed on to
-the human's side as RFC 4733 events (a PBX queue or menu may ask for them).
-
-A browser caller (``gateway/webrtc``) escalates the same way, with no caller leg to join: its ``HumanLeg`` is
-made with ``caller_serial=None`` and keeps its own media tap, ``buffers`` (16 kHz), which the browser call pumps
-to and from the browser's audio.
-
-Threads: the loop side keeps no pjsua object. ``_dial``, ``_join`` and the hang-up run on the pjsua thread and
-find the legs there by their serials (``UserAgent.kept``); the leg's events come back through the loop.
+Details: docs/sip.md#the-bridged-call.
 """
 
 from __future__ import annotations

@@ -1,54 +1,11 @@
 """An inbound SIP call's life on the asyncio side: an explicit state machine over one ``Leg``.
 
-**States** (``SipCallState``; ``history`` keeps when each was entered)::
+Contract: ``InboundCall`` moves through ``SipCallState`` (ringing → progress → answering → live → ending →
+ended, or bridged, refused, cancelled), answering only once the agent session is ready, and ends by exactly
+one reason, recorded in its call record with each state's entry time (``history``). Hold pauses the agent
+without a state of its own.
 
-    ringing ──► progress ──► answering ──► live ──────────► ending ──► ended
-       │           │             │   │        │               ▲
-       │           │             │   └────────┴──► bridged ───┘
-       └───────────┴─────────────┴──► refused (4xx/5xx sent) / cancelled (CANCEL or BYE before live)
-
-- ``ringing``: 180 sent (the server routed the dialed number on the pjsua thread and sent it at once).
-- ``progress``: 183 Session Progress with SDP sent; the caller hears ringback as early media while
-  ``Calls.start`` claims a slot and primes the persona on a worker. The 183 is sent again every
-  ``ringing_interval`` seconds (``sip_ringing_interval_seconds``) until the answer, so proxies that cancel a
-  quiet INVITE transaction keep it, and a 183 lost over UDP is repaired within the interval.
-- ``answering``: the session is ready; 200 OK sent, waiting for the ACK (audio already flows both ways).
-  From the answer on, a tenant with ``recording.enabled`` (and a gateway with ``recordings_dir``) plays the
-  consent announcement first and records the call (``recording.py``); the agent hears nothing, and so says
-  nothing, until the announcement has been played, and with ``speaks_first: false`` nothing until the
-  caller speaks or ``sip_caller_first_wait_seconds`` pass (``media.MediaBridge``).
-- ``live``: ACK received. Ends by BYE from the caller (the agent call ends with ``hangup``), by the agent
-  call ending by itself (``no_worker``, ``worker_ended``, ``shutdown``: the gateway sends BYE), or by no RTP
-  from the caller for ``media_timeout`` seconds (``media_timeout``: BYE), or by reaching the tenant's
-  ``limits.max_call_seconds`` (or the gateway's ``sip_max_call_seconds``, if lower) from the answer
-  (``max_duration``: BYE), or by a blind transfer the caller's side reports done (``transfer``: the tenant's
-  ``escalation.dtmf_digit`` pressed → REFER to ``escalation.transfer_to``; a 2xx NOTIFY → BYE; no final
-  NOTIFY within ``TRANSFER_TIMEOUT`` keeps the caller with the agent; a refused REFER or a failure NOTIFY
-  falls back to a bridged call, below, unless ``sip_transfer_bridge_fallback`` is off), or by the session
-  timer (RFC 4028: the caller asked to refresh the session and did not, so pjsua sends BYE before it expires:
-  ``session_timer``).
-- ``bridged``: the REFER failed, so the gateway called ``escalation.transfer_to`` itself (``bridge.py``; the
-  caller talked to the agent while it rang) and the human answered: the caller's audio and the human's are
-  joined in the conference bridge, the agent session is ended (``transfer``, its slot freed). Ends when
-  either side hangs up (the gateway BYEs the other) or by the caller's media timeout; the maximum duration
-  does not apply (no agent any more). A human side that fails (busy, no answer within
-  ``sip_transfer_ring_seconds``, an error) keeps the caller ``live`` with the agent.
-- ``refused``: ``Refusal`` no_capacity / unavailable / draining → 503 with Retry-After; tenant_limit →
-  486; the session not ready within ``answer_timeout`` → 503 with Retry-After; the persona refused by the
-  worker → 500.
-- ``cancelled``: CANCEL (or the dialog dying) before the call was live: the claim and the session are
-  released (``Calls.start`` is cancelled, or the fresh agent call ended).
-
-**Hold** (RFC 3264, by the caller, in ``answering``, ``live`` or ``bridged``; not a state of its own): a re-INVITE or UPDATE
-whose offer is ``a=sendonly`` is answered ``a=recvonly`` and ``a=inactive`` is answered ``a=inactive`` by pjsua
-itself; the RFC 2543 way (``c=0.0.0.0``) is answered ``a=inactive`` by the leg. A later ``a=sendrecv`` offer
-(or a re-INVITE without SDP, where pjsua offers sendrecv) resumes. While held (``held``): no media timeout (no
-RTP is legitimate), the tenant's maximum duration still applies; the caller's audio (music on hold) is not
-passed to the agent, so the worker does not step the session at all: the model is paused, its context (the
-primed persona) kept for the resume instead of filled with minutes of music or silence, and no agent audio is
-made; agent audio already on its way is dropped and the outbound buffer flushed, so the caller returns to a
-quiet line, not stale speech. A caller whose INVITE already holds (``a=sendonly``) is held from the answer.
-``holds`` and ``held_seconds`` go into the call record.
+Details (each state, what ends it, hold): docs/sip.md#a-calls-states.
 """
 
 from __future__ import annotations

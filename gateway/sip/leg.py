@@ -183,7 +183,7 @@ class Leg(pj.Call):
     def onCallSdpCreated(self, prm: pj.OnCallSdpCreatedParam) -> None:
         """Our SDP, before it is sent. The one change: an offer on hold the RFC 2543 way (``c=0.0.0.0``) is
         answered ``a=inactive``; pjsua would mirror the address but say ``a=sendrecv``, and carriers hang up
-        on a hold answered sendrecv (telephony notes §2, livekit/sip#779)."""
+        on a hold answered sendrecv (livekit/sip#779)."""
         if prm.remSdp.wholeSdp and is_rfc2543_hold(prm.remSdp.wholeSdp):
             prm.sdp.wholeSdp = answer_inactive(prm.sdp.wholeSdp)
         if prm.remSdp.wholeSdp:  # our answer: SDES keys in it only when SRTP was agreed

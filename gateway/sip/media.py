@@ -1,31 +1,16 @@
 """A call's audio between pjsua's conference bridge (20 ms, 16 kHz) and the agent session (80 ms, 24 kHz).
 
-Two halves on two threads:
+Two halves on two threads: ``ua.FramePort``'s callbacks run on the bridge's clock thread holding the GIL, so
+they only copy frames into and out of the call's ``MediaBuffers`` (never calling pjsua, allocating or
+waiting); ``MediaBridge`` (asyncio, one per call) does the rest with ``gateway/audio`` (resampling, 80 ms
+framing, the shallow ``OutboundPacer`` that sheds rather than builds lag, so barge-in stays immediate).
 
-- ``ua.FramePort`` (an ``AudioMediaPort`` lent to the call) is called by the bridge's clock thread every 20 ms,
-  holding the GIL, and hands each frame to the call's ``MediaBuffers``. Its callbacks only copy: a received frame is copied (a C++ vector copy, no Python loop)
-  into the inbound queue; a requested frame is the next frame of the consent announcement, a ringback frame,
-  the next prepared outbound frame, or silence; with a recorder attached each tick's pair (what came in, what
-  went out) is appended to its bounded queue (``recording.py``). Nothing there calls pjsua, allocates big
-  objects, or waits.
-- ``MediaBridge`` (asyncio, one per call) does the rest: 20 ms caller frames → ``LineToModel`` (a stateful
-  resampler from ``gateway/audio``, 16 → 24 kHz, and exact 80 ms framing) → ``AgentCall.send``; agent frames → ``ModelToLine``
-  (24 → 16 kHz, 20 ms packets) → ``OutboundPacer``, which is shallow and sheds instead of building lag, so
-  barge-in stays immediate, and counts underruns (silence played) and sheds.
+Contract: the agent is kept silent, its state untouched, simply by not sending it caller audio
+(``MediaBridge._hold``: the worker steps a session only on caller frames) while the consent announcement
+plays and, with ``speaks_first: false``, until the caller speaks (the frames that fired the detector go too,
+``PRE_ROLL_FRAMES``) or ``wait_for_caller`` seconds pass.
 
-**Holding the agent.** The worker steps a session only when it gets a caller frame, so the bridge can keep
-the agent silent, with its state untouched, simply by not sending caller audio yet (``MediaBridge._hold``):
-
-- while the consent announcement plays (``hold_until`` is set when its last frame has gone out): the agent
-  neither talks over the notice nor hears the caller during it; its greeting comes after the notice;
-- for a persona with ``speaks_first: false``, until the caller speaks: a simple energy detector on the
-  caller's 20 ms frames (``gateway/audio/speech.py``) opens the hold, and the
-  frames that fired it go to the agent too (``PRE_ROLL_FRAMES``), so it hears the caller's first syllable.
-  Since the model has not stepped until then, it has not greeted anyone: what it says first is an answer
-  to the caller. A caller who says nothing (waiting for a greeting) is not left in silence: after
-  ``wait_for_caller`` seconds (``sip_caller_first_wait_seconds``) the agent is released and speaks first.
-
-Resampling, framing and the outbound pacer are ``gateway/audio``'s.
+Details: docs/sip.md#who-speaks-first-speaks_first and docs/sip.md#recording-and-the-consent-announcement.
 """
 
 from __future__ import annotations

@@ -6,16 +6,13 @@
     ...
     record = await finish_recording(recorder)   # the file finished off the loop; the call record's fields
 
-Browser calls are recorded the same way (``gateway/webrtc/media.py``: ``BrowserRecording`` brings both sides from
-48 kHz to the file's 16 kHz, ticked by the outbound track's 20 ms clock).
+Contract: the file holds the caller (left) and what the caller heard (right), 16 kHz, one frame of each per
+20 ms tick, so the sides stay aligned; the clock thread only appends to a bounded queue
+(``MAX_PENDING_FRAMES``: a stalled disk drops the oldest frames, counted) and a thread per call writes, so
+neither the event loop nor the pjsua thread waits on the disk; ``<name>.flac.part`` becomes ``<name>.flac``
+once complete. Browser calls use it too (``gateway/webrtc/media.py``: ``BrowserRecording``).
 
-The file holds what was on the line from the answer on: the caller on the left channel, what the caller
-heard on the right (the announcement, then the agent), 16 kHz 16-bit, one frame of each per 20 ms tick of
-the bridge, so the two sides stay aligned even when the caller's RTP stops (silence is recorded). The clock
-thread only appends to a bounded queue (``MAX_PENDING_FRAMES``: a stalled disk drops the oldest frames,
-counted, rather than growing memory); a thread per call encodes and writes, so neither the event loop nor
-the pjsua thread ever waits on the disk. The file is written as ``<name>.flac.part`` and renamed to
-``<name>.flac`` once complete.
+Details: docs/sip.md#recording-and-the-consent-announcement.
 """
 
 from __future__ import annotations

@@ -5,44 +5,18 @@
     ...
     await sip.stop()                             # BYE / 503 to every call, the endpoint destroyed
 
-An INVITE is decided on the pjsua thread at once (``_incoming``): a source address outside ``sip_allow`` →
-403; the Request-URI's user is the dialed number → ``TenantRegistry.route``: no tenant → 404, after hours →
-the tenant's status and reason, otherwise 180 Ringing and an ``InboundCall`` on the event loop takes over
-(``inbound.py``: 183 with ringback, the session claimed and primed, 200 OK when it is ready).
+Contract: an INVITE is decided on the pjsua thread at once (``_incoming``): trunk admission first (``sip_allow``
+and digest, ``auth.py``; a stranger learns nothing about the numbers), then the dialed number →
+``TenantRegistry.route`` (404, the after-hours answer, or 180 Ringing and an ``InboundCall`` takes over on the
+event loop). Refusals are sent outside pjsua's callback (``Leg.refuse``). INVITEs beyond
+``sip_max_invites_per_second`` are held ``FLOOD_HOLD_SECONDS``, then refused 503, so that at most
+``sip_max_calls`` hold RTP sockets at once. What reaches ``_incoming`` is well formed: the SIP guard
+(``deploy/pjsua2/ext/sip_guard.hpp``) answered the rest. Session timers are pjsua's (``_make_account``); INVITEs
+over TLS have an account of their own (``_TlsAccount``) because SRTP is an account's policy;
+``sip_registrations`` are accounts too (``registration.py``).
 
-**Floods.** pjsua creates an INVITE's RTP and RTCP sockets before ``_incoming`` sees it. Beyond
-``sip_max_invites_per_second`` (10) INVITEs in a second the gateway refuses each with 503 and Retry-After *after
-holding it* ``FLOOD_HOLD_SECONDS``: the calls held fill pjsua's call table (``sip_max_calls``), so at most that
-many INVITEs hold sockets at once, and pjsua itself answers the rest 486 Busy Here at once, without opening any
-(``personagate_gateway_sip_invites_shed_total``; every answer, pjsua's too, in
-``personagate_gateway_sip_responses_total``).
-
-**Before pjsua.** The SIP guard built into pjsua2 (``deploy/pjsua2/ext/sip_guard.hpp``, started by ``ua.py``)
-answers malformed and unsupported requests as RFC 3261 wants (400 naming the problem, 405, 416, 481, 489, 501,
-505, 513), so what reaches ``_incoming`` is a well-formed INVITE. Refusals are given outside pjsua's callback
-(``Leg.refuse``).
-
-**Session timers** (RFC 4028) are pjsua's, configured in ``_make_account``: a caller that supports them gets
-``sip_session_expires_seconds`` or the shorter interval it asks for; one that asks for less than
-``sip_min_se_seconds`` is answered 422 with Min-SE by pjsua itself, before ``_incoming`` (so it is not counted in
-``invites_total``); the BYE for a session not refreshed in time is pjsua's too (``inbound.py``: ``session_timer``).
-
-**Trunk admission** (before routing, so a stranger learns nothing about the numbers), by
-``sip_auth_policy``: ``allow_or_digest`` (the default) admits a source in ``sip_allow`` (CIDRs) as it is and
-makes any other pass digest authentication when trunk credentials are configured (``sip_auth_users``; with
-none, 403 as before); ``digest`` makes every INVITE pass digest whatever its source; ``allow_and_digest``
-wants both. Digest (``auth.py``): no credentials → 401 with a stateless nonce; the retried INVITE (a new call
-for pjsua) is verified: wrong → 403, right over an expired nonce → 401 stale=true
-(``personagate_gateway_sip_auth_total{result}``).
-
-**Transports and SRTP** (docs/sip.md, "Transports, TLS and SRTP"): UDP and TCP on ``sip_port``, TLS on
-``sip_tls_port`` with a certificate. SRTP (SDES keys, ``sip_srtp``) is an account's policy, so INVITEs over TLS
-have an account of their own (``_TlsAccount``); SDES keys are only exchanged over TLS unless
-``sip_srtp_insecure_signalling``, and with ``sip_srtp`` mandatory an INVITE over anything else is refused 488.
-
-**REGISTER** (``registration.py``): each of ``sip_registrations`` is a pjsua Account that registers at its
-PBX or carrier, refreshes, retries, and unregisters at ``stop``; INVITEs sent to its Contact arrive here too,
-through the same ``_incoming``.
+Details: docs/sip.md (#the-call, #transports-tls-and-srtp, #trunk-authentication-digest-and-registration-register,
+#session-timers-rfc-4028, #hostile-input-the-sip-guard-and-object-lifetimes).
 """
 
 from __future__ import annotations
@@ -392,7 +366,8 @@ class SipServer:
         self._loop.call_soon_threadsafe(self._begin, call)
 
     def _admission(self, message: str, ip: str) -> tuple[int, str, bool] | None:
-        """None to admit the INVITE, else (401 or 403, why, stale) by ``sip_auth_policy`` (the module's docs)."""
+        """None to admit the INVITE, else (401 or 403, why, stale) by ``sip_auth_policy``
+        (docs/sip.md#admitting-invites-sip_auth_policy)."""
         allowed = ip in self.allow
         policy = self.settings.sip_auth_policy
         if self.auth is None or (policy == "allow_or_digest" and allowed):

@@ -1,7 +1,7 @@
 """The pjsua thread: the one thread that owns pjsua2's ``Endpoint`` and every Call and Account object.
 
 pjsua2 is a client library wrapped for Python with SWIG; it is safe from Python only when one thread drives
-it (telephony notes §3): ``uaConfig.threadCnt = 0`` (no pjsua worker threads) and ``mainThreadOnly = True``
+it: ``uaConfig.threadCnt = 0`` (no pjsua worker threads) and ``mainThreadOnly = True``
 (callbacks from pjlib's other threads are posted to ours), and this thread runs ``libHandleEvents(10)`` in a
 loop. Everything else reaches pjsua through ``UserAgent.submit(fn)`` / ``UserAgent.post(fn)``: a thread-safe
 queue of callables run between two ``libHandleEvents`` calls. Objects made here (calls, media ports) are

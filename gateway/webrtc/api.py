@@ -2,50 +2,17 @@
 
     GET    /call                                  the page (static/call.html; ?tenant=…&persona=… preselects)
     GET    /v1/webrtc/personas                    personas this client may call, and the ICE servers to use
-    POST   /v1/webrtc/calls/{tenant}/{persona}    body: the SDP offer (application/sdp, ICE gathered)
-                                                  → 201, the SDP answer, Location: /v1/webrtc/calls/{id},
-                                                    Personagate-Call-Secret: the call's secret
-    DELETE /v1/webrtc/calls/{id}                  hang up (Authorization: Bearer <the call's secret, or an admin
-                                                  token of its tenant>) → 204 (also for a call that has just ended)
+    POST   /v1/webrtc/calls/{tenant}/{persona}    body: the SDP offer → 201, the SDP answer, Location, and
+                                                  Personagate-Call-Secret (the call's secret, given once)
+    DELETE /v1/webrtc/calls/{id}                  hang up with the call's secret or an admin token → 204
 
-The exchange is WHIP's (RFC 9725) shape: one POST with the complete offer, one answer, a resource to DELETE.
+Contract: WHIP's shape (RFC 9725). Checks run cheapest first (token, anonymous offer rate, body, persona,
+anonymous caps) and a slot is claimed only after the offer passed them all and aiortc's parse; every refusal
+is an HTTP status with a ``{"detail": …}`` and is counted in ``personagate_gateway_webrtc_refusals_total``.
+What fails after the claim ends the call on the data channel (``call.py``).
 
-**Who may call.** A persona with ``public_link: true`` takes calls from anyone (its tenant's hours apply, as
-on its phone numbers: after hours the after-hours persona answers, or the call is refused with 503). Any
-persona takes calls from its tenant's admins and the operator, with their admin API token
-(``Authorization: Bearer``), at any hour: that is how admins hear a persona before it goes on a number. A
-persona this caller may not call is a 404, as one that does not exist.
-
-**The call's secret.** The id is no secret (it is in ``Location`` and in the logs), so each call gets its own
-unguessable secret (32 random bytes), given once, to its creator, in the 201's ``Personagate-Call-Secret``
-header, and never logged. Hanging up (DELETE: the only call control over HTTP; the data channel is the
-browser's own, inside DTLS) needs it, or an admin token of the call's tenant or the operator's, as
-``Authorization: Bearer``; compared in constant time. Without it: 403, and the call goes on.
-
-**Order of the checks**, cheapest and most telling first: the token (401 for an unknown one); for callers
-without a valid token only, the per-client offer rate; the body (415, 413, 400); the persona (404, or 503 after
-hours); the anonymous caps; then the slot. A valid token holder is never rate limited by the anonymous
-per-client limit (an office behind one address). **Anonymous** (public-link) calls, those of callers with no
-admin token of the tenant, are capped in progress: ``webrtc_public_calls_per_client`` per client (429) and
-``webrtc_public_calls_per_tenant`` per tenant (503), counted on this gateway, offers being answered included;
-an answered call whose media does not connect ends after ``webrtc_connect_timeout_seconds``, which frees its
-place under both caps and its slot.
-
-**The slot is claimed only after the offer has passed every check**: ``offer.py``'s (media, ports, payload
-types, candidates), then aiortc's own parse (``setRemoteDescription``); the claim then overlaps the gathering
-of the gateway's candidates. Waiting for ICE to connect before claiming would add the claim and the start of
-priming to every caller's setup time; the connect timeout bounds what a non-connecting offer holds instead.
-
-**Answers** (JSON ``{"detail": …}`` for errors): 400 malformed offer (the reason), 401 an unknown token, 403 a
-hang-up without the call's secret, 404 no such tenant or persona (or not one this caller may call), 413 offer
-larger than ``webrtc_max_offer_bytes``, 415 not ``application/sdp``, 429 too many offers from this client
-(``webrtc_offers_per_minute``, per IPv4 address or IPv6 /64), too many anonymous calls from it, or the tenant at
-its ``max_concurrent_calls`` (SIP's 486), 503 no agent free / routing store unavailable / gateway draining /
-after hours / the tenant's anonymous calls at their cap, with ``Retry-After`` where a retry can help. Every
-refusal is counted in ``personagate_gateway_webrtc_refusals_total{reason}``. The offer is answered once the
-slot is claimed; priming goes on while the browser connects, and the data channel says ``ringing``, then
-``ready`` (see ``call.py``); what fails after the claim (the persona refused by the worker, no worker starting
-the session) ends the call with ``ended`` and its reason.
+Details (who may call, the call's secret, each status): docs/webrtc.md#signalling and
+docs/webrtc.md#limits-and-bad-input.
 """
 
 from __future__ import annotations

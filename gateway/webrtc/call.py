@@ -1,35 +1,10 @@
 """A browser call's life: an explicit state machine over one ``RTCPeerConnection`` and one ``AgentCall``.
 
-**States** (``BrowserCallState``; ``history`` keeps when each was entered)::
+Contract: ``BrowserCall`` moves through ``BrowserCallState`` (offered → ringing → live → ending → ended, or
+bridged after an escalation, or refused before the claim), tells the browser each step on its data channel,
+and ends by one reason, logged as one "WebRTC call ended" record with each state's entry time (``history``).
 
-    offered ──► ringing ──► live ──────────► ending ──► ended
-       │           │          │               ▲
-       │           │          └──► bridged ───┤
-       │           └──────────────────────────┘  (setup failed, or the browser gave up)
-       └──► refused (an HTTP error answered the offer)
-
-- ``offered``: the offer passed the API's checks. Once aiortc has taken it too, the slot is claimed
-  (``Calls.start``: the same claim, tenant limit and priming as a SIP call) *while* aiortc gathers the
-  gateway's candidates. An offer aiortc cannot take claims nothing; a refusal before the claim (``Refusal``,
-  ``PersonaRejected``) answers the offer with an HTTP error → ``refused``.
-- ``ringing``: the slot is claimed, the SDP answer sent (201); the persona is primed on the worker while the
-  browser connects (ICE, DTLS). The data channel says ``ringing``. Caller audio is read and dropped.
-- ``live``: the agent is primed and the browser's media connected: ``ready`` on the data channel, caller audio
-  to the agent, agent audio and text to the browser. Ends by the browser hanging up (``DELETE``, a ``hangup``
-  message, the peer connection closed or failed: ``hangup``/``connection_failed``), by the agent call ending by
-  itself (``no_worker``, ``worker_ended``, ``shutdown``), by no audio from the browser for
-  ``webrtc_media_timeout_seconds`` (``media_timeout``), or by the tenant's ``limits.max_call_seconds``
-  (``max_duration``).
-- ``bridged``: the caller sent the tenant's escalation digit (``{"type": "dtmf", "digit": "0"}``) and the
-  gateway called ``escalation.transfer_to`` over SIP (``gateway/sip/bridge.py``; the caller talks to the agent
-  while it rings: ``transferring``, then ``transfer_failed`` with busy / no_answer / failed / unavailable if it
-  does not answer). The human answered: ``transferred``; the agent session is ended (``transfer``: its slot
-  freed) and the browser's audio is bridged to the human's leg until either side hangs up (the gateway BYEs the
-  human when the browser goes; ``ended`` says ``transfer`` with ``ended_by``: caller, human, media_timeout).
-- ``ending`` / ``ended``: ``ended`` with the reason on the data channel, the agent call ended (slot freed), the
-  peer connection closed; one JSON line "WebRTC call ended" is the call record.
-
-Setup that does not finish within ``webrtc_setup_timeout_seconds`` ends the call (``setup_timeout``).
+Details (each state and what ends it): docs/webrtc.md#a-calls-states.
 """
 
 from __future__ import annotations

@@ -1,28 +1,13 @@
 """ICE for browser calls: where the gateway offers candidates, and the STUN/TURN servers both sides use.
 
-**Host candidates.** aioice (aiortc's ICE agent) offers a candidate on every address of every interface but
-loopback. A gateway on a multi-homed host (a Kubernetes node: pod, node and management networks) would
-advertise addresses the browser must not, or cannot, reach. ``restrict_host_addresses`` keeps the interfaces
-named in ``webrtc_ice_interfaces`` (names such as ``eth0``, or addresses, loopback included when named). aioice
-reads its address list from a module function each time it gathers; that one function is replaced, once, at
-start (aioice has no setting for it).
+Contract: ``restrict_host_addresses`` makes aioice offer host candidates only on ``webrtc_ice_interfaces``;
+``CandidatePolicy`` says which remote addresses a browser's candidate may name (so an offer cannot aim the
+gateway's connectivity checks at this host, link-local metadata services or a left-out network), and
+``bound_remote_candidates`` caps the remote candidates each connection keeps, peer-reflexive ones included.
+aioice has no settings for these, so each replaces one aioice function, once, at start. TURN credentials are
+minted per request with coturn's ``use-auth-secret`` scheme, so no long-lived TURN password reaches a browser.
 
-**Remote candidates** are where the gateway's ICE agent sends connectivity checks (STUN requests, each
-retransmitted up to 6 times), so an offer chooses where the gateway sends UDP. ``CandidatePolicy`` says which
-addresses a browser's candidate may name: not this host (loopback), unless loopback is one of
-``webrtc_ice_interfaces``; not link-local (cloud metadata services live at 169.254.169.254); not a network of
-an interface left out of ``webrtc_ice_interfaces`` (the node or management network), unless a named interface
-is on it too; and only an address family the gateway offers candidates in. ``offer.py`` takes other candidates
-out of the offer. ``bound_remote_candidates`` caps the remote candidates each aioice connection keeps, those
-learnt from incoming checks (peer-reflexive) included, so its check list (and the STUN it sends) is bounded by
-that cap times the gateway's own candidates. Both replace what aioice has no setting for, once, at start.
-
-**TURN.** Callers behind symmetric NAT or a firewall that blocks UDP need a relay. ``webrtc_ice_servers`` go to
-the browser page (``GET /v1/webrtc/personas``) and to the gateway's own ICE agent (aioice uses the first STUN
-and the first TURN server). With ``webrtc_turn_secret`` set, TURN servers listed without a username get
-credentials minted per request by the TURN REST API scheme that coturn implements (``use-auth-secret``):
-``username = "<expiry unix time>:personagate"``, ``credential = base64(HMAC-SHA1(secret, username))``, so no
-long-lived TURN password is ever handed to a browser.
+Details: docs/webrtc.md#ice-nat-and-turn.
 """
 
 from __future__ import annotations

@@ -1,24 +1,17 @@
 """A browser call's audio between aiortc (Opus, 48 kHz, 20 ms) and the agent session (24 kHz, 80 ms).
 
-- **Inbound** (``CallerAudio``): aiortc decodes the browser's Opus on a thread of its own into an *unbounded*
-  queue behind ``track.recv()``. One task reads it as frames come, so the queue stays empty; if the event
-  loop fell behind anyway, frames older than ``INBOUND_BACKLOG_FRAMES`` are dropped (counted) rather than fed
-  to the agent late. Each frame (s16, stereo or mono, 48 kHz) is mixed down to mono and goes through one
-  ``LineToModel(48000)`` for the whole call (a stateful resampler, so no seam between frames) into exact
-  80 ms model frames. Until the call is live, and for a persona with ``speaks_first: false`` until the
-  caller speaks (``gateway/audio/speech.py``) or ``wait_for_caller`` seconds pass, the agent hears nothing.
-- **Escalated** (``HumanAudio``): once the tenant's human answers (``gateway/sip/bridge.py``), the browser's
-  audio goes to the human's SIP leg instead of the agent (48 → 16 kHz, 20 ms packets into that leg's outbound
-  pacer), and the human's audio (16 kHz from the leg's media tap) to the browser's pacer (16 → 48 kHz), one
-  stateful resampler per direction again.
-- **Outbound** (``AgentTrack``): agent frames go through one ``ModelToLine(48000)`` (the stateful 24 → 48 kHz
-  resampler) into 20 ms packets and the shallow ``OutboundPacer`` that sheds rather than lags
-  (``gateway/audio/pacing.py``). aiortc pulls ``recv()`` as fast as it returns and does not schedule by
-  timestamps, so the track paces itself on the event loop's clock: packet *n* is due at ``start + n·20 ms``.
-  A stall (the loop late by more than ``STALL_SECONDS``) rebases the clock instead of bursting the backlog
-  (a burst only grows the browser's jitter buffer), and the RTP timestamps jump by the gap, so the browser
-  sees a gap in time, not compressed audio. Frames go out as stereo (the mono packet in both channels):
-  aiortc's Opus encoder is stereo, and its own converter would mix mono into stereo 3 dB down.
+``CallerAudio`` reads aiortc's unbounded decode queue as frames come (dropping a backlog older than
+``INBOUND_BACKLOG_FRAMES`` rather than feeding the agent late) into one stateful ``LineToModel(48000)``;
+``HumanAudio`` sends the browser's audio to the human's SIP leg instead once an escalation is answered;
+``AgentTrack`` paces agent audio itself on the event loop's clock, because aiortc sends whatever ``recv()``
+returns as fast as it returns it: packet *n* is due at ``start + n·20 ms``, and a stall over ``STALL_SECONDS``
+rebases the clock (and the RTP timestamps) instead of bursting the backlog. Frames go out stereo: aiortc's
+Opus encoder is stereo, and its converter would mix mono in 3 dB down.
+
+Contract: until the call is live, and with ``speaks_first: false`` until the caller speaks or
+``wait_for_caller`` seconds pass, the agent hears nothing.
+
+Details: docs/webrtc.md#media.
 """
 
 from __future__ import annotations

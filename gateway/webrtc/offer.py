@@ -1,32 +1,16 @@
 """What a browser's SDP offer must say before the gateway spends anything on it.
 
 aiortc parses whatever it is given and fails late, or deep inside, on offers a browser would never send; the
-checks here give the client a 400 that names the problem (the first one found) instead:
+checks here give the client a 400 that names the first problem found instead.
 
-- UTF-8 text of ``x=value`` lines starting with ``v=0``;
-- exactly one audio section, and at most one data channel (``m=application``), nothing else: aiortc answers
-  every section it is offered, and media nobody reads (a camera, a second microphone) would pile up decoded in
-  its queues;
-- the audio carries Opus at 48 kHz (what every browser offers) and sends audio: the agent steps only on caller
-  audio, so an offer without a microphone (``a=recvonly`` / ``a=inactive``) could never be answered by the
-  agent;
-- ICE credentials, a DTLS fingerprint and a DTLS role (``a=setup``): WebRTC media is always DTLS-SRTP;
-- every media port a number 0-65535, every RTP payload type (in the m-line, ``a=rtpmap``, ``a=fmtp``,
-  ``a=rtcp-fb``) a number 0-127;
-- ICE candidates: each well formed (component, udp/tcp, priority, an IP address or an mDNS ``.local`` name,
-  port, type), never at an address no host may use (unspecified, multicast, broadcast), and at most
-  ``max_candidates`` UDP ones (``webrtc_max_offer_candidates``; and three times that in all): the gateway's
-  ICE agent sends connectivity checks to every candidate, so an offer of hundreds would make it a UDP
-  reflector. TCP candidates (browsers offer them too) are taken out: the gateway's ICE agent speaks UDP only,
-  and they would only use up its bound on remote candidates (``ice.bound_remote_candidates``).
+Contract: an accepted offer has one audio section sending Opus at 48 kHz (the agent steps only on caller
+audio), at most one data channel and nothing else (aiortc answers every section, and unread media would pile
+up decoded), DTLS-SRTP credentials, numbers in range, and at most ``max_candidates`` well-formed UDP ICE
+candidates (the gateway checks every candidate, so more would make it a UDP reflector). TCP candidates and
+those at addresses ``ice.CandidatePolicy`` forbids are taken out rather than refused (browsers offer VPN and
+container addresses routinely); an offer left with none is refused. The size cap is the API's.
 
-Candidates at addresses the gateway must not send to (``ice.CandidatePolicy``: the host itself, link-local,
-the networks of interfaces left out of ``webrtc_ice_interfaces``) are taken out of the offer before aiortc
-sees it, rather than refusing the call: browsers routinely offer addresses of their VPN or container
-bridges. An offer with no candidate left is refused: its media could never connect, and it would hold a slot
-until the connect timeout.
-
-The size cap is the API's (``webrtc_max_offer_bytes``: 413 before the body is read whole).
+Details (each check, each status): docs/webrtc.md#signalling and docs/webrtc.md#ice-nat-and-turn.
 """
 
 from __future__ import annotations

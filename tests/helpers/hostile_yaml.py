@@ -1,4 +1,4 @@
-"""YAML texts that cost far more to read than their size, as the issue's attacks sent them: aliases
+"""YAML texts that cost far more to read than their size, as attackers send them: aliases
 that expand exponentially, nesting deep enough to overflow PyYAML's composer (or to keep its scanner
 busy for half a minute), and persona bodies whose line ends YAML reads differently from a splice."""
 

@@ -1,5 +1,5 @@
 """A call kept up through a test that does something else to the gateway meanwhile, and checked as it goes: does its
-audio still flow both ways? It is ``personagate bench sip``'s measuring caller (``gateway.sip.bench``: a minimal SIP
+audio still flow both ways? It is ``personagate bench sip``'s measuring caller (``personagate_bench.sip``: a minimal SIP
 UA over UDP with raw PCMU RTP, no jitter buffer, kernel receive timestamps) on a thread of its own, playing a steady
 tone that the echo worker sends back.
 
@@ -22,7 +22,7 @@ from typing import Self
 
 import numpy as np
 
-from gateway.sip.bench import (
+from personagate_bench.sip import (
     MULAW_DECODE,
     PACKET_SECONDS,
     SO_TIMESTAMPNS,

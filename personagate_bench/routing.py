@@ -1,6 +1,6 @@
 """Routing benchmark: claim + release cycles against a real Redis and against the embedded store.
 
-    python -m gateway.routing.bench --redis-url redis://127.0.0.1:6379/0 --workers 4 --slots 32 \\
+    python -m personagate_bench.routing --redis-url redis://127.0.0.1:6379/0 --workers 4 --slots 32 \\
         --claims 20000 --concurrency 64
 
 Each of ``concurrency`` tasks loops: claim a slot (a persona asked for, cached on some workers), release
@@ -23,10 +23,10 @@ import time
 import uuid
 from typing import Any
 
-from . import scripts
-from .embedded import EmbeddedRouter
-from .redis_store import RedisRouter
-from .router import Refusal, Router, WorkerState
+from gateway.routing import scripts
+from gateway.routing.embedded import EmbeddedRouter
+from gateway.routing.redis_store import RedisRouter
+from gateway.routing.router import Refusal, Router, WorkerState
 
 TENANTS = 10
 WARMUP = 200
@@ -147,7 +147,7 @@ def _cpu_model() -> str:
 
 
 def _cli(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gateway.routing.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m personagate_bench.routing", description=__doc__.split("\n")[0])
     parser.add_argument("--redis-url", help="a Redis to measure (omit: the embedded store only)")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--slots", type=int, default=32, help="slots per worker")

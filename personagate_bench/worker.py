@@ -30,13 +30,15 @@ import numpy as np
 import torch
 from moshi.models import LMGen
 
-from .batch import SlotBatch, kv_bytes_per_slot
-from .config import Sampling, WorkerSettings
-from .model import FRAME_SAMPLES, LOADERS, ModelBundle, load_personaplex_random
-from .persona import Persona
-from .pool import PoolConfig, SessionPool
-from .priming import PrimePlan, Primer, plan_priming
-from .voice_prompt import load_voice, prompt_tokens
+from agent_runtime.batch import SlotBatch, kv_bytes_per_slot
+from agent_runtime.config import Sampling, WorkerSettings
+from agent_runtime.model import FRAME_SAMPLES, LOADERS, ModelBundle
+from agent_runtime.persona import Persona
+from agent_runtime.pool import PoolConfig, SessionPool
+from agent_runtime.priming import PrimePlan, Primer, plan_priming
+from agent_runtime.voice_prompt import load_voice, prompt_tokens
+
+from .random_weights import load_personaplex_random
 
 FRAME_MS = 80.0
 RANDOM_WEIGHTS_NOTE = (

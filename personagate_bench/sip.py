@@ -3,28 +3,13 @@ the wire (a benchmark, not a test: the figures depend on the machine).
 
     personagate bench sip [--calls 1,2,4] [--seconds 20] [--gateway-cpu 0] [--json]
 
-It starts an echo worker (``--model echo``, one slot per call) and a gateway on free loopback ports with
-the shipped ``tenants/``, then, for each count in ``--calls``, places that many calls at once from a
-measuring caller made for this: a minimal SIP user agent (INVITE, ACK, BYE over UDP) with raw RTP (PCMU,
-20 ms) and no jitter buffer of its own, so that what it sees is what the gateway sends:
+It starts an echo worker and a gateway on free loopback ports with the shipped ``tenants/``, then places each
+round's calls from a measuring caller made for this: ``SipProbe``, a minimal SIP user agent (INVITE, ACK, BYE
+over UDP) with raw PCMU RTP and no jitter buffer of its own, so what it sees is what the gateway sends. The
+same caller keeps a call up through tests (``tests/helpers/live_call.py``).
 
-- **packet interval**: the gaps between the gateway's RTP packets as the kernel received them
-  (``SO_TIMESTAMPNS``), p50/p99/max over every call after its first second, and packets lost (sequence
-  gaps) — the issue's bar: p99 within 20 ± 5 ms, nothing lost;
-- **round trip**: every second the caller sends a 4 ms tone burst, which the echo model returns; from the
-  burst's first sample leaving the caller to its first sample coming back. A sample's time is its packet's
-  send (or kernel receive) time plus its offset in the packet, so a wire that returned each packet at once
-  would measure 0, and the caller's own 20 ms of packetisation is not counted;
-- **gateway latency**: the round trip less the worker's part — the gateway's own measure of each step's
-  round trip (``agent_step_round_trip`` p50 in its call record) plus the echo model's deliberate one-frame
-  (80 ms) delay. What remains is the gateway's path both ways: jitter buffer, conference bridge, resampling,
-  gathering 80 ms frames and the outbound pacer. Gathering 80 ms costs 60 ms by itself under this way of
-  timing (the last 20 ms packet of a frame is timed at its first sample), so the issue's "≤ 20 ms beyond the
-  80 ms frame" reads: gateway latency − 60 ms ≤ 20 ms, p95.
-
-- **gateway CPU**: the gateway process's CPU time over the round (100 %: one core). ``--gateway-cpu N`` runs the
-  gateway on CPU N alone (the worker and the measuring caller on the others), so that a round within the bar
-  shows what one core carries.
+Contract: one row per round: packet interval p50/p99/max and loss, round trip, the gateway's own latency
+and its CPU share. What each figure means and how it is timed: docs/benchmarks.md#sip-personagate-bench-sip.
 """
 
 from __future__ import annotations
@@ -447,7 +432,7 @@ def _free_port(kind: int) -> int:
 def bench_tenants(folder: Path) -> Path:
     """The shipped harbor-mutual tenant with its concurrent-call limit lifted (the bench measures the gateway,
     not the tenant's limit)."""
-    shipped = Path(__file__).resolve().parents[2] / "tenants" / "harbor-mutual"
+    shipped = Path(__file__).resolve().parents[1] / "tenants" / "harbor-mutual"
     shutil.copytree(shipped, folder / "harbor-mutual")
     tenant = folder / "harbor-mutual" / "tenant.yaml"
     text, replaced = re.subn(r"max_concurrent_calls: *\d+", "max_concurrent_calls: 10000", tenant.read_text())

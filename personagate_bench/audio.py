@@ -1,6 +1,6 @@
 """Per-packet cost of the call audio path, per direction (not a test: timings depend on the machine).
 
-    .venv/bin/python -m gateway.audio.bench [--seconds 60] [--line-rates 8000,16000,48000] [--quality HQ]
+    .venv/bin/python -m personagate_bench.audio [--seconds 60] [--line-rates 8000,16000,48000] [--quality HQ]
                                             [--engines fir,soxr]
 
 Inbound: one 20 ms line packet through ``LineToModel`` (resample to 24 kHz, cut 80 ms frames, to bytes).
@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from .framing import MODEL_FRAME_SAMPLES, LineToModel, ModelToLine
-from .pacing import OutboundPacer
+from gateway.audio.framing import MODEL_FRAME_SAMPLES, LineToModel, ModelToLine
+from gateway.audio.pacing import OutboundPacer
 
 
 def bench_audio_path(line_rate: int = 8000, seconds: float = 60.0, quality: str = "HQ",
@@ -52,7 +52,7 @@ def bench_audio_path(line_rate: int = 8000, seconds: float = 60.0, quality: str 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway.audio.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m personagate_bench.audio", description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="call audio per measurement (default 60)")
     parser.add_argument("--line-rates", default="8000,16000,48000")
     parser.add_argument("--quality", default="HQ", choices=["HQ", "VHQ"])
