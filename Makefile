@@ -47,7 +47,7 @@ bench: install
 	$(BIN)/personagate bench worker $(ARGS)
 
 lint: install
-	$(BIN)/ruff check agent_runtime gateway tests
+	$(BIN)/ruff check agent_runtime gateway personagate personagate_common tests
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

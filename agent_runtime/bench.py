@@ -30,10 +30,12 @@ import numpy as np
 import torch
 from moshi.models import LMGen
 
+from personagate_common.persona import Persona
+from personagate_common.protocol import FRAME_SAMPLES
+
 from .batch import SlotBatch, kv_bytes_per_slot
 from .config import Sampling, WorkerSettings
-from .model import FRAME_SAMPLES, LOADERS, ModelBundle, load_personaplex_random
-from .persona import Persona
+from .model import LOADERS, ModelBundle, load_personaplex_random
 from .pool import PoolConfig, SessionPool
 from .priming import PrimePlan, Primer, plan_priming
 from .voice_prompt import load_voice, prompt_tokens

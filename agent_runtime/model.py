@@ -20,14 +20,11 @@ import torch
 from moshi.models import LMModel, MimiModel
 from moshi.models import loaders as moshi_loaders
 
-from .voices import PRESET_VOICES
+from personagate_common.protocol import FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE
+from personagate_common.voices import PRESET_VOICES
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 24_000
-FRAME_RATE = 12.5
-FRAME_SAMPLES = 1920  # 80 ms at 24 kHz: one model step
-FRAME_BYTES = FRAME_SAMPLES * 2  # s16le on the wire
 AGENT_CODEBOOKS = 8  # generated per step; the checkpoint holds 16 depth steps (agent + user)
 
 # PersonaPlex's fixed Mimi codes for the priming phases (NVIDIA/personaplex moshi/models/lm.py L56-57).

@@ -14,8 +14,8 @@ supervised together:
 - Ctrl-C stops both at once; SIGTERM drains both (calls in progress finish; a second signal stops at once).
   Nothing is restarted once either has begun.
 
-Restart counts: ``up`` starts each process with ``PERSONAGATE_RESTARTS`` (gateway/serving.py) set to how many
-times it has restarted that component before, and the process exports that number as
+Restart counts: ``up`` starts each process with ``PERSONAGATE_RESTARTS`` (personagate_common/serving.py) set to
+how many times it has restarted that component before, and the process exports that number as
 ``personagate_worker_restarts_total`` or ``personagate_gateway_restarts_total``. The number is constant for the
 life of one process and one higher in each restarted one, so ``increase()`` across the processes counts the
 restarts; a restart of ``up`` itself starts again from 0, which Prometheus reads as a counter reset.
@@ -25,9 +25,9 @@ Routing: by default the gateway's embedded store, fed by reading the worker's ``
 
 On first use it makes an operator token for the admin API and keeps it in the state folder
 (``.personagate/`` by default), so the local admin API works without any set-up. So too the shared secret of the
-internal plane (``gateway/plane.py``): ``worker-secret`` in the state folder (mode 0600), which the worker accepts
-and the gateway sends, given to both as the path of that file in their environment (a secret set in ``up``'s own
-environment is not passed on: the pair always agrees). ``personagate session`` finds it there too.
+internal plane (``personagate_common/plane.py``): ``worker-secret`` in the state folder (mode 0600), which the
+worker accepts and the gateway sends, given to both as the path of that file in their environment (a secret set in
+``up``'s own environment is not passed on: the pair always agrees). ``personagate session`` finds it there too.
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ from typing import Any
 
 import httpx
 
+from personagate_common.plane import new_secret, read_secrets, write_private_file
+from personagate_common.serving import RESTARTS_ENV
+
 from .admin.tokens import new_token
-from .plane import new_secret, read_secrets, write_private_file
-from .serving import RESTARTS_ENV
 
 READY_TIMEOUT_SECONDS = 900.0  # a PersonaPlex checkpoint takes minutes to load from disk
 STOP_TIMEOUT_SECONDS = 30.0
@@ -348,7 +349,7 @@ class Supervisor:
 def _components(options: UpOptions, tokens_file: Path, secret_file: Path) -> list[Component]:
     """The worker and the gateway of ``options``: their command lines, environments and readiness probes. Both
     get ``secret_file``, the worker as its accepted secret, the gateway as the one it sends."""
-    cli = (sys.executable, "-m", "gateway.cli")
+    cli = (sys.executable, "-m", "personagate")
     worker_url = f"http://{_url_host(options.host)}:{options.worker_port}"
     gateway_url = f"http://{_url_host(options.host)}:{options.http_port}"
     inherited = {k: v for k, v in os.environ.items() if k not in INHERITED_SECRET_ENV}

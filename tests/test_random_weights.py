@@ -24,10 +24,10 @@ from agent_runtime.model import (
     load_tiny,
     tiny_lm_kwargs,
 )
-from agent_runtime.persona import Persona
 from agent_runtime.priming import Primer, plan_priming
 from agent_runtime.voice_prompt import load_voice, prompt_tokens
-from gateway.cli import main
+from personagate.cli import main
+from personagate_common.persona import Persona
 
 GREEDY = {"use_sampling": False}
 

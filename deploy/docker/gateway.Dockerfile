@@ -17,6 +17,8 @@ WORKDIR /app
 COPY Makefile pyproject.toml README.md ./
 COPY agent_runtime agent_runtime
 COPY gateway gateway
+COPY personagate personagate
+COPY personagate_common personagate_common
 COPY deploy/pjsua2 deploy/pjsua2
 RUN make install PYTHON=python3 TORCH_CPU_PIP_OPTS="${TORCH_CPU_PIP_OPTS}" \
     && rm -rf /root/.cache \

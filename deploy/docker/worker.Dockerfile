@@ -15,6 +15,8 @@ WORKDIR /app
 COPY Makefile pyproject.toml README.md ./
 COPY agent_runtime agent_runtime
 COPY gateway gateway
+COPY personagate personagate
+COPY personagate_common personagate_common
 RUN make install PYTHON=python3.11 PJSUA2=none \
     && find /app/.venv -name '__pycache__' -prune -exec rm -rf {} +
 

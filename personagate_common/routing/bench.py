@@ -1,6 +1,6 @@
 """Routing benchmark: claim + release cycles against a real Redis and against the embedded store.
 
-    python -m gateway.routing.bench --redis-url redis://127.0.0.1:6379/0 --workers 4 --slots 32 \\
+    python -m personagate_common.routing.bench --redis-url redis://127.0.0.1:6379/0 --workers 4 --slots 32 \\
         --claims 20000 --concurrency 64
 
 Each of ``concurrency`` tasks loops: claim a slot (a persona asked for, cached on some workers), release
@@ -147,7 +147,8 @@ def _cpu_model() -> str:
 
 
 def _cli(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gateway.routing.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m personagate_common.routing.bench",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--redis-url", help="a Redis to measure (omit: the embedded store only)")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--slots", type=int, default=32, help="slots per worker")
