@@ -23,9 +23,9 @@ from tests.redis_server import redis_server  # noqa: F401
 # start-up on CPU for nothing.
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
-# The internal plane's shared secret (personagate_common/plane.py), in one place: every worker the tests start accepts it and
-# every gateway they start sends it, through the environment both inherit; clients the tests drive themselves send
-# WORKER_AUTH_HEADERS (raw WebSocket/HTTP) or WORKER_AUTH (WorkerSession.open, Calls).
+# The internal plane's shared secret (personagate_common/plane.py), in one place: every worker the tests start
+# accepts it and every gateway they start sends it, through the environment both inherit; clients the tests drive
+# themselves send WORKER_AUTH_HEADERS (raw WebSocket/HTTP) or WORKER_AUTH (WorkerSession.open, Calls).
 TEST_WORKER_SECRET = "personagate-tests-shared-secret-3f9c"
 os.environ["PERSONAGATE_WORKER_SESSION_SECRET"] = TEST_WORKER_SECRET
 os.environ["PERSONAGATE_GATEWAY_WORKER_SECRET"] = TEST_WORKER_SECRET

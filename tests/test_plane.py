@@ -1,6 +1,6 @@
-"""The internal plane (personagate_common/plane.py): a worker serves sessions and ``/v1/info`` only to gateways holding its
-shared secret, over TLS when it has a certificate; the gateway's HTTP listener can serve TLS, and the admin API can
-listen on a port of its own so that the public port never carries it."""
+"""The internal plane (personagate_common/plane.py): a worker serves sessions and ``/v1/info`` only to gateways
+holding its shared secret, over TLS when it has a certificate; the gateway's HTTP listener can serve TLS, and the
+admin API can listen on a port of its own so that the public port never carries it."""
 
 from __future__ import annotations
 
