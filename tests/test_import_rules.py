@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,3 +116,19 @@ def test_importing_every_module_of_a_side_loads_nothing_forbidden(package: str) 
     assert done.returncode == 0, done.stderr
     loaded = set(json.loads(done.stdout))
     assert loaded.isdisjoint(RUNTIME_FORBIDDEN[package]), sorted(loaded & set(RUNTIME_FORBIDDEN[package]))
+
+
+def test_each_sides_extra_leaves_out_the_other_sides_heavy_dependencies() -> None:
+    """pyproject.toml: the base (shared) dependencies carry neither side's, the gateway extra no torch, the worker
+    extra no aiortc; dev is both sides. (moshi and pjsua2 are installed by the Makefile, not by pip's extras.)"""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    extras = project["optional-dependencies"]
+    gateway_only, worker_only = {"aiortc", "av", "aioice", "fastapi"}, {"torch", "einops", "sentencepiece"}
+    assert names(project["dependencies"]).isdisjoint(gateway_only | worker_only)
+    assert gateway_only <= names(extras["gateway"]) and names(extras["gateway"]).isdisjoint(worker_only)
+    assert worker_only <= names(extras["worker"]) and names(extras["worker"]).isdisjoint(gateway_only)
+    assert f"{project['name']}[gateway,worker]" in extras["dev"]
