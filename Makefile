@@ -10,6 +10,12 @@ TORCH_CPU_PIP_OPTS ?=
 # pjsua2 (the SIP front end) is built from pjproject's source with deploy/pjsua2's settings and patches, cached
 # outside the clone (deploy/pjsua2/build.sh); PJSUA2=none leaves it out (the worker's image has no SIP).
 PJSUA2 ?= source
+# What is installed, as pyproject.toml's extras: dev (both sides and the test tools), or one side for an image:
+# gateway (no torch, no moshi) or worker (no aiortc; with PJSUA2=none, no pjsua2 either); gateway,worker for both.
+EXTRAS ?= dev
+comma := ,
+# torch and moshi are the worker's: left out when the extras name no worker side.
+WITH_MODEL := $(if $(filter dev worker,$(subst $(comma), ,$(EXTRAS))),yes,no)
 ARGS ?=
 PYTEST_ARGS ?=
 
@@ -21,19 +27,21 @@ install: $(STAMP)
 
 # torch goes in first and on its own: where there is no NVIDIA GPU the CPU build is taken, so that
 # nothing later pulls the multi-gigabyte CUDA wheels. moshi is installed without its dependencies
-# (its torch/numpy pins are stale); pyproject.toml declares what it really needs.
+# (its torch/numpy pins are stale); pyproject.toml declares what it really needs. Neither for a gateway alone.
 $(STAMP): pyproject.toml deploy/pjsua2/build.sh deploy/pjsua2/config_site.h $(wildcard deploy/pjsua2/patches/* deploy/pjsua2/ext/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+	if [ "$(WITH_MODEL)" != yes ]; then \
+		echo "EXTRAS=$(EXTRAS): no torch, no moshi"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
 		$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"; \
 	else \
 		$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)" $(TORCH_CPU_PIP_OPTS); \
 		$(BIN)/python -c "import torch, sys; sys.exit(torch.version.cuda is not None)" \
 		|| echo "warning: a CUDA build of torch was installed on a machine without a GPU; set TORCH_CPU_PIP_OPTS"; \
 	fi
-	$(BIN)/python -m pip install --quiet --no-deps "moshi==0.2.13"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	if [ "$(WITH_MODEL)" = yes ]; then $(BIN)/python -m pip install --quiet --no-deps "moshi==0.2.13"; fi
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	if [ "$(PJSUA2)" = source ]; then deploy/pjsua2/build.sh --python $(BIN)/python; fi
 	touch $(STAMP)
 
@@ -47,7 +55,7 @@ bench: install
 	$(BIN)/personagate bench worker $(ARGS)
 
 lint: install
-	$(BIN)/ruff check agent_runtime gateway personagate_bench tests
+	$(BIN)/ruff check agent_runtime gateway personagate personagate_bench personagate_common tests
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -24,8 +24,10 @@ import numpy as np
 import torch
 from moshi.models import LMGen, LMModel
 
+from personagate_common.protocol import FRAME_SAMPLES
+
 from .config import Sampling, SessionSampling
-from .model import FRAME_SAMPLES, ModelBundle
+from .model import ModelBundle
 from .priming import PrimedState, restore
 
 

@@ -12,10 +12,9 @@ import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from gateway.plane import check_secret, check_server_tls, read_secrets
-from gateway.routing.redis_store import RedisPrefixSetting, RedisUrlSetting
-
-from .settings_files import LayeredSettings, SettingsError, load_settings
+from personagate_common.plane import check_secret, check_server_tls, read_secrets
+from personagate_common.routing.redis_store import RedisPrefixSetting, RedisUrlSetting
+from personagate_common.settings_files import LayeredSettings, SettingsError, load_settings
 
 __all__ = ["Sampling", "SessionSampling", "SettingsError", "WorkerSettings", "load_worker_settings"]
 
@@ -107,7 +106,8 @@ class WorkerSettings(LayeredSettings):
     heartbeat_seconds: float = Field(1.0, gt=0, le=60, description="how often the worker heartbeats to Redis")
     worker_ttl_seconds: float = Field(
         3.0, gt=0, le=600, description="how long a heartbeat keeps the worker alive in the routing store")
-    # The internal plane (gateway/plane.py, docs/deploy.md): who may open sessions and read /v1/info, and TLS.
+    # The internal plane (personagate_common/plane.py, docs/deploy.md): who may open sessions and read /v1/info,
+    # and TLS.
     session_secret: SecretStr | None = Field(
         None, description="a shared secret gateways must send (Authorization: Bearer) to open sessions and read "
                           "/v1/info; at least 16 characters")

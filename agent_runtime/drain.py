@@ -9,7 +9,7 @@
   and the process exits 0.
 
 uvicorn's own handling would close every WebSocket with 1012 on the first signal; ``WorkerServer`` is
-the gateway's ``GracefulServer`` (gateway/serving.py), which takes the signals over and lets uvicorn stop
+the gateway's ``GracefulServer`` (personagate_common/serving.py), which takes the signals over and lets uvicorn stop
 only once the drain or stop below is done, with exit status 0.
 """
 
@@ -21,7 +21,7 @@ import time
 
 import uvicorn
 
-from gateway.serving import GracefulServer, restarts_before_this_process
+from personagate_common.serving import GracefulServer, restarts_before_this_process
 
 from .config import WorkerSettings
 from .server import Worker, create_app
@@ -99,7 +99,7 @@ def serve(settings: WorkerSettings) -> int:
         ws_ping_interval=10,
         ws_ping_timeout=10,
         timeout_graceful_shutdown=CLOSE_WAIT_SECONDS,
-        # With a certificate every connection is TLS: https:// probes and wss:// sessions (gateway/plane.py).
+        # With a certificate every connection is TLS: https:// probes and wss:// sessions (personagate_common/plane.py).
         ssl_certfile=settings.tls_cert_file,
         ssl_keyfile=settings.tls_key_file,
     )

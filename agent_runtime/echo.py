@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from personagate_common.persona import Persona, PersonaError
+from personagate_common.protocol import FRAME_SAMPLES
+from personagate_common.voices import PRESET_VOICES
+
 from .batch import StepOutput
 from .config import SessionSampling
-from .model import FRAME_SAMPLES
-from .persona import Persona, PersonaError
 from .voice_prompt import decode_audio
-from .voices import PRESET_VOICES
 
 ECHO_VOICES = ("tiny-low", "tiny-high", *PRESET_VOICES)  # the tiny model's preset names
 

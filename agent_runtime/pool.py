@@ -25,18 +25,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from personagate_common.persona import Persona
+from personagate_common.protocol import FRAME_BYTES, FRAME_SAMPLES, FRAME_SECONDS
+
 from .batch import SlotBatch
 from .config import Sampling, SessionSampling
 from .echo import EchoBatch, EchoBundle, EchoPrimed
 from .metrics import WorkerMetrics
-from .model import FRAME_BYTES, FRAME_RATE, FRAME_SAMPLES, ModelBundle
-from .persona import Persona
+from .model import ModelBundle
 from .priming import PrimedState, Primer, plan_priming
 from .voice_prompt import load_voice, prompt_tokens
 
 log = logging.getLogger(__name__)
 
-FRAME_SECONDS = 1 / FRAME_RATE
 Primed = PrimedState | EchoPrimed  # what a slot is installed from
 
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 from moshi.models import LMGen, LMModel
 
+from personagate_common.persona import PersonaError
+
 from .model import ModelBundle
-from .persona import PersonaError
 from .voice_prompt import VoicePrompt
 
 SILENCE_FRAMES = 6  # int(0.5 s * 12.5 Hz), PersonaPlex server.py

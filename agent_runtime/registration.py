@@ -1,4 +1,4 @@
-"""The worker announces itself to the gateways' routing store (``gateway.routing``, on Redis).
+"""The worker announces itself to the gateways' routing store (``personagate_common.routing``, on Redis).
 
 With ``redis_url`` set, once the model is loaded (not while loading) the worker heartbeats its
 ``WorkerState`` every ``heartbeat_seconds``: its id, the URL gateways reach its sessions at, its slots,
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from .config import WorkerSettings
 
 if TYPE_CHECKING:
-    from gateway.routing import Router, WorkerState
+    from personagate_common.routing import Router, WorkerState
 
     from .server import Worker
 
@@ -41,7 +41,7 @@ class Registration:
         self.url = settings.resolved_advertise_url()
         self._owns_router = router is None
         if router is None:
-            from gateway.routing import RedisRouter
+            from personagate_common.routing import RedisRouter
 
             assert settings.redis_url is not None
             # Short timeouts: a heartbeat must never take longer than the interval it keeps.
@@ -56,7 +56,7 @@ class Registration:
         self.heartbeats = 0  # successful ones (tests, logs)
 
     def state(self) -> WorkerState:
-        from gateway.routing import WorkerState
+        from personagate_common.routing import WorkerState
 
         pool = self.worker.pool
         assert pool is not None
@@ -103,7 +103,7 @@ class Registration:
 
     async def beat(self) -> bool:
         """One heartbeat; True if the store took it. Failures are logged, never raised."""
-        from gateway.routing import Refusal
+        from personagate_common.routing import Refusal
 
         state = self.state()
         try:

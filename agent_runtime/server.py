@@ -1,19 +1,18 @@
 """The worker's HTTP/WebSocket server: sessions on ``/v1/sessions``, probes, metrics.
 
 Sessions and ``/v1/info`` (which names the calls in progress) are served only to callers that send one of
-the worker's shared secrets (``Authorization: Bearer``, ``gateway/plane.py``): a WebSocket upgrade without it
+the worker's shared secrets (``Authorization: Bearer``, ``personagate_common/plane.py``): a WebSocket upgrade without it
 is answered 401 before it is accepted, so no slot is ever taken for it. The probes and ``/metrics`` stay open.
 
-The protocol is documented in docs/worker-protocol.md; the close codes are in ``CloseCode``. Draining
-(SIGTERM: no new sessions, calls in progress go on) is driven by ``drain.py``; registration with the
-gateways' routing store by ``registration.py``.
+The protocol is documented in docs/worker-protocol.md; its constants and close codes (``CloseCode``) are in
+personagate_common/protocol.py. Draining (SIGTERM: no new sessions, calls in progress go on) is driven by
+``drain.py``; registration with the gateways' routing store by ``registration.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import json
 import logging
 import threading
@@ -29,29 +28,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from gateway.plane import AuthResult, SecretChecker
+from personagate_common.persona import Persona, PersonaError, PersonaFormatError, persona_from_message
+from personagate_common.plane import AuthResult, SecretChecker
+from personagate_common.protocol import FRAME_BYTES, SAMPLE_RATE, CloseCode, MessageType
 
 from .config import SessionSampling, WorkerSettings
 from .echo import EchoBundle, load_echo
 from .metrics import WorkerMetrics
-from .model import FRAME_BYTES, LOADERS, ModelBundle
-from .persona import Persona, PersonaError, PersonaFormatError, persona_from_message
+from .model import LOADERS, ModelBundle
 from .pool import PoolConfig, PoolFull, PoolStopped, Session, SessionEnded, SessionPool
 from .registration import Registration
 
 log = logging.getLogger(__name__)
-
-
-class CloseCode(enum.IntEnum):
-    NORMAL = 1000  # the session ended (by the client's "end" or by the worker)
-    GOING_AWAY = 1001  # the worker is shutting down: a drain's deadline passed, or it was told to stop at once
-    POLICY_VIOLATION = 1008  # no or a wrong shared secret (where the server cannot answer the upgrade 401)
-    INTERNAL_ERROR = 1011
-    TRY_AGAIN_LATER = 1013  # the worker takes no sessions now: loading its model, or draining
-    BAD_REQUEST = 4400  # malformed start message or audio frame
-    START_TIMEOUT = 4408  # no start message in time
-    PERSONA_REJECTED = 4422  # the persona cannot be primed (unknown voice, bad clip, prompt too long)
-    NO_FREE_SLOT = 4503  # every slot is in use: try another worker
 
 
 class ProtocolError(Exception):
@@ -258,7 +246,7 @@ def _info(worker: Worker) -> Response:
         "active_sessions": worker.active_session_ids,
         "cached_personas": worker.pool.cached_personas,
         "frame_bytes": FRAME_BYTES,
-        "sample_rate": 24000,
+        "sample_rate": SAMPLE_RATE,
     })
 
 
@@ -353,7 +341,7 @@ async def _admitted_session(worker: Worker, ws: WebSocket) -> None:
                                            else session.sampling.model_dump(),
                                            "start_ms": round(session.start_seconds * 1000, 2)})
         await ws.send_text(json.dumps({
-            "type": "ready",
+            "type": MessageType.READY,
             "session_id": session.id,
             "slot": session.slot,
             "start_ms": round(session.start_seconds * 1000, 2),
@@ -400,7 +388,7 @@ async def _receive_start(ws: WebSocket, settings: WorkerSettings) -> dict[str, A
         start = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ProtocolError(CloseCode.BAD_REQUEST, f"start message is not JSON: {exc.msg}") from exc
-    if not isinstance(start, dict) or start.get("type") != "start":
+    if not isinstance(start, dict) or start.get("type") != MessageType.START:
         raise ProtocolError(CloseCode.BAD_REQUEST, 'the first message must be {"type": "start", ...}')
     return start
 
@@ -492,7 +480,7 @@ async def _uplink(ws: WebSocket, session: Session) -> None:
             control = json.loads(message.get("text") or "")
         except json.JSONDecodeError as exc:
             raise ProtocolError(CloseCode.BAD_REQUEST, f"control message is not JSON: {exc.msg}") from exc
-        if isinstance(control, dict) and control.get("type") == "end":
+        if isinstance(control, dict) and control.get("type") == MessageType.END:
             session.close("client_end")
             return
         raise ProtocolError(CloseCode.BAD_REQUEST, 'unknown control message; expected {"type": "end"}')
@@ -506,7 +494,7 @@ async def _downlink(ws: WebSocket, session: Session) -> None:
             return
         await ws.send_bytes(frame.pcm)
         if frame.text:
-            await ws.send_text(json.dumps({"type": "text", "text": frame.text}))
+            await ws.send_text(json.dumps({"type": MessageType.TEXT, "text": frame.text}))
 
 
 async def _close(ws: WebSocket, code: int, reason: str) -> None:

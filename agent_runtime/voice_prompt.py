@@ -12,9 +12,11 @@ import numpy as np
 import torch
 from moshi.models import MimiModel
 
-from .model import FRAME_SAMPLES, ModelBundle
-from .persona import Persona, PersonaError
-from .voices import VoiceClipError, prepare_clip
+from personagate_common.persona import Persona, PersonaError
+from personagate_common.protocol import FRAME_SAMPLES
+from personagate_common.voices import VoiceClipError, prepare_clip
+
+from .model import ModelBundle
 
 
 @dataclass

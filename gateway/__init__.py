@@ -1,1 +1,1 @@
-"""Call gateway: SIP/WebRTC front ends, audio path, routing, admin API. The CLI lives in gateway.cli."""
+"""Call gateway: SIP/WebRTC front ends, audio path, calls, tenants, admin API. The CLI lives in personagate.cli."""

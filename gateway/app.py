@@ -22,6 +22,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from personagate_common.serving import SecondListener
+
 from .admin.api import Admin, AdminMetrics, install
 from .admin.audit import AuditLog
 from .admin.docs import install_docs
@@ -30,7 +32,6 @@ from .admin.tokens import TokenFile
 from .calls import Calls
 from .config import GatewaySettings
 from .metrics import GatewayMetrics
-from .serving import SecondListener
 from .tenants.loader import ClipCache
 from .tenants.registry import TenantRegistry
 from .tenants.store import TenantStore

@@ -28,11 +28,13 @@ import httpx
 import numpy as np
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
+from personagate_common.plane import WorkerAuth
+from personagate_common.protocol import FRAME_BYTES, FRAME_SAMPLES, FRAME_SECONDS, SAMPLE_RATE, CloseCode
+from personagate_common.routing import Claim, Refusal, Router, RoutingMetrics, WorkerSnapshot, WorkerState, make_router
+from personagate_common.routing.router import check_id
+
 from .metrics import GatewayMetrics
-from .plane import WorkerAuth
-from .routing import Claim, Refusal, Router, RoutingMetrics, WorkerSnapshot, WorkerState, make_router
-from .routing.router import check_id
-from .worker_client import FRAME_BYTES, AgentAudio, AgentText, WorkerRefused, WorkerSession
+from .worker_client import AgentAudio, AgentText, WorkerRefused, WorkerSession
 
 if TYPE_CHECKING:
     from .config import GatewaySettings
@@ -41,9 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FRAME_SECONDS = 0.08
-FRAME_SAMPLES = FRAME_BYTES // 2
-SAMPLE_RATE = 24_000
 CALLER_BACKLOG_FRAMES = 4  # caller frames waiting for the worker; older ones are dropped (the worker keeps 3)
 AGENT_BACKLOG_EVENTS = 32  # agent frames and text waiting for the front end; older ones are dropped
 PING_TIMEOUT_SECONDS = 0.5  # a worker the reaper calls dead, but that answers a ping this fast, keeps its calls
@@ -89,8 +88,9 @@ class StepRoundTrips:
 
 # Close codes after which the call stays with its worker's verdict instead of moving: 1000 is the worker
 # ending the session, 44xx a protocol error that another worker would repeat.
-SESSION_OVER_CODES = frozenset({1000, 4400, 4408, 4422})
-REFUSED_PERSONA = 4422
+SESSION_OVER_CODES = frozenset({
+    CloseCode.NORMAL, CloseCode.BAD_REQUEST, CloseCode.START_TIMEOUT, CloseCode.PERSONA_REJECTED})
+REFUSED_PERSONA = CloseCode.PERSONA_REJECTED
 
 
 class CallState(enum.StrEnum):
@@ -345,7 +345,7 @@ class AgentCall:
                     return
                 code, reason = session.close_code, session.close_reason or ""
                 if code in SESSION_OVER_CODES:
-                    level = logging.INFO if code == 1000 else logging.ERROR
+                    level = logging.INFO if code == CloseCode.NORMAL else logging.ERROR
                     log.log(level, "the worker ended the session", extra={
                         "call": self.call_id, "worker_id": self.worker_id, "code": code, "reason": reason})
                     await self.end(EndReason.WORKER_ENDED)  # cancels this task

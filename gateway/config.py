@@ -22,11 +22,11 @@ from pydantic import (
 )
 from pydantic_settings import SettingsConfigDict
 
-from agent_runtime.bounded_yaml import describe, load_yaml
-from agent_runtime.settings_files import LayeredSettings, SettingsError, load_settings
+from personagate_common.bounded_yaml import describe, load_yaml
+from personagate_common.plane import WorkerAuth, check_ca_file, check_secret, check_server_tls, read_secrets
+from personagate_common.routing.redis_store import RedisPrefixSetting, RedisUrlSetting
+from personagate_common.settings_files import LayeredSettings, SettingsError, load_settings
 
-from .plane import WorkerAuth, check_ca_file, check_secret, check_server_tls, read_secrets
-from .routing.redis_store import RedisPrefixSetting, RedisUrlSetting
 from .tenants.loader import MAX_CLIP_BYTES
 
 __all__ = ["GatewaySettings", "IceServer", "SettingsError", "SipRegistration", "load_gateway_settings"]
@@ -136,7 +136,7 @@ class GatewaySettings(LayeredSettings):
     admin_audit_entries: int = Field(
         10_000, ge=100, le=1_000_000, description="admin API write attempts kept in the audit log (GET "
                                                   "/v1/admin/audit); refused logins are kept apart, a tenth as many")
-    # Calls and routing (gateway/calls.py, gateway/routing/).
+    # Calls and routing (gateway/calls.py, personagate_common/routing/).
     redis_url: RedisUrlSetting = Field(
         None, description="the routing Redis shared by gateways and workers: redis://, rediss://, unix:// or "
                           "redis+sentinel:// URL; unset: the embedded store (one machine; the gateway polls `workers`)")
@@ -150,8 +150,8 @@ class GatewaySettings(LayeredSettings):
         3.0, ge=2, le=600, description="without redis_url: how long one /v1/info reading keeps a worker alive")
     drain_seconds: float = Field(
         3600.0, ge=0, description="on SIGTERM: how long calls in progress may go on before they are ended")
-    # The internal plane (gateway/plane.py, docs/deploy.md): the gateway's credential towards workers, TLS to them,
-    # TLS on its own HTTP listener, and the admin API on a listener of its own.
+    # The internal plane (personagate_common/plane.py, docs/deploy.md): the gateway's credential towards workers,
+    # TLS to them, TLS on its own HTTP listener, and the admin API on a listener of its own.
     worker_secret: SecretStr | None = Field(
         None, description="the shared secret sent to workers (Authorization: Bearer) on every session and /v1/info "
                           "poll: one of the workers' session secrets")
@@ -407,13 +407,13 @@ class GatewaySettings(LayeredSettings):
     def _sip_tls_file(cls, path: Path | None, info: ValidationInfo) -> Path | None:
         if path is None or str(path) == "":
             return None
-        from .sip.tls import check_readable
+        from personagate_common.tls import check_readable
 
         return check_readable(info.field_name or "", path)
 
     @model_validator(mode="after")
     def _sip_tls(self) -> GatewaySettings:
-        from .sip.tls import check_ca_file, check_key_pair
+        from personagate_common.tls import check_ca_file, check_key_pair
 
         cert, key = self.sip_tls_cert_file, self.sip_tls_key_file
         if (cert is None) != (key is None):
@@ -506,8 +506,8 @@ class GatewaySettings(LayeredSettings):
         return self
 
     def worker_auth(self) -> WorkerAuth:
-        """What this gateway sends to workers and checks them with (``gateway/plane.py``)."""
-        from .plane import WorkerAuth
+        """What this gateway sends to workers and checks them with (``personagate_common/plane.py``)."""
+        from personagate_common.plane import WorkerAuth
 
         return WorkerAuth(secret=self._worker_secret, ca_file=self.worker_tls_ca_file)
 

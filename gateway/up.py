@@ -26,9 +26,10 @@ from typing import Any
 
 import httpx
 
+from personagate_common.plane import new_secret, read_secrets, write_private_file
+from personagate_common.serving import RESTARTS_ENV
+
 from .admin.tokens import new_token
-from .plane import new_secret, read_secrets, write_private_file
-from .serving import RESTARTS_ENV
 
 READY_TIMEOUT_SECONDS = 900.0  # a PersonaPlex checkpoint takes minutes to load from disk
 STOP_TIMEOUT_SECONDS = 30.0
@@ -329,7 +330,7 @@ class Supervisor:
 def _components(options: UpOptions, tokens_file: Path, secret_file: Path) -> list[Component]:
     """The worker and the gateway of ``options``: their command lines, environments and readiness probes. Both
     get ``secret_file``, the worker as its accepted secret, the gateway as the one it sends."""
-    cli = (sys.executable, "-m", "gateway.cli")
+    cli = (sys.executable, "-m", "personagate")
     worker_url = f"http://{_url_host(options.host)}:{options.worker_port}"
     gateway_url = f"http://{_url_host(options.host)}:{options.http_port}"
     inherited = {k: v for k, v in os.environ.items() if k not in INHERITED_SECRET_ENV}

@@ -21,11 +21,11 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from .plane import WorkerAuth
+from personagate_common.plane import WorkerAuth
+from personagate_common.protocol import FRAME_BYTES, FRAME_SAMPLES, FRAME_SECONDS, CloseCode, MessageType
 
-FRAME_BYTES = 3840
 # WorkerRefused.code when the worker answered the upgrade itself 401 (no or a wrong shared secret; no close code)
-UNAUTHORIZED = 4401
+UNAUTHORIZED = CloseCode.UNAUTHORIZED
 
 
 class WorkerRefused(Exception):
@@ -83,7 +83,7 @@ class WorkerSession:
         checking a ``wss://`` worker's certificate with its CAs); raises WorkerRefused with the worker's close
         code and reason if it does not start (``UNAUTHORIZED`` if the worker refused the credential)."""
         auth = auth or WorkerAuth()
-        start: dict[str, object] = {"type": "start", "persona": dict(persona)}
+        start: dict[str, object] = {"type": MessageType.START, "persona": dict(persona)}
         if session_id is not None:
             start["session_id"] = session_id
         # No permessage-deflate: 80 ms PCM frames barely compress, and zlib on every frame, both ways, cost a
@@ -106,7 +106,7 @@ class WorkerSession:
         except BaseException:  # cancelled or timed out while the worker primes: drop the connection now
             ws.transport.abort()
             raise
-        if ready.get("type") != "ready":
+        if ready.get("type") != MessageType.READY:
             await ws.close()
             raise WorkerRefused(None, f"unexpected first message {ready!r}")
         return cls(ws, ready)
@@ -140,7 +140,7 @@ class WorkerSession:
     async def end(self) -> None:
         """Ask the worker to end the session; it closes the socket (1000) when done."""
         try:
-            await self._ws.send(json.dumps({"type": "end"}))
+            await self._ws.send(json.dumps({"type": MessageType.END}))
         except ConnectionClosed:
             pass
 
@@ -180,7 +180,7 @@ async def talk(
 ) -> tuple[dict[str, object], np.ndarray]:
     """Play ``caller_audio`` (24 kHz mono float32; silence after it ends) into a session in real
     time for ``seconds``; return a report and the agent's audio (24 kHz mono float32)."""
-    frames = max(1, int(seconds / 0.08))
+    frames = max(1, int(seconds / FRAME_SECONDS))
     padded = np.zeros(frames * FRAME_BYTES // 2, dtype=np.float32)
     padded[: min(len(caller_audio), len(padded))] = caller_audio[: len(padded)]
     pcm = (np.clip(padded, -1, 1) * 32767).astype("<i2")
@@ -194,8 +194,8 @@ async def talk(
         async def play() -> None:
             next_send = time.monotonic()
             for i in range(frames):
-                await session.send(pcm[i * 1920 : (i + 1) * 1920].tobytes())
-                next_send += 0.08
+                await session.send(pcm[i * FRAME_SAMPLES : (i + 1) * FRAME_SAMPLES].tobytes())
+                next_send += FRAME_SECONDS
                 await asyncio.sleep(max(0.0, next_send - time.monotonic()))
             await asyncio.sleep(0.3)  # let the last frames come back
             await session.end()

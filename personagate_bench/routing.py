@@ -23,10 +23,10 @@ import time
 import uuid
 from typing import Any
 
-from gateway.routing import scripts
-from gateway.routing.embedded import EmbeddedRouter
-from gateway.routing.redis_store import RedisRouter
-from gateway.routing.router import Refusal, Router, WorkerState
+from personagate_common.routing import scripts
+from personagate_common.routing.embedded import EmbeddedRouter
+from personagate_common.routing.redis_store import RedisRouter
+from personagate_common.routing.router import Refusal, Router, WorkerState
 
 TENANTS = 10
 WARMUP = 200

@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from gateway.plane import new_secret
+from personagate_common.plane import new_secret
 
 PACKET_SAMPLES = 160  # 20 ms at 8 kHz
 PACKET_SECONDS = 0.02
@@ -453,7 +453,7 @@ def echo_stack(slots: int, max_calls: int, log_path: Path, gateway_cpu: int | No
     """An echo worker and a gateway (real processes, loopback); yields the gateway's SIP address. With
     ``gateway_cpu``, the gateway runs on that CPU alone and the worker and this process on the others: what one
     core carries."""
-    secret = new_secret()  # the pair's own shared secret (gateway/plane.py), through their environment only
+    secret = new_secret()  # the pair's own shared secret (personagate_common/plane.py), through their environment only
     env = os.environ | {"NO_TORCH_COMPILE": "1", "PERSONAGATE_GATEWAY_SIP_MAX_CALLS": str(max_calls),
                         "PERSONAGATE_GATEWAY_SIP_MAX_INVITES_PER_SECOND": str(10 * INVITES_PER_SECOND),
                         "PERSONAGATE_WORKER_SESSION_SECRET": secret, "PERSONAGATE_GATEWAY_WORKER_SECRET": secret}
@@ -462,7 +462,7 @@ def echo_stack(slots: int, max_calls: int, log_path: Path, gateway_cpu: int | No
     worker_port, http_port, sip_port = _free_port(socket.SOCK_STREAM), _free_port(socket.SOCK_STREAM), \
         _free_port(socket.SOCK_DGRAM)
     tenants = bench_tenants(log_path.parent / "tenants")
-    cli = [sys.executable, "-m", "gateway.cli"]
+    cli = [sys.executable, "-m", "personagate"]
     log = log_path.open("w")
     others = None
     if gateway_cpu is not None:

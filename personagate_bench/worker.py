@@ -32,11 +32,12 @@ from moshi.models import LMGen
 
 from agent_runtime.batch import SlotBatch, kv_bytes_per_slot
 from agent_runtime.config import Sampling, WorkerSettings
-from agent_runtime.model import FRAME_SAMPLES, LOADERS, ModelBundle
-from agent_runtime.persona import Persona
+from agent_runtime.model import LOADERS, ModelBundle
 from agent_runtime.pool import PoolConfig, SessionPool
 from agent_runtime.priming import PrimePlan, Primer, plan_priming
 from agent_runtime.voice_prompt import load_voice, prompt_tokens
+from personagate_common.persona import Persona
+from personagate_common.protocol import FRAME_SAMPLES
 
 from .random_weights import load_personaplex_random
 

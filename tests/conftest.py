@@ -16,16 +16,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.plane import WorkerAuth, bearer
+from personagate_common.plane import WorkerAuth, bearer
 from tests.redis_server import redis_server  # noqa: F401
 
 # moshi reads this when its modules are imported: without it every test would pay torch.compile's
 # start-up on CPU for nothing.
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
-# The internal plane's shared secret (gateway/plane.py), in one place: every worker the tests start accepts it and
-# every gateway they start sends it, through the environment both inherit; clients the tests drive themselves send
-# WORKER_AUTH_HEADERS (raw WebSocket/HTTP) or WORKER_AUTH (WorkerSession.open, Calls).
+# The internal plane's shared secret (personagate_common/plane.py), in one place: every worker the tests start
+# accepts it and every gateway they start sends it, through the environment both inherit; clients the tests drive
+# themselves send WORKER_AUTH_HEADERS (raw WebSocket/HTTP) or WORKER_AUTH (WorkerSession.open, Calls).
 TEST_WORKER_SECRET = "personagate-tests-shared-secret-3f9c"
 os.environ["PERSONAGATE_WORKER_SESSION_SECRET"] = TEST_WORKER_SECRET
 os.environ["PERSONAGATE_GATEWAY_WORKER_SECRET"] = TEST_WORKER_SECRET
@@ -99,7 +99,7 @@ def worker() -> Iterator[str]:
     """A `personagate worker` subprocess (tiny model, greedy); yields "127.0.0.1:PORT"."""
     port = free_port()
     env = os.environ | {"NO_TORCH_COMPILE": "1", "PERSONAGATE_WORKER_START_TIMEOUT_SECONDS": "2"}
-    command = [sys.executable, "-m", "gateway.cli", "worker", "--port", str(port), "--slots", str(WORKER_SLOTS),
+    command = [sys.executable, "-m", "personagate", "worker", "--port", str(port), "--slots", str(WORKER_SLOTS),
                "--greedy"]
     with serve(command, f"http://127.0.0.1:{port}/readyz", env=env):
         yield f"127.0.0.1:{port}"

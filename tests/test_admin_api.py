@@ -28,9 +28,9 @@ import soundfile
 
 from gateway.admin.tokens import TokenFile, TokensUnavailable, new_token, parse_tokens
 from gateway.app import create_app
-from gateway.cli import main
 from gateway.config import GatewaySettings, SettingsError, load_gateway_settings
 from gateway.tenants.loader import ClipCache, load_tenant
+from personagate.cli import main
 from tests.conftest import free_port, serve
 
 ACME = """\
@@ -170,7 +170,7 @@ def _gateway_process(root: Path, tokens: Path, *, prefix: tuple[str, ...] = ()) 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONAGATE_GATEWAY_")}
     env["PERSONAGATE_GATEWAY_TENANTS_POLL_SECONDS"] = "0.2"
-    command = [*prefix, sys.executable, "-m", "gateway.cli", "gateway", "--tenants", str(root),
+    command = [*prefix, sys.executable, "-m", "personagate", "gateway", "--tenants", str(root),
                "--admin-tokens", str(tokens), "--port", str(port)]
     base = f"http://127.0.0.1:{port}"
     with serve(command, f"{base}/healthz", env=env, timeout=30):

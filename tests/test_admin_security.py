@@ -306,7 +306,7 @@ async def test_a_clip_holding_more_than_its_header_declares_is_refused(tmp_path)
 
 def test_honest_flac_and_float_wav_clips_pass_the_holds_only_audio_check():
     """Compressed and wide-sample files are judged by what their header declares, not refused for their size."""
-    from agent_runtime.voices import prepare_clip
+    from personagate_common.voices import prepare_clip
 
     rate = 48_000
     t = np.arange(4 * rate) / rate

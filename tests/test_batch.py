@@ -9,9 +9,9 @@ import torch
 from agent_runtime.batch import SlotBatch, SlotSampling
 from agent_runtime.config import Sampling, SessionSampling
 from agent_runtime.model import FRAME_SAMPLES, load_tiny
-from agent_runtime.persona import Persona
 from agent_runtime.priming import Primer, plan_priming
 from agent_runtime.voice_prompt import load_voice, prompt_tokens
+from personagate_common.persona import Persona
 
 GREEDY = Sampling(greedy=True)
 SAMPLED = Sampling()  # the worker default: PersonaPlex's sampling settings

@@ -34,11 +34,11 @@ from gateway.app import create_app
 from gateway.calls import COMFORT_NOISE, AgentCall, Calls, CallState, EndReason, PersonaRejected
 from gateway.config import GatewaySettings
 from gateway.metrics import GatewayMetrics
-from gateway.routing import RedisRouter, Refusal, Router, RoutingMetrics
-from gateway.serving import GracefulServer
 from gateway.tenants.registry import TenantRegistry
 from gateway.tenants.tenant import PersonaConfig, Tenant
 from gateway.worker_client import AgentAudio, WorkerSession
+from personagate_common.routing import RedisRouter, Refusal, Router, RoutingMetrics
+from personagate_common.serving import GracefulServer
 from tests.conftest import WORKER_AUTH, WORKER_AUTH_HEADERS, free_port, serve, stop_process
 from tests.redis_server import RedisServer
 
@@ -86,7 +86,7 @@ def workers(n: int, *, redis: RedisServer | None = None, prefix: str = "", slots
             if i < n and redis is not None:
                 env |= {"PERSONAGATE_WORKER_REDIS_URL": redis.url, "PERSONAGATE_WORKER_REDIS_PREFIX": prefix,
                         "PERSONAGATE_WORKER_WORKER_ID": worker_id}
-            command = [sys.executable, "-m", "gateway.cli", "worker", "--port", str(port), "--slots", str(slots),
+            command = [sys.executable, "-m", "personagate", "worker", "--port", str(port), "--slots", str(slots),
                        "--greedy"]
             log = stack.enter_context(tempfile.TemporaryFile())
             proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
@@ -380,7 +380,7 @@ async def _reserved_in(fleet: Fleet) -> dict[str, int]:
 def test_sigterm_stops_an_idle_personagate_gateway_process_cleanly(registry, fleet):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONAGATE_GATEWAY_")}
-    command = [sys.executable, "-m", "gateway.cli", "gateway", "--tenants", str(registry.root), "--port", str(port),
+    command = [sys.executable, "-m", "personagate", "gateway", "--tenants", str(registry.root), "--port", str(port),
                "--redis-url", fleet.redis.url]
     with serve(command, f"http://127.0.0.1:{port}/readyz", env=env, timeout=30) as proc:
         ready = httpx.get(f"http://127.0.0.1:{port}/readyz").json()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from agent_runtime.config import SessionSampling, SettingsError, WorkerSettings, load_worker_settings
-from gateway.cli import main
+from personagate.cli import main
 
 
 @pytest.fixture(autouse=True)

@@ -39,7 +39,7 @@ def own_worker(**settings: str) -> Iterator[tuple[str, subprocess.Popen]]:
     """A worker of this test's own; ``settings`` become PERSONAGATE_WORKER_* variables."""
     port = free_port()
     env = os.environ | {"NO_TORCH_COMPILE": "1"} | {f"PERSONAGATE_WORKER_{k.upper()}": v for k, v in settings.items()}
-    command = [sys.executable, "-m", "gateway.cli", "worker", "--port", str(port), "--slots", "2", "--greedy"]
+    command = [sys.executable, "-m", "personagate", "worker", "--port", str(port), "--slots", "2", "--greedy"]
     with serve(command, f"http://127.0.0.1:{port}/readyz", env=env) as proc:
         yield f"127.0.0.1:{port}", proc
 

@@ -26,7 +26,7 @@ def echo_worker() -> Iterator[tuple[str, float]]:
     """The worker's "127.0.0.1:PORT" and the seconds it took to become ready."""
     port = free_port()
     env = os.environ | {"NO_TORCH_COMPILE": "1", "PERSONAGATE_WORKER_START_TIMEOUT_SECONDS": "2"}
-    command = [sys.executable, "-m", "gateway.cli", "worker", "--model", "echo", "--port", str(port)]
+    command = [sys.executable, "-m", "personagate", "worker", "--model", "echo", "--port", str(port)]
     started = time.monotonic()
     with serve(command, f"http://127.0.0.1:{port}/readyz", env=env):
         yield f"127.0.0.1:{port}", time.monotonic() - started

@@ -317,7 +317,7 @@ def test_the_dockerfiles_install_steps_are_the_readmes() -> None:
     recipe = makefile.split("$(STAMP): pyproject.toml", 1)[1].split("\n\n", 1)[0]
     steps = [line for line in recipe.splitlines() if "pip install" in line and "--upgrade pip" not in line]
     assert "torch==" in steps[0] and "moshi==0.2.13" in steps[-2] and "--no-deps" in steps[-2], steps
-    assert '-e ".[dev]"' in steps[-1], steps
+    assert '-e ".[$(EXTRAS)]"' in steps[-1] and re.search(r"^EXTRAS \?= dev$", makefile, re.MULTILINE), steps
     readme = (ROOT / "README.md").read_text()
     assert "torch" in readme and "`moshi==0.2.13` with `--no-deps`" in readme
     packages = re.search(r'include = \[([^]]*)\]', (ROOT / "pyproject.toml").read_text())
@@ -333,8 +333,11 @@ def test_the_dockerfiles_install_steps_are_the_readmes() -> None:
         assert needed <= copied, (name, needed - copied)
         if name == "gateway":  # make install builds pjsua2 from deploy/pjsua2 (the worker's image: PJSUA2=none)
             assert "deploy/pjsua2" in copied, copied
-        else:
-            assert re.search(r"^RUN make install .*PJSUA2=none", text, re.MULTILINE), name
+            # its side, and the worker's for the CPU demo's tiny-model worker (test_images_are_the_dockerfiles)
+            assert re.search(r"^ARG EXTRAS=gateway,worker$", text, re.MULTILINE), name
+            assert re.search(r'^RUN make install .*EXTRAS="\$\{EXTRAS\}"', text, re.MULTILINE), name
+        else:  # the worker's side alone: no aiortc, no pjsua2
+            assert re.search(r"^RUN make install .*EXTRAS=worker .*PJSUA2=none", text, re.MULTILINE), name
         assert "pip install" not in text and "pip3 install" not in text, f"{name}: installs only through make"
         assert re.search(r"^USER 10001", text, re.MULTILINE), name
         assert re.search(r'^ENTRYPOINT \["/app/\.venv/bin/personagate"\]$', text, re.MULTILINE), name

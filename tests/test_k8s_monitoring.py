@@ -32,9 +32,9 @@ from prometheus_client import CollectorRegistry
 
 from agent_runtime.metrics import WorkerMetrics
 from gateway.metrics import GatewayMetrics
-from gateway.routing.metrics import RoutingMetrics
 from gateway.sip.metrics import SipMetrics
 from gateway.webrtc.metrics import WebRtcMetrics
+from personagate_common.routing.metrics import RoutingMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPONENT = ROOT / "deploy" / "k8s" / "components" / "monitoring"

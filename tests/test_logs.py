@@ -1,4 +1,4 @@
-"""Structured logs (agent_runtime/logs.py): what an operator reading a worker's or gateway's log sees."""
+"""Structured logs (personagate_common/logs.py): what an operator reading a worker's or gateway's log sees."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import io
 import json
 import logging
 
-from agent_runtime import logs
+from personagate_common import logs
 
 
 def test_polls_and_probes_leave_no_access_line_but_failures_and_other_requests_do() -> None:

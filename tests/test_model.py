@@ -29,10 +29,10 @@ from agent_runtime.batch import SlotBatch
 from agent_runtime.config import Sampling
 from agent_runtime.model import SAMPLE_RATE, CheckpointError, ModelBundle, load_personaplex, load_tiny
 from agent_runtime.model.tiny import TINY_MIMI_CONFIG, tiny_lm_kwargs, tiny_voice_presets
-from agent_runtime.persona import Persona
 from agent_runtime.priming import PrimedState, Primer, delay_frames, plan_priming, prompt_frames
 from agent_runtime.voice_prompt import VoicePrompt, load_voice, prompt_tokens, voice_from_pt
-from agent_runtime.voices import PRESET_VOICES
+from personagate_common.persona import Persona
+from personagate_common.voices import PRESET_VOICES
 
 GREEDY = {"use_sampling": False}
 MODEL_FILE = "model.safetensors"
@@ -477,7 +477,7 @@ def test_a_damaged_tokenizer_is_named(checkpoint, tiny, tmp_path):
 
 def test_a_damaged_pt_voice_is_refused_with_its_path(tiny, tmp_path):
     """A `.pt` voice that is not a PersonaPlex voice for this model is refused with a clear reason."""
-    from agent_runtime.persona import PersonaError
+    from personagate_common.persona import PersonaError
 
     bad = tmp_path / "bad.pt"
     torch.save({"embeddings": torch.zeros(5, 1, 1, 7), "cache": torch.zeros(1, 17, 4)}, bad)

@@ -1,6 +1,6 @@
-"""The internal plane (gateway/plane.py): a worker serves sessions and ``/v1/info`` only to gateways holding its
-shared secret, over TLS when it has a certificate; the gateway's HTTP listener can serve TLS, and the admin API can
-listen on a port of its own so that the public port never carries it."""
+"""The internal plane (personagate_common/plane.py): a worker serves sessions and ``/v1/info`` only to gateways
+holding its shared secret, over TLS when it has a certificate; the gateway's HTTP listener can serve TLS, and the
+admin API can listen on a port of its own so that the public port never carries it."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from agent_runtime.config import SettingsError, load_worker_settings
 from gateway.admin.tokens import new_token
 from gateway.calls import Calls
 from gateway.config import GatewaySettings, load_gateway_settings
-from gateway.plane import SecretChecker, WorkerAuth, bearer, new_secret
 from gateway.worker_client import UNAUTHORIZED, AgentAudio, WorkerRefused, WorkerSession, persona_message
+from personagate_common.plane import SecretChecker, WorkerAuth, bearer, new_secret
 from tests.conftest import TEST_WORKER_SECRET, WORKER_AUTH, WORKER_AUTH_HEADERS, free_port, serve
 from tests.helpers.tls import ServerCertificate, make_server_certificate
 from tests.test_calls import ACME, Caller, registry, route, running  # noqa: F401 - registry is a fixture
@@ -115,7 +115,7 @@ async def test_a_gateway_without_the_secret_finds_no_worker_and_says_why(worker,
 
 def test_a_worker_with_no_secret_refuses_to_start_unless_opened_on_purpose(monkeypatch: pytest.MonkeyPatch):
     """A production worker cannot be open by accident: with no secret it exits 2 saying what to set."""
-    done = subprocess.run([sys.executable, "-m", "gateway.cli", "worker", "--port", "0"], env=_env_without_secrets(),
+    done = subprocess.run([sys.executable, "-m", "personagate", "worker", "--port", "0"], env=_env_without_secrets(),
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2, done.stderr
     assert "session_secret_file" in done.stderr and "--insecure-open-sessions" in done.stderr
@@ -180,7 +180,7 @@ def tls_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsWorker]:
         "NO_TORCH_COMPILE": "1", "PERSONAGATE_WORKER_SESSION_SECRET_FILE": str(folder / "secrets"),
         "PERSONAGATE_WORKER_TLS_CERT_FILE": str(certificate.cert_file),
         "PERSONAGATE_WORKER_TLS_KEY_FILE": str(certificate.key_file)}
-    command = [sys.executable, "-m", "gateway.cli", "worker", "--model", "echo", "--port", str(port)]
+    command = [sys.executable, "-m", "personagate", "worker", "--model", "echo", "--port", str(port)]
     verify = ssl.create_default_context(cafile=certificate.ca_file)
     with serve(command, f"https://127.0.0.1:{port}/readyz", env=env, verify=verify):
         yield TlsWorker(f"127.0.0.1:{port}", certificate, secrets)
@@ -243,7 +243,7 @@ def test_the_gateway_serves_https_and_the_admin_api_only_on_its_own_port(tmp_pat
         "PERSONAGATE_GATEWAY_HTTP_TLS_KEY_FILE": str(certificate.key_file),
         "PERSONAGATE_GATEWAY_WORKER_SECRET": tls_worker.secrets[0],
         "PERSONAGATE_GATEWAY_WORKER_TLS_CA_FILE": str(tls_worker.certificate.ca_file)}
-    command = [sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--admin-port",
+    command = [sys.executable, "-m", "personagate", "gateway", "--port", str(http_port), "--admin-port",
                str(admin_port), "--tenants", str(REPO / "tenants"), "--admin-tokens", str(tokens),
                "--worker", f"https://{tls_worker.address}"]
     verify = ssl.create_default_context(cafile=certificate.ca_file)

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from agent_runtime.config import Sampling, SessionSampling
-from agent_runtime.model import FRAME_BYTES, load_tiny
-from agent_runtime.persona import Persona, PersonaError
+from agent_runtime.model import load_tiny
 from agent_runtime.pool import FRAME_SECONDS, PoolConfig, PoolFull, SessionPool
+from personagate_common.persona import Persona, PersonaError
+from personagate_common.protocol import FRAME_BYTES
 
 CLAIMS = Persona(prompt="You are a claims agent at Harbor Mutual Insurance.", voice="tiny-low")
 BANK = Persona(prompt="You work for Northwind Bank card services.", voice="tiny-high")

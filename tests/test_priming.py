@@ -9,9 +9,9 @@ import torch
 from agent_runtime.batch import SlotBatch
 from agent_runtime.config import Sampling
 from agent_runtime.model import load_tiny
-from agent_runtime.persona import Persona, PersonaError
 from agent_runtime.priming import Primer, plan_priming
 from agent_runtime.voice_prompt import load_voice, prompt_tokens
+from personagate_common.persona import Persona, PersonaError
 from tests.reference import run_reference
 
 GREEDY = {"use_sampling": False}

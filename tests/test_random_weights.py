@@ -17,12 +17,12 @@ from agent_runtime.config import WorkerSettings
 from agent_runtime.model import LOADERS, load_tiny
 from agent_runtime.model.personaplex import PERSONAPLEX_LM_KWARGS, build_personaplex_lm
 from agent_runtime.model.tiny import TINY_MIMI_CONFIG, tiny_lm_kwargs
-from agent_runtime.persona import Persona
 from agent_runtime.priming import Primer, plan_priming
 from agent_runtime.voice_prompt import load_voice, prompt_tokens
-from gateway.cli import main
+from personagate.cli import main
 from personagate_bench import worker as bench
 from personagate_bench.random_weights import load_personaplex_random
+from personagate_common.persona import Persona
 
 GREEDY = {"use_sampling": False}
 

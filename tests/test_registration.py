@@ -12,7 +12,7 @@ import uuid
 import httpx
 import pytest
 
-from gateway.routing import RedisRouter, Refusal, WorkerSnapshot
+from personagate_common.routing import RedisRouter, Refusal, WorkerSnapshot
 from tests.test_drain import Call, _exit_status, _until, own_worker
 
 

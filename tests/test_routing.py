@@ -21,7 +21,8 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from gateway.routing import (
+from personagate_bench import routing as bench
+from personagate_common.routing import (
     Claim,
     EmbeddedRouter,
     RedisRouter,
@@ -33,8 +34,7 @@ from gateway.routing import (
     make_router,
     parse_sentinel_url,
 )
-from gateway.routing.scripts import KEY_NAMES
-from personagate_bench import routing as bench
+from personagate_common.routing.scripts import KEY_NAMES
 from tests.redis_server import RedisServer, free_port, redis_executable
 
 STORES = ["redis", "embedded"]

@@ -24,7 +24,7 @@ import soundfile
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from agent_runtime.voices import PRESET_VOICES
+from personagate_common.voices import PRESET_VOICES
 from tests.conftest import WORKER_AUTH_HEADERS
 from tests.conftest import WORKER_SLOTS as SLOTS
 

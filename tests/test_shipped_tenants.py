@@ -28,7 +28,7 @@ FICTIONAL = re.compile(r"^(?:\+1[2-9][0-9]{2}55501[0-9]{2}|\+4420794600?[0-9]{3}
 
 
 def _validate(folder: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway.cli", "tenants", "validate", folder],
+    return subprocess.run([sys.executable, "-m", "personagate", "tenants", "validate", folder],
                           cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
 
 

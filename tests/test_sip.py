@@ -51,9 +51,9 @@ def echo_stack(tenants: Path, env: dict[str, str] | None = None, *, gateway_firs
     env = os.environ | {"NO_TORCH_COMPILE": "1"} | (env or {})
     worker_port, http_port, sip_port = free_port(), free_port(), sip_port or udp_free_port()
     command = [*worker_command, str(worker_port)] if worker_command is not None else \
-        [sys.executable, "-m", "gateway.cli", "worker", *worker_args, "--port", str(worker_port), "--slots", str(slots)]
+        [sys.executable, "-m", "personagate", "worker", *worker_args, "--port", str(worker_port), "--slots", str(slots)]
     worker = serve(command, f"http://127.0.0.1:{worker_port}/readyz", env=env)
-    gateway = serve([sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants",
+    gateway = serve([sys.executable, "-m", "personagate", "gateway", "--port", str(http_port), "--tenants",
                      str(tenants), "--worker", f"http://127.0.0.1:{worker_port}", "--sip-port", str(sip_port)],
                     f"http://127.0.0.1:{http_port}/readyz", env=env)
     with contextlib.ExitStack() as started:
@@ -114,7 +114,7 @@ def _until(check, what: str, timeout: float = 15.0) -> None:
 
 
 def _call_command(stack: dict[str, str], number: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "gateway.cli", "call", f"sip:{number}@{stack['sip']}", "--timeout",
+    return [sys.executable, "-m", "personagate", "call", f"sip:{number}@{stack['sip']}", "--timeout",
             str(CALL_TIMEOUT), *args]
 
 
@@ -256,10 +256,10 @@ def test_a_source_outside_the_allow_list_is_403(stuck_stack: dict[str, str]) -> 
 
 
 def test_sip_helpers() -> None:
-    from gateway.routing import Refusal
     from gateway.sip.inbound import refusal_answer
     from gateway.sip.leg import parse_response
     from gateway.sip.server import AllowList, dialed_number, source_ip
+    from personagate_common.routing import Refusal
 
     assert dialed_number("INVITE sip:+14155550186@10.0.0.1:5060;transport=udp SIP/2.0\r\n") == "+14155550186"
     assert dialed_number("INVITE sip:%2B1-415-555-0186@gw SIP/2.0\r\n") == "+14155550186"

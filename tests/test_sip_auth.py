@@ -385,7 +385,7 @@ def digest_only_gateway(tenants: Path, worker: str) -> Iterator[dict[str, str]]:
                         "PERSONAGATE_GATEWAY_SIP_AUTH_USERS": json.dumps(USERS),
                         "PERSONAGATE_GATEWAY_SIP_AUTH_ALGORITHMS": '["MD5", "SHA-256"]'}
     http_port, sip_port = free_port(), udp_free_port()
-    command = [sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants", str(tenants),
+    command = [sys.executable, "-m", "personagate", "gateway", "--port", str(http_port), "--tenants", str(tenants),
                "--worker", worker, "--sip-port", str(sip_port)]
     with serve(command, f"http://127.0.0.1:{http_port}/readyz", env=env):
         http = f"http://127.0.0.1:{http_port}"

@@ -36,7 +36,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 
 
 def call(stack: dict[str, str], *args: str) -> dict:
-    done = subprocess.run([sys.executable, "-m", "gateway.cli", "call", f"sip:{NUMBER}@{stack['sip']}", "--timeout",
+    done = subprocess.run([sys.executable, "-m", "personagate", "call", f"sip:{NUMBER}@{stack['sip']}", "--timeout",
                            str(CALL_TIMEOUT), *args], check=False, capture_output=True, text=True,
                           timeout=CALL_TIMEOUT + 30)
     assert done.returncode in (0, 1), done.stderr[-3000:]

@@ -39,9 +39,9 @@ def one_call_tenant(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def stack(one_call_tenant: Path) -> Iterator[dict[str, str]]:
     env = os.environ | {"NO_TORCH_COMPILE": "1"}
     worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
-    worker = [sys.executable, "-m", "gateway.cli", "worker", "--model", "echo", "--port", str(worker_port),
+    worker = [sys.executable, "-m", "personagate", "worker", "--model", "echo", "--port", str(worker_port),
               "--slots", "2"]
-    gateway = [sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants",
+    gateway = [sys.executable, "-m", "personagate", "gateway", "--port", str(http_port), "--tenants",
                str(one_call_tenant), "--worker", f"http://127.0.0.1:{worker_port}", "--sip-port", str(sip_port)]
     with serve(worker, f"http://127.0.0.1:{worker_port}/readyz", env=env), \
             serve(gateway, f"http://127.0.0.1:{http_port}/readyz", env=env):

@@ -174,7 +174,7 @@ def test_an_unwritable_recordings_dir_stops_the_gateway_with_a_clear_message(tmp
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the folder should be")
     done = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "gateway", "--tenants", str(tmp_path), "--port", str(free_port()),
+        [sys.executable, "-m", "personagate", "gateway", "--tenants", str(tmp_path), "--port", str(free_port()),
          "--sip-port", str(udp_free_port())],
         env=os.environ | {"PERSONAGATE_GATEWAY_RECORDINGS_DIR": str(blocker / "recordings")},
         capture_output=True, text=True, timeout=CALL_TIMEOUT, check=False)

@@ -170,8 +170,8 @@ def test_any_sip_call_id_makes_a_valid_agent_call_id() -> None:
     after a ValueError's traceback."""
     from types import SimpleNamespace
 
-    from gateway.routing.router import check_id
     from gateway.sip.inbound import InboundCall
+    from personagate_common.routing.router import check_id
 
     seen = set()
     for sip_call_id in ("abc@host", "fuzz.0\x124ab8", "fuzz.0\x134ab8", "\x00", "a\x7fb" * 60, "x" * 129, "x" * 128):
@@ -197,7 +197,7 @@ def test_invite_flood_is_refused_fast_and_the_call_in_progress_keeps_its_audio(s
     t = np.arange(int(seconds * rate)) / rate
     soundfile.write(tmp_path / "tone.wav", 0.3 * np.sin(2 * np.pi * 600 * t), rate)
     caller = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "call", f"sip:{OPEN_NUMBER}@{stack['sip']}", "--timeout", "20",
+        [sys.executable, "-m", "personagate", "call", f"sip:{OPEN_NUMBER}@{stack['sip']}", "--timeout", "20",
          "--play", str(tmp_path / "tone.wav"), "--seconds", str(seconds), "--record", str(tmp_path / "out.wav")],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

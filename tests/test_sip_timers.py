@@ -63,7 +63,7 @@ def test_ringing_is_repeated_every_second_while_the_session_is_primed(tenants: P
     worker_port, http_port, sip_port = free_port(), free_port(), udp_free_port()
     with serve([sys.executable, "-m", "tests.stuck_worker", str(worker_port)],
                f"http://127.0.0.1:{worker_port}/readyz", env=env), \
-            serve([sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants", str(tenants),
+            serve([sys.executable, "-m", "personagate", "gateway", "--port", str(http_port), "--tenants", str(tenants),
                    "--worker", f"http://127.0.0.1:{worker_port}", "--sip-port", str(sip_port)],
                   f"http://127.0.0.1:{http_port}/readyz", env=env):
         http = f"http://127.0.0.1:{http_port}"

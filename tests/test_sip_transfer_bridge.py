@@ -213,7 +213,7 @@ class Human:
 
 
 def _caller(stack: dict[str, str], *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "gateway.cli", "call", f"sip:{NUMBER}@{stack['sip']}",
+    return subprocess.Popen([sys.executable, "-m", "personagate", "call", f"sip:{NUMBER}@{stack['sip']}",
                              "--timeout", str(CALL_TIMEOUT), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -392,7 +392,7 @@ def test_tls_below_the_minimum_version_is_refused(strict_stack: dict[str, str], 
 def _gateway_refuses(env: dict[str, str], tmp_path: Path) -> str:
     """`personagate gateway` started with ``env``: it must exit 2 at once; its message."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONAGATE_GATEWAY_")} | env
-    done = subprocess.run([sys.executable, "-m", "gateway.cli", "gateway", "--sip", "--sip-port", "0", "--tenants",
+    done = subprocess.run([sys.executable, "-m", "personagate", "gateway", "--sip", "--sip-port", "0", "--tenants",
                            str(tmp_path)], env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     return done.stderr

@@ -302,7 +302,7 @@ def test_business_hours_choose_the_persona_or_the_rejection(tmp_path):
 
 def test_the_validate_command_exits_non_zero_on_any_problem(tmp_path):
     _tenant_dir(tmp_path, GOOD)
-    command = [sys.executable, "-m", "gateway.cli", "tenants", "validate", str(tmp_path)]
+    command = [sys.executable, "-m", "personagate", "tenants", "validate", str(tmp_path)]
     ok = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "1 tenants, 2 personas, 2 numbers: all valid" in ok.stdout

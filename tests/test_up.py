@@ -21,8 +21,8 @@ from typing import TypeVar
 import httpx
 import pytest
 
-from gateway.plane import bearer
 from gateway.up import HEALTHY_SECONDS, Component, describe_exit, restart_delay, stopped_on_purpose
+from personagate_common.plane import bearer
 from tests.conftest import WORKER_AUTH_HEADERS, free_port, udp_free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def _start_up(tmp_path: Path, slots: int, *, env: dict[str, str] | None = None,
     # The log is a file, not a pipe: an unread pipe would block them once full.
     with (tmp_path / "up.log").open("wb") as log, _no_core_files():
         up = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "up", "--worker-port", str(worker_port), "--http-port",
+            [sys.executable, "-m", "personagate", "up", "--worker-port", str(worker_port), "--http-port",
              str(http_port), "--sip-port", str(sip_port), "--slots", str(slots)],
             cwd=tmp_path, stdout=subprocess.PIPE, stderr=log, text=True,
             env=os.environ | {"PYTHONPATH": str(REPO)} | (env or {}),
@@ -98,7 +98,7 @@ def _until(condition: Callable[[], T], what: str, timeout: float = 120.0) -> T:
 
 def _children(up: subprocess.Popen) -> dict[str, int]:
     """The PIDs of the processes `up` runs now, by component (``worker``, ``gateway``): its child processes,
-    known by their command line (``python -m gateway.cli worker|gateway …``)."""
+    known by their command line (``python -m personagate worker|gateway …``)."""
     children: dict[str, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -106,7 +106,7 @@ def _children(up: subprocess.Popen) -> dict[str, int]:
             argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
         except (OSError, IndexError, ValueError):
             continue  # gone meanwhile
-        if parent == up.pid and argv[1:3] == [b"-m", b"gateway.cli"] and len(argv) > 3:
+        if parent == up.pid and argv[1:3] == [b"-m", b"personagate"] and len(argv) > 3:
             children[argv[3].decode()] = int(stat.parent.name)
     return children
 
@@ -122,7 +122,7 @@ def _metric(port: int, name: str) -> float:
 def _call(tmp_path: Path, sip_port: int) -> dict:
     """A one-second SIP call to harbor-mutual through the gateway (a real pjsua2 caller): its report."""
     dialed = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "call", f"sip:+14155550186@127.0.0.1:{sip_port}", "--seconds", "1"],
+        [sys.executable, "-m", "personagate", "call", f"sip:+14155550186@127.0.0.1:{sip_port}", "--seconds", "1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
     )
     assert dialed.returncode == 0, dialed.stderr[-3000:]
@@ -157,7 +157,7 @@ def test_up_serves_a_worker_and_the_admin_api_and_stops_both_on_ctrl_c(tmp_path)
         assert httpx.get(info, headers=bearer(secret_file.read_text().strip())).status_code == 200
         # The README's command, with nothing set up: personagate session finds up's secret by itself.
         talk = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "session", f"ws://127.0.0.1:{worker_port}/v1/sessions",
+            [sys.executable, "-m", "personagate", "session", f"ws://127.0.0.1:{worker_port}/v1/sessions",
              "--persona", "northwind-bank/card-services", "--seconds", "0.5"],
             cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
             env={k: v for k, v in os.environ.items() if not k.startswith("PERSONAGATE_GATEWAY_WORKER_SECRET")},

@@ -14,7 +14,7 @@ import pyloudnorm
 import pytest
 import soundfile
 
-from agent_runtime.voices import (
+from personagate_common.voices import (
     PEAK_CEILING,
     SAMPLE_RATE,
     PreparedClip,
@@ -334,6 +334,6 @@ def test_a_prepared_clip_cannot_be_changed_after_the_fact():
 
 def test_the_gateway_can_validate_clips_without_torch():
     """Importing this module loads neither torch nor moshi (the gateway has no model)."""
-    code = "import sys, agent_runtime.voices; print(sorted({'torch', 'moshi'} & set(sys.modules)))"
+    code = "import sys, personagate_common.voices; print(sorted({'torch', 'moshi'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -208,10 +208,10 @@ def webrtc_stack(folder: Path, env: dict[str, str] | None = None, *, slots: int 
     tokens = folder / "tokens.yaml"
     tokens.write_text(yaml.safe_dump({"tenants": {"harbor-mutual": [harbor_hash], "northwind-bank": [bank_hash]}}))
     worker_port, http_port = free_port(), free_port()
-    worker = serve([sys.executable, "-m", "gateway.cli", "worker", *worker_args, "--port", str(worker_port),
+    worker = serve([sys.executable, "-m", "personagate", "worker", *worker_args, "--port", str(worker_port),
                     "--slots", str(slots)],
                    f"http://127.0.0.1:{worker_port}/readyz", env=env, timeout=120)
-    gateway = serve([sys.executable, "-m", "gateway.cli", "gateway", "--port", str(http_port), "--tenants",
+    gateway = serve([sys.executable, "-m", "personagate", "gateway", "--port", str(http_port), "--tenants",
                      str(folder / "tenants"), "--worker", f"http://127.0.0.1:{worker_port}"],
                     f"http://127.0.0.1:{http_port}/readyz",
                     env=env | {"PERSONAGATE_GATEWAY_ADMIN_TOKENS_FILE": str(tokens)})

@@ -15,7 +15,7 @@ from tests.conftest import WORKER_AUTH
 
 def _session(worker: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "session", f"ws://{worker}/v1/sessions", *args],
+        [sys.executable, "-m", "personagate", "session", f"ws://{worker}/v1/sessions", *args],
         capture_output=True, text=True, timeout=60, check=False,
     )
 

@@ -15,13 +15,13 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
-from agent_runtime.bounded_yaml import YamlLimitError, YamlLimits, describe, load_yaml
 from agent_runtime.config import SettingsError, load_worker_settings
 from gateway.admin.tokens import TokensUnavailable, parse_tokens
 from gateway.config import load_gateway_settings
 from gateway.tenants import loader
 from gateway.tenants.loader import ClipCache, load_tenant
 from gateway.tenants.registry import TenantRegistry
+from personagate_common.bounded_yaml import YamlLimitError, YamlLimits, describe, load_yaml
 from tests.helpers.hostile_yaml import (
     OTHER_LINE_BREAKS,
     alias_bomb_body,
@@ -141,7 +141,7 @@ def test_validate_prints_positioned_problems_never_a_traceback(tmp_path):
     for tenant, text in (("bomb", BOMB_TENANT), ("deep", DEEP_TENANT), ("tabs", TAB_TENANT),
                          ("good", _valid("good", "+14155550100"))):
         _tenant(tmp_path, tenant, text)
-    command = [sys.executable, "-m", "gateway.cli", "tenants", "validate", str(tmp_path)]
+    command = [sys.executable, "-m", "personagate", "tenants", "validate", str(tmp_path)]
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "Traceback" not in done.stdout + done.stderr

@@ -1,7 +1,7 @@
 """The model a worker serves, split the way moshi splits ``models/lm.py`` from ``models/loaders.py``.
 
 ``bundle.py``: ``ModelBundle``, what the runtime uses (LM, codec, tokenizer, priming codes) and the frame
-constants. ``tiny.py``: the seeded tiny model (tests, CPU). ``personaplex.py``: PersonaPlex-7B's
+constants (defined in ``personagate_common.protocol``). ``tiny.py``: the seeded tiny model (tests, CPU). ``personaplex.py``: PersonaPlex-7B's
 architecture and checkpoint loading. ``LOADERS`` names what a worker may serve; PersonaPlex with random
 weights is a benchmark tool (``personagate_bench.random_weights``) and is never served.
 """
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .bundle import AGENT_CODEBOOKS, FRAME_BYTES, FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE, ModelBundle
+from personagate_common.protocol import FRAME_BYTES, FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE
+
+from .bundle import AGENT_CODEBOOKS, ModelBundle
 from .personaplex import CheckpointError, load_personaplex
 from .tiny import load_tiny
 

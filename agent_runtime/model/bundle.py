@@ -16,10 +16,8 @@ import sentencepiece
 import torch
 from moshi.models import LMModel, MimiModel
 
-SAMPLE_RATE = 24_000
-FRAME_RATE = 12.5
-FRAME_SAMPLES = 1920  # 80 ms at 24 kHz: one model step
-FRAME_BYTES = FRAME_SAMPLES * 2  # s16le on the wire
+from personagate_common.protocol import FRAME_SAMPLES, SAMPLE_RATE
+
 AGENT_CODEBOOKS = 8  # generated per step; the checkpoint holds 16 depth steps (agent + user)
 
 

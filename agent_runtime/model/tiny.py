@@ -15,8 +15,10 @@ import torch
 from moshi.models import MimiModel
 from moshi.models import loaders as moshi_loaders
 
-from ..voices import PRESET_VOICES
-from .bundle import AGENT_CODEBOOKS, FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE, ModelBundle, finish_bundle
+from personagate_common.protocol import FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE
+from personagate_common.voices import PRESET_VOICES
+
+from .bundle import AGENT_CODEBOOKS, ModelBundle, finish_bundle
 
 # A call-centre flavoured corpus for the tiny model's SentencePiece tokenizer: the tokenizer is trained
 # in-process so that prompts go through the real SentencePiece code path without shipping a binary.

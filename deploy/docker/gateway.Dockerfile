@@ -1,5 +1,6 @@
 # image: personagate/gateway
-# The gateway (SIP, WebRTC, admin API, routing) on a CPU, and the CPU demo's tiny-model worker.
+# The gateway (SIP, WebRTC, admin API, routing) on a CPU, and the CPU demo's tiny-model worker: EXTRAS=gateway,worker
+# (pyproject.toml's extras). --build-arg EXTRAS=gateway makes a gateway-only image, without torch or moshi.
 #   docker build -f deploy/docker/gateway.Dockerfile -t personagate/gateway:0.1.0 .
 # The install is the README's: `make install` (torch first, the CPU build; then moshi==0.2.13 with --no-deps;
 # then this package; then pjsua2 built from pjproject's source by deploy/pjsua2/build.sh: 512 calls a process,
@@ -10,6 +11,7 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_CPU_PIP_OPTS="--index-url https://download.pytorch.org/whl/cpu"
+ARG EXTRAS=gateway,worker
 RUN apt-get update \
     && apt-get install -y --no-install-recommends make build-essential swig libssl-dev git ca-certificates \
     && rm -rf /var/lib/apt/lists/*
@@ -18,8 +20,10 @@ COPY Makefile pyproject.toml README.md ./
 COPY agent_runtime agent_runtime
 COPY gateway gateway
 COPY personagate_bench personagate_bench
+COPY personagate personagate
+COPY personagate_common personagate_common
 COPY deploy/pjsua2 deploy/pjsua2
-RUN make install PYTHON=python3 TORCH_CPU_PIP_OPTS="${TORCH_CPU_PIP_OPTS}" \
+RUN make install PYTHON=python3 EXTRAS="${EXTRAS}" TORCH_CPU_PIP_OPTS="${TORCH_CPU_PIP_OPTS}" \
     && rm -rf /root/.cache \
     && find /app/.venv -name '__pycache__' -prune -exec rm -rf {} +
 

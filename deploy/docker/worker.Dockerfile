@@ -4,7 +4,8 @@
 # The install is the README's: `make install` (torch first, the CUDA build from PyPI, which carries its own
 # CUDA libraries; then moshi==0.2.13 with --no-deps; then this package), into /app/.venv. The build machine
 # needs no GPU: without nvidia-smi the Makefile takes torch as pip finds it (PyPI's Linux wheel is the CUDA
-# build) and says so in a warning. No SIP here (PJSUA2=none: pjsua2 is the gateway's). The node needs the NVIDIA driver and container toolkit (GPU operator).
+# build) and says so in a warning. The worker's side only (EXTRAS=worker: no aiortc; PJSUA2=none: no pjsua2, both
+# the gateway's). The node needs the NVIDIA driver and container toolkit (GPU operator).
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
 
 FROM ${CUDA_IMAGE} AS build
@@ -16,7 +17,9 @@ COPY Makefile pyproject.toml README.md ./
 COPY agent_runtime agent_runtime
 COPY gateway gateway
 COPY personagate_bench personagate_bench
-RUN make install PYTHON=python3.11 PJSUA2=none \
+COPY personagate personagate
+COPY personagate_common personagate_common
+RUN make install PYTHON=python3.11 EXTRAS=worker PJSUA2=none \
     && find /app/.venv -name '__pycache__' -prune -exec rm -rf {} +
 
 FROM ${CUDA_IMAGE}

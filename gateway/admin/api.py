@@ -35,7 +35,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from agent_runtime.voices import VoiceClipError
+from personagate_common.voices import VoiceClipError
 
 from ..tenants import schema
 from ..tenants.edit import (

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from agent_runtime.bounded_yaml import describe, load_yaml
+from personagate_common.bounded_yaml import describe, load_yaml
 
 from ..tenants.schema import TENANT_ID
 

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from personagate_common.protocol import FRAME_BYTES, FRAME_SAMPLES
+
 from .resample import MODEL_RATE, StreamResampler
 
-MODEL_FRAME_SAMPLES = 1920  # 80 ms at 24 kHz: one model step
-MODEL_FRAME_BYTES = MODEL_FRAME_SAMPLES * 2
+MODEL_FRAME_SAMPLES = FRAME_SAMPLES  # one model step: 80 ms at 24 kHz
+MODEL_FRAME_BYTES = FRAME_BYTES
+
 PACKET_MS = 20
 
 

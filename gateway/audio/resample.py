@@ -17,12 +17,14 @@ import numpy as np
 import soxr
 from scipy.signal import firwin, kaiserord
 
+from personagate_common.protocol import SAMPLE_RATE
+
 try:  # the compiled inner loop (_polyphase.c), built by `make install`
     from . import _polyphase
 except ImportError:  # a source tree not installed: the same filter through numpy, slower
     _polyphase = None
 
-MODEL_RATE = 24_000
+MODEL_RATE = SAMPLE_RATE  # the worker protocol's audio
 LINE_RATES = (8_000, 16_000, 48_000)  # PCMU/PCMA, G.722 (its RTP clock says 8000; its audio is 16 kHz), WebRTC
 QUALITIES = ("HQ", "VHQ")
 ENGINES = ("fir", "soxr")

@@ -20,8 +20,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from personagate_common.routing import Refusal
+
 from ..calls import AgentCall, Calls, PersonaRejected
-from ..routing import Refusal
 from ..worker_client import AgentAudio, AgentText
 from .bridge import HumanLeg
 from .leg import Leg, LegEvent

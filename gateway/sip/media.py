@@ -25,6 +25,8 @@ from collections.abc import Callable
 import numpy as np
 import pjsua2 as pj
 
+from personagate_common.protocol import SAMPLE_RATE
+
 from ..audio import LineToModel, ModelToLine, OutboundPacer
 from ..audio.pacing import PacerStats
 from ..audio.speech import SpeechStart
@@ -33,7 +35,7 @@ from ..worker_client import AgentAudio
 from .recording import CallRecorder
 from .ua import BYTES_PER_FRAME, CLOCK_RATE, PTIME_MS, SAMPLES_PER_FRAME, AgentSink
 
-MODEL_RATE = 24_000
+MODEL_RATE = SAMPLE_RATE  # the worker protocol's audio
 INBOUND_FRAMES = 25  # 500 ms of caller audio waiting for the asyncio side; older frames are dropped
 FRAMES_PER_WAKE = 4  # the asyncio side is woken once per 80 ms of caller audio
 CUSHION_PACKETS = 1  # outbound packets kept against the worker's jitter: sip_outbound_cushion_packets' default

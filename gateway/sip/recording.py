@@ -30,11 +30,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import soundfile
 
+from personagate_common.protocol import SAMPLE_RATE
+
 from ..audio import StreamResampler
 from .ua import BYTES_PER_FRAME, CLOCK_RATE, SAMPLES_PER_FRAME
 
 if TYPE_CHECKING:
-    from agent_runtime.voices import PreparedClip
+    from personagate_common.voices import PreparedClip
 
     from ..tenants.tenant import Tenant
 
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING_FRAMES = 500  # 10 s of both sides (640 KB) waiting for the writer; older frames are dropped
 WRITE_EVERY_SECONDS = 0.2
-CLIP_RATE = 24_000  # PreparedClip.audio's rate
+CLIP_RATE = SAMPLE_RATE  # PreparedClip.audio's rate: the worker protocol's
 _SILENCE = bytes(BYTES_PER_FRAME)
 
 

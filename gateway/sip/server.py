@@ -37,6 +37,8 @@ from urllib.parse import unquote
 
 import pjsua2 as pj
 
+from personagate_common.tls import certificate_summary
+
 from ..tenants.tenant import Rejection
 from .auth import AuthDecision, AuthResult, DigestAuthenticator
 from .inbound import InboundCall
@@ -44,7 +46,6 @@ from .leg import Leg
 from .media import RINGBACK, PortMedia
 from .metrics import SipMetrics
 from .registration import RegistrationAccount
-from .tls import certificate_summary
 from .ua import TlsTransport, UaConfig, UserAgent, call_op, header
 
 if TYPE_CHECKING:

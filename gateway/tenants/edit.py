@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from agent_runtime.bounded_yaml import YamlLimitError, YamlLimits, describe
+from personagate_common.bounded_yaml import YamlLimitError, YamlLimits, describe
 
 from .loader import MAX_TENANT_FILE_BYTES, TENANT_FILE_LIMITS, Problem, _KeysAsWritten
 

@@ -24,8 +24,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from agent_runtime.bounded_yaml import BoundedSafeLoader, YamlLimits, describe
-from agent_runtime.voices import PreparedClip, VoiceClipError, prepare_clip
+from personagate_common.bounded_yaml import BoundedSafeLoader, YamlLimits, describe
+from personagate_common.voices import PreparedClip, VoiceClipError, prepare_clip
 
 from .schema import PERSONA_NAME, TENANT_ID, TenantFile, clip_path
 from .tenant import PersonaConfig, Tenant
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 TENANT_FILE = "tenant.yaml"
 MAX_TENANT_FILE_BYTES = 1_000_000
 # A tenant.yaml is a few levels deep (personas.<name>.voice.preset); these bound what reading any file
-# may cost (agent_runtime/bounded_yaml.py): the nesting, and the values once aliases are expanded.
+# may cost (personagate_common/bounded_yaml.py): the nesting, and the values once aliases are expanded.
 TENANT_FILE_LIMITS = YamlLimits(max_bytes=MAX_TENANT_FILE_BYTES, max_depth=32, max_nodes=200_000)
 MAX_CLIP_BYTES = 10_000_000
 VOICE_SECONDS = (2.0, 10.0)

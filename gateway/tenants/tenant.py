@@ -11,8 +11,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from agent_runtime.persona import persona_key
-from agent_runtime.voices import PreparedClip
+from personagate_common.persona import persona_key
+from personagate_common.voices import PreparedClip
 
 from ..worker_client import persona_message
 from . import schema

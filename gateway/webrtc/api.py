@@ -31,11 +31,12 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 
+from personagate_common.routing import Refusal
+
 from ..admin.api import ApiError, Credentials, principal, read_body
 from ..admin.throttle import source_key
 from ..admin.tokens import Principal, TokensUnavailable
 from ..calls import PersonaRejected
-from ..routing import Refusal
 from ..sip.server import check_recordings_dir
 from ..tenants.tenant import Rejection
 from .call import BrowserCall, BrowserCallState

@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcdatachannel import RTCDataChannel
 
+from personagate_common.routing import Refusal
+
 from ..audio import OutboundPacer
 from ..calls import AgentCall, Calls, PersonaRejected
-from ..routing import Refusal
 from ..sip.bridge import HumanLeg
 from ..sip.recording import CallRecorder, finish_recording, start_recording
 from ..tenants.schema import DTMF_DIGITS

@@ -134,7 +134,7 @@ def gateway_process(tmp_path: Path, env: dict[str, str] | None = None) -> Iterat
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("PERSONAGATE_GATEWAY_")}
     environment.update({"PERSONAGATE_GATEWAY_TENANTS_POLL_SECONDS": "0.2", **(env or {})})
-    command = [sys.executable, "-m", "gateway.cli", "gateway", "--tenants", str(root), "--admin-tokens",
+    command = [sys.executable, "-m", "personagate", "gateway", "--tenants", str(root), "--admin-tokens",
                str(tokens_file), "--port", str(port)]
     base = f"http://127.0.0.1:{port}"
     with serve(command, f"{base}/healthz", env=environment, timeout=60):

@@ -130,7 +130,7 @@ class WorkerAuth:
 def check_server_tls(cert_setting: str, cert_file: Path | None, key_setting: str, key_file: Path | None) -> bool:
     """Server TLS settings given as a pair: True when both are set and load as a certificate and its key, False
     when neither is; a ValueError naming the settings otherwise."""
-    from .sip.tls import check_key_pair, check_readable
+    from .tls import check_key_pair, check_readable
 
     if cert_file is None and key_file is None:
         return False
@@ -145,8 +145,8 @@ def check_server_tls(cert_setting: str, cert_file: Path | None, key_setting: str
 
 def check_ca_file(setting: str, ca_file: Path) -> Path:
     """``ca_file`` holds CA certificates OpenSSL can load; else a ValueError naming ``setting``."""
-    from .sip.tls import check_ca_file as check
-    from .sip.tls import check_readable
+    from .tls import check_ca_file as check
+    from .tls import check_readable
 
     check_readable(setting, ca_file)
     check(ca_file, setting=setting)

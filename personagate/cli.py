@@ -214,8 +214,8 @@ def _run_worker(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"personagate: {problem}", file=sys.stderr)
         return 2
-    from agent_runtime import logs
     from agent_runtime.drain import serve
+    from personagate_common import logs
 
     logs.configure(args.log_level)
     ws, http = ("wss", "https") if settings.tls_enabled else ("ws", "http")
@@ -284,8 +284,8 @@ def _run_session(args: argparse.Namespace) -> int:
 def _session_auth(args: argparse.Namespace):
     """``personagate session``'s credential: --secret-file, else the gateway's environment, else ``up``'s local
     secret when there is one; None after saying why it cannot be read."""
-    from gateway.plane import WorkerAuth, check_secret, read_secrets
     from gateway.up import DEFAULT_STATE_DIR, WORKER_SECRET_FILE
+    from personagate_common.plane import WorkerAuth, check_secret, read_secrets
 
     try:
         if args.secret_file is not None:
@@ -417,10 +417,10 @@ def _run_gateway(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from agent_runtime import logs
     from gateway.app import create_app
     from gateway.config import SettingsError, load_gateway_settings
-    from gateway.serving import GracefulServer, restarts_before_this_process
+    from personagate_common import logs
+    from personagate_common.serving import GracefulServer, restarts_before_this_process
 
     try:
         settings = load_gateway_settings(args.config, tenants_dir=args.tenants, admin_tokens_file=args.admin_tokens,

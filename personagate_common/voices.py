@@ -18,6 +18,8 @@ import soundfile
 import soxr
 from scipy.ndimage import minimum_filter1d, uniform_filter1d
 
+from .protocol import SAMPLE_RATE
+
 # PersonaPlex's published voices (`voices.tgz` of nvidia/personaplex-7b-v1): natural and varied,
 # female and male. The tiny model offers the same names, so a tenant file runs on either model.
 PRESET_VOICES: tuple[str, ...] = (
@@ -27,8 +29,7 @@ PRESET_VOICES: tuple[str, ...] = (
     *(f"VARM{i}" for i in range(5)),
 )
 
-SAMPLE_RATE = 24_000
-"""The rate a prepared clip has: Mimi's (``agent_runtime.model.SAMPLE_RATE``)."""
+"""``SAMPLE_RATE`` (from ``protocol``) is the rate a prepared clip has: Mimi's, the worker protocol's."""
 MIN_CLIP_SECONDS = 2.0
 MAX_CLIP_SECONDS = 10.0
 MIN_SOURCE_RATE = 8_000
