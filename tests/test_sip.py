@@ -20,6 +20,7 @@ import pytest
 import soundfile
 
 from tests.conftest import free_port, serve, udp_free_port
+from tests.helpers.programs import needs
 
 pytest.importorskip("pjsua2")
 
@@ -297,7 +298,7 @@ def test_agent_call_ending_by_itself_sends_bye(tenants: Path) -> None:
     assert report["seconds_received"] < 15, report
 
 
-@pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+@needs("sipp")
 def test_sipp_call_with_pcmu_rtp(stack: dict[str, str], tmp_path: Path) -> None:
     """A third-party UA (sipp) offering PCMU only: answered, its RTP reaches the gateway, BYE answered."""
     before = _metrics(stack["http"])
@@ -314,7 +315,7 @@ def test_sipp_call_with_pcmu_rtp(stack: dict[str, str], tmp_path: Path) -> None:
     assert after[received] - before[received] >= 60, (before[received], after[received])  # 1.5 s at 50 packets/s
 
 
-@pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+@needs("sipp")
 def test_no_rtp_from_the_caller_is_hung_up(stack: dict[str, str], tmp_path: Path) -> None:
     """The stack's media timeout is 2 s: a caller that sends no RTP at all gets BYE from the gateway."""
     _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")

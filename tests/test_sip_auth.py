@@ -8,7 +8,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from gateway.sip.auth import (
     parse_digest,
 )
 from tests.conftest import free_port, serve, udp_free_port
+from tests.helpers.programs import needs
 from tests.test_sip import OPEN_NUMBER, _metrics, _ready, _until, call, echo_stack, sipp_caller, tenants  # noqa: F401 - tenants: fixture
 
 # --------------------------------------------------------------------------------------------- the digest
@@ -400,7 +400,7 @@ def _sipp(scenario: str, stack: dict[str, str], tmp_path: Path, name: str) -> su
                           text=True, timeout=40, check=False)
 
 
-@pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+@needs("sipp")
 def test_sipp_trunk_answers_the_challenge(auth_stack: dict[str, str], tenants: Path,  # noqa: F811
                                           tmp_path: Path) -> None:
     """A third-party UAC (sipp) with sip_auth_policy digest, from an address in sip_allow: 401 with an MD5

@@ -4,7 +4,6 @@ two encodes, two resamplings and the model's 24 kHz frames. (PCMU is covered in 
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import textwrap
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from tests.helpers.programs import needs
 from tests.test_sip import OPEN_NUMBER, _metrics, _ready, _until, call, echo_stack, sipp_caller, tenants  # noqa: F401 (tenants: fixture)
 
 pytest.importorskip("pjsua2")
@@ -181,7 +181,7 @@ def _sipp_call(stack: dict[str, str], tmp_path: Path, offer: tuple[int, ...], an
                           capture_output=True, text=True, timeout=40, check=False)
 
 
-@pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+@needs("sipp")
 def test_sipp_trunk_sending_pcma_rtp(stack: dict[str, str], tmp_path: Path) -> None:
     """A third-party UA (sipp) offering PCMA only is answered with PCMA, and its A-law RTP reaches the gateway."""
     before = _metrics(stack["http"])
@@ -194,7 +194,7 @@ def test_sipp_trunk_sending_pcma_rtp(stack: dict[str, str], tmp_path: Path) -> N
     assert _metrics(stack["http"])[received] - before[received] >= 60  # 1.5 s at 50 packets/s
 
 
-@pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+@needs("sipp")
 @pytest.mark.parametrize(("offer", "answer"), [((9, 8, 0), 9), ((8, 0, 9), 8), ((0, 9), 0)])
 def test_sipp_trunk_offer_order_decides_the_codec(stack: dict[str, str], tmp_path: Path, offer: tuple[int, ...],
                                                   answer: int) -> None:

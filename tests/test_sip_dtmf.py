@@ -5,7 +5,6 @@ sipp as the transfer target (a plain UAS) and as a caller sending a digit by SIP
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import udp_free_port
+from tests.helpers.programs import needs
 from tests.test_sip import _metrics, _ready, _until, echo_stack, escalating_tenant, sipp_caller
 
 pytest.importorskip("pjsua2")
@@ -22,7 +22,6 @@ pytest.importorskip("pjsua2")
 ROOT = Path(__file__).resolve().parent.parent
 NUMBER = "+14155550186"  # harbor-mutual's catastrophe line: answered at any hour; escalation digit 0
 CALL_TIMEOUT = 30
-needs_sipp = pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +66,7 @@ def test_refused_refer_keeps_the_caller_with_the_agent(stack: dict[str, str]) ->
     assert _count(after, hangup) - _count(before, hangup) == 1
 
 
-@needs_sipp
+@needs("sipp")
 def test_accepted_refer_ends_the_call_with_transfer(stack: dict[str, str], tmp_path: Path) -> None:
     """The caller accepts the REFER (202) and calls the target (a sipp UAS); the NOTIFY's 200 makes the
     gateway end its call (reason transfer, the agent session released)."""
@@ -97,7 +96,7 @@ def test_accepted_refer_ends_the_call_with_transfer(stack: dict[str, str], tmp_p
     assert _count(after, ended) - _count(before, ended) == 1
 
 
-@needs_sipp
+@needs("sipp")
 def test_dtmf_by_sip_info_is_counted(stack: dict[str, str], tmp_path: Path) -> None:
     _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
     before = _metrics(stack["http"])

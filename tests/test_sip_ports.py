@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import re
-import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import GatewaySettings, SettingsError, load_gateway_settings
+from tests.helpers.programs import needs
 from tests.test_sip import OPEN_NUMBER, ROOT, _ready, _until, echo_stack, sipp_caller, tenants  # noqa: F401
 
 PUBLIC_ADDRESS = "203.0.113.7"  # TEST-NET-3: no machine here has it, so it can only come from the setting
@@ -58,7 +58,7 @@ def _answer(sip: str, folder: Path) -> str:
     return answers[0]
 
 
-@pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+@needs("sipp")
 def test_the_answer_carries_the_public_address_and_a_port_in_the_range(tenants: Path, tmp_path: Path  # noqa: F811
                                                                        ) -> None:
     base = _free_even_range(RANGE)

@@ -6,7 +6,6 @@ agent through the same admission and routing as any INVITE."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -14,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import udp_free_port
+from tests.helpers.programs import needs
 from tests.test_sip import OPEN_NUMBER, _metrics, _ready, _until, echo_stack, tenants  # noqa: F401 - tenants: fixture
 
 pytest.importorskip("pjsua2")
-pytestmark = pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+pytestmark = needs("sipp")
 
 REALM = "carrier.test"
 

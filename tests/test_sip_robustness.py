@@ -9,7 +9,6 @@ hostile SIP is tests/test_sip_corpus.py; the mutational fuzzer tests/test_sip_fu
 from __future__ import annotations
 
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import soundfile
 
 from tests.conftest import udp_free_port
 from tests.helpers.logs import assert_alive_and_clean, problems, read_log
+from tests.helpers.programs import needs
 from tests.helpers.sip import SDP, ack, final, header, options, private_rtp_ports, request, responses, statuses
 from tests.test_sip import OPEN_NUMBER, _metrics, _ready, _until, echo_stack, tenants  # noqa: F401 - tenants is a fixture
 
@@ -306,7 +306,7 @@ def churn_stack(tenants: Path) -> Iterator[dict]:  # noqa: F811 - the fixture im
         yield addresses | {"proc": gateway_proc}
 
 
-@pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+@needs("sipp")
 def test_short_call_churn_every_call_answered_and_hung_up_cleanly(churn_stack: dict, tmp_path: Path) -> None:
     """Hundreds of calls hung up 0-100 ms after the answer (answering-machine detection, robocallers), at more than
     10 calls a second (tests/sipp/short_call.xml): every one answered and its BYE answered, none refused; the gateway

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port, serve, udp_free_port
+from tests.helpers.programs import needs
 from tests.test_sip import _metrics, _ready, _until, caller_tone_wav, echo_stack, sipp_caller
 
 pytest.importorskip("pjsua2")
-pytestmark = pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+pytestmark = needs("sipp")
 
 ROOT = Path(__file__).resolve().parent.parent
 NUMBER = "+14155550186"  # harbor-mutual's catastrophe line: answered at any hour

@@ -22,10 +22,11 @@ import pytest
 import soundfile
 
 from tests.conftest import WORKER_AUTH_HEADERS, udp_free_port
+from tests.helpers.programs import needs
 from tests.test_sip import _metrics, _ready, _until, echo_stack, escalating_tenant
 
 pytest.importorskip("pjsua2")
-pytestmark = pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+pytestmark = needs("sipp")
 
 ROOT = Path(__file__).resolve().parent.parent
 NUMBER = "+14155550186"  # harbor-mutual's catastrophe line: answered at any hour; escalation digit 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
 import socket
 import ssl
 import subprocess
@@ -27,16 +26,13 @@ import soundfile
 
 from gateway.sip.bench import MULAW_DECODE, mulaw_encode
 from tests.conftest import udp_free_port
+from tests.helpers.programs import BARESIP_MODULES, needs, path_of
 from tests.test_sip import OPEN_NUMBER, ROOT, _metrics, _ready, _until, call, echo_stack, sipp_caller, tenants  # noqa: F401 - tenants: fixture
 
 pytest.importorskip("pjsua2")
 
 TONE_HZ = 600
-BARESIP = shutil.which("baresip")
-BARESIP_MODULES = Path("/usr/lib/baresip/modules")
-needs_baresip = pytest.mark.skipif(BARESIP is None or not (BARESIP_MODULES / "srtp.so").exists(),
-                                   reason="baresip with its srtp module (Debian: baresip) is not installed")
-needs_sipp = pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+BARESIP = path_of("baresip")
 
 
 # ---------------------------------------------------------------------- certificates
@@ -247,7 +243,7 @@ def test_a_request_over_tcp_is_answered_on_its_own_connection(stack: dict[str, s
             assert f"Call-ID: {call_id}" in head and any(h.startswith("Via: SIP/2.0/TCP") for h in head), head
 
 
-@needs_sipp
+@needs("sipp")
 def test_sipp_over_tcp_is_answered_echoed_and_hung_up_over_tcp(stack: dict[str, str], tmp_path: Path) -> None:
     """sipp -t t1 (TCP only: it listens for nothing else) calls; the 200 OK's Contact says transport=tcp; a 600 Hz
     tone sent as the caller's RTP comes back from the echo worker; the gateway hangs up at the stack's 5 s limit
@@ -274,7 +270,7 @@ def test_sipp_over_tcp_is_answered_echoed_and_hung_up_over_tcp(stack: dict[str, 
 # ---------------------------------------------------------------------- TLS and SRTP
 
 
-@needs_baresip
+@needs("baresip")
 def test_baresip_over_tls_with_srtp_is_echoed(stack: dict[str, str], certs: Path, tmp_path: Path) -> None:
     """baresip offers SRTP (mediaenc srtp: RTP/AVP with SDES keys) over TLS, checking the gateway's certificate
     against the test CA: the call is answered with SRTP (sip_srtp optional), and its tone comes back."""
@@ -327,7 +323,7 @@ def test_srtp_keys_are_not_exchanged_over_signalling_in_clear(stack: dict[str, s
     assert no_keys["status"] == 200 and no_keys["srtp"] is False, no_keys
 
 
-@needs_baresip
+@needs("baresip")
 def test_mandatory_srtp_and_mutual_tls(strict_stack: dict[str, str], certs: Path, tmp_path: Path) -> None:
     """sip_srtp mandatory with client certificates required: baresip presenting the trunk's certificate and
     requiring SRTP (srtp-mand: RTP/SAVP) is answered with SRTP and echoed; the same trunk offering plain RTP is

@@ -36,6 +36,7 @@ import pytest
 import soundfile
 import yaml
 
+from tests.helpers.programs import needs
 from tests.test_sip import _ready, _until
 from tests.test_webrtc import Stack, tenant_copy, webrtc_stack
 
@@ -47,8 +48,7 @@ TENANTS = Path(__file__).resolve().parent.parent / "tenants"
 TENANT = "harbor-mutual"
 CALL_TIMEOUT = 30.0  # seconds from the click to a live call with agent audio and text
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium "
-                                "(apt-get install chromium; .ci/run installs it)")
+pytestmark = needs("chromium")
 
 
 def public_persona() -> str:
