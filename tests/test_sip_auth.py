@@ -27,8 +27,11 @@ from gateway.sip.auth import (
     parse_digest,
 )
 from tests.conftest import free_port, serve, udp_free_port
+from tests.helpers.caller import call
 from tests.helpers.programs import needs
-from tests.test_sip import OPEN_NUMBER, _metrics, _ready, _until, call, echo_stack, sipp_caller, tenants  # noqa: F401 - tenants: fixture
+from tests.helpers.sipp import sipp_caller
+from tests.helpers.stack import OPEN_NUMBER, echo_stack, readyz, scrape_metrics
+from tests.helpers.wait import until
 
 # --------------------------------------------------------------------------------------------- the digest
 
@@ -242,7 +245,7 @@ def test_the_policy_table(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCap
 # --------------------------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
-def auth_stack(tenants: Path) -> Iterator[dict[str, str]]:  # noqa: F811 - the fixture imported above
+def auth_stack(tenants: Path) -> Iterator[dict[str, str]]:
     """The echo stack; trunks from 127.0.0.2 admitted by address, any other by digest (SHA-256, then MD5)."""
     env = {"PERSONAGATE_GATEWAY_SIP_ALLOW": '["127.0.0.2/32"]',
            "PERSONAGATE_GATEWAY_SIP_AUTH_USERS": json.dumps(USERS)}
@@ -251,7 +254,7 @@ def auth_stack(tenants: Path) -> Iterator[dict[str, str]]:  # noqa: F811 - the f
 
 
 def _auth_counts(stack: dict[str, str]) -> dict[str, float]:
-    metrics = _metrics(stack["http"])
+    metrics = scrape_metrics(stack["http"])
     counts = {result.value: metrics.get(f'personagate_gateway_sip_auth_total{{result="{result.value}"}}', 0)
               for result in AuthResult}
     counts["401"] = metrics.get('personagate_gateway_sip_invites_total{answer="401"}', 0)
@@ -265,7 +268,7 @@ def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float
 def test_a_trunk_with_the_right_password_is_answered_after_one_challenge(auth_stack: dict[str, str]) -> None:
     """`personagate call --user --password` from outside sip_allow: 401 (SHA-256 offered first), the INVITE
     again with credentials, then the echo agent answers it."""
-    _until(lambda: _ready(auth_stack["http"])["slots_free"] == 1, "the slot is free")
+    until(lambda: readyz(auth_stack["http"])["slots_free"] == 1, "the slot is free")
     before = _auth_counts(auth_stack)
     report = call(auth_stack, OPEN_NUMBER, "--seconds", "1", "--user", "trunk-a", "--password", "correct-horse")
     assert report["status"] == 200 and report["answered"], report
@@ -288,7 +291,7 @@ def test_no_credentials_is_401_with_the_challenges(auth_stack: dict[str, str]) -
 
 def test_a_source_in_sip_allow_needs_no_password(auth_stack: dict[str, str]) -> None:
     """The default policy keeps today's behaviour for trunks admitted by address."""
-    _until(lambda: _ready(auth_stack["http"])["slots_free"] == 1, "the slot is free")
+    until(lambda: readyz(auth_stack["http"])["slots_free"] == 1, "the slot is free")
     before = _auth_counts(auth_stack)
     report = call(auth_stack, OPEN_NUMBER, "--seconds", "1", "--host", "127.0.0.2")
     assert report["status"] == 200 and report["answered"], report
@@ -379,7 +382,7 @@ def sipp_digest_scenario(username: str, password: str, *, answered: bool) -> str
 
 
 @contextlib.contextmanager
-def digest_only_gateway(tenants: Path, worker: str) -> Iterator[dict[str, str]]:  # noqa: F811
+def digest_only_gateway(tenants: Path, worker: str) -> Iterator[dict[str, str]]:
     """A second gateway on the same worker: every INVITE must pass digest (even from sip_allow), MD5 first."""
     env = os.environ | {"PERSONAGATE_GATEWAY_SIP_AUTH_POLICY": "digest",
                         "PERSONAGATE_GATEWAY_SIP_AUTH_USERS": json.dumps(USERS),
@@ -389,7 +392,7 @@ def digest_only_gateway(tenants: Path, worker: str) -> Iterator[dict[str, str]]:
                "--worker", worker, "--sip-port", str(sip_port)]
     with serve(command, f"http://127.0.0.1:{http_port}/readyz", env=env):
         http = f"http://127.0.0.1:{http_port}"
-        _until(lambda: _ready(http)["slots_free"] == 1, "the second gateway sees the worker's free slot")
+        until(lambda: readyz(http)["slots_free"] == 1, "the second gateway sees the worker's free slot")
         yield {"sip": f"127.0.0.1:{sip_port}", "http": http}
 
 
@@ -401,7 +404,7 @@ def _sipp(scenario: str, stack: dict[str, str], tmp_path: Path, name: str) -> su
 
 
 @needs("sipp")
-def test_sipp_trunk_answers_the_challenge(auth_stack: dict[str, str], tenants: Path,  # noqa: F811
+def test_sipp_trunk_answers_the_challenge(auth_stack: dict[str, str], tenants: Path,
                                           tmp_path: Path) -> None:
     """A third-party UAC (sipp) with sip_auth_policy digest, from an address in sip_allow: 401 with an MD5
     challenge, its [authentication] retry gets 180, 183 and 200 from the echo stack; a wrong password gets 403."""
@@ -410,8 +413,8 @@ def test_sipp_trunk_answers_the_challenge(auth_stack: dict[str, str], tenants: P
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
         done = _sipp(sipp_digest_scenario("trunk-a", "battery-staple", answered=False), gateway, tmp_path, "wrong")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-        _until(lambda: _ready(gateway["http"])["calls"] == 0, "the call is over")
-        metrics = _metrics(gateway["http"])
+        until(lambda: readyz(gateway["http"])["calls"] == 0, "the call is over")
+        metrics = scrape_metrics(gateway["http"])
     assert metrics['personagate_gateway_sip_auth_total{result="ok"}'] == 1
     assert metrics['personagate_gateway_sip_auth_total{result="challenged"}'] == 2
     assert metrics['personagate_gateway_sip_auth_total{result="rejected"}'] == 1

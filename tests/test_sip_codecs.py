@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 import soundfile
 
+from tests.helpers.caller import call
 from tests.helpers.programs import needs
-from tests.test_sip import OPEN_NUMBER, _metrics, _ready, _until, call, echo_stack, sipp_caller, tenants  # noqa: F401 (tenants: fixture)
+from tests.helpers.sipp import sipp_caller
+from tests.helpers.stack import OPEN_NUMBER, echo_stack, readyz, scrape_metrics
+from tests.helpers.wait import until
 
 pytest.importorskip("pjsua2")
 
@@ -24,7 +27,7 @@ TONE_DBFS = -12.0
 
 
 @pytest.fixture(scope="module")
-def stack(tenants: Path) -> Iterator[dict[str, str]]:  # noqa: F811 (the fixture imported above)
+def stack(tenants: Path) -> Iterator[dict[str, str]]:
     with echo_stack(tenants) as (addresses, _, _):
         yield addresses
 
@@ -61,7 +64,7 @@ def _call_with_tones(stack: dict[str, str], tmp_path: Path, frequencies: tuple[f
                      ) -> tuple[dict, np.ndarray]:
     played = _tones(*frequencies)
     soundfile.write(tmp_path / "in.wav", played, RATE, subtype="PCM_16")
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
     args = [arg for codec in codecs for arg in ("--codec", codec)]
     report = call(stack, OPEN_NUMBER, *args, "--play", str(tmp_path / "in.wav"), "--record",
                   str(tmp_path / "out.wav"), "--seconds", str(len(played) / RATE + 0.6))
@@ -176,7 +179,7 @@ def _sipp_scenario(offer: tuple[int, ...], answer: int, rtp: str | None) -> str:
 def _sipp_call(stack: dict[str, str], tmp_path: Path, offer: tuple[int, ...], answer: int, rtp: str | None
                ) -> subprocess.CompletedProcess[str]:
     (tmp_path / "call.xml").write_text(_sipp_scenario(offer, answer, rtp))
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
     return subprocess.run(sipp_caller(tmp_path / "call.xml", stack["sip"], OPEN_NUMBER), cwd=tmp_path,
                           capture_output=True, text=True, timeout=40, check=False)
 
@@ -184,14 +187,14 @@ def _sipp_call(stack: dict[str, str], tmp_path: Path, offer: tuple[int, ...], an
 @needs("sipp")
 def test_sipp_trunk_sending_pcma_rtp(stack: dict[str, str], tmp_path: Path) -> None:
     """A third-party UA (sipp) offering PCMA only is answered with PCMA, and its A-law RTP reaches the gateway."""
-    before = _metrics(stack["http"])
+    before = scrape_metrics(stack["http"])
     t = np.arange(int(1.5 * 8000)) / 8000
     soundfile.write(tmp_path / "caller-pcma.wav", 0.3 * np.sin(2 * np.pi * 600 * t), 8000, subtype="ALAW")
     done = _sipp_call(stack, tmp_path, (8,), 8, "caller-pcma.wav,1,8")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
     received = "personagate_gateway_sip_rtp_packets_received_total"
-    assert _metrics(stack["http"])[received] - before[received] >= 60  # 1.5 s at 50 packets/s
+    assert scrape_metrics(stack["http"])[received] - before[received] >= 60  # 1.5 s at 50 packets/s
 
 
 @needs("sipp")
@@ -201,4 +204,4 @@ def test_sipp_trunk_offer_order_decides_the_codec(stack: dict[str, str], tmp_pat
     """The gateway answers a third-party trunk's SDP with the first codec of its offer that it has."""
     done = _sipp_call(stack, tmp_path, offer, answer, None)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")

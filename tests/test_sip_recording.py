@@ -21,7 +21,9 @@ import pytest
 import soundfile
 
 from tests.conftest import free_port, udp_free_port
-from tests.test_sip import CALL_TIMEOUT, _metrics, _ready, _until, call, echo_stack
+from tests.helpers.caller import CALL_TIMEOUT, call
+from tests.helpers.stack import echo_stack, readyz, scrape_metrics
+from tests.helpers.wait import until
 
 pytest.importorskip("pjsua2")
 
@@ -132,8 +134,8 @@ def test_a_recorded_call_hears_the_notice_first_and_is_recorded_in_stereo(stack:
     assert _level(heard, TONE_HZ, onset + 0.1, onset + 1.0) > -16, report
     print(f"notice heard {at * 1000:.0f} ms after 200 OK (match {match:.3f}), agent from {onset:.2f} s")
 
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
-    _until(lambda: len(_recordings(stack, "recorded")) == 1, "the recording is written", timeout=5)
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
+    until(lambda: len(_recordings(stack, "recorded")) == 1, "the recording is written", timeout=5)
     path = _recordings(stack, "recorded")[0]
     assert path.parent.name == time.strftime("%Y-%m-%d", time.gmtime()), path
     assert not list(path.parent.glob("*.part")), "a finished recording has no partial file left"
@@ -150,13 +152,13 @@ def test_a_recorded_call_hears_the_notice_first_and_is_recorded_in_stereo(stack:
     print(f"recording {path.name}: {len(audio) / RATE:.2f} s, notice at {rec_at * 1000:.0f} ms (match {rec_match:.3f})")
     assert _level(agent, TONE_HZ, 0.0, rec_at + NOTICE_SECONDS) < -50
     assert _level(agent, TONE_HZ, rec_at + NOTICE_SECONDS + 0.6, seconds - 0.2) > -16
-    assert _metrics(stack["http"])['personagate_gateway_sip_recordings_total{result="written"}'] == 1
+    assert scrape_metrics(stack["http"])['personagate_gateway_sip_recordings_total{result="written"}'] == 1
 
 
 def test_without_recording_nothing_is_played_or_written(stack: dict[str, str], tmp_path: Path) -> None:
     """A tenant that does not record: no announcement (the agent is heard from the answer: the echo of the
     caller's tone after one round trip) and no file."""
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
     soundfile.write(tmp_path / "in.wav", _tone(1.5), RATE, subtype="PCM_16")
     report = call(stack, UNRECORDED_NUMBER, "--play", str(tmp_path / "in.wav"), "--record",
                   str(tmp_path / "out.wav"), "--seconds", "1.8")
@@ -164,7 +166,7 @@ def test_without_recording_nothing_is_played_or_written(stack: dict[str, str], t
     heard, _ = soundfile.read(tmp_path / "out.wav")
     assert _onset(heard, TONE_HZ) <= 0.6, report
     assert _match(heard, _notice(), within=0.3)[1] < 0.3
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
     time.sleep(0.5)
     assert not (Path(stack["recordings"]) / "unrecorded").exists()
 
@@ -267,7 +269,7 @@ def _agent_silent_until(heard: np.ndarray, seconds: float) -> None:
 def test_speaks_first_false_the_agent_waits_for_the_caller(tiny_stack: dict[str, str], tmp_path: Path) -> None:
     """``speaks_first: false``: the caller hears nothing while silent (1.5 s here), and the agent starts only
     once the caller speaks; the model was not run meanwhile, so it starts by hearing the caller."""
-    _until(lambda: _ready(tiny_stack["http"])["slots_free"] == 1, "the slot is free")
+    until(lambda: readyz(tiny_stack["http"])["slots_free"] == 1, "the slot is free")
     silence, speech = 1.5, 1.0
     t = np.arange(int(speech * RATE)) / RATE
     played = np.concatenate([np.zeros(int(silence * RATE)), 0.25 * np.sin(2 * np.pi * 300 * t)])
@@ -285,7 +287,7 @@ def test_speaks_first_false_a_silent_caller_is_not_left_in_silence(tiny_stack: d
                                                                    tmp_path: Path) -> None:
     """``speaks_first: false`` and a caller who says nothing, waiting for a greeting: after
     sip_caller_first_wait_seconds (2.5 s here) the agent speaks first after all."""
-    _until(lambda: _ready(tiny_stack["http"])["slots_free"] == 1, "the slot is free")
+    until(lambda: readyz(tiny_stack["http"])["slots_free"] == 1, "the slot is free")
     report = call(tiny_stack, LISTENER_NUMBER, "--record", str(tmp_path / "out.wav"), "--seconds", "4")
     assert report["status"] == 200, report
     heard, _ = soundfile.read(tmp_path / "out.wav")

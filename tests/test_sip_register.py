@@ -14,7 +14,8 @@ import pytest
 
 from tests.conftest import udp_free_port
 from tests.helpers.programs import needs
-from tests.test_sip import OPEN_NUMBER, _metrics, _ready, _until, echo_stack, tenants  # noqa: F401 - tenants: fixture
+from tests.helpers.stack import OPEN_NUMBER, echo_stack, readyz, scrape_metrics
+from tests.helpers.wait import until
 
 pytest.importorskip("pjsua2")
 pytestmark = needs("sipp")
@@ -186,7 +187,7 @@ def _sipp_result(proc: subprocess.Popen, tmp_path: Path, name: str) -> tuple[int
     return proc.returncode, (out or "")[-2000:] + errors[-3000:]
 
 
-def test_gateway_registers_answers_the_registrars_call_and_unregisters(tenants: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_gateway_registers_answers_the_registrars_call_and_unregisters(tenants: Path, tmp_path: Path) -> None:
     """A trunk that needs REGISTER: the gateway answers the registrar's 401 with the right digest (verified by
     the registrar) and shows itself registered (``personagate_gateway_sip_registered`` 1); the carrier's INVITE
     to the registered Contact (the DID as its user) is answered by the tenant's agent (180/183/200, echo
@@ -205,18 +206,18 @@ def test_gateway_registers_answers_the_registrars_call_and_unregisters(tenants: 
     try:
         with echo_stack(tenants, {"PERSONAGATE_GATEWAY_SIP_REGISTRATIONS": json.dumps(registrations)}) as (stack, _, _):
             registered = f'personagate_gateway_sip_registered{{registration="{good_name}"}}'
-            _until(lambda: _metrics(stack["http"]).get(registered) == 1, "the gateway is registered")
+            until(lambda: scrape_metrics(stack["http"]).get(registered) == 1, "the gateway is registered")
             answered = 'personagate_gateway_sip_invites_total{answer="200"}'
-            _until(lambda: _metrics(stack["http"]).get(answered, 0) == 1, "the registrar's call is answered")
-            _until(lambda: _ready(stack["http"])["calls"] == 0, "the registrar's call is over")
+            until(lambda: scrape_metrics(stack["http"]).get(answered, 0) == 1, "the registrar's call is answered")
+            until(lambda: readyz(stack["http"])["calls"] == 0, "the registrar's call is over")
             began = time.monotonic()
             failed = f'personagate_gateway_sip_registrations_total{{registration="{bad_name}",result="failed"}}'
-            _until(lambda: _metrics(stack["http"]).get(failed, 0) >= 2, "the refused binding is retried",
-                   timeout=20)
+            until(lambda: scrape_metrics(stack["http"]).get(failed, 0) >= 2, "the refused binding is retried",
+                  timeout=20)
             refreshed = f'personagate_gateway_sip_registrations_total{{registration="{good_name}",result="ok"}}'
-            _until(lambda: _metrics(stack["http"]).get(refreshed, 0) >= 2, "the binding is refreshed before it expires",
-                   timeout=GRANTED_SECONDS)
-            metrics = _metrics(stack["http"])
+            until(lambda: scrape_metrics(stack["http"]).get(refreshed, 0) >= 2,
+                  "the binding is refreshed before it expires", timeout=GRANTED_SECONDS)
+            metrics = scrape_metrics(stack["http"])
             assert metrics[f'personagate_gateway_sip_registered{{registration="{bad_name}"}}'] == 0
             assert metrics[registered] == 1
             assert time.monotonic() - began < 15

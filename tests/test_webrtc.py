@@ -33,7 +33,8 @@ from gateway.webrtc.api import OfferRateLimit, public_cap
 from gateway.webrtc.ice import CandidatePolicy, bound_remote_candidates, candidate_policy, restrict_host_addresses
 from gateway.webrtc.offer import OfferError, check_offer, read_offer
 from tests.conftest import free_port, serve
-from tests.test_sip import _ready, _until
+from tests.helpers.stack import readyz
+from tests.helpers.wait import until
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC = ("harbor-mutual", "claims")  # public_link: true in the shipped tenant
@@ -217,7 +218,7 @@ def webrtc_stack(folder: Path, env: dict[str, str] | None = None, *, slots: int 
                     env=env | {"PERSONAGATE_GATEWAY_ADMIN_TOKENS_FILE": str(tokens)})
     with worker, gateway as gateway_process:
         http = f"http://127.0.0.1:{http_port}"
-        _until(lambda: _ready(http)["slots_free"] == slots, "the gateway sees the worker's slots")
+        until(lambda: readyz(http)["slots_free"] == slots, "the gateway sees the worker's slots")
         yield Stack(http, harbor, bank, gateway_log=gateway_process.log_path)
 
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.helpers.programs import needs
-from tests.test_sip import echo_stack, escalating_tenant
+from tests.helpers.stack import echo_stack, escalating_tenant
 from tests.test_sip_transfer_bridge import Human
 from tests.test_webrtc import PUBLIC, Browser, browser, hang_up, metrics, place
 

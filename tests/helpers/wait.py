@@ -1,0 +1,20 @@
+"""Polling until something is true, the one way tests wait for a process or a server to get somewhere."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def until(check: Callable[[], T], what: str, timeout: float = 15.0, *, interval: float = 0.1) -> T:
+    """Call ``check`` every ``interval`` seconds until it returns something true, and return that; fail (an
+    AssertionError saying ``what`` did not happen) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what} ({timeout:g} s)")
+        time.sleep(interval)
+    return value
