@@ -7,25 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from gateway.plane import WorkerAuth, bearer
-from tests.helpers.processes import free_port, serve, stop_process, udp_free_port  # noqa: F401 - re-exported
+from tests.helpers.processes import free_port, serve
 from tests.helpers.stack import sip_tenants
-from tests.redis_server import redis_server  # noqa: F401 - a fixture
+from tests.helpers.worker import TEST_WORKER_SECRET, WORKER_SLOTS
+
+# Fixtures defined in helper modules, available to every test module without an import.
+pytest_plugins = ["tests.helpers.redis_server"]
 
 # moshi reads this when its modules are imported: without it every test would pay torch.compile's
 # start-up on CPU for nothing.
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
-# The internal plane's shared secret (gateway/plane.py), in one place: every worker the tests start accepts it and
-# every gateway they start sends it, through the environment both inherit; clients the tests drive themselves send
-# WORKER_AUTH_HEADERS (raw WebSocket/HTTP) or WORKER_AUTH (WorkerSession.open, Calls).
-TEST_WORKER_SECRET = "personagate-tests-shared-secret-3f9c"
+# The internal plane's shared secret (tests/helpers/worker.py): every worker the tests start accepts it and every
+# gateway they start sends it, through the environment both inherit.
 os.environ["PERSONAGATE_WORKER_SESSION_SECRET"] = TEST_WORKER_SECRET
 os.environ["PERSONAGATE_GATEWAY_WORKER_SECRET"] = TEST_WORKER_SECRET
-WORKER_AUTH_HEADERS = bearer(TEST_WORKER_SECRET)
-WORKER_AUTH = WorkerAuth(secret=TEST_WORKER_SECRET)
-
-WORKER_SLOTS = 3
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ from gateway.app import create_app
 from gateway.cli import main
 from gateway.config import GatewaySettings, SettingsError, load_gateway_settings
 from gateway.tenants.loader import ClipCache, load_tenant
-from tests.conftest import free_port, serve
+from tests.helpers.processes import free_port, serve
 
 ACME = """\
 # Acme Insurance: the claims line and the billing line.

@@ -39,8 +39,9 @@ from gateway.serving import GracefulServer
 from gateway.tenants.registry import TenantRegistry
 from gateway.tenants.tenant import PersonaConfig, Tenant
 from gateway.worker_client import AgentAudio, WorkerSession
-from tests.conftest import WORKER_AUTH, WORKER_AUTH_HEADERS, free_port, serve, stop_process
-from tests.redis_server import RedisServer
+from tests.helpers.processes import free_port, serve, stop_process
+from tests.helpers.redis_server import RedisServer
+from tests.helpers.worker import WORKER_AUTH, WORKER_AUTH_HEADERS
 
 FRAME = 0.08
 TENANTS = """\

@@ -26,8 +26,9 @@ from gateway.calls import Calls
 from gateway.config import GatewaySettings, load_gateway_settings
 from gateway.plane import SecretChecker, WorkerAuth, bearer, new_secret
 from gateway.worker_client import UNAUTHORIZED, AgentAudio, WorkerRefused, WorkerSession, persona_message
-from tests.conftest import TEST_WORKER_SECRET, WORKER_AUTH, WORKER_AUTH_HEADERS, free_port, serve
+from tests.helpers.processes import free_port, serve
 from tests.helpers.tls import ServerCertificate, make_server_certificate
+from tests.helpers.worker import TEST_WORKER_SECRET, WORKER_AUTH, WORKER_AUTH_HEADERS
 from tests.test_calls import ACME, Caller, registry, route, running  # noqa: F401 - registry is a fixture
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ import soundfile
 
 from tests.helpers.caller import CALL_TIMEOUT, call, call_command
 from tests.helpers.programs import needs
-from tests.helpers.sipp import caller_tone_wav, sipp_caller
-from tests.helpers.stack import CLOSED_NUMBER, OPEN_NUMBER, ROOT, echo_stack, readyz, scrape_metrics
+from tests.helpers.sipp import SCENARIOS, caller_tone_wav, sipp_caller
+from tests.helpers.stack import CLOSED_NUMBER, OPEN_NUMBER, echo_stack, readyz, scrape_metrics
 from tests.helpers.wait import until
 
 pytest.importorskip("pjsua2")
@@ -200,7 +200,7 @@ def test_sipp_call_with_pcmu_rtp(stack: dict[str, str], tmp_path: Path) -> None:
     before = scrape_metrics(stack["http"])
     caller_tone_wav(tmp_path)
     until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
-    done = subprocess.run(sipp_caller(ROOT / "tests" / "sipp" / "pcmu_call.xml", stack["sip"], OPEN_NUMBER),
+    done = subprocess.run(sipp_caller(SCENARIOS / "pcmu_call.xml", stack["sip"], OPEN_NUMBER),
                           cwd=tmp_path, capture_output=True, text=True, timeout=40, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
@@ -216,7 +216,7 @@ def test_no_rtp_from_the_caller_is_hung_up(stack: dict[str, str], tmp_path: Path
     """The stack's media timeout is 2 s: a caller that sends no RTP at all gets BYE from the gateway."""
     until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
     began = time.monotonic()
-    done = subprocess.run(sipp_caller(ROOT / "tests" / "sipp" / "silent_call.xml", stack["sip"], OPEN_NUMBER),
+    done = subprocess.run(sipp_caller(SCENARIOS / "silent_call.xml", stack["sip"], OPEN_NUMBER),
                           cwd=tmp_path, capture_output=True, text=True, timeout=40, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert 1.5 <= time.monotonic() - began <= 8

@@ -26,10 +26,10 @@ from gateway.sip.auth import (
     digest_response,
     parse_digest,
 )
-from tests.conftest import free_port, serve, udp_free_port
 from tests.helpers.caller import call
+from tests.helpers.processes import free_port, serve, udp_free_port
 from tests.helpers.programs import needs
-from tests.helpers.sipp import sipp_caller
+from tests.helpers.sipp import SCENARIOS, sipp_caller
 from tests.helpers.stack import OPEN_NUMBER, echo_stack, readyz, scrape_metrics
 from tests.helpers.wait import until
 
@@ -298,89 +298,6 @@ def test_a_source_in_sip_allow_needs_no_password(auth_stack: dict[str, str]) -> 
     assert _delta(before, _auth_counts(auth_stack)) == {}
 
 
-# sipp 3.6 answers the first WWW-Authenticate only, and only MD5: this gateway offers MD5 first.
-_SIPP_INVITE = """
-  <send retrans="500">
-    <![CDATA[
-      INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: sipp <sip:sipp@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-      To: <sip:[service]@[remote_ip]:[remote_port]>
-      Call-ID: [call_id]
-      CSeq: {cseq} INVITE
-      Contact: sip:sipp@[local_ip]:[local_port]{authorization}
-      Max-Forwards: 70
-      Content-Type: application/sdp
-      Content-Length: [len]
-
-      v=0
-      o=sipp 1 1 IN IP[local_ip_type] [local_ip]
-      s=-
-      c=IN IP[media_ip_type] [media_ip]
-      t=0 0
-      m=audio [media_port] RTP/AVP 0
-      a=rtpmap:0 PCMU/8000
-    ]]>
-  </send>
-  <recv response="100" optional="true"/>
-"""
-
-# A non-2xx answer's ACK belongs to the INVITE's transaction: its branch, three scenario messages back.
-_SIPP_ACK = """
-  <send>
-    <![CDATA[
-      ACK {uri} SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch={branch}
-      From: sipp <sip:sipp@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
-      Call-ID: [call_id]
-      CSeq: {cseq} ACK
-      Max-Forwards: 70
-      Content-Length: 0
-    ]]>
-  </send>
-"""
-
-_SIPP_BYE = """
-  <pause milliseconds="500"/>
-  <send retrans="500">
-    <![CDATA[
-      BYE [next_url] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: sipp <sip:sipp@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
-      Call-ID: [call_id]
-      CSeq: 3 BYE
-      Max-Forwards: 70
-      Content-Length: 0
-    ]]>
-  </send>
-  <recv response="200" crlf="true"/>
-"""
-
-
-def sipp_digest_scenario(username: str, password: str, *, answered: bool) -> str:
-    """INVITE → 401 (challenge checked) → ACK → INVITE with credentials → 180, 183, 200 → ACK → BYE; or, when
-    not ``answered``, → 403 → ACK."""
-    retry = _SIPP_INVITE.format(cseq=2, authorization=f"\n      [authentication username={username} "
-                                                      f"password={password}]")
-    if answered:
-        rest = ('  <recv response="180"/>\n  <recv response="183"/>\n  <recv response="200" rrs="true"/>\n'
-                + _SIPP_ACK.format(uri="[next_url]", cseq=2, branch="[branch]") + _SIPP_BYE)
-    else:
-        rest = '  <recv response="403"/>\n' + _SIPP_ACK.format(uri="sip:[service]@[remote_ip]:[remote_port]", cseq=2,
-                                                                 branch="[branch-3]")
-    body = (_SIPP_INVITE.format(cseq=1, authorization="")
-            + '  <recv response="401" auth="true">\n    <action>\n'
-            + '      <ereg regexp="Digest realm=\\"personagate\\", nonce=\\"[^\\"]+\\", algorithm=MD5, qop=\\"auth\\""'
-            + ' search_in="hdr" header="WWW-Authenticate:" check_it="true" assign_to="challenge"/>\n'
-            + '    </action>\n  </recv>\n'
-            + _SIPP_ACK.format(uri="sip:[service]@[remote_ip]:[remote_port]", cseq=1, branch="[branch-3]") + retry + rest
-            + '  <nop hide="true">\n    <action>\n      <log message="[$challenge]"/>\n    </action>\n  </nop>\n')
-    return ('<?xml version="1.0" encoding="ISO-8859-1" ?>\n<!DOCTYPE scenario SYSTEM "sipp.dtd">\n'
-            f'<scenario name="personagate: digest call">{body}</scenario>\n')
-
-
 @contextlib.contextmanager
 def digest_only_gateway(tenants: Path, worker: str) -> Iterator[dict[str, str]]:
     """A second gateway on the same worker: every INVITE must pass digest (even from sip_allow), MD5 first."""
@@ -396,11 +313,11 @@ def digest_only_gateway(tenants: Path, worker: str) -> Iterator[dict[str, str]]:
         yield {"sip": f"127.0.0.1:{sip_port}", "http": http}
 
 
-def _sipp(scenario: str, stack: dict[str, str], tmp_path: Path, name: str) -> subprocess.CompletedProcess:
-    path = tmp_path / f"{name}.xml"
-    path.write_text(scenario)
-    return subprocess.run(sipp_caller(path, stack["sip"], OPEN_NUMBER), cwd=tmp_path, capture_output=True,
-                          text=True, timeout=40, check=False)
+def _sipp(scenario: str, stack: dict[str, str], tmp_path: Path, username: str, password: str
+          ) -> subprocess.CompletedProcess:
+    """sipp running tests/sipp/``scenario`` against the gateway, answering its challenge as ``username``."""
+    command = sipp_caller(SCENARIOS / scenario, stack["sip"], OPEN_NUMBER, extra=("-au", username, "-ap", password))
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=40, check=False)
 
 
 @needs("sipp")
@@ -409,9 +326,9 @@ def test_sipp_trunk_answers_the_challenge(auth_stack: dict[str, str], tenants: P
     """A third-party UAC (sipp) with sip_auth_policy digest, from an address in sip_allow: 401 with an MD5
     challenge, its [authentication] retry gets 180, 183 and 200 from the echo stack; a wrong password gets 403."""
     with digest_only_gateway(tenants, auth_stack["worker"]) as gateway:
-        done = _sipp(sipp_digest_scenario("trunk-a", "correct-horse", answered=True), gateway, tmp_path, "right")
+        done = _sipp("digest_call.xml", gateway, tmp_path, "trunk-a", "correct-horse")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-        done = _sipp(sipp_digest_scenario("trunk-a", "battery-staple", answered=False), gateway, tmp_path, "wrong")
+        done = _sipp("digest_call_refused.xml", gateway, tmp_path, "trunk-a", "battery-staple")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
         until(lambda: readyz(gateway["http"])["calls"] == 0, "the call is over")
         metrics = scrape_metrics(gateway["http"])

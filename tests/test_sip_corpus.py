@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import udp_free_port
 from tests.helpers import sip_corpus
 from tests.helpers.logs import assert_alive_and_clean, log_size
+from tests.helpers.processes import udp_free_port
 from tests.helpers.sip import (
     Peer,
     ack_messages,

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import udp_free_port
+from tests.helpers.processes import udp_free_port
 from tests.helpers.programs import needs
-from tests.helpers.sipp import sipp_caller
+from tests.helpers.sipp import SCENARIOS, sipp_caller
 from tests.helpers.stack import echo_stack, escalating_tenant, readyz, scrape_metrics
 from tests.helpers.wait import until
 
 pytest.importorskip("pjsua2")
 
-ROOT = Path(__file__).resolve().parent.parent
 NUMBER = "+14155550186"  # harbor-mutual's catastrophe line: answered at any hour; escalation digit 0
 CALL_TIMEOUT = 30
 
@@ -102,7 +101,7 @@ def test_accepted_refer_ends_the_call_with_transfer(stack: dict[str, str], tmp_p
 def test_dtmf_by_sip_info_is_counted(stack: dict[str, str], tmp_path: Path) -> None:
     until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
     before = scrape_metrics(stack["http"])
-    done = subprocess.run(sipp_caller(ROOT / "tests" / "sipp" / "info_dtmf_call.xml", stack["sip"], NUMBER),
+    done = subprocess.run(sipp_caller(SCENARIOS / "info_dtmf_call.xml", stack["sip"], NUMBER),
                           cwd=tmp_path, capture_output=True, text=True, timeout=40, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.helpers.programs import needs
-from tests.helpers.sipp import caller_tone_wav, sipp_caller
+from tests.helpers.sipp import SCENARIOS, caller_tone_wav, sipp_caller
 from tests.helpers.stack import echo_stack, readyz, scrape_metrics
 from tests.helpers.wait import until
 
@@ -39,7 +39,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 
 def _sipp(stack: dict[str, str], scenario: str, workdir: Path, timeout: float = 40) -> subprocess.CompletedProcess:
     caller_tone_wav(workdir)
-    return subprocess.run(sipp_caller(ROOT / "tests" / "sipp" / scenario, stack["sip"], NUMBER,
+    return subprocess.run(sipp_caller(SCENARIOS / scenario, stack["sip"], NUMBER,
                                       sipp_timeout=timeout - 10),
                           cwd=workdir, capture_output=True, text=True, timeout=timeout, check=False)
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import free_port, serve, udp_free_port
 from tests.helpers.caller import CALL_TIMEOUT, call, call_command
+from tests.helpers.processes import free_port, serve, udp_free_port
 from tests.helpers.stack import OPEN_NUMBER, ROOT, readyz, scrape_metrics
 from tests.helpers.wait import until
 

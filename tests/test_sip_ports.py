@@ -18,13 +18,13 @@ import pytest
 
 from gateway.config import GatewaySettings, SettingsError, load_gateway_settings
 from tests.helpers.programs import needs
-from tests.helpers.sipp import sipp_caller
-from tests.helpers.stack import OPEN_NUMBER, ROOT, echo_stack, readyz
+from tests.helpers.sipp import SCENARIOS, sipp_caller
+from tests.helpers.stack import OPEN_NUMBER, echo_stack, readyz
 from tests.helpers.wait import until
 
 PUBLIC_ADDRESS = "203.0.113.7"  # TEST-NET-3: no machine here has it, so it can only come from the setting
 RANGE = 4  # two calls' RTP/RTCP pairs
-SCENARIO = ROOT / "tests" / "sipp" / "answer_sdp_call.xml"
+SCENARIO = SCENARIOS / "answer_sdp_call.xml"
 
 
 def _free_even_range(count: int) -> int:

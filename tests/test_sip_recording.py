@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import free_port, udp_free_port
 from tests.helpers.caller import CALL_TIMEOUT, call
+from tests.helpers.processes import free_port, udp_free_port
 from tests.helpers.stack import echo_stack, readyz, scrape_metrics
 from tests.helpers.wait import until
 

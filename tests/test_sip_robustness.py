@@ -21,16 +21,16 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import udp_free_port
 from tests.helpers.logs import assert_alive_and_clean, problems, read_log
+from tests.helpers.processes import udp_free_port
 from tests.helpers.programs import needs
 from tests.helpers.sip import SDP, ack, final, header, options, private_rtp_ports, request, responses, statuses
+from tests.helpers.sipp import SCENARIOS
 from tests.helpers.stack import OPEN_NUMBER, echo_stack, readyz, scrape_metrics
 from tests.helpers.wait import until
 
 pytest.importorskip("pjsua2")
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -315,7 +315,7 @@ def test_short_call_churn_every_call_answered_and_hung_up_cleanly(churn_stack: d
     50 ms of the answer used to end in AttributeError, then SIGSEGV), and still answers OPTIONS."""
     stack = churn_stack
     before = scrape_metrics(stack["http"])
-    command = ["sipp", "-sf", str(ROOT / "tests" / "sipp" / "short_call.xml"), "-s", OPEN_NUMBER, stack["sip"],
+    command = ["sipp", "-sf", str(SCENARIOS / "short_call.xml"), "-s", OPEN_NUMBER, stack["sip"],
                "-i", "127.0.0.1", "-p", str(udp_free_port()), "-mp", str(udp_free_port()),
                "-m", str(CHURN_CALLS), "-r", str(CHURN_RATE), "-rp", "1000", "-l", str(CHURN_CONCURRENT),
                "-timeout", "120", "-timeout_error", "-nostdin", "-trace_err", "-trace_stat", "-stf", "stat.csv"]

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, serve, udp_free_port
+from tests.helpers.processes import free_port, serve, udp_free_port
 from tests.helpers.programs import needs
-from tests.helpers.sipp import caller_tone_wav, sipp_caller
+from tests.helpers.sipp import SCENARIOS, caller_tone_wav, sipp_caller
 from tests.helpers.stack import echo_stack, readyz, scrape_metrics
 from tests.helpers.wait import until
 
@@ -39,7 +39,7 @@ def tenants(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _sipp(sip: str, scenario: str, workdir: Path, *, timeout: float = 40, trace: bool = False
           ) -> subprocess.Popen:
     caller_tone_wav(workdir)
-    return subprocess.Popen(sipp_caller(ROOT / "tests" / "sipp" / scenario, sip, NUMBER, sipp_timeout=timeout,
+    return subprocess.Popen(sipp_caller(SCENARIOS / scenario, sip, NUMBER, sipp_timeout=timeout,
                                         extra=["-trace_msg"] if trace else ()),
                             cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

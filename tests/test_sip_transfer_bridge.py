@@ -21,10 +21,12 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import WORKER_AUTH_HEADERS, udp_free_port
+from tests.helpers.processes import udp_free_port
 from tests.helpers.programs import needs
+from tests.helpers.sipp import Human
 from tests.helpers.stack import echo_stack, escalating_tenant, readyz, scrape_metrics
 from tests.helpers.wait import until
+from tests.helpers.worker import WORKER_AUTH_HEADERS
 
 pytest.importorskip("pjsua2")
 pytestmark = needs("sipp")
@@ -37,141 +39,6 @@ CALL_TIMEOUT = 30
 TONE_HZ = 1000.0
 TONE_AFTER = 5.0  # seconds from the answer to the tone the caller plays once bridged
 
-_UAS_HEAD = """<?xml version="1.0" encoding="ISO-8859-1" ?>
-<!DOCTYPE scenario SYSTEM "sipp.dtd">
-<scenario name="{name}">
-  <recv request="INVITE" rrs="true">
-    <action>
-{actions}
-    </action>
-  </recv>
-"""
-# sipp refuses a scenario with a variable assigned but never used: each one keeps only what it uses
-_KEEP_PARTIES = """      <ereg regexp=".*" search_in="hdr" header="From:" check_it="true" assign_to="caller"/>
-      <ereg regexp=".*" search_in="hdr" header="To:" check_it="true" assign_to="callee"/>"""
-_KEEP_CSEQ = """      <ereg regexp="[0-9]+" search_in="hdr" header="CSeq:" check_it="true" assign_to="invite_cseq"/>"""
-_KEEP_NOTHING = """      <log message="INVITE received"/>"""
-# The caller's identity, asserted to the human (the caller is `personagate call`: From sip:caller@…)
-_CHECK_IDENTITY = """      <ereg regexp="sip:caller@" search_in="hdr" header="P-Asserted-Identity:" check_it="true"
-            assign_to="identity"/>
-      <log message="caller: [$identity]"/>"""
-_RINGING = """  <send>
-    <![CDATA[
-      SIP/2.0 180 Ringing
-      [last_Via:]
-      [last_From:]
-      [last_To:];tag=[pid]SIPpTag01[call_number]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Contact: <sip:human@[local_ip]:[local_port]>
-      Content-Length: 0
-    ]]>
-  </send>
-"""
-_ANSWER = """  <send retrans="500">
-    <![CDATA[
-      SIP/2.0 200 OK
-      [last_Via:]
-      [last_From:]
-      [last_To:];tag=[pid]SIPpTag01[call_number]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Contact: <sip:human@[local_ip]:[local_port]>
-      Content-Type: application/sdp
-      Content-Length: [len]
-
-      v=0
-      o=human 1 1 IN IP[local_ip_type] [local_ip]
-      s=-
-      c=IN IP[media_ip_type] [media_ip]
-      t=0 0
-      m=audio [media_port] RTP/AVP 0
-      a=rtpmap:0 PCMU/8000
-      a=ptime:20
-    ]]>
-  </send>
-  <recv request="ACK"/>
-"""
-_WAIT_BYE = """  <recv request="BYE"/>
-  <send>
-    <![CDATA[
-      SIP/2.0 200 OK
-      [last_Via:]
-      [last_From:]
-      [last_To:]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Content-Length: 0
-    ]]>
-  </send>
-</scenario>
-"""
-_SEND_BYE = """  <pause milliseconds="{pause_ms}"/>
-  <send retrans="500">
-    <![CDATA[
-      BYE [next_url] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: [$callee];tag=[pid]SIPpTag01[call_number]
-      To: [$caller]
-      [last_Call-ID:]
-      CSeq: 1 BYE
-      Contact: <sip:human@[local_ip]:[local_port]>
-      Max-Forwards: 70
-      Content-Length: 0
-    ]]>
-  </send>
-  <recv response="200"/>
-</scenario>
-"""
-_REFUSE = """  <send>
-    <![CDATA[
-      SIP/2.0 {status}
-      [last_Via:]
-      [last_From:]
-      [last_To:];tag=[pid]SIPpTag01[call_number]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Content-Length: 0
-    ]]>
-  </send>
-  <recv request="ACK"/>
-</scenario>
-"""
-_CANCELLED = """  <recv request="CANCEL"/>
-  <send>
-    <![CDATA[
-      SIP/2.0 200 OK
-      [last_Via:]
-      [last_From:]
-      [last_To:];tag=[pid]SIPpTag01[call_number]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Content-Length: 0
-    ]]>
-  </send>
-  <send>
-    <![CDATA[
-      SIP/2.0 487 Request Terminated
-      [last_Via:]
-      [last_From:]
-      [last_To:];tag=[pid]SIPpTag01[call_number]
-      [last_Call-ID:]
-      CSeq: [$invite_cseq] INVITE
-      Content-Length: 0
-    ]]>
-  </send>
-  <recv request="ACK"/>
-</scenario>
-"""
-
-SCENARIOS = {
-    "answers": (_CHECK_IDENTITY, _RINGING + _ANSWER + _WAIT_BYE),  # answers, echoes RTP, waits for the BYE
-    "hangs_up": (_KEEP_PARTIES, _RINGING + _ANSWER + _SEND_BYE),  # answers, then hangs up itself
-    "refuses": (_KEEP_NOTHING, _REFUSE),  # a final failure answer
-    "no_answer": (_KEEP_CSEQ, _RINGING + _CANCELLED),  # rings until cancelled
-}
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A one-slot echo worker and a SIP gateway whose tenant escalates digit 0 to a loopback URI (where each
@@ -180,38 +47,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     target = escalating_tenant(folder)
     with echo_stack(folder, {"PERSONAGATE_GATEWAY_SIP_TRANSFER_RING_SECONDS": str(RING_SECONDS)}) as (addresses, _, _):
         yield addresses | target
-
-
-
-class Human:
-    """sipp as the escalation target, running one scenario for one call."""
-
-    def __init__(self, stack: dict[str, str], folder: Path, scenario: str, **params: object) -> None:
-        path = folder / f"human-{scenario}.xml"
-        actions, body = SCENARIOS[scenario]
-        text = _UAS_HEAD.replace("{name}", scenario).replace("{actions}", actions) + body
-        for name, value in params.items():
-            text = text.replace(f"{{{name}}}", str(value))
-        path.write_text(text)
-        self.proc = subprocess.Popen(
-            ["sipp", "-sf", str(path), "-i", "127.0.0.1", "-p", stack["target_port"], "-mp", str(udp_free_port()),
-             "-rtp_echo", "-m", "1", "-timeout", "25", "-timeout_error", "-nostdin", "-trace_err"],
-            cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.folder = folder
-
-    def finished(self, timeout: float = 10.0) -> int:
-        """sipp's exit status (0: its whole scenario ran, e.g. the BYE it expects came)."""
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-        return self.proc.returncode
-
-    def errors(self) -> str:
-        logs = [p.read_text(errors="replace")[-2000:] for p in self.folder.glob("*errors.log")]
-        out = self.proc.stdout.read()[-2000:] if self.proc.stdout else ""
-        return "\n".join(logs) + out
 
 
 def _caller(stack: dict[str, str], *args: str) -> subprocess.Popen:

@@ -25,11 +25,11 @@ import pytest
 import soundfile
 
 from gateway.sip.bench import MULAW_DECODE, mulaw_encode
-from tests.conftest import udp_free_port
 from tests.helpers.caller import call
+from tests.helpers.processes import udp_free_port
 from tests.helpers.programs import BARESIP_MODULES, needs, path_of
-from tests.helpers.sipp import sipp_caller
-from tests.helpers.stack import OPEN_NUMBER, ROOT, echo_stack, readyz, scrape_metrics
+from tests.helpers.sipp import SCENARIOS, sipp_caller
+from tests.helpers.stack import OPEN_NUMBER, echo_stack, readyz, scrape_metrics
 from tests.helpers.wait import until
 
 pytest.importorskip("pjsua2")
@@ -256,7 +256,7 @@ def test_sipp_over_tcp_is_answered_echoed_and_hung_up_over_tcp(stack: dict[str, 
     rtp = RtpPeer()
     rtp.start()
     try:
-        done = subprocess.run(sipp_caller(ROOT / "tests" / "sipp" / "tcp_call.xml", stack["sip"], OPEN_NUMBER,
+        done = subprocess.run(sipp_caller(SCENARIOS / "tcp_call.xml", stack["sip"], OPEN_NUMBER,
                                           extra=("-t", "t1", "-key", "rtp_port", str(rtp.port), "-trace_msg")),
                               cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
     finally:

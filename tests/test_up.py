@@ -22,8 +22,9 @@ import pytest
 
 from gateway.plane import bearer
 from gateway.up import HEALTHY_SECONDS, Component, describe_exit, restart_delay, stopped_on_purpose
-from tests.conftest import WORKER_AUTH_HEADERS, free_port, udp_free_port
+from tests.helpers.processes import free_port, udp_free_port
 from tests.helpers.wait import until
+from tests.helpers.worker import WORKER_AUTH_HEADERS
 
 REPO = Path(__file__).resolve().parents[1]
 RESTART_WITHIN = 120.0  # seconds for `up` to restart a process it supervises (a cold worker start)

@@ -32,7 +32,7 @@ from gateway.admin.tokens import new_token
 from gateway.webrtc.api import OfferRateLimit, public_cap
 from gateway.webrtc.ice import CandidatePolicy, bound_remote_candidates, candidate_policy, restrict_host_addresses
 from gateway.webrtc.offer import OfferError, check_offer, read_offer
-from tests.conftest import free_port, serve
+from tests.helpers.processes import free_port, serve
 from tests.helpers.stack import readyz
 from tests.helpers.wait import until
 

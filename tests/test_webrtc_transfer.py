@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from tests.helpers.programs import needs
+from tests.helpers.sipp import Human
 from tests.helpers.stack import echo_stack, escalating_tenant
-from tests.test_sip_transfer_bridge import Human
 from tests.test_webrtc import PUBLIC, Browser, browser, hang_up, metrics, place
 
 pytest.importorskip("pjsua2")

@@ -17,13 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.processes import free_port
 from tests.helpers.programs import require
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ping(port: int, timeout: float = 0.2) -> bool:
