@@ -2,11 +2,12 @@
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.admin_api import Gateway, in_process_gateway, write_tenants, write_tokens
 from tests.helpers.processes import free_port, serve
 from tests.helpers.stack import sip_tenants
 from tests.helpers.worker import TEST_WORKER_SECRET, WORKER_SLOTS
@@ -39,3 +40,12 @@ def worker() -> Iterator[str]:
 def tenants(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The SIP tests' tenants (tests.helpers.stack.sip_tenants), copied once per module."""
     return sip_tenants(tmp_path_factory.mktemp("tenants"))
+
+
+@pytest.fixture
+async def gw(tmp_path: Path) -> AsyncIterator[Gateway]:
+    """The admin API's gateway in-process (tests.helpers.admin_api), serving acme and bank from ``tmp_path``."""
+    root = write_tenants(tmp_path / "tenants")
+    tokens = write_tokens(tmp_path / "tokens.yaml")
+    async with in_process_gateway(root, tokens.path) as (client, app):
+        yield Gateway(client, root, tokens, app)

@@ -39,7 +39,7 @@ import yaml
 from tests.helpers.programs import needs
 from tests.helpers.stack import readyz
 from tests.helpers.wait import until
-from tests.test_webrtc import Stack, tenant_copy, webrtc_stack
+from tests.helpers.webrtc import Stack, tenant_copy, webrtc_stack
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page

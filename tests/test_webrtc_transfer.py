@@ -15,7 +15,7 @@ import pytest
 from tests.helpers.programs import needs
 from tests.helpers.sipp import Human
 from tests.helpers.stack import echo_stack, escalating_tenant
-from tests.test_webrtc import PUBLIC, Browser, browser, hang_up, metrics, place
+from tests.helpers.webrtc import PUBLIC, Browser, browser, hang_up, metrics, place
 
 pytest.importorskip("pjsua2")
 pytestmark = needs("sipp")

@@ -22,6 +22,8 @@ from gateway.config import load_gateway_settings
 from gateway.tenants import loader
 from gateway.tenants.loader import ClipCache, load_tenant
 from gateway.tenants.registry import TenantRegistry
+from tests.helpers.admin import ADMIN
+from tests.helpers.admin_api import ACME
 from tests.helpers.hostile_yaml import (
     OTHER_LINE_BREAKS,
     alias_bomb_body,
@@ -31,7 +33,6 @@ from tests.helpers.hostile_yaml import (
     line_break_injection,
 )
 from tests.helpers.loop_watch import LoopWatch
-from tests.test_admin_api import ACME, ADMIN, gw  # noqa: F401 - gw is a fixture
 from tests.test_tenant_reload import TEMPLATE, _persona, _until, _write
 
 DEPTH = "refused: nested more than 32 levels deep; expected settings a few levels deep"
@@ -239,7 +240,7 @@ def test_settings_tokens_and_credentials_files_are_read_within_the_same_limits(t
 LOOP_STALL_LIMIT_S = 3.0
 
 
-async def test_hostile_persona_bodies_are_422_positioned_and_the_loop_keeps_answering(gw):  # noqa: F811
+async def test_hostile_persona_bodies_are_422_positioned_and_the_loop_keeps_answering(gw):
     """The issue's bodies (a 460-byte alias bomb, 4 KB nested 2000 levels, 60 KB nested 30 000 levels),
     sent together several times, are each answered 422 with a problem positioned in the body; the
     file is unchanged and the event loop never stalls."""
@@ -267,7 +268,7 @@ async def test_hostile_persona_bodies_are_422_positioned_and_the_loop_keeps_answ
 
 
 @pytest.mark.parametrize("line_break", OTHER_LINE_BREAKS, ids=["CR", "NEL", "LS", "PS"])
-async def test_a_body_with_other_line_ends_cannot_write_tenant_level_keys(gw, line_break):  # noqa: F811
+async def test_a_body_with_other_line_ends_cannot_write_tenant_level_keys(gw, line_break):
     """A body separated by a lone CR, NEL, U+2028 or U+2029 that would, spliced, write top-level
     `limits` and `escalation` into tenant.yaml is refused: NEL and the separators with positions in the
     body; a lone CR is a line end like any other, so the keys land in the persona, where the schema
@@ -288,7 +289,7 @@ async def test_a_body_with_other_line_ends_cannot_write_tenant_level_keys(gw, li
     assert gw.app.state.registry.tenants["acme"].spec.limits.max_concurrent_calls == 5
 
 
-async def test_a_body_with_old_mac_line_ends_is_stored_with_the_files_line_ends(gw):  # noqa: F811
+async def test_a_body_with_old_mac_line_ends_is_stored_with_the_files_line_ends(gw):
     """A persona sent with lone CR line ends is a valid edit: it is stored with \\n line ends, inside
     the persona, and served."""
     body = "prompt: You answer billing questions, briefly.\rvoice:\r  preset: NATM1\r"

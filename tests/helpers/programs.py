@@ -52,7 +52,8 @@ class Program:
 
 
 PROGRAMS = {program.name: program for program in (
-    Program("redis-server", "redis-server", also_at=Path("/usr/bin/redis-server"), what_for="routing and call admission need a real Redis"),
+    Program("redis-server", "redis-server", also_at=Path("/usr/bin/redis-server"),
+            what_for="routing and call admission need a real Redis"),
     Program("sipp", "sip-tester", what_for="these SIP calls are sipp scenarios (tests/sipp/)"),
     Program("promtool", "prometheus", what_for="it checks the alert rules"),
     Program("chromium", "chromium", fixed_path=Path("/usr/bin/chromium"),
