@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway.tenants.registry import TenantRegistry
 from tests.helpers.admin_api import Gateway, in_process_gateway, write_tenants, write_tokens
+from tests.helpers.calls import write_call_tenants
 from tests.helpers.processes import free_port, serve
 from tests.helpers.stack import sip_tenants
 from tests.helpers.worker import TEST_WORKER_SECRET, WORKER_SLOTS
@@ -49,3 +51,9 @@ async def gw(tmp_path: Path) -> AsyncIterator[Gateway]:
     tokens = write_tokens(tmp_path / "tokens.yaml")
     async with in_process_gateway(root, tokens.path) as (client, app):
         yield Gateway(client, root, tokens, app)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> TenantRegistry:
+    """The calls tests' tenants (tests.helpers.calls: acme, and tight with a one-call limit), loaded once per module."""
+    return write_call_tenants(tmp_path_factory.mktemp("tenants"))

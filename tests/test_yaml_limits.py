@@ -33,7 +33,8 @@ from tests.helpers.hostile_yaml import (
     line_break_injection,
 )
 from tests.helpers.loop_watch import LoopWatch
-from tests.test_tenant_reload import TEMPLATE, _persona, _until, _write
+from tests.helpers.tenant_files import TEMPLATE, routed_persona, write_tenant
+from tests.helpers.wait import until_async
 
 DEPTH = "refused: nested more than 32 levels deep; expected settings a few levels deep"
 NODES = "refused: more than 200000 values once aliases are expanded; expected fewer (or fewer aliases)"
@@ -159,8 +160,8 @@ def test_validate_prints_positioned_problems_never_a_traceback(tmp_path):
 async def test_other_tenants_keep_reloading_while_one_file_is_pathological(tmp_path):
     """A tenant.yaml nested 100 000 levels (then an alias bomb) is reported as that tenant's problem,
     positioned; the tenant keeps its last good configuration and another tenant's edit still applies."""
-    _write(tmp_path, "acme", number="+14155550100", prompt="Acme one.")
-    _write(tmp_path, "zenith", number="+14155550199", prompt="Zenith one.")
+    write_tenant(tmp_path, "acme", number="+14155550100", prompt="Acme one.")
+    write_tenant(tmp_path, "zenith", number="+14155550199", prompt="Zenith one.")
     registry = TenantRegistry(tmp_path, poll_seconds=0.1)
     registry.reload()
     assert registry.status.ok
@@ -169,15 +170,16 @@ async def test_other_tenants_keep_reloading_while_one_file_is_pathological(tmp_p
         for text, problem in ((f"{deep_value(100_000)}\n", f"acme/tenant.yaml:1:33: (yaml): {DEPTH}"),
                               ("\n".join(alias_bomb_lines()) + "\n", f"acme/tenant.yaml:7:10: (yaml): {NODES}")):
             (tmp_path / "acme" / "tenant.yaml").write_text(text)
-            await _until(lambda expected=problem: [str(x) for x in registry.status.tenants["acme"].problems] == [expected],
-                         timeout=30)
+            await until_async(lambda expected=problem: [str(x) for x in registry.status.tenants["acme"].problems]
+                              == [expected], "the problem is reported", timeout=30)
             status = registry.status.tenants["acme"]
             assert status.state == "serving_previous"
             assert [str(p) for p in status.problems] == [problem]
-            assert _persona(registry, "+14155550100").prompt == "Acme one."
+            assert routed_persona(registry, "+14155550100").prompt == "Acme one."
             prompt = f"Zenith after {problem[:20]}"
-            _write(tmp_path, "zenith", number="+14155550199", prompt=prompt)
-            await _until(lambda p=prompt: _persona(registry, "+14155550199").prompt == p, timeout=30)
+            write_tenant(tmp_path, "zenith", number="+14155550199", prompt=prompt)
+            await until_async(lambda p=prompt: routed_persona(registry, "+14155550199").prompt == p,
+                              "the other tenant's change is applied", timeout=30)
             assert registry.status.tenants["zenith"].state == "serving"
     finally:
         watcher.cancel()
@@ -186,8 +188,8 @@ async def test_other_tenants_keep_reloading_while_one_file_is_pathological(tmp_p
 def test_a_failure_checking_one_tenant_is_that_tenants_problem(tmp_path, monkeypatch):
     """Whatever goes wrong while checking one tenant (here a RecursionError from inside the checks)
     becomes a problem of that tenant: the reload applies the others instead of stopping them all."""
-    _write(tmp_path, "acme", number="+14155550100")
-    _write(tmp_path, "zenith", number="+14155550199")
+    write_tenant(tmp_path, "acme", number="+14155550100")
+    write_tenant(tmp_path, "zenith", number="+14155550199")
     checks = loader._reference_problems
 
     def failing(doc, data, folder_name):

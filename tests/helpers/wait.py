@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -18,3 +20,19 @@ def until(check: Callable[[], T], what: str, timeout: float = 15.0, *, interval:
             raise AssertionError(f"timed out waiting until {what} ({timeout:g} s)")
         time.sleep(interval)
     return value
+
+
+async def until_async(check: Callable[[], T | Awaitable[T]], what: str, timeout: float = 15.0, *,
+                      interval: float = 0.05) -> T:
+    """``until`` on the event loop: ``check`` returns its answer or an awaitable of it, every ``interval`` seconds
+    (sleeping without blocking the loop), until that answer is true; fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what} ({timeout:g} s)")
+        await asyncio.sleep(interval)
