@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The system programs the test suite starts, installed or asked for before it runs (`make test` and `.ci/run`
-# call this): redis-server, sipp (Debian's sip-tester), promtool (Debian's prometheus), Debian's chromium (the
+# The system programs the test suite starts, installed or asked for before it runs (`make test` runs this, and so
+# does .ci/run): redis-server, sipp (Debian's sip-tester), promtool (Debian's prometheus), Debian's chromium (the
 # browser tests drive /usr/bin/chromium through Playwright; nothing downloads a browser) and baresip with its
 # srtp module (SIP over TLS with SRTP). tests/helpers/programs.py checks the same programs for each test.
 #

@@ -3,7 +3,7 @@
     @needs("sipp")                      # a marker: the test skips, saying which Debian package installs sipp
     exe = require("redis-server")       # in a fixture or test: the program's path, or the same skip
 
-tests/system-deps.sh (run by ``make test`` and ``.ci/run``) installs these programs or says how to; where a
+tests/system-deps.sh (run by ``make test``, and so by ``.ci/run``) installs these programs or says how to; where a
 developer runs pytest without them, the tests that need them skip with the reason below (``pytest -rs``).
 """
 
