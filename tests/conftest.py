@@ -1,18 +1,22 @@
-"""Shared test set-up: environment, and a real worker process on loopback."""
+"""Shared test set-up: environment, and the fixtures every test module may ask for without importing them."""
+
+from __future__ import annotations
 
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from gateway.tenants.registry import TenantRegistry
-from tests.helpers.admin_api import Gateway, in_process_gateway, write_tenants, write_tokens
-from tests.helpers.calls import write_call_tenants
 from tests.helpers.processes import free_port, serve
 from tests.helpers.stack import sip_tenants
 from tests.helpers.worker import TEST_WORKER_SECRET, WORKER_SLOTS
+
+if TYPE_CHECKING:
+    from gateway.tenants.registry import TenantRegistry
+    from tests.helpers.admin_api import Gateway
 
 # Fixtures defined in helper modules, available to every test module without an import.
 pytest_plugins = ["tests.helpers.redis_server"]
@@ -47,6 +51,9 @@ def tenants(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 async def gw(tmp_path: Path) -> AsyncIterator[Gateway]:
     """The admin API's gateway in-process (tests.helpers.admin_api), serving acme and bank from ``tmp_path``."""
+    # imported here: the gateway app takes seconds to import, which runs that need no gateway should not pay
+    from tests.helpers.admin_api import Gateway, in_process_gateway, write_tenants, write_tokens
+
     root = write_tenants(tmp_path / "tenants")
     tokens = write_tokens(tmp_path / "tokens.yaml")
     async with in_process_gateway(root, tokens.path) as (client, app):
@@ -56,4 +63,6 @@ async def gw(tmp_path: Path) -> AsyncIterator[Gateway]:
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> TenantRegistry:
     """The calls tests' tenants (tests.helpers.calls: acme, and tight with a one-call limit), loaded once per module."""
+    from tests.helpers.calls import write_call_tenants  # imported here, as for gw
+
     return write_call_tenants(tmp_path_factory.mktemp("tenants"))
