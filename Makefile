@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 
 export NO_TORCH_COMPILE ?= 1
 
-.PHONY: install run test bench lint clean
+.PHONY: install run test test-deps bench lint clean
 
 install: $(STAMP)
 
@@ -48,8 +48,13 @@ $(STAMP): pyproject.toml deploy/pjsua2/build.sh deploy/pjsua2/config_site.h $(wi
 run: install
 	$(BIN)/personagate up $(ARGS)
 
-test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+# test-deps first, so that a machine without the tests' system programs hears which to install before the build
+# (as root with apt-get it installs them: tests/system-deps.sh). -rs lists every skipped test with its reason.
+test: test-deps install
+	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+
+test-deps:
+	tests/system-deps.sh
 
 bench: install
 	$(BIN)/personagate bench worker $(ARGS)

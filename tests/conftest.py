@@ -1,97 +1,34 @@
-"""Shared test set-up: environment, and a real worker process on loopback."""
+"""Shared test set-up: environment, and the fixtures every test module may ask for without importing them."""
 
-import contextlib
+from __future__ import annotations
+
 import os
-import shlex
-import shutil
-import socket
-import ssl
-import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
 import pytest
 
-from personagate_common.plane import WorkerAuth, bearer
-from tests.redis_server import redis_server  # noqa: F401
+from tests.helpers.processes import free_port, serve
+from tests.helpers.stack import sip_tenants
+from tests.helpers.worker import TEST_WORKER_SECRET, WORKER_SLOTS
+
+if TYPE_CHECKING:
+    from gateway.tenants.registry import TenantRegistry
+    from tests.helpers.admin_api import Gateway
+
+# Fixtures defined in helper modules, available to every test module without an import.
+pytest_plugins = ["tests.helpers.redis_server"]
 
 # moshi reads this when its modules are imported: without it every test would pay torch.compile's
 # start-up on CPU for nothing.
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
-# The internal plane's shared secret (personagate_common/plane.py), in one place: every worker the tests start
-# accepts it and every gateway they start sends it, through the environment both inherit; clients the tests drive
-# themselves send WORKER_AUTH_HEADERS (raw WebSocket/HTTP) or WORKER_AUTH (WorkerSession.open, Calls).
-TEST_WORKER_SECRET = "personagate-tests-shared-secret-3f9c"
+# The internal plane's shared secret (tests/helpers/worker.py): every worker the tests start accepts it and every
+# gateway they start sends it, through the environment both inherit.
 os.environ["PERSONAGATE_WORKER_SESSION_SECRET"] = TEST_WORKER_SECRET
 os.environ["PERSONAGATE_GATEWAY_WORKER_SECRET"] = TEST_WORKER_SECRET
-WORKER_AUTH_HEADERS = bearer(TEST_WORKER_SECRET)
-WORKER_AUTH = WorkerAuth(secret=TEST_WORKER_SECRET)
-
-WORKER_SLOTS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def udp_free_port() -> int:
-    """A loopback port free for UDP and for TCP: a SIP port (the gateway listens on both)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, \
-                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            udp.bind(("127.0.0.1", 0))
-            port = udp.getsockname()[1]
-            try:
-                tcp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-
-
-@contextlib.contextmanager
-def serve(command: list[str], ready_url: str, *, env: dict[str, str] | None = None, timeout: float = 60.0,
-          verify: ssl.SSLContext | bool = True) -> Iterator[subprocess.Popen]:
-    """Run ``command`` (a server on loopback) until ``ready_url`` answers 200 (an https one checked with
-    ``verify``); stop it afterwards.
-    Its log (stderr) goes to a file, not a pipe: an unread pipe would block the server once full. The process
-    yielded carries that file's path as ``log_path`` (``tests.helpers.logs`` reads it), until it is stopped; with
-    ``PERSONAGATE_TEST_KEEP_LOGS=<folder>`` the log is copied there when the server stops."""
-    with tempfile.NamedTemporaryFile(prefix="personagate-", suffix=".log") as log:
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
-        proc.log_path = Path(log.name)  # type: ignore[attr-defined] - read by tests.helpers.logs
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(ready_url, verify=verify).status_code == 200:
-                        break
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError(f"{shlex.join(command)} did not become ready: {log.read().decode()[-3000:]}")
-                time.sleep(0.1)
-            yield proc
-        finally:
-            stop_process(proc)
-            if keep := os.environ.get("PERSONAGATE_TEST_KEEP_LOGS"):  # a folder to copy each server's log to
-                Path(keep).mkdir(parents=True, exist_ok=True)
-                shutil.copy(log.name, Path(keep) / f"{Path(command[0]).name}-{command[3] if len(command) > 3 else ''}-{proc.pid}.log")
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within 10 s."""
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -103,3 +40,29 @@ def worker() -> Iterator[str]:
                "--greedy"]
     with serve(command, f"http://127.0.0.1:{port}/readyz", env=env):
         yield f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def tenants(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The SIP tests' tenants (tests.helpers.stack.sip_tenants), copied once per module."""
+    return sip_tenants(tmp_path_factory.mktemp("tenants"))
+
+
+@pytest.fixture
+async def gw(tmp_path: Path) -> AsyncIterator[Gateway]:
+    """The admin API's gateway in-process (tests.helpers.admin_api), serving acme and bank from ``tmp_path``."""
+    # imported here: the gateway app takes seconds to import, which runs that need no gateway should not pay
+    from tests.helpers.admin_api import Gateway, in_process_gateway, write_tenants, write_tokens
+
+    root = write_tenants(tmp_path / "tenants")
+    tokens = write_tokens(tmp_path / "tokens.yaml")
+    async with in_process_gateway(root, tokens.path) as (client, app):
+        yield Gateway(client, root, tokens, app)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> TenantRegistry:
+    """The calls tests' tenants (tests.helpers.calls: acme, and tight with a one-call limit), loaded once per module."""
+    from tests.helpers.calls import write_call_tenants  # imported here, as for gw
+
+    return write_call_tenants(tmp_path_factory.mktemp("tenants"))

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -27,54 +26,14 @@ import pytest
 import soundfile
 
 from gateway.admin.tokens import TokenFile, TokensUnavailable, new_token, parse_tokens
-from gateway.app import create_app
-from gateway.config import GatewaySettings, SettingsError, load_gateway_settings
+from gateway.config import SettingsError, load_gateway_settings
 from gateway.tenants.loader import ClipCache, load_tenant
 from personagate.cli import main
-from tests.conftest import free_port, serve
+from tests.helpers.admin_api import ACME, MAX_CLIP_BYTES, in_process_gateway, write_tenants, write_tokens
+from tests.helpers.processes import free_port, serve
 
-ACME = """\
-# Acme Insurance: the claims line and the billing line.
-tenant: acme
-name: Acme Insurance
-
-numbers:
-  "+14155550100": claims   # main line
-  "+14155550101": billing
-
-personas:
-  # First notice of loss.
-  claims:   # the busiest persona
-    prompt: >-
-      You are Sam, a claims agent at Acme Insurance. Take down the details of the
-      caller's claim, calmly and precisely.
-    voice: {preset: NATF0}   # warm, unhurried
-    sampling:
-      temperature: 0.7
-    speaks_first: true
-
-  # Billing questions.
-  billing:
-    prompt: You answer billing questions for Acme Insurance.
-    voice:
-      preset: NATM1
-
-limits:
-  max_concurrent_calls: 5   # the contract's cap
-"""
 CLAIMS = ACME[ACME.index("    prompt: >-"):ACME.index("\n  # Billing")]  # the claims persona's lines, indented
-BANK = """\
-tenant: bank
-name: Example Bank
-numbers:
-  "+442071234567": cards
-personas:
-  cards:
-    prompt: You help customers with their bank cards.
-    voice: {preset: VARF1}
-"""
 ADMIN = "/v1/admin"
-MAX_CLIP_BYTES = 200_000
 
 
 def _dedent(text: str, columns: int = 4) -> str:
@@ -99,69 +58,11 @@ def speech_like_wav(seconds: float = 3.0, rate: int = 16_000) -> bytes:
     return out.getvalue()
 
 
-@dataclass
-class Tokens:
-    path: Path
-    operator: str
-    acme: str
-    bank: str
-
-    def auth(self, token: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {token}"}
-
-
-def _write_tokens(path: Path) -> Tokens:
-    (op, op_hash), (acme, acme_hash), (bank, bank_hash) = new_token(), new_token(), new_token()
-    path.write_text(f"operator:\n  - {op_hash}\ntenants:\n  acme:\n    - {acme_hash}\n  bank:\n    - {bank_hash}\n")
-    return Tokens(path, op, acme, bank)
-
-
-def _tenants(root: Path) -> Path:
-    for tenant, text in (("acme", ACME), ("bank", BANK)):
-        (root / tenant).mkdir(parents=True)
-        (root / tenant / "tenant.yaml").write_text(text)
-    return root
-
-
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch):
     for name in list(os.environ):
         if name.startswith("PERSONAGATE_GATEWAY_"):
             monkeypatch.delenv(name)
-
-
-@dataclass
-class Gateway:
-    client: httpx.AsyncClient
-    root: Path
-    tokens: Tokens
-    app: object
-
-    @property
-    def acme_file(self) -> Path:
-        return self.root / "acme" / "tenant.yaml"
-
-    def as_(self, who: str) -> dict[str, str]:
-        return self.tokens.auth(getattr(self.tokens, who))
-
-
-@contextlib.asynccontextmanager
-async def _in_process(root: Path, tokens: Path | None) -> AsyncIterator[tuple[httpx.AsyncClient, object]]:
-    settings = GatewaySettings(tenants_dir=root, admin_tokens_file=tokens, max_clip_bytes=MAX_CLIP_BYTES,
-                               tenants_poll_seconds=0.2)
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield client, app
-
-
-@pytest.fixture
-async def gw(tmp_path) -> AsyncIterator[Gateway]:
-    root = _tenants(tmp_path / "tenants")
-    tokens = _write_tokens(tmp_path / "tokens.yaml")
-    async with _in_process(root, tokens.path) as (client, app):
-        yield Gateway(client, root, tokens, app)
 
 
 @contextlib.contextmanager
@@ -186,8 +87,8 @@ async def test_a_tenant_token_gets_403_on_every_endpoint_of_another_tenant(tmp_p
     bank's files are untouched. It sees only itself in lists and reload status. The operator sees
     both, and gets 404 on a tenant that does not exist. No token, another scheme, or an unknown token
     gets 401 with a Bearer challenge."""
-    root = _tenants(tmp_path / "tenants")
-    tokens = _write_tokens(tmp_path / "tokens.yaml")
+    root = write_tenants(tmp_path / "tenants")
+    tokens = write_tokens(tmp_path / "tokens.yaml")
     wav = speech_like_wav()
     with _gateway_process(root, tokens.path) as base:
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
@@ -241,8 +142,8 @@ async def test_a_tenant_token_gets_403_on_every_endpoint_of_another_tenant(tmp_p
 async def test_without_a_tokens_file_the_admin_api_is_off_but_docs_are_served(tmp_path):
     """No admin_tokens_file: every admin endpoint answers 503 with the reason, even with a token; the
     OpenAPI document (with the bearer scheme) and /docs are still served."""
-    root = _tenants(tmp_path / "tenants")
-    async with _in_process(root, None) as (client, _):
+    root = write_tenants(tmp_path / "tenants")
+    async with in_process_gateway(root, None) as (client, _):
         for method, url in [("GET", "/tenants"), ("GET", "/tenants/acme/personas/claims"), ("POST", "/reload"),
                             ("PUT", "/tenants/acme/personas/claims")]:
             r = await client.request(method, ADMIN + url, headers={"Authorization": "Bearer x"}, content="a: 1")
@@ -443,8 +344,8 @@ async def test_concurrent_writes_never_leave_a_half_written_file(tmp_path):
     """20 concurrent PUTs of different personas to a real gateway while another thread reads
     tenant.yaml in a loop: every read is a whole, valid tenant file, and all 20 personas are there
     at the end, each write recorded in the history."""
-    root = _tenants(tmp_path / "tenants")
-    tokens = _write_tokens(tmp_path / "tokens.yaml")
+    root = write_tenants(tmp_path / "tenants")
+    tokens = write_tokens(tmp_path / "tokens.yaml")
     path = root / "acme" / "tenant.yaml"
     stop, reads, bad = threading.Event(), [0], []
 
@@ -606,8 +507,8 @@ def _read_only_prefix(root: Path) -> tuple[str, ...] | None:
 async def test_a_read_only_tenants_folder_is_409_with_the_reason(tmp_path):
     """Where the tenants folder cannot be written (a Kubernetes ConfigMap mount), a valid write is
     refused with 409 and a reason that says what to do; reads still work."""
-    root = _tenants(tmp_path / "tenants")
-    tokens = _write_tokens(tmp_path / "tokens.yaml")
+    root = write_tenants(tmp_path / "tenants")
+    tokens = write_tokens(tmp_path / "tokens.yaml")
     prefix = _read_only_prefix(root)
     if prefix is None:
         pytest.skip("no way to make a read-only folder here (root without unshare)")

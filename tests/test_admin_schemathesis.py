@@ -66,7 +66,7 @@ def _target(tmp_path: Path) -> Iterator[Target]:
         return
     from tests.helpers.live_call import LiveCall
     from tests.helpers.sip import private_rtp_ports
-    from tests.test_sip import echo_stack
+    from tests.helpers.stack import echo_stack
 
     root = tmp_path / "tenants"
     for tenant in ("harbor-mutual", "northwind-bank"):

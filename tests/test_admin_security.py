@@ -26,6 +26,7 @@ from gateway.admin.throttle import FailureThrottle, retry_after, source_key
 from gateway.admin.tokens import new_token
 from gateway.config import GatewaySettings, SettingsError, load_gateway_settings
 from tests.helpers.admin import ADMIN, PERSONA, admin_gateway, gateway_process, speech_like_wav
+from tests.helpers.programs import needs
 
 
 class FakeClock:
@@ -346,8 +347,7 @@ async def test_docs_are_served_by_the_gateway_with_no_external_host(tmp_path):
 CHROMIUM = Path("/usr/bin/chromium")
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium "
-                                                  "(apt-get install chromium; .ci/run installs it)")
+@needs("chromium")
 def test_docs_render_in_a_browser_that_can_reach_nothing_but_the_gateway(tmp_path):
     """Swagger UI renders the admin API (its title, its operations, no error box) in Chromium with every request
     to another host refused, and the page asks for none."""

@@ -22,7 +22,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -31,45 +31,21 @@ import pytest
 import uvicorn
 
 from gateway.app import create_app
-from gateway.calls import COMFORT_NOISE, AgentCall, Calls, CallState, EndReason, PersonaRejected
+from gateway.calls import COMFORT_NOISE, Calls, CallState, PersonaRejected
 from gateway.config import GatewaySettings
 from gateway.metrics import GatewayMetrics
 from gateway.tenants.registry import TenantRegistry
 from gateway.tenants.tenant import PersonaConfig, Tenant
-from gateway.worker_client import AgentAudio, WorkerSession
+from gateway.worker_client import WorkerSession
 from personagate_common.routing import RedisRouter, Refusal, Router, RoutingMetrics
 from personagate_common.serving import GracefulServer
-from tests.conftest import WORKER_AUTH, WORKER_AUTH_HEADERS, free_port, serve, stop_process
-from tests.redis_server import RedisServer
-
-FRAME = 0.08
-TENANTS = """\
-tenant: {tenant}
-name: {tenant}
-numbers:
-  "{number}": claims
-personas:
-  claims:
-    prompt: You are a claims agent. Take down the details of the caller's claim.
-    voice: {{preset: NATF0}}
-limits:
-  max_concurrent_calls: {limit}
-"""
-ACME, TIGHT = "+14155550100", "+14155550199"
-
+from tests.helpers.calls import ACME, TIGHT, Caller, alive, route, running
+from tests.helpers.processes import free_port, serve, stop_process
+from tests.helpers.redis_server import RedisServer
+from tests.helpers.wait import until_async
+from tests.helpers.worker import WORKER_AUTH, WORKER_AUTH_HEADERS
 
 # ------------------------------------------------------------------------------------ set-up
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> TenantRegistry:
-    root = tmp_path_factory.mktemp("tenants")
-    for tenant, number, limit in (("acme", ACME, 10), ("tight", TIGHT, 1)):
-        (root / tenant).mkdir()
-        (root / tenant / "tenant.yaml").write_text(TENANTS.format(tenant=tenant, number=number, limit=limit))
-    registry = TenantRegistry(root)
-    assert registry.reload().ok, registry.status.problems
-    return registry
 
 
 @contextlib.contextmanager
@@ -133,86 +109,6 @@ def redis_calls(redis: RedisServer, prefix: str, registry: TenantRegistry) -> Ca
     return Calls(router, registry, metrics=metrics, reap_seconds=0.25, worker_auth=WORKER_AUTH)
 
 
-@contextlib.asynccontextmanager
-async def running(calls: Calls, expect_workers: int) -> AsyncIterator[Calls]:
-    async with calls:
-        await until(lambda: alive(calls.router, expect_workers), 10, f"{expect_workers} workers registered")
-        yield calls
-
-
-async def alive(router: Router, n: int) -> bool:
-    return sum(w.alive and not w.draining for w in await router.workers()) >= n
-
-
-async def until(check, within: float, what: str):
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {within} s: {what}")
-        await asyncio.sleep(0.05)
-
-
-@dataclass
-class Caller:
-    """A front end's side of one call: a caller frame every 80 ms (speech-like noise), agent events
-    noted with when they came, whether they were comfort noise, and which worker the call was on."""
-
-    call: AgentCall
-    audio: list[tuple[float, bool, str | None]] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._talk = asyncio.create_task(self._talking())
-        self._listen = asyncio.create_task(self._listening())
-
-    async def _talking(self) -> None:
-        rng = np.random.default_rng(1)
-        began = time.monotonic()
-        for i in range(10**6):
-            self.call.send((rng.standard_normal(1920) * 3000).astype("<i2").tobytes())
-            await asyncio.sleep(max(0.0, began + (i + 1) * FRAME - time.monotonic()))
-
-    async def _listening(self) -> None:
-        async for event in self.call.frames():
-            if isinstance(event, AgentAudio):
-                assert len(event.pcm) == 3840
-                self.audio.append((time.monotonic(), event.filler, self.call.worker_id))
-            else:
-                self.texts.append(event.text)
-
-    def frames_since(self, since: float, *, filler: bool | None = None) -> int:
-        return sum(1 for t, f, _ in self.audio if t >= since and (filler is None or f == filler))
-
-    def largest_gap(self, since: float, until_: float | None = None) -> float:
-        end = until_ if until_ is not None else time.monotonic()
-        times = [since] + [t for t, _, _ in self.audio if since <= t <= end] + [end]
-        return float(max(np.diff(times)))
-
-    async def hang_up(self) -> str:
-        self._talk.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._talk
-        await self.call.end(EndReason.HANGUP)
-        await asyncio.wait_for(self._listen, 5)
-        return await self.call.wait_ended()
-
-    async def stop(self) -> None:
-        self._talk.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._talk
-        await asyncio.wait_for(self._listen, 10)
-
-
-def route(registry: TenantRegistry, number: str):
-    tenant, persona = registry.route(number)
-    return tenant, persona
-
-
 async def reserved(router: Router) -> dict[str, int]:
     return {w.worker_id: w.reserved for w in await router.workers() if w.alive}
 
@@ -252,7 +148,7 @@ async def test_redis_stopped_and_restarted_mid_call_keeps_the_audio_refuses_then
             refusal = await _refused(calls.start("call-during-outage", *route(registry, ACME)))
             assert refusal.reason == "unavailable" and time.monotonic() - asked < 1.5
             assert "call-during-outage" not in calls.live
-            await until(lambda: not calls.readiness()[0], 3, "readiness fails while Redis is away")
+            await until_async(lambda: not calls.readiness()[0], "readiness fails while Redis is away", timeout=3)
             assert calls.readiness()[1]["reason"] == "the routing store cannot be reached"
             await asyncio.sleep(1.5)  # past a lease renewal (every second here)
             assert caller.frames_since(down_at, filler=False) >= 25
@@ -261,9 +157,9 @@ async def test_redis_stopped_and_restarted_mid_call_keeps_the_audio_refuses_then
             fleet.redis.start()
         up_at = time.monotonic()
         # Workers re-register on their next heartbeat and the gateway re-asserts its call: no restart.
-        await until(lambda: alive(calls.router, 2), 5, "workers registered again")
-        await until(lambda: _placed(calls.router, call.worker_id), 5, "the call re-asserted in Redis")
-        await until(lambda: calls.readiness()[0], 3, "ready again")
+        await until_async(lambda: alive(calls.router, 2), "workers registered again", timeout=5)
+        await until_async(lambda: _placed(calls.router, call.worker_id), "the call re-asserted in Redis", timeout=5)
+        await until_async(lambda: calls.readiness()[0], "ready again", timeout=3)
         second = await calls.start("call-after-outage", *route(registry, ACME))
         assert second.state is CallState.LIVE
         await second.end()
@@ -320,7 +216,7 @@ async def gateway_server(settings: GatewaySettings, calls: Calls) -> AsyncIterat
     serving = asyncio.create_task(server.serve())
     base = f"http://127.0.0.1:{settings.http_port}"
     try:
-        await until(lambda: server.started, 10, "the gateway serving")
+        await until_async(lambda: server.started, "the gateway serving", timeout=10)
         yield server, base
         await asyncio.wait_for(serving, 15)
     finally:
@@ -334,12 +230,12 @@ async def test_sigterm_on_the_gateway_refuses_new_calls_fails_readiness_and_lets
     settings = GatewaySettings(tenants_dir=registry.root, http_port=free_port(), drain_seconds=30)
     calls = redis_calls(fleet.redis, fleet.prefix, registry)
     async with gateway_server(settings, calls) as (server, base), httpx.AsyncClient(base_url=base) as http:
-        await until(lambda: alive(calls.router, 2), 10, "workers registered")
+        await until_async(lambda: alive(calls.router, 2), "workers registered", timeout=10)
         assert (await http.get("/readyz")).status_code == 200
         call = await calls.start("call-drain", *route(registry, ACME))
         caller = Caller(call)
         server.on_signal(signal.SIGTERM)  # what uvicorn's handler hands over on SIGTERM
-        await until(lambda: calls.draining, 2, "draining")
+        await until_async(lambda: calls.draining, "draining", timeout=2)
         ready = await http.get("/readyz")
         assert ready.status_code == 503 and ready.json()["reason"] == "draining"
         assert (await http.get("/healthz")).status_code == 200  # liveness holds
@@ -350,14 +246,14 @@ async def test_sigterm_on_the_gateway_refuses_new_calls_fails_readiness_and_lets
         assert caller.frames_since(began, filler=False) >= 8 and caller.largest_gap(began) < 0.5
         assert not server.should_exit
         assert await caller.hang_up() == "hangup"  # the last call ends: the gateway exits
-        await until(lambda: server.should_exit, 3, "the gateway exits once its calls have ended")
+        await until_async(lambda: server.should_exit, "the gateway exits once its calls have ended", timeout=3)
 
 
 async def test_a_call_still_live_at_the_drain_deadline_is_ended_with_shutdown(fleet, registry):
     settings = GatewaySettings(tenants_dir=registry.root, http_port=free_port(), drain_seconds=1.0)
     calls = redis_calls(fleet.redis, fleet.prefix, registry)
     async with gateway_server(settings, calls) as (server, _):
-        await until(lambda: alive(calls.router, 2), 10, "workers registered")
+        await until_async(lambda: alive(calls.router, 2), "workers registered", timeout=10)
         call = await calls.start("call-straggler", *route(registry, ACME))
         caller = Caller(call)
         signalled = time.monotonic()
@@ -365,7 +261,7 @@ async def test_a_call_still_live_at_the_drain_deadline_is_ended_with_shutdown(fl
         assert await asyncio.wait_for(call.wait_ended(), 5) == "shutdown"
         assert 0.9 < time.monotonic() - signalled < 4
         await caller.stop()
-        await until(lambda: server.should_exit, 3, "the gateway exits")
+        await until_async(lambda: server.should_exit, "the gateway exits", timeout=3)
         assert sum((await _reserved_in(fleet)).values()) == 0
 
 
@@ -408,7 +304,7 @@ async def test_without_redis_the_gateway_polls_its_worker_and_serves_a_call_like
         assert "call-embedded" in info["active_sessions"]
         assert caller.frames_since(time.monotonic() - 0.8, filler=False) >= 6
         assert await caller.hang_up() == "hangup"
-        await until(lambda: _free(calls.router), 3, "the slot free")
+        await until_async(lambda: _free(calls.router), "the slot free", timeout=3)
         assert calls.metrics.registry.get_sample_value("personagate_routing_claims_total", {"result": "claimed"}) == 1
 
 
@@ -433,7 +329,7 @@ async def test_killing_the_callers_worker_moves_the_call_within_1s_with_comfort_
         await asyncio.sleep(1.0)
         killed_at = time.monotonic()
         procs[first][1].kill()  # SIGKILL: no close frame, no drain, no last heartbeat
-        await until(lambda: call.rehomes, 3, "the call re-homed")
+        await until_async(lambda: call.rehomes, "the call re-homed", timeout=3)
         await asyncio.sleep(1.5)
 
         (move,) = call.rehomes
@@ -453,7 +349,7 @@ async def test_killing_the_callers_worker_moves_the_call_within_1s_with_comfort_
         assert -42 < 20 * np.log10(rms) < -38  # soft: about -40 dBFS
 
         # The dead worker's registration and slot are reaped once its heartbeat deadline passes.
-        await until(lambda: _gone(router, first), 8, "the dead worker reaped")
+        await until_async(lambda: _gone(router, first), "the dead worker reaped", timeout=8)
         placed = await router.client.hgetall(f"{fleet.prefix}:call:worker")
         assert (await reserved(router)) == {second: 1}, placed
         assert calls.metrics.registry.get_sample_value("personagate_routing_calls_rehomed_total") == 1

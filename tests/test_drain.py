@@ -10,88 +10,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
 
 import httpx
-import numpy as np
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import WORKER_AUTH_HEADERS, free_port, serve
+from tests.helpers.wait import until_async
+from tests.helpers.worker import WORKER_AUTH_HEADERS, TalkingSession, exit_status, own_worker
 
 FRAME_BYTES = 3840
-FRAME_SECONDS = 0.08
 DRAINING = (1013, "the worker is draining")
 SHUTTING_DOWN = (1001, "the worker is shutting down")
-
-T = TypeVar("T")
-
-
-@contextlib.contextmanager
-def own_worker(**settings: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A worker of this test's own; ``settings`` become PERSONAGATE_WORKER_* variables."""
-    port = free_port()
-    env = os.environ | {"NO_TORCH_COMPILE": "1"} | {f"PERSONAGATE_WORKER_{k.upper()}": v for k, v in settings.items()}
-    command = [sys.executable, "-m", "personagate", "worker", "--port", str(port), "--slots", "2", "--greedy"]
-    with serve(command, f"http://127.0.0.1:{port}/readyz", env=env) as proc:
-        yield f"127.0.0.1:{port}", proc
-
-
-class Call:
-    """A session that talks in real time (one caller frame per 80 ms) and notes when agent frames arrive."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self.arrivals: list[float] = []
-        self._sender = asyncio.create_task(self._send())
-        self._receiver = asyncio.create_task(self._receive())
-
-    @classmethod
-    async def start(cls, base: str, session_id: str) -> Call:
-        ws = await connect(f"ws://{base}/v1/sessions", open_timeout=10, additional_headers=WORKER_AUTH_HEADERS)
-        await ws.send(json.dumps({"type": "start", "session_id": session_id,
-                                  "persona": {"prompt": "You are a claims agent.", "voice": "tiny-low"}}))
-        ready = json.loads(await asyncio.wait_for(ws.recv(), 30))
-        assert ready["type"] == "ready" and ready["session_id"] == session_id, ready
-        return cls(ws)
-
-    async def _send(self) -> None:
-        rng = np.random.default_rng(3)
-        began = time.monotonic()
-        with contextlib.suppress(ConnectionClosed):
-            for i in range(10**6):
-                await asyncio.sleep(max(0.0, began + i * FRAME_SECONDS - time.monotonic()))
-                await self.ws.send((rng.standard_normal(1920) * 3000).astype("<i2").tobytes())
-
-    async def _receive(self) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            async for message in self.ws:
-                if isinstance(message, bytes):
-                    self.arrivals.append(time.monotonic())
-
-    def largest_gap(self, since: float) -> float:
-        times = [since] + [t for t in self.arrivals if t >= since] + [time.monotonic()]
-        return float(max(np.diff(times)))
-
-    async def end(self) -> tuple[int | None, str | None]:
-        with contextlib.suppress(ConnectionClosed):
-            await self.ws.send(json.dumps({"type": "end"}))
-        return await self.closed()
-
-    async def closed(self, within: float = 15.0) -> tuple[int | None, str | None]:
-        await asyncio.wait_for(asyncio.shield(self._receiver), within)
-        self._sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._sender
-        return self.ws.close_code, self.ws.close_reason
-
 
 async def _refusal(base: str) -> tuple[int | None, str | None]:
     """Ask for a new session; the close code and reason the worker answers with."""
@@ -103,33 +35,12 @@ async def _refusal(base: str) -> tuple[int | None, str | None]:
     return ws.close_code, ws.close_reason
 
 
-async def _until(check: Callable[[], Awaitable[T]], within: float, what: str) -> T:
-    """``await check()`` until it gives something true (returned), or fail after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {within} s: {what}")
-        await asyncio.sleep(0.05)
-
-
-async def _exit_status(proc: subprocess.Popen, within: float) -> int:
-    deadline = time.monotonic() + within
-    while proc.poll() is None:
-        if time.monotonic() > deadline:
-            pytest.fail(f"the worker did not exit within {within} s")
-        await asyncio.sleep(0.05)
-    return proc.returncode
-
-
 async def test_sigterm_drains_calls_in_progress_and_refuses_new_ones():
     """SIGTERM: readiness fails at once (liveness stays), a new session is refused with 1013 so the gateway
     tries another worker, the call in progress keeps its audio, and when it ends the process exits 0."""
     with own_worker() as (base, proc):
         async with httpx.AsyncClient(base_url=f"http://{base}", timeout=5, headers=WORKER_AUTH_HEADERS) as http:
-            call = await Call.start(base, "call-drain-1")
+            call = await TalkingSession.start(base, "call-drain-1")
             await asyncio.sleep(1.0)
             signalled = time.monotonic()
             proc.send_signal(signal.SIGTERM)
@@ -138,7 +49,7 @@ async def test_sigterm_drains_calls_in_progress_and_refuses_new_ones():
                 response = await http.get("/readyz")
                 return response if response.status_code == 503 else None
 
-            ready = await _until(draining, 2.0, "/readyz answers 503")
+            ready = await until_async(draining, "/readyz answers 503", timeout=2.0)
             assert ready.json() == {"ready": False, "reason": "draining"}
             health = await http.get("/healthz")
             assert health.status_code == 200 and health.json() == {"status": "ok"}
@@ -156,7 +67,7 @@ async def test_sigterm_drains_calls_in_progress_and_refuses_new_ones():
 
             assert await call.end() == (1000, "session ended: client_end")
             ended = time.monotonic()
-            assert await _exit_status(proc, 10.0) == 0
+            assert await exit_status(proc, 10.0) == 0
             assert time.monotonic() - ended < 5.0
 
 
@@ -164,7 +75,7 @@ async def test_a_call_still_running_at_the_drain_deadline_is_closed_with_1001():
     """With ``drain_seconds`` 2, a call that does not end is closed with 1001 after about 2 s and the
     process exits 0."""
     with own_worker(drain_seconds="2") as (base, proc):
-        call = await Call.start(base, "call-straggler")
+        call = await TalkingSession.start(base, "call-straggler")
         await asyncio.sleep(0.5)
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
@@ -173,28 +84,28 @@ async def test_a_call_still_running_at_the_drain_deadline_is_closed_with_1001():
         assert 1.5 < closed_after < 8, closed_after
         assert call.largest_gap(since=signalled) < 2.5  # audio flowed until the deadline
         assert len([t for t in call.arrivals if t > signalled]) >= 10
-        assert await _exit_status(proc, 10.0) == 0
+        assert await exit_status(proc, 10.0) == 0
 
 
 async def test_a_second_sigterm_stops_at_once():
     """During a drain, a second SIGTERM closes the calls with 1001 and exits 0 at once."""
     with own_worker() as (base, proc):
-        call = await Call.start(base, "call-hurried")
+        call = await TalkingSession.start(base, "call-hurried")
         proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(1.0)
         assert proc.poll() is None and not call.ws.close_code
         stopped = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert await call.closed(within=10) == SHUTTING_DOWN
-        assert await _exit_status(proc, 10.0) == 0
+        assert await exit_status(proc, 10.0) == 0
         assert time.monotonic() - stopped < 6
 
 
 async def test_sigint_stops_at_once_without_a_drain():
     """Ctrl-C is "stop now": no drain, the call is closed with 1001 and the process exits 0."""
     with own_worker() as (base, proc):
-        call = await Call.start(base, "call-ctrl-c")
+        call = await TalkingSession.start(base, "call-ctrl-c")
         proc.send_signal(signal.SIGINT)
         assert await call.closed(within=10) == SHUTTING_DOWN
-        assert await _exit_status(proc, 10.0) == 0
+        assert await exit_status(proc, 10.0) == 0
 

@@ -16,7 +16,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import WORKER_AUTH_HEADERS, free_port, serve
+from tests.helpers.processes import free_port, serve
+from tests.helpers.worker import WORKER_AUTH_HEADERS
 
 FRAME_BYTES = 3840
 

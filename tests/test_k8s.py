@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from agent_runtime.config import SettingsError, WorkerSettings, load_worker_sett
 from agent_runtime.metrics import WorkerMetrics
 from gateway.config import GatewaySettings, load_gateway_settings
 from gateway.tenants.schema import Limits
+from tests.helpers.programs import require
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -41,18 +41,15 @@ EXTERNAL = {"gpu-prod": {("Secret", "personagate-redis"), ("Secret", "personagat
             "cpu-demo": {("Secret", "personagate-admin-tokens"), ("Secret", "personagate-turn"),
                          ("Secret", "personagate-sip-tls"), ("Secret", "personagate-plane")}}
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet")
-KUBECTL = shutil.which("kubectl")
 
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict[str, Any]]]:
     """Each overlay's objects, as `kubectl kustomize` renders them."""
-    if KUBECTL is None:
-        pytest.skip("kubectl is not installed: it renders the kustomize overlays (kubectl kustomize); CI machines "
-                    "have it preinstalled (google-cloud-cli's kubectl)")
+    kubectl = require("kubectl")
     out = {}
     for overlay in OVERLAYS:
-        done = subprocess.run([KUBECTL, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True,
+        done = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True,
                               timeout=60, check=False)
         assert done.returncode == 0, done.stderr
         out[overlay] = [doc for doc in yaml.safe_load_all(done.stdout) if doc]

@@ -35,6 +35,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.sip.metrics import SipMetrics
 from gateway.webrtc.metrics import WebRtcMetrics
 from personagate_common.routing.metrics import RoutingMetrics
+from tests.helpers.programs import needs, path_of, require
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPONENT = ROOT / "deploy" / "k8s" / "components" / "monitoring"
@@ -46,11 +47,8 @@ SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): COMPONENT / "schemas" / "scaledobject_v1alpha1.json",
 }
 CUSTOM_GROUPS = ("monitoring.coreos.com/", "keda.sh/")
-KUBECTL = shutil.which("kubectl")
-PROMTOOL = shutil.which("promtool")
-NEEDS_KUBECTL = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (kubectl kustomize renders)")
-NEEDS_PROMTOOL = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool is not installed (Debian: apt-get install prometheus; .ci/run does)")
+KUBECTL = path_of("kubectl")
+PROMTOOL = path_of("promtool")
 RUNBOOK = "https://github.com/personagate/personagate/blob/main/deploy/k8s/components/monitoring/README.md#"
 # Series from outside personagate that rules or panels may use, and who exports them.
 EXTERNAL_METRICS = {"up": "Prometheus", "kube_pod_container_status_restarts_total": "kube-state-metrics"}
@@ -181,8 +179,7 @@ def kustomize(directory: Path) -> list[dict[str, Any]]:
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """The component as an overlay gets it: kubectl cannot render a Component alone, so a throwaway
     kustomization (with a namespace, as the overlays set one) includes it."""
-    if KUBECTL is None:
-        pytest.skip("kubectl is not installed (kubectl kustomize renders)")
+    require("kubectl")
     overlay = tmp_path_factory.mktemp("overlay")
     relative = Path(*[".."] * len(overlay.parts[1:])) / COMPONENT.relative_to("/")
     (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
@@ -338,7 +335,7 @@ def scrapable_from_outside(objects: list[dict[str, Any]], labels: dict[str, str]
     return False
 
 
-@NEEDS_KUBECTL
+@needs("kubectl")
 def test_overlays_have_the_pods_and_ports_the_monitors_expect() -> None:
     """On every overlay that takes the component: its custom resources (monitors, rules, autoscaler) validate,
     the gateway and worker workloads carry the labels, container names and port names the monitors and the
@@ -443,7 +440,7 @@ def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PROMTOOL, *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
 
 
-@NEEDS_PROMTOOL
+@needs("promtool")
 def test_promtool_checks_the_rules_and_runs_the_alert_unit_tests(rule_spec: dict[str, Any], tmp_path: Path
                                                                  ) -> None:
     """The PrometheusRule's spec is a valid Prometheus rules file (promtool's parser and linter), and the alert
@@ -456,7 +453,7 @@ def test_promtool_checks_the_rules_and_runs_the_alert_unit_tests(rule_spec: dict
     assert unit.returncode == 0, unit.stdout + unit.stderr
 
 
-@NEEDS_PROMTOOL
+@needs("promtool")
 def test_promtool_parses_every_dashboard_query(dashboard: dict[str, Any], tmp_path: Path) -> None:
     """Every panel's PromQL parses (Grafana's variables replaced by values), checked by Prometheus' own parser:
     as recording rules of a throwaway rules file."""

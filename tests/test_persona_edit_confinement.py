@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from gateway.tenants.edit import EditError, delete_persona, put_persona
 from gateway.tenants.loader import _KeysAsWritten
+from tests.helpers.admin_api import ACME
 from tests.helpers.hostile_yaml import OTHER_LINE_BREAKS, alias_bomb_body, deep_body, line_break_injection
-from tests.test_admin_api import ACME
 
 FLOW = """\
 tenant: acme

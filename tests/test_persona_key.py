@@ -14,7 +14,7 @@ import pytest
 from gateway.tenants.loader import load_tenants
 from gateway.worker_client import WorkerSession, persona_message
 from personagate_common.persona import Persona, PersonaError, PersonaFormatError, persona_from_message, persona_key
-from tests.conftest import WORKER_AUTH, WORKER_AUTH_HEADERS
+from tests.helpers.worker import WORKER_AUTH, WORKER_AUTH_HEADERS
 
 TENANTS = Path(__file__).resolve().parent.parent / "tenants"
 

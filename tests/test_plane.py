@@ -26,9 +26,10 @@ from gateway.calls import Calls
 from gateway.config import GatewaySettings, load_gateway_settings
 from gateway.worker_client import UNAUTHORIZED, AgentAudio, WorkerRefused, WorkerSession, persona_message
 from personagate_common.plane import SecretChecker, WorkerAuth, bearer, new_secret
-from tests.conftest import TEST_WORKER_SECRET, WORKER_AUTH, WORKER_AUTH_HEADERS, free_port, serve
+from tests.helpers.calls import ACME, Caller, route, running
+from tests.helpers.processes import free_port, serve
 from tests.helpers.tls import ServerCertificate, make_server_certificate
-from tests.test_calls import ACME, Caller, registry, route, running  # noqa: F401 - registry is a fixture
+from tests.helpers.worker import TEST_WORKER_SECRET, WORKER_AUTH, WORKER_AUTH_HEADERS
 
 REPO = Path(__file__).resolve().parents[1]
 FRAME_BYTES = 3840
@@ -100,7 +101,7 @@ def test_info_needs_the_secret_while_the_probes_and_metrics_stay_open(worker):
     assert _sample(metrics, "personagate_worker_unauthorized_requests_total", endpoint="info", reason="wrong") >= 1
 
 
-async def test_a_gateway_without_the_secret_finds_no_worker_and_says_why(worker, registry,  # noqa: F811
+async def test_a_gateway_without_the_secret_finds_no_worker_and_says_why(worker, registry,
                                                                          caplog: pytest.LogCaptureFixture):
     """A gateway started without the workers' secret (a deployment mistake) routes no call to them, and its log
     says what to set instead of leaving the operator with 'no capacity'."""
@@ -208,7 +209,7 @@ async def test_a_session_over_wss_with_the_gateways_ca_echoes_end_to_end(tls_wor
         await WorkerSession.open(f"ws://{tls_worker.address}/v1/sessions", PERSONA, auth=WORKER_AUTH)
 
 
-async def test_the_gateway_polls_an_https_worker_and_a_call_runs_over_wss(tls_worker: TlsWorker, registry):  # noqa: F811
+async def test_the_gateway_polls_an_https_worker_and_a_call_runs_over_wss(tls_worker: TlsWorker, registry):
     """Embedded routing against a TLS worker: the gateway reads /v1/info over https with its CA file and its
     secret, and a call's session runs over wss:// with the caller's audio coming back."""
     settings = GatewaySettings(tenants_dir=Path(registry.root), workers=[f"https://{tls_worker.address}"],

@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from personagate_common.routing import RedisRouter, Refusal, WorkerSnapshot
-from tests.test_drain import Call, _exit_status, _until, own_worker
+from tests.helpers.wait import until_async
+from tests.helpers.worker import TalkingSession, exit_status, own_worker
 
 
 async def _snapshot(router: RedisRouter, worker_id: str) -> WorkerSnapshot | None:
@@ -37,13 +38,13 @@ async def test_a_worker_registers_reports_its_calls_drains_and_outlives_a_redis_
                 return snap if snap and all(getattr(snap, k) == v for k, v in wanted.items()) else None
 
             # Registered once ready, with its capacity and the URL gateways reach it at.
-            snap = await _until(alive, 8, "the worker appears in the routing store")
+            snap = await until_async(alive, "the worker appears in the routing store", timeout=8)
             assert (snap.capacity, snap.free, snap.reserved, snap.draining) == (2, 2, 0, False)
             assert snap.url == f"ws://{base}/v1/sessions"
 
             # A session's id is reported as one of its calls: a claim for that call id finds it there.
-            call = await Call.start(base, "call-registered")
-            await _until(lambda: alive(reserved=1), 8, "the heartbeat reports the call")
+            call = await TalkingSession.start(base, "call-registered")
+            await until_async(lambda: alive(reserved=1), "the heartbeat reports the call", timeout=8)
             claim = await router.claim("call-registered", "tenant-a", None)
             assert claim.reused and claim.worker_id == worker_id
 
@@ -60,7 +61,8 @@ async def test_a_worker_registers_reports_its_calls_drains_and_outlives_a_redis_
 
             # Redis comes back empty: the next heartbeats register the worker and its call again.
             redis_server.start()
-            snap = await _until(lambda: alive(reserved=1), 10, "the worker registers again after the restart")
+            snap = await until_async(lambda: alive(reserved=1),
+                                     "the worker registers again after the restart", timeout=10)
             assert snap.capacity == 2 and not snap.draining
             claim = await router.claim("call-registered", "tenant-a", None)
             assert claim.reused and claim.worker_id == worker_id
@@ -68,14 +70,14 @@ async def test_a_worker_registers_reports_its_calls_drains_and_outlives_a_redis_
             # SIGTERM: the store hears "draining" at once (not at the next 2 s heartbeat).
             signalled = time.monotonic()
             proc.send_signal(signal.SIGTERM)
-            await _until(lambda: alive(draining=True), 5, "the worker is draining in the store")
+            await until_async(lambda: alive(draining=True), "the worker is draining in the store", timeout=5)
             assert time.monotonic() - signalled < 1.5
             with pytest.raises(Refusal) as refused:  # the only worker drains: no new call goes there
                 await router.claim("call-new", "tenant-a", None)
             assert refused.value.reason == "no_capacity"
 
             assert await call.end() == (1000, "session ended: client_end")
-            assert await _exit_status(proc, 10.0) == 0
+            assert await exit_status(proc, 10.0) == 0
             # Its last heartbeat ended its lease: the store takes it for dead now, not after its 6 s TTL.
             assert await _snapshot(router, worker_id) is None
     finally:

@@ -35,7 +35,8 @@ from personagate_common.routing import (
     parse_sentinel_url,
 )
 from personagate_common.routing.scripts import KEY_NAMES
-from tests.redis_server import RedisServer, free_port, redis_executable
+from tests.helpers.processes import free_port
+from tests.helpers.redis_server import RedisServer, redis_executable
 
 STORES = ["redis", "embedded"]
 MakeRouter = Callable[..., Router]

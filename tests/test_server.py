@@ -25,8 +25,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from personagate_common.voices import PRESET_VOICES
-from tests.conftest import WORKER_AUTH_HEADERS
-from tests.conftest import WORKER_SLOTS as SLOTS
+from tests.helpers.worker import WORKER_AUTH_HEADERS
+from tests.helpers.worker import WORKER_SLOTS as SLOTS
 
 FRAME_BYTES = 3840  # 1920 samples s16le mono, 24 kHz: 80 ms
 FRAME_SECONDS = 0.08

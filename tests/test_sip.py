@@ -3,94 +3,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import re
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import free_port, serve, udp_free_port
+from tests.helpers.caller import CALL_TIMEOUT, call, call_command
+from tests.helpers.programs import needs
+from tests.helpers.sipp import SCENARIOS, caller_tone_wav, sipp_caller
+from tests.helpers.stack import CLOSED_NUMBER, OPEN_NUMBER, echo_stack, readyz, scrape_metrics
+from tests.helpers.wait import until
 
 pytest.importorskip("pjsua2")
-
-ROOT = Path(__file__).resolve().parent.parent
-OPEN_NUMBER = "+14155550186"  # harbor-mutual's catastrophe line: answered at any hour
-CLOSED_NUMBER = "+442079460318"  # northwind-bank, whose hours (in the test's copy) are always closed
-CALL_TIMEOUT = 30
-
-
-@pytest.fixture(scope="module")
-def tenants(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tenants")
-    shutil.copytree(ROOT / "tenants" / "harbor-mutual", folder / "harbor-mutual")
-    shutil.copytree(ROOT / "tenants" / "northwind-bank", folder / "northwind-bank")
-    yaml = folder / "northwind-bank" / "tenant.yaml"
-    text = re.sub(r'"\d\d:\d\d-\d\d:\d\d"', "closed", yaml.read_text())
-    yaml.write_text(text)
-    return folder
-
-
-@contextlib.contextmanager
-def echo_stack(tenants: Path, env: dict[str, str] | None = None, *, gateway_first: bool = False, slots: int = 1,
-               worker_args: Sequence[str] = ("--model", "echo"), worker_command: list[str] | None = None,
-               sip_port: int | None = None) -> Iterator[tuple[dict[str, str], subprocess.Popen, subprocess.Popen]]:
-    """A one-slot (or ``slots``) echo worker and a gateway with SIP on a free UDP port, both real processes; yields
-    their addresses ({"sip", "port", "http", "worker"}), the worker process and the gateway process
-    once the gateway sees the worker's free slots. ``worker_args`` pick another model (``()``: the tiny one);
-    ``worker_command`` runs another worker altogether (its port appended; ``slots`` is then what it has)."""
-    env = os.environ | {"NO_TORCH_COMPILE": "1"} | (env or {})
-    worker_port, http_port, sip_port = free_port(), free_port(), sip_port or udp_free_port()
-    command = [*worker_command, str(worker_port)] if worker_command is not None else \
-        [sys.executable, "-m", "personagate", "worker", *worker_args, "--port", str(worker_port), "--slots", str(slots)]
-    worker = serve(command, f"http://127.0.0.1:{worker_port}/readyz", env=env)
-    gateway = serve([sys.executable, "-m", "personagate", "gateway", "--port", str(http_port), "--tenants",
-                     str(tenants), "--worker", f"http://127.0.0.1:{worker_port}", "--sip-port", str(sip_port)],
-                    f"http://127.0.0.1:{http_port}/readyz", env=env)
-    with contextlib.ExitStack() as started:
-        procs = [started.enter_context(cm) for cm in ((gateway, worker) if gateway_first else (worker, gateway))]
-        worker_proc, gateway_proc = procs[::-1] if gateway_first else procs
-        http = f"http://127.0.0.1:{http_port}"
-        _until(lambda: _ready(http)["slots_free"] == slots, "the gateway sees the worker's free slots")
-        yield ({"sip": f"127.0.0.1:{sip_port}", "port": str(sip_port), "http": http,
-                "worker": f"http://127.0.0.1:{worker_port}"}, worker_proc, gateway_proc)
-
-
-def sipp_caller(scenario: Path, sip: str, number: str, *, sipp_timeout: float = 20, extra: Sequence[str] = ()
-                ) -> list[str]:
-    """The command for sipp as one caller running ``scenario`` against the gateway at ``sip``, dialing ``number``,
-    on free loopback ports; the scenario fails after ``sipp_timeout`` seconds."""
-    return ["sipp", "-sf", str(scenario), "-s", number, sip, "-i", "127.0.0.1", "-p", str(udp_free_port()),
-            "-mp", str(udp_free_port()), "-m", "1", "-timeout", str(int(sipp_timeout)), "-timeout_error", "-nostdin",
-            "-trace_err", *extra]
-
-
-def caller_tone_wav(folder: Path) -> None:
-    """``caller-pcmu.wav`` in ``folder``: the 1.5 s 600 Hz mu-law tone sipp scenarios play as the caller's RTP."""
-    t = np.arange(int(1.5 * 8000)) / 8000
-    soundfile.write(folder / "caller-pcmu.wav", 0.3 * np.sin(2 * np.pi * 600 * t), 8000, subtype="ULAW")
-
-
-def escalating_tenant(folder: Path) -> dict[str, str]:
-    """The shipped harbor-mutual tenant in ``folder``, escalating (digit 0) to a free loopback port where a test
-    may run sipp as the human; the target's URI and port."""
-    shutil.copytree(ROOT / "tenants" / "harbor-mutual", folder / "harbor-mutual")
-    target_port = udp_free_port()
-    target = f"sip:humans@127.0.0.1:{target_port}"
-    yaml = folder / "harbor-mutual" / "tenant.yaml"
-    text, n = re.subn(r"transfer_to: \S+", f"transfer_to: {target}", yaml.read_text())
-    assert n == 1
-    yaml.write_text(text)
-    return {"target": target, "target_port": str(target_port)}
 
 
 @pytest.fixture(scope="module")
@@ -99,30 +29,6 @@ def stack(tenants: Path) -> Iterator[dict[str, str]]:
     with echo_stack(tenants, {"PERSONAGATE_GATEWAY_SIP_MEDIA_TIMEOUT_SECONDS": "2",
                               "PERSONAGATE_GATEWAY_SIP_MAX_CALL_SECONDS": "4"}) as (addresses, _, _):
         yield addresses
-
-
-def _ready(http: str) -> dict:
-    return httpx.get(f"{http}/readyz", timeout=5).json()
-
-
-def _until(check, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.1)
-
-
-def _call_command(stack: dict[str, str], number: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "personagate", "call", f"sip:{number}@{stack['sip']}", "--timeout",
-            str(CALL_TIMEOUT), *args]
-
-
-def call(stack: dict[str, str], number: str, *args: str) -> dict:
-    done = subprocess.run(_call_command(stack, number, *args), check=False, capture_output=True, text=True,
-                          timeout=CALL_TIMEOUT + 15)
-    assert done.returncode in (0, 1), done.stderr[-3000:]
-    return json.loads(done.stdout)
 
 
 def test_call_is_answered_when_primed_and_the_echo_comes_back(stack: dict[str, str], tmp_path: Path) -> None:
@@ -158,13 +64,13 @@ def test_call_is_answered_when_primed_and_the_echo_comes_back(stack: dict[str, s
     assert 0.08 <= delay <= 0.6, (delays, report)  # at least the model's 80 ms frame
     assert delay - 0.1 <= report["seconds_200_to_first_audio"] <= delay + 0.05, (delays, report)
     # the caller hung up (BYE): the agent call ends and its slot is free again
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the gateway has no call")
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the gateway has no call")
 
 
 def test_unknown_number_is_404(stack: dict[str, str]) -> None:
     report = call(stack, "+15550000000", "--seconds", "1")
     assert report["status"] == 404 and not report["answered"], report
-    assert _metrics(stack["http"])['personagate_gateway_sip_invites_total{answer="404"}'] >= 1
+    assert scrape_metrics(stack["http"])['personagate_gateway_sip_invites_total{answer="404"}'] >= 1
     assert "seconds_to_180" not in report
 
 
@@ -175,11 +81,11 @@ def test_after_hours_gets_the_tenants_answer(stack: dict[str, str]) -> None:
 
 
 def test_full_worker_is_503_with_retry_after_and_bye_frees_the_slot(stack: dict[str, str]) -> None:
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
-    holder = subprocess.Popen(_call_command(stack, OPEN_NUMBER, "--seconds", "3"), stdout=subprocess.PIPE,
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
+    holder = subprocess.Popen(call_command(stack, OPEN_NUMBER, "--seconds", "3"), stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
     try:
-        _until(lambda: _ready(stack["http"])["calls"] == 1, "the first call holds the only slot")
+        until(lambda: readyz(stack["http"])["calls"] == 1, "the first call holds the only slot")
         refused = call(stack, OPEN_NUMBER, "--seconds", "1")
         assert refused["status"] == 503 and not refused["answered"], refused
         assert int(refused["retry_after"]) >= 1, refused
@@ -192,25 +98,16 @@ def test_full_worker_is_503_with_retry_after_and_bye_frees_the_slot(stack: dict[
     first = json.loads(out)
     assert first["status"] == 200 and first["hung_up"] == "caller", first
     # the BYE freed the slot: the next call is answered
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1 and _ready(stack["http"])["calls"] == 0,
-           "the slot is free again")
+    until(lambda: readyz(stack["http"])["slots_free"] == 1 and readyz(stack["http"])["calls"] == 0,
+          "the slot is free again")
     again = call(stack, OPEN_NUMBER, "--seconds", "1")
     assert again["status"] == 200 and again["answered"], again
-    metrics = _metrics(stack["http"])
+    metrics = scrape_metrics(stack["http"])
     assert metrics['personagate_gateway_sip_invites_total{answer="503"}'] >= 1
     assert metrics['personagate_gateway_sip_invites_total{answer="200"}'] >= 2
     assert metrics["personagate_gateway_sip_setup_seconds_count"] >= 2
     assert metrics["personagate_gateway_sip_first_agent_audio_seconds_count"] >= 2
     assert metrics["personagate_gateway_sip_calls_active"] == 0
-
-
-def _metrics(http: str) -> dict[str, float]:
-    samples = {}
-    for line in httpx.get(f"{http}/metrics", timeout=5).text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
 
 
 @pytest.fixture(scope="module")
@@ -229,15 +126,15 @@ def test_priming_timeout_is_503_and_releases_the_slot(stuck_stack: dict[str, str
     assert report["status"] == 503 and report["retry_after"] == "7", report
     assert "seconds_to_180" in report and "seconds_to_183" in report, report
     assert 1.4 <= time.monotonic() - began <= 10, report
-    _until(lambda: _ready(stuck_stack["http"])["calls"] == 0, "the claim is released", timeout=5)
+    until(lambda: readyz(stuck_stack["http"])["calls"] == 0, "the claim is released", timeout=5)
 
 
 def test_cancel_before_answer_releases_the_claim(stuck_stack: dict[str, str]) -> None:
-    command = [*_call_command(stuck_stack, OPEN_NUMBER, "--seconds", "1"), "--timeout", "0.8"]
+    command = [*call_command(stuck_stack, OPEN_NUMBER, "--seconds", "1"), "--timeout", "0.8"]
     caller = subprocess.Popen(command,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        _until(lambda: _ready(stuck_stack["http"])["calls"] == 1, "the call is being set up", timeout=5)
+        until(lambda: readyz(stuck_stack["http"])["calls"] == 1, "the call is being set up", timeout=5)
         out, _ = caller.communicate(timeout=CALL_TIMEOUT)
     finally:
         if caller.poll() is None:
@@ -245,14 +142,14 @@ def test_cancel_before_answer_releases_the_claim(stuck_stack: dict[str, str]) ->
             caller.wait()
     report = json.loads(out)
     assert report["status"] == 487 and not report["answered"], report  # 487 Request Terminated: CANCEL worked
-    _until(lambda: _ready(stuck_stack["http"])["calls"] == 0, "the claim is released", timeout=3)
-    assert _metrics(stuck_stack["http"])['personagate_gateway_sip_invites_total{answer="cancelled"}'] >= 1
+    until(lambda: readyz(stuck_stack["http"])["calls"] == 0, "the claim is released", timeout=3)
+    assert scrape_metrics(stuck_stack["http"])['personagate_gateway_sip_invites_total{answer="cancelled"}'] >= 1
 
 
 def test_a_source_outside_the_allow_list_is_403(stuck_stack: dict[str, str]) -> None:
     report = call(stuck_stack, OPEN_NUMBER, "--seconds", "1", "--host", "127.0.0.2")
     assert report["status"] == 403 and "seconds_to_180" not in report, report
-    assert _metrics(stuck_stack["http"])['personagate_gateway_sip_invites_total{answer="403"}'] == 1
+    assert scrape_metrics(stuck_stack["http"])['personagate_gateway_sip_invites_total{answer="403"}'] == 1
 
 
 def test_sip_helpers() -> None:
@@ -281,10 +178,10 @@ def test_sip_helpers() -> None:
 def test_agent_call_ending_by_itself_sends_bye(tenants: Path) -> None:
     """The worker dies mid-call and no other worker can take the call (no_worker): the gateway hangs up."""
     with echo_stack(tenants, gateway_first=True) as (stack, worker_proc, _):
-        caller = subprocess.Popen(_call_command(stack, OPEN_NUMBER, "--seconds", "20"), stdout=subprocess.PIPE,
+        caller = subprocess.Popen(call_command(stack, OPEN_NUMBER, "--seconds", "20"), stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL, text=True)
         try:
-            _until(lambda: _ready(stack["http"])["calls"] == 1, "the call is up")
+            until(lambda: readyz(stack["http"])["calls"] == 1, "the call is up")
             time.sleep(0.5)
             worker_proc.kill()
             out, _ = caller.communicate(timeout=CALL_TIMEOUT)  # the call's rehome deadline is 5 s
@@ -297,39 +194,39 @@ def test_agent_call_ending_by_itself_sends_bye(tenants: Path) -> None:
     assert report["seconds_received"] < 15, report
 
 
-@pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+@needs("sipp")
 def test_sipp_call_with_pcmu_rtp(stack: dict[str, str], tmp_path: Path) -> None:
     """A third-party UA (sipp) offering PCMU only: answered, its RTP reaches the gateway, BYE answered."""
-    before = _metrics(stack["http"])
+    before = scrape_metrics(stack["http"])
     caller_tone_wav(tmp_path)
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
-    done = subprocess.run(sipp_caller(ROOT / "tests" / "sipp" / "pcmu_call.xml", stack["sip"], OPEN_NUMBER),
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
+    done = subprocess.run(sipp_caller(SCENARIOS / "pcmu_call.xml", stack["sip"], OPEN_NUMBER),
                           cwd=tmp_path, capture_output=True, text=True, timeout=40, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
-    after = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
+    after = scrape_metrics(stack["http"])
     answered = 'personagate_gateway_sip_invites_total{answer="200"}'
     assert after[answered] == before.get(answered, 0) + 1
     received = "personagate_gateway_sip_rtp_packets_received_total"
     assert after[received] - before[received] >= 60, (before[received], after[received])  # 1.5 s at 50 packets/s
 
 
-@pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+@needs("sipp")
 def test_no_rtp_from_the_caller_is_hung_up(stack: dict[str, str], tmp_path: Path) -> None:
     """The stack's media timeout is 2 s: a caller that sends no RTP at all gets BYE from the gateway."""
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
     began = time.monotonic()
-    done = subprocess.run(sipp_caller(ROOT / "tests" / "sipp" / "silent_call.xml", stack["sip"], OPEN_NUMBER),
+    done = subprocess.run(sipp_caller(SCENARIOS / "silent_call.xml", stack["sip"], OPEN_NUMBER),
                           cwd=tmp_path, capture_output=True, text=True, timeout=40, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert 1.5 <= time.monotonic() - began <= 8
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
-    assert _metrics(stack["http"])['personagate_gateway_calls_ended_total{reason="media_timeout"}'] == 1
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
+    assert scrape_metrics(stack["http"])['personagate_gateway_calls_ended_total{reason="media_timeout"}'] == 1
 
 
 def test_a_call_is_cut_at_its_maximum_duration(stack: dict[str, str]) -> None:
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
     report = call(stack, OPEN_NUMBER, "--seconds", "15")
     assert report["status"] == 200 and report["hung_up"] == "gateway", report
     assert 3.5 <= report["seconds_received"] <= 6, report
-    assert _metrics(stack["http"])['personagate_gateway_calls_ended_total{reason="max_duration"}'] == 1
+    assert scrape_metrics(stack["http"])['personagate_gateway_calls_ended_total{reason="max_duration"}'] == 1

@@ -8,7 +8,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,8 +26,12 @@ from gateway.sip.auth import (
     digest_response,
     parse_digest,
 )
-from tests.conftest import free_port, serve, udp_free_port
-from tests.test_sip import OPEN_NUMBER, _metrics, _ready, _until, call, echo_stack, sipp_caller, tenants  # noqa: F401 - tenants: fixture
+from tests.helpers.caller import call
+from tests.helpers.processes import free_port, serve, udp_free_port
+from tests.helpers.programs import needs
+from tests.helpers.sipp import SCENARIOS, sipp_caller
+from tests.helpers.stack import OPEN_NUMBER, echo_stack, readyz, scrape_metrics
+from tests.helpers.wait import until
 
 # --------------------------------------------------------------------------------------------- the digest
 
@@ -242,7 +245,7 @@ def test_the_policy_table(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCap
 # --------------------------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
-def auth_stack(tenants: Path) -> Iterator[dict[str, str]]:  # noqa: F811 - the fixture imported above
+def auth_stack(tenants: Path) -> Iterator[dict[str, str]]:
     """The echo stack; trunks from 127.0.0.2 admitted by address, any other by digest (SHA-256, then MD5)."""
     env = {"PERSONAGATE_GATEWAY_SIP_ALLOW": '["127.0.0.2/32"]',
            "PERSONAGATE_GATEWAY_SIP_AUTH_USERS": json.dumps(USERS)}
@@ -251,7 +254,7 @@ def auth_stack(tenants: Path) -> Iterator[dict[str, str]]:  # noqa: F811 - the f
 
 
 def _auth_counts(stack: dict[str, str]) -> dict[str, float]:
-    metrics = _metrics(stack["http"])
+    metrics = scrape_metrics(stack["http"])
     counts = {result.value: metrics.get(f'personagate_gateway_sip_auth_total{{result="{result.value}"}}', 0)
               for result in AuthResult}
     counts["401"] = metrics.get('personagate_gateway_sip_invites_total{answer="401"}', 0)
@@ -265,7 +268,7 @@ def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float
 def test_a_trunk_with_the_right_password_is_answered_after_one_challenge(auth_stack: dict[str, str]) -> None:
     """`personagate call --user --password` from outside sip_allow: 401 (SHA-256 offered first), the INVITE
     again with credentials, then the echo agent answers it."""
-    _until(lambda: _ready(auth_stack["http"])["slots_free"] == 1, "the slot is free")
+    until(lambda: readyz(auth_stack["http"])["slots_free"] == 1, "the slot is free")
     before = _auth_counts(auth_stack)
     report = call(auth_stack, OPEN_NUMBER, "--seconds", "1", "--user", "trunk-a", "--password", "correct-horse")
     assert report["status"] == 200 and report["answered"], report
@@ -288,98 +291,15 @@ def test_no_credentials_is_401_with_the_challenges(auth_stack: dict[str, str]) -
 
 def test_a_source_in_sip_allow_needs_no_password(auth_stack: dict[str, str]) -> None:
     """The default policy keeps today's behaviour for trunks admitted by address."""
-    _until(lambda: _ready(auth_stack["http"])["slots_free"] == 1, "the slot is free")
+    until(lambda: readyz(auth_stack["http"])["slots_free"] == 1, "the slot is free")
     before = _auth_counts(auth_stack)
     report = call(auth_stack, OPEN_NUMBER, "--seconds", "1", "--host", "127.0.0.2")
     assert report["status"] == 200 and report["answered"], report
     assert _delta(before, _auth_counts(auth_stack)) == {}
 
 
-# sipp 3.6 answers the first WWW-Authenticate only, and only MD5: this gateway offers MD5 first.
-_SIPP_INVITE = """
-  <send retrans="500">
-    <![CDATA[
-      INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: sipp <sip:sipp@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-      To: <sip:[service]@[remote_ip]:[remote_port]>
-      Call-ID: [call_id]
-      CSeq: {cseq} INVITE
-      Contact: sip:sipp@[local_ip]:[local_port]{authorization}
-      Max-Forwards: 70
-      Content-Type: application/sdp
-      Content-Length: [len]
-
-      v=0
-      o=sipp 1 1 IN IP[local_ip_type] [local_ip]
-      s=-
-      c=IN IP[media_ip_type] [media_ip]
-      t=0 0
-      m=audio [media_port] RTP/AVP 0
-      a=rtpmap:0 PCMU/8000
-    ]]>
-  </send>
-  <recv response="100" optional="true"/>
-"""
-
-# A non-2xx answer's ACK belongs to the INVITE's transaction: its branch, three scenario messages back.
-_SIPP_ACK = """
-  <send>
-    <![CDATA[
-      ACK {uri} SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch={branch}
-      From: sipp <sip:sipp@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
-      Call-ID: [call_id]
-      CSeq: {cseq} ACK
-      Max-Forwards: 70
-      Content-Length: 0
-    ]]>
-  </send>
-"""
-
-_SIPP_BYE = """
-  <pause milliseconds="500"/>
-  <send retrans="500">
-    <![CDATA[
-      BYE [next_url] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: sipp <sip:sipp@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
-      Call-ID: [call_id]
-      CSeq: 3 BYE
-      Max-Forwards: 70
-      Content-Length: 0
-    ]]>
-  </send>
-  <recv response="200" crlf="true"/>
-"""
-
-
-def sipp_digest_scenario(username: str, password: str, *, answered: bool) -> str:
-    """INVITE → 401 (challenge checked) → ACK → INVITE with credentials → 180, 183, 200 → ACK → BYE; or, when
-    not ``answered``, → 403 → ACK."""
-    retry = _SIPP_INVITE.format(cseq=2, authorization=f"\n      [authentication username={username} "
-                                                      f"password={password}]")
-    if answered:
-        rest = ('  <recv response="180"/>\n  <recv response="183"/>\n  <recv response="200" rrs="true"/>\n'
-                + _SIPP_ACK.format(uri="[next_url]", cseq=2, branch="[branch]") + _SIPP_BYE)
-    else:
-        rest = '  <recv response="403"/>\n' + _SIPP_ACK.format(uri="sip:[service]@[remote_ip]:[remote_port]", cseq=2,
-                                                                 branch="[branch-3]")
-    body = (_SIPP_INVITE.format(cseq=1, authorization="")
-            + '  <recv response="401" auth="true">\n    <action>\n'
-            + '      <ereg regexp="Digest realm=\\"personagate\\", nonce=\\"[^\\"]+\\", algorithm=MD5, qop=\\"auth\\""'
-            + ' search_in="hdr" header="WWW-Authenticate:" check_it="true" assign_to="challenge"/>\n'
-            + '    </action>\n  </recv>\n'
-            + _SIPP_ACK.format(uri="sip:[service]@[remote_ip]:[remote_port]", cseq=1, branch="[branch-3]") + retry + rest
-            + '  <nop hide="true">\n    <action>\n      <log message="[$challenge]"/>\n    </action>\n  </nop>\n')
-    return ('<?xml version="1.0" encoding="ISO-8859-1" ?>\n<!DOCTYPE scenario SYSTEM "sipp.dtd">\n'
-            f'<scenario name="personagate: digest call">{body}</scenario>\n')
-
-
 @contextlib.contextmanager
-def digest_only_gateway(tenants: Path, worker: str) -> Iterator[dict[str, str]]:  # noqa: F811
+def digest_only_gateway(tenants: Path, worker: str) -> Iterator[dict[str, str]]:
     """A second gateway on the same worker: every INVITE must pass digest (even from sip_allow), MD5 first."""
     env = os.environ | {"PERSONAGATE_GATEWAY_SIP_AUTH_POLICY": "digest",
                         "PERSONAGATE_GATEWAY_SIP_AUTH_USERS": json.dumps(USERS),
@@ -389,29 +309,29 @@ def digest_only_gateway(tenants: Path, worker: str) -> Iterator[dict[str, str]]:
                "--worker", worker, "--sip-port", str(sip_port)]
     with serve(command, f"http://127.0.0.1:{http_port}/readyz", env=env):
         http = f"http://127.0.0.1:{http_port}"
-        _until(lambda: _ready(http)["slots_free"] == 1, "the second gateway sees the worker's free slot")
+        until(lambda: readyz(http)["slots_free"] == 1, "the second gateway sees the worker's free slot")
         yield {"sip": f"127.0.0.1:{sip_port}", "http": http}
 
 
-def _sipp(scenario: str, stack: dict[str, str], tmp_path: Path, name: str) -> subprocess.CompletedProcess:
-    path = tmp_path / f"{name}.xml"
-    path.write_text(scenario)
-    return subprocess.run(sipp_caller(path, stack["sip"], OPEN_NUMBER), cwd=tmp_path, capture_output=True,
-                          text=True, timeout=40, check=False)
+def _sipp(scenario: str, stack: dict[str, str], tmp_path: Path, username: str, password: str
+          ) -> subprocess.CompletedProcess:
+    """sipp running tests/sipp/``scenario`` against the gateway, answering its challenge as ``username``."""
+    command = sipp_caller(SCENARIOS / scenario, stack["sip"], OPEN_NUMBER, extra=("-au", username, "-ap", password))
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=40, check=False)
 
 
-@pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
-def test_sipp_trunk_answers_the_challenge(auth_stack: dict[str, str], tenants: Path,  # noqa: F811
+@needs("sipp")
+def test_sipp_trunk_answers_the_challenge(auth_stack: dict[str, str], tenants: Path,
                                           tmp_path: Path) -> None:
     """A third-party UAC (sipp) with sip_auth_policy digest, from an address in sip_allow: 401 with an MD5
     challenge, its [authentication] retry gets 180, 183 and 200 from the echo stack; a wrong password gets 403."""
     with digest_only_gateway(tenants, auth_stack["worker"]) as gateway:
-        done = _sipp(sipp_digest_scenario("trunk-a", "correct-horse", answered=True), gateway, tmp_path, "right")
+        done = _sipp("digest_call.xml", gateway, tmp_path, "trunk-a", "correct-horse")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-        done = _sipp(sipp_digest_scenario("trunk-a", "battery-staple", answered=False), gateway, tmp_path, "wrong")
+        done = _sipp("digest_call_refused.xml", gateway, tmp_path, "trunk-a", "battery-staple")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-        _until(lambda: _ready(gateway["http"])["calls"] == 0, "the call is over")
-        metrics = _metrics(gateway["http"])
+        until(lambda: readyz(gateway["http"])["calls"] == 0, "the call is over")
+        metrics = scrape_metrics(gateway["http"])
     assert metrics['personagate_gateway_sip_auth_total{result="ok"}'] == 1
     assert metrics['personagate_gateway_sip_auth_total{result="challenged"}'] == 2
     assert metrics['personagate_gateway_sip_auth_total{result="rejected"}'] == 1

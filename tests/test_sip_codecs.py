@@ -4,9 +4,7 @@ two encodes, two resamplings and the model's 24 kHz frames. (PCMU is covered in 
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +12,11 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.test_sip import OPEN_NUMBER, _metrics, _ready, _until, call, echo_stack, sipp_caller, tenants  # noqa: F401 (tenants: fixture)
+from tests.helpers.caller import call
+from tests.helpers.programs import needs
+from tests.helpers.sipp import SCENARIOS, sipp_caller
+from tests.helpers.stack import OPEN_NUMBER, echo_stack, readyz, scrape_metrics
+from tests.helpers.wait import until
 
 pytest.importorskip("pjsua2")
 
@@ -24,7 +26,7 @@ TONE_DBFS = -12.0
 
 
 @pytest.fixture(scope="module")
-def stack(tenants: Path) -> Iterator[dict[str, str]]:  # noqa: F811 (the fixture imported above)
+def stack(tenants: Path) -> Iterator[dict[str, str]]:
     with echo_stack(tenants) as (addresses, _, _):
         yield addresses
 
@@ -61,7 +63,7 @@ def _call_with_tones(stack: dict[str, str], tmp_path: Path, frequencies: tuple[f
                      ) -> tuple[dict, np.ndarray]:
     played = _tones(*frequencies)
     soundfile.write(tmp_path / "in.wav", played, RATE, subtype="PCM_16")
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
     args = [arg for codec in codecs for arg in ("--codec", codec)]
     report = call(stack, OPEN_NUMBER, *args, "--play", str(tmp_path / "in.wav"), "--record",
                   str(tmp_path / "out.wav"), "--seconds", str(len(played) / RATE + 0.6))
@@ -121,84 +123,38 @@ def test_a_trunk_offering_pcmu_first_gets_pcmu(stack: dict[str, str], tmp_path: 
 
 # ---------------------------------------------------------------------------------------------- sipp as the trunk
 
-_SDP = {0: "a=rtpmap:0 PCMU/8000", 8: "a=rtpmap:8 PCMA/8000", 9: "a=rtpmap:9 G722/8000"}
+# The scenario (tests/sipp/) of a trunk offering these payload types in this order; each checks that the 200's SDP
+# answers with the first of them the gateway has.
+OFFER_SCENARIOS = {(8,): "codec_offer_pcma_with_rtp.xml", (9, 8, 0): "codec_offer_g722_pcma_pcmu.xml",
+                   (8, 0, 9): "codec_offer_pcma_pcmu_g722.xml", (0, 9): "codec_offer_pcmu_g722.xml"}
 
 
-def _sipp_scenario(offer: tuple[int, ...], answer: int, rtp: str | None) -> str:
-    """One call from a trunk offering ``offer`` (payload types, in order); the 200's SDP must answer with
-    ``answer`` alone first (else sipp fails the call); then ``rtp`` (an rtp_stream value) and BYE after 2 s."""
-    request = textwrap.dedent("""\
-        {method} {url} SIP/2.0
-        Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-        From: sipp <sip:sipp@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-        To: <sip:[service]@[remote_ip]:[remote_port]>{peer}
-        Call-ID: [call_id]
-        CSeq: {cseq}
-        Contact: sip:sipp@[local_ip]:[local_port]
-        Max-Forwards: 70
-        """)
-    sdp = "\n".join(["v=0", "o=sipp 53655765 2353687637 IN IP[local_ip_type] [local_ip]", "s=-",
-                     "c=IN IP[media_ip_type] [media_ip]", "t=0 0",
-                     f"m=audio [media_port] RTP/AVP {' '.join(map(str, offer))}", *(_SDP[pt] for pt in offer),
-                     "a=ptime:20"])
-    invite = request.format(method="INVITE", url="sip:[service]@[remote_ip]:[remote_port]", peer="",
-                            cseq="1 INVITE") + "Content-Type: application/sdp\nContent-Length: [len]\n\n" + sdp
-    ack = request.format(method="ACK", url="[next_url]", peer="[peer_tag_param]", cseq="1 ACK") + "Content-Length: 0\n"
-    bye = request.format(method="BYE", url="[next_url]", peer="[peer_tag_param]", cseq="2 BYE") + "Content-Length: 0\n"
-    stream = f'<nop><action><exec rtp_stream="{rtp}"/></action></nop>' if rtp else ""
-    return f"""<?xml version="1.0" encoding="ISO-8859-1" ?>
-<!DOCTYPE scenario SYSTEM "sipp.dtd">
-<scenario name="personagate: codec offer {offer}">
-  <send retrans="500"><![CDATA[
-{invite}
-  ]]></send>
-  <recv response="100" optional="true"/>
-  <recv response="180" optional="true"/>
-  <recv response="183" optional="true"/>
-  <recv response="200" rtd="true" rrs="true">
-    <action><ereg regexp="m=audio [0-9]+ RTP/AVP {answer}[ \\r\\n]" search_in="body" check_it="true"
-                  assign_to="answer"/></action>
-  </recv>
-  <Reference variables="answer"/>
-  <send><![CDATA[
-{ack}
-  ]]></send>
-  {stream}
-  <pause milliseconds="2000"/>
-  <send retrans="500"><![CDATA[
-{bye}
-  ]]></send>
-  <recv response="200" crlf="true"/>
-</scenario>
-"""
-
-
-def _sipp_call(stack: dict[str, str], tmp_path: Path, offer: tuple[int, ...], answer: int, rtp: str | None
-               ) -> subprocess.CompletedProcess[str]:
-    (tmp_path / "call.xml").write_text(_sipp_scenario(offer, answer, rtp))
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
-    return subprocess.run(sipp_caller(tmp_path / "call.xml", stack["sip"], OPEN_NUMBER), cwd=tmp_path,
+def _sipp_call(stack: dict[str, str], tmp_path: Path, scenario: str) -> subprocess.CompletedProcess[str]:
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
+    return subprocess.run(sipp_caller(SCENARIOS / scenario, stack["sip"], OPEN_NUMBER), cwd=tmp_path,
                           capture_output=True, text=True, timeout=40, check=False)
 
 
-@pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+@needs("sipp")
 def test_sipp_trunk_sending_pcma_rtp(stack: dict[str, str], tmp_path: Path) -> None:
     """A third-party UA (sipp) offering PCMA only is answered with PCMA, and its A-law RTP reaches the gateway."""
-    before = _metrics(stack["http"])
+    before = scrape_metrics(stack["http"])
     t = np.arange(int(1.5 * 8000)) / 8000
     soundfile.write(tmp_path / "caller-pcma.wav", 0.3 * np.sin(2 * np.pi * 600 * t), 8000, subtype="ALAW")
-    done = _sipp_call(stack, tmp_path, (8,), 8, "caller-pcma.wav,1,8")
+    done = _sipp_call(stack, tmp_path, OFFER_SCENARIOS[(8,)])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
     received = "personagate_gateway_sip_rtp_packets_received_total"
-    assert _metrics(stack["http"])[received] - before[received] >= 60  # 1.5 s at 50 packets/s
+    assert scrape_metrics(stack["http"])[received] - before[received] >= 60  # 1.5 s at 50 packets/s
 
 
-@pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+@needs("sipp")
 @pytest.mark.parametrize(("offer", "answer"), [((9, 8, 0), 9), ((8, 0, 9), 8), ((0, 9), 0)])
 def test_sipp_trunk_offer_order_decides_the_codec(stack: dict[str, str], tmp_path: Path, offer: tuple[int, ...],
                                                   answer: int) -> None:
     """The gateway answers a third-party trunk's SDP with the first codec of its offer that it has."""
-    done = _sipp_call(stack, tmp_path, offer, answer, None)
+    scenario = OFFER_SCENARIOS[offer]
+    assert f"RTP/AVP {answer}[" in (SCENARIOS / scenario).read_text()  # the answer the scenario requires
+    done = _sipp_call(stack, tmp_path, scenario)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")

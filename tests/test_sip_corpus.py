@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import udp_free_port
 from tests.helpers import sip_corpus
 from tests.helpers.logs import assert_alive_and_clean, log_size
+from tests.helpers.processes import udp_free_port
 from tests.helpers.sip import (
     Peer,
     ack_messages,
@@ -30,7 +30,8 @@ from tests.helpers.sip import (
     statuses,
 )
 from tests.helpers.sip_corpus import ANSWERED, NO_ANSWER, Case
-from tests.test_sip import _metrics, _ready, _until, echo_stack, tenants  # noqa: F401 - tenants is a fixture
+from tests.helpers.stack import echo_stack, readyz, scrape_metrics
+from tests.helpers.wait import until
 
 pytest.importorskip("pjsua2")
 
@@ -38,7 +39,7 @@ SLOTS = 2
 
 
 @pytest.fixture(scope="module")
-def stack(tenants: Path) -> Iterator[dict]:  # noqa: F811 - the fixture imported above
+def stack(tenants: Path) -> Iterator[dict]:
     """The echo stack (two slots) admitting trunks from 127.0.0.1 only (127.0.0.2 is the refused source), with no
     INVITE rate limit to speak of (a sweep's answers are then the routing's, not the flood guard's 503)."""
     env = {"PERSONAGATE_GATEWAY_SIP_ALLOW": '["127.0.0.1/32"]',
@@ -92,7 +93,7 @@ def _finish_dialog(stack: dict, p: Peer, data: bytes, response: str) -> None:
     if status < 300:
         bye = statuses(p.receive(3.0, tail=0.0))
         assert 200 in bye, f"the BYE was answered {bye}"
-        _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
+        until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
 
 
 def _check(case: Case, transport: str, got: list[str], token: str) -> str:
@@ -142,7 +143,7 @@ def test_corpus_message_gets_its_answer_and_the_gateway_keeps_serving(stack: dic
     """One corpus message over one transport: the answer the RFC (and the SIP guard) gives it; then, whatever the
     answer, the gateway still answers OPTIONS."""
     if case.call:
-        _until(lambda: _ready(stack["http"])["slots_free"] == SLOTS, "the worker's slots are free")
+        until(lambda: readyz(stack["http"])["slots_free"] == SLOTS, "the worker's slots are free")
     wrong_answer: AssertionError | None = None
     logged = log_size(stack["proc"])
     with peer(transport, stack["gateway"], case.source) as p:
@@ -208,7 +209,7 @@ def test_zz_the_gateway_log_has_no_traceback_after_the_corpus(stack: dict) -> No
     """After the whole corpus: the same gateway process (no crash, no restart), and no traceback, AttributeError or
     assertion in its log. (Named to run last in this module.)"""
     assert_alive_and_clean(stack["proc"], "after the SIP corpus")
-    metrics = _metrics(stack["http"])
+    metrics = scrape_metrics(stack["http"])
     answered = {name: value for name, value in metrics.items() if name.startswith("personagate_gateway_sip_responses")}
     dropped = {name: value for name, value in metrics.items() if "requests_dropped" in name}
     print("\n".join(f"{name} {value:.0f}" for name, value in sorted((answered | dropped).items())))

@@ -5,7 +5,6 @@ sipp as the transfer target (a plain UAS) and as a caller sending a digit by SIP
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,15 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import udp_free_port
-from tests.test_sip import _metrics, _ready, _until, echo_stack, escalating_tenant, sipp_caller
+from tests.helpers.processes import udp_free_port
+from tests.helpers.programs import needs
+from tests.helpers.sipp import SCENARIOS, sipp_caller
+from tests.helpers.stack import echo_stack, escalating_tenant, readyz, scrape_metrics
+from tests.helpers.wait import until
 
 pytest.importorskip("pjsua2")
 
-ROOT = Path(__file__).resolve().parent.parent
 NUMBER = "+14155550186"  # harbor-mutual's catastrophe line: answered at any hour; escalation digit 0
 CALL_TIMEOUT = 30
-needs_sipp = pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +50,15 @@ def _count(metrics: dict[str, float], name: str) -> float:
 def test_refused_refer_keeps_the_caller_with_the_agent(stack: dict[str, str]) -> None:
     """Digit 5 is counted and does nothing; digit 0 makes the gateway REFER the caller to the tenant's
     transfer_to; the caller refuses (603): the call goes on with the agent until the caller hangs up."""
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
-    before = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
+    before = scrape_metrics(stack["http"])
     report = call(stack, "--seconds", "4", "--dtmf", "5@0.5", "--dtmf", "0@1.5")
     assert report["status"] == 200 and report["answered"], report
     assert [r["refer_to"] for r in report.get("refers", [])] == [stack["target"]], report
     assert report["refers"][0]["answer"] == 603
     assert report["hung_up"] == "caller", report  # the gateway kept the call
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
-    after = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
+    after = scrape_metrics(stack["http"])
     rfc = 'personagate_gateway_sip_dtmf_total{method="rfc4733"}'
     assert _count(after, rfc) - _count(before, rfc) == 2  # one count per key press, not per RTP packet
     failed = 'personagate_gateway_sip_transfers_total{method="refer",result="failed"}'
@@ -67,12 +67,12 @@ def test_refused_refer_keeps_the_caller_with_the_agent(stack: dict[str, str]) ->
     assert _count(after, hangup) - _count(before, hangup) == 1
 
 
-@needs_sipp
+@needs("sipp")
 def test_accepted_refer_ends_the_call_with_transfer(stack: dict[str, str], tmp_path: Path) -> None:
     """The caller accepts the REFER (202) and calls the target (a sipp UAS); the NOTIFY's 200 makes the
     gateway end its call (reason transfer, the agent session released)."""
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
-    before = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
+    before = scrape_metrics(stack["http"])
     target = subprocess.Popen(
         ["sipp", "-sn", "uas", "-i", "127.0.0.1", "-p", stack["target_port"], "-mp", str(udp_free_port()),
          "-m", "1", "-timeout", "25", "-nostdin"],
@@ -88,39 +88,39 @@ def test_accepted_refer_ends_the_call_with_transfer(stack: dict[str, str], tmp_p
     assert report["status"] == 200 and report["answered"], report
     assert report.get("refer_to") == stack["target"], report
     assert report["hung_up"] == "gateway", report
-    _until(lambda: _ready(stack["http"])["calls"] == 0 and _ready(stack["http"])["slots_free"] == 1,
-           "the agent session is released")
-    after = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["calls"] == 0 and readyz(stack["http"])["slots_free"] == 1,
+          "the agent session is released")
+    after = scrape_metrics(stack["http"])
     success = 'personagate_gateway_sip_transfers_total{method="refer",result="success"}'
     assert _count(after, success) - _count(before, success) == 1
     ended = 'personagate_gateway_calls_ended_total{reason="transfer"}'
     assert _count(after, ended) - _count(before, ended) == 1
 
 
-@needs_sipp
+@needs("sipp")
 def test_dtmf_by_sip_info_is_counted(stack: dict[str, str], tmp_path: Path) -> None:
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
-    before = _metrics(stack["http"])
-    done = subprocess.run(sipp_caller(ROOT / "tests" / "sipp" / "info_dtmf_call.xml", stack["sip"], NUMBER),
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
+    before = scrape_metrics(stack["http"])
+    done = subprocess.run(sipp_caller(SCENARIOS / "info_dtmf_call.xml", stack["sip"], NUMBER),
                           cwd=tmp_path, capture_output=True, text=True, timeout=40, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
     info = 'personagate_gateway_sip_dtmf_total{method="info"}'
-    assert _count(_metrics(stack["http"]), info) - _count(before, info) == 1
+    assert _count(scrape_metrics(stack["http"]), info) - _count(before, info) == 1
 
 
 def test_transfer_without_a_final_notify_times_out_and_keeps_the_caller(stack: dict[str, str]) -> None:
     """The caller accepts the REFER but the target never answers (a socket that swallows the INVITE): no final
     NOTIFY within the gateway's 10 s, so the transfer counts as a timeout and the caller stays with the agent."""
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
-    before = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
+    before = scrape_metrics(stack["http"])
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:
         sink.bind(("127.0.0.1", int(stack["target_port"])))
         report = call(stack, "--seconds", "13", "--dtmf", "0@0.5", "--accept-refer")
     assert report["status"] == 200 and report["answered"], report
     assert report.get("refer_to") == stack["target"], report
     assert report["hung_up"] == "caller", report
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
-    after = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
+    after = scrape_metrics(stack["http"])
     timeout = 'personagate_gateway_sip_transfers_total{method="refer",result="timeout"}'
     assert _count(after, timeout) - _count(before, timeout) == 1

@@ -32,7 +32,8 @@ from tests.helpers.live_call import LiveCall
 from tests.helpers.logs import assert_alive_and_clean, log_size
 from tests.helpers.sip import TcpPeer, UdpPeer, next_message, private_rtp_ports, request, status_of
 from tests.helpers.sip_corpus import REFUSED_SOURCE
-from tests.test_sip import _metrics, _ready, _until, echo_stack, tenants  # noqa: F401 - tenants is a fixture
+from tests.helpers.stack import echo_stack, readyz, scrape_metrics
+from tests.helpers.wait import until
 
 pytest.importorskip("pjsua2")
 
@@ -50,7 +51,7 @@ MAX_GAP_MS = 500.0
 
 
 @pytest.fixture(scope="module")
-def stack(tenants: Path) -> Iterator[dict]:  # noqa: F811 - the fixture imported above
+def stack(tenants: Path) -> Iterator[dict]:
     """The echo stack with one slot (the live call takes it: every fuzzed INVITE that routes finds no agent free),
     trunks from 127.0.0.1 admitted as they are and any other source by digest (so fuzzed credentials from 127.0.0.2
     reach the gateway's own digest code), and INVITEs beyond 50 a second shed."""
@@ -255,7 +256,7 @@ def test_mutated_sip_never_takes_the_gateway_down_and_the_live_call_keeps_its_au
     print(f"\nSIP fuzz seed {SEED} (replay: PERSONAGATE_SIP_FUZZ_SEED={SEED})")
     fuzzer = sip_fuzz.Fuzzer(SEED)
     gateway, target = stack["gateway"], stack["sip"]
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the worker's slot is free")
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the worker's slot is free")
     tally = Tally()
     began = time.monotonic()
     peers = [UdpPeer(gateway) for _ in range(4)] + [UdpPeer(gateway, REFUSED_SOURCE) for _ in range(2)]
@@ -263,7 +264,7 @@ def test_mutated_sip_never_takes_the_gateway_down_and_the_live_call_keeps_its_au
     random.Random(SEED).shuffle(batches)
     try:
         with LiveCall(gateway, seconds=600) as call:
-            _until(lambda: _ready(stack["http"])["slots_free"] == 0, "the live call holds the only slot")
+            until(lambda: readyz(stack["http"])["slots_free"] == 0, "the live call holds the only slot")
             time.sleep(1.0)  # the echo comes back
             window = call.window(call.mark() - 700_000_000)
             assert window.flowing(MAX_GAP_MS, MAX_GAP_MS), f"the live call had no audio before fuzzing: {window}"
@@ -298,9 +299,9 @@ def test_mutated_sip_never_takes_the_gateway_down_and_the_live_call_keeps_its_au
     server_errors = {code: n for code, n in tally.statuses.items() if code >= 500 and code not in (500, 501, 503, 505, 513)}
     assert not server_errors, f"seed {SEED}: {server_errors}"
     assert tally.sent["udp"] >= UDP_BATCHES * UDP_PER_BATCH * 0.9
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the gateway has no call")
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the gateway has no call")
     assert_alive_and_clean(stack["proc"], f"seed {SEED}, after fuzzing")
-    metrics = _metrics(stack["http"])
+    metrics = scrape_metrics(stack["http"])
     print("\n".join(f"{name} {value:.0f}" for name, value in sorted(metrics.items())
                     if "sip_responses_total" in name or "requests_dropped" in name or "sip_auth" in name))
 

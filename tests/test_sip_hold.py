@@ -13,10 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_sip import _metrics, _ready, _until, caller_tone_wav, echo_stack, sipp_caller
+from tests.helpers.programs import needs
+from tests.helpers.sipp import SCENARIOS, caller_tone_wav, sipp_caller
+from tests.helpers.stack import echo_stack, readyz, scrape_metrics
+from tests.helpers.wait import until
 
 pytest.importorskip("pjsua2")
-pytestmark = pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+pytestmark = needs("sipp")
 
 ROOT = Path(__file__).resolve().parent.parent
 NUMBER = "+14155550186"  # harbor-mutual's catastrophe line: answered at any hour
@@ -36,7 +39,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 
 def _sipp(stack: dict[str, str], scenario: str, workdir: Path, timeout: float = 40) -> subprocess.CompletedProcess:
     caller_tone_wav(workdir)
-    return subprocess.run(sipp_caller(ROOT / "tests" / "sipp" / scenario, stack["sip"], NUMBER,
+    return subprocess.run(sipp_caller(SCENARIOS / scenario, stack["sip"], NUMBER,
                                       sipp_timeout=timeout - 10),
                           cwd=workdir, capture_output=True, text=True, timeout=timeout, check=False)
 
@@ -59,12 +62,12 @@ def test_hold_and_resume_are_answered_per_rfc3264_and_a_hold_is_not_a_media_time
     answered inactive, never sendrecv, which carriers answer with BYE); resumes; re-INVITEs without SDP (the
     gateway offers sendrecv); holds and resumes by UPDATE. The scenario fails on any wrong direction. The call
     stays up to the caller's BYE, with three holds counted and their seconds measured."""
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
-    before = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
+    before = scrape_metrics(stack["http"])
     done = _sipp(stack, "hold_call.xml", tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
-    after = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
+    after = scrape_metrics(stack["http"])
     assert _delta(before, after, 'personagate_gateway_calls_ended_total{reason="hangup"}') == 1
     assert _delta(before, after, 'personagate_gateway_calls_ended_total{reason="media_timeout"}') == 0
     assert _delta(before, after, "personagate_gateway_sip_holds_total") == 3
@@ -82,16 +85,16 @@ def test_a_long_hold_pauses_the_agent_and_ends_only_at_the_maximum_duration(
     outlives the 2 s media timeout and is cut only at the 14 s maximum duration; the music never reaches the
     agent (the worker steps the session on caller audio only, so it counts every tick of the hold as a missing
     frame: the session is paused, not fed music or silence)."""
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
-    before = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
+    before = scrape_metrics(stack["http"])
     missing_before = _worker_missing_frames(stack)
     began = time.monotonic()
     done = _sipp(stack, "hold_until_bye.xml", tmp_path)
     elapsed = time.monotonic() - began
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert MAX_CALL_SECONDS - 0.5 <= elapsed <= MAX_CALL_SECONDS + 6, elapsed
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
-    after = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
+    after = scrape_metrics(stack["http"])
     assert _delta(before, after, 'personagate_gateway_calls_ended_total{reason="max_duration"}') == 1
     assert _delta(before, after, 'personagate_gateway_calls_ended_total{reason="media_timeout"}') == 0
     assert _delta(before, after, "personagate_gateway_sip_holds_total") == 1
@@ -127,12 +130,12 @@ def test_rfc2543_hold_answer_helpers() -> None:
 def test_a_call_that_begins_on_hold_is_held_from_the_answer(stack: dict[str, str], tmp_path: Path) -> None:
     """An INVITE offering a=sendonly is answered a=recvonly; the caller sends no RTP for 4 s (twice the media
     timeout) and hangs up: the call was held from the answer, so it was not cut for lack of media."""
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
-    before = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
+    before = scrape_metrics(stack["http"])
     done = _sipp(stack, "held_from_the_invite.xml", tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
-    after = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
+    after = scrape_metrics(stack["http"])
     assert _delta(before, after, 'personagate_gateway_calls_ended_total{reason="hangup"}') == 1
     assert _delta(before, after, 'personagate_gateway_calls_ended_total{reason="media_timeout"}') == 0
     assert _delta(before, after, "personagate_gateway_sip_holds_total") == 1

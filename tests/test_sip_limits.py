@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import free_port, serve, udp_free_port
-from tests.test_sip import CALL_TIMEOUT, OPEN_NUMBER, ROOT, _call_command, _metrics, _ready, _until, call
+from tests.helpers.caller import CALL_TIMEOUT, call, call_command
+from tests.helpers.processes import free_port, serve, udp_free_port
+from tests.helpers.stack import OPEN_NUMBER, ROOT, readyz, scrape_metrics
+from tests.helpers.wait import until
 
 pytest.importorskip("pjsua2")
 
@@ -46,7 +48,7 @@ def stack(one_call_tenant: Path) -> Iterator[dict[str, str]]:
     with serve(worker, f"http://127.0.0.1:{worker_port}/readyz", env=env), \
             serve(gateway, f"http://127.0.0.1:{http_port}/readyz", env=env):
         http = f"http://127.0.0.1:{http_port}"
-        _until(lambda: _ready(http)["slots_free"] == 2, "the gateway sees the worker's two free slots")
+        until(lambda: readyz(http)["slots_free"] == 2, "the gateway sees the worker's two free slots")
         yield {"sip": f"127.0.0.1:{sip_port}", "http": http}
 
 
@@ -58,15 +60,15 @@ def test_a_tenant_at_its_limit_gets_486_and_the_live_call_keeps_its_audio(stack:
     seconds = 4.0
     t = np.arange(int(seconds * RATE)) / RATE
     soundfile.write(tmp_path / "tone.wav", 0.25 * np.sin(2 * np.pi * 800 * t), RATE, subtype="PCM_16")
-    first = subprocess.Popen(_call_command(stack, OPEN_NUMBER, "--play", str(tmp_path / "tone.wav"),
-                                           "--record", str(tmp_path / "first.wav"), "--seconds", str(seconds)),
+    first = subprocess.Popen(call_command(stack, OPEN_NUMBER, "--play", str(tmp_path / "tone.wav"),
+                                          "--record", str(tmp_path / "first.wav"), "--seconds", str(seconds)),
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        _until(lambda: _ready(stack["http"])["calls"] == 1, "the first call is up")
+        until(lambda: readyz(stack["http"])["calls"] == 1, "the first call is up")
         busy = call(stack, OPEN_NUMBER, "--seconds", "1")
         assert busy["status"] == 486 and busy["reason"] == "Busy Here" and not busy["answered"], busy
         assert "retry_after" not in busy, busy
-        assert _ready(stack["http"])["slots_free"] == 1, "the refused call took no slot"
+        assert readyz(stack["http"])["slots_free"] == 1, "the refused call took no slot"
         out, _ = first.communicate(timeout=CALL_TIMEOUT)
     finally:
         if first.poll() is None:
@@ -84,9 +86,9 @@ def test_a_tenant_at_its_limit_gets_486_and_the_live_call_keeps_its_audio(stack:
     assert len(steady) > 120, (start, len(levels))
     assert steady.min() > 0.1, ("a gap in the first call's audio", np.round(steady, 3).tolist())
     # the first call's BYE released the tenant's only call: the next one is answered
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the first call is over")
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the first call is over")
     again = call(stack, OPEN_NUMBER, "--seconds", "1")
     assert again["status"] == 200 and again["answered"], again
-    metrics = _metrics(stack["http"])
+    metrics = scrape_metrics(stack["http"])
     assert metrics['personagate_gateway_sip_invites_total{answer="486"}'] == 1
     assert metrics['personagate_gateway_sip_invites_total{answer="200"}'] == 2

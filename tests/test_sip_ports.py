@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import re
-import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -18,11 +17,14 @@ from pathlib import Path
 import pytest
 
 from gateway.config import GatewaySettings, SettingsError, load_gateway_settings
-from tests.test_sip import OPEN_NUMBER, ROOT, _ready, _until, echo_stack, sipp_caller, tenants  # noqa: F401
+from tests.helpers.programs import needs
+from tests.helpers.sipp import SCENARIOS, sipp_caller
+from tests.helpers.stack import OPEN_NUMBER, echo_stack, readyz
+from tests.helpers.wait import until
 
 PUBLIC_ADDRESS = "203.0.113.7"  # TEST-NET-3: no machine here has it, so it can only come from the setting
 RANGE = 4  # two calls' RTP/RTCP pairs
-SCENARIO = ROOT / "tests" / "sipp" / "answer_sdp_call.xml"
+SCENARIO = SCENARIOS / "answer_sdp_call.xml"
 
 
 def _free_even_range(count: int) -> int:
@@ -58,8 +60,8 @@ def _answer(sip: str, folder: Path) -> str:
     return answers[0]
 
 
-@pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
-def test_the_answer_carries_the_public_address_and_a_port_in_the_range(tenants: Path, tmp_path: Path  # noqa: F811
+@needs("sipp")
+def test_the_answer_carries_the_public_address_and_a_port_in_the_range(tenants: Path, tmp_path: Path
                                                                        ) -> None:
     base = _free_even_range(RANGE)
     env = {"PERSONAGATE_GATEWAY_SIP_PUBLIC_ADDRESS": PUBLIC_ADDRESS, "PERSONAGATE_GATEWAY_SIP_RTP_PORT": str(base),
@@ -67,7 +69,7 @@ def test_the_answer_carries_the_public_address_and_a_port_in_the_range(tenants: 
     with echo_stack(tenants, env) as (stack, _, _):
         ports = []
         for _ in range(3):  # the third call's pair comes from the range again: it wraps, it does not grow
-            _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+            until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
             answer = _answer(stack["sip"], tmp_path)
             assert re.search(rf"^\s*c=IN IP4 {re.escape(PUBLIC_ADDRESS)}\s*$", answer, re.MULTILINE), answer
             media = re.search(r"^\s*m=audio (\d+) RTP/AVP", answer, re.MULTILINE)

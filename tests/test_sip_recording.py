@@ -20,26 +20,17 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import free_port, udp_free_port
-from tests.test_sip import CALL_TIMEOUT, _metrics, _ready, _until, call, echo_stack
+from tests.helpers.caller import CALL_TIMEOUT, call
+from tests.helpers.processes import free_port, udp_free_port
+from tests.helpers.recording import NOTICE_SECONDS, RATE, best_match, consent_notice, tone_level
+from tests.helpers.stack import echo_stack, readyz, scrape_metrics
+from tests.helpers.wait import until
 
 pytest.importorskip("pjsua2")
 
-RATE = 16_000
 RECORDED_NUMBER = "+15550001001"
 UNRECORDED_NUMBER = "+15550002001"
-NOTICE_SECONDS = 1.5
 TONE_HZ = 1000.0
-
-
-def _notice() -> np.ndarray:
-    """The consent announcement: three syllable-like tone bursts (300, 500, 700 Hz), clear of the caller's
-    1 kHz tone, 1.5 s."""
-    t = np.arange(int(NOTICE_SECONDS * RATE)) / RATE
-    pitch = np.where(t < 0.5, 300.0, np.where(t < 1.0, 500.0, 700.0))
-    phase = 2 * np.pi * np.cumsum(pitch) / RATE
-    syllables = 0.5 - 0.5 * np.cos(2 * np.pi * 2.0 * t)  # 2 Hz: four "syllables"
-    return 0.3 * syllables * np.sin(phase)
 
 
 def _tenant(folder: Path, tenant: str, number: str, recording: str) -> None:
@@ -62,7 +53,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     recordings = tmp_path_factory.mktemp("recordings")
     _tenant(tenants, "recorded", RECORDED_NUMBER,
             "recording:\n  enabled: true\n  consent_announcement: voices/notice.wav\n")
-    soundfile.write(tenants / "recorded" / "voices" / "notice.wav", _notice(), RATE, subtype="PCM_16")
+    soundfile.write(tenants / "recorded" / "voices" / "notice.wav", consent_notice(), RATE, subtype="PCM_16")
     _tenant(tenants, "unrecorded", UNRECORDED_NUMBER, "")
     with echo_stack(tenants, {"PERSONAGATE_GATEWAY_RECORDINGS_DIR": str(recordings)}) as (addresses, _, _):
         yield addresses | {"recordings": str(recordings)}
@@ -73,34 +64,13 @@ def _tone(seconds: float) -> np.ndarray:
     return 0.25 * np.sin(2 * np.pi * TONE_HZ * t)
 
 
-def _level(audio: np.ndarray, frequency: float, start: float, end: float) -> float:
-    """The RMS level (dBFS) of ``frequency`` alone in ``audio[start:end]`` (seconds)."""
-    piece = audio[int(start * RATE):int(end * RATE)]
-    t = np.arange(len(piece)) / RATE
-    amplitude = 2 * np.abs(np.mean(piece * np.exp(-2j * np.pi * frequency * t)))
-    return 20 * np.log10(max(amplitude / np.sqrt(2), 1e-9))
-
-
 def _onset(audio: np.ndarray, frequency: float) -> float:
     """When ``frequency`` first reaches half its peak level (seconds), in 20 ms steps."""
     window = RATE // 50
-    levels = [_level(audio, frequency, i / RATE, (i + window) / RATE) for i in range(0, len(audio) - window, window)]
+    levels = [tone_level(audio, frequency, i / RATE, (i + window) / RATE)
+              for i in range(0, len(audio) - window, window)]
     peak = max(levels)
     return next(i for i, level in enumerate(levels) if level > peak - 6) * window / RATE
-
-
-def _match(audio: np.ndarray, clip: np.ndarray, within: float) -> tuple[float, float]:
-    """Where ``clip`` best matches in the first ``within`` seconds of ``audio``, and how well (normalised
-    correlation: 1 is the same waveform at any level)."""
-    best, at = 0.0, 0
-    for lag in range(int(within * RATE)):
-        piece = audio[lag:lag + len(clip)]
-        if len(piece) < len(clip):
-            break
-        score = float(np.dot(piece, clip) / (np.linalg.norm(piece) * np.linalg.norm(clip) + 1e-12))
-        if score > best:
-            best, at = score, lag
-    return at / RATE, best
 
 
 def _recordings(stack: dict[str, str], tenant: str) -> list[Path]:
@@ -119,21 +89,21 @@ def test_a_recorded_call_hears_the_notice_first_and_is_recorded_in_stereo(stack:
                   "--seconds", str(seconds + 0.3))
     assert report["status"] == 200 and report["answered"], report
     heard, _ = soundfile.read(tmp_path / "out.wav")
-    notice = _notice()
+    notice = consent_notice()
     # the notice, whole, from the answer on (the gateway's resampling to 24 kHz and back, and G.711, keep
     # the waveform: a normalised correlation near 1)
-    at, match = _match(heard, notice, within=0.3)
+    at, match = best_match(heard, notice, within=0.3)
     assert match > 0.9, (at, match, report)
     # the caller's tone played from the answer on was not echoed during the notice: the agent did not hear it
-    assert _level(heard, TONE_HZ, 0.0, at + NOTICE_SECONDS) < -50, report
+    assert tone_level(heard, TONE_HZ, 0.0, at + NOTICE_SECONDS) < -50, report
     # ... and the agent (the echo) starts right after the notice: one round trip after its end
     onset = _onset(heard, TONE_HZ)
     assert at + NOTICE_SECONDS + 0.05 <= onset <= at + NOTICE_SECONDS + 0.6, (onset, at, report)
-    assert _level(heard, TONE_HZ, onset + 0.1, onset + 1.0) > -16, report
+    assert tone_level(heard, TONE_HZ, onset + 0.1, onset + 1.0) > -16, report
     print(f"notice heard {at * 1000:.0f} ms after 200 OK (match {match:.3f}), agent from {onset:.2f} s")
 
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
-    _until(lambda: len(_recordings(stack, "recorded")) == 1, "the recording is written", timeout=5)
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
+    until(lambda: len(_recordings(stack, "recorded")) == 1, "the recording is written", timeout=5)
     path = _recordings(stack, "recorded")[0]
     assert path.parent.name == time.strftime("%Y-%m-%d", time.gmtime()), path
     assert not list(path.parent.glob("*.part")), "a finished recording has no partial file left"
@@ -143,28 +113,28 @@ def test_a_recorded_call_hears_the_notice_first_and_is_recorded_in_stereo(stack:
     caller, agent = audio[:, 0], audio[:, 1]
     assert seconds - 0.2 <= len(audio) / RATE <= seconds + 2.0, len(audio) / RATE
     # left: the caller's tone from the answer on
-    assert _level(caller, TONE_HZ, 0.3, seconds - 0.3) > -16
+    assert tone_level(caller, TONE_HZ, 0.3, seconds - 0.3) > -16
     # right: the notice first (from the recording's start), then the agent's echo of the caller
-    rec_at, rec_match = _match(agent, notice, within=0.3)
+    rec_at, rec_match = best_match(agent, notice, within=0.3)
     assert rec_match > 0.95 and rec_at < 0.1, (rec_at, rec_match)
     print(f"recording {path.name}: {len(audio) / RATE:.2f} s, notice at {rec_at * 1000:.0f} ms (match {rec_match:.3f})")
-    assert _level(agent, TONE_HZ, 0.0, rec_at + NOTICE_SECONDS) < -50
-    assert _level(agent, TONE_HZ, rec_at + NOTICE_SECONDS + 0.6, seconds - 0.2) > -16
-    assert _metrics(stack["http"])['personagate_gateway_sip_recordings_total{result="written"}'] == 1
+    assert tone_level(agent, TONE_HZ, 0.0, rec_at + NOTICE_SECONDS) < -50
+    assert tone_level(agent, TONE_HZ, rec_at + NOTICE_SECONDS + 0.6, seconds - 0.2) > -16
+    assert scrape_metrics(stack["http"])['personagate_gateway_sip_recordings_total{result="written"}'] == 1
 
 
 def test_without_recording_nothing_is_played_or_written(stack: dict[str, str], tmp_path: Path) -> None:
     """A tenant that does not record: no announcement (the agent is heard from the answer: the echo of the
     caller's tone after one round trip) and no file."""
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
     soundfile.write(tmp_path / "in.wav", _tone(1.5), RATE, subtype="PCM_16")
     report = call(stack, UNRECORDED_NUMBER, "--play", str(tmp_path / "in.wav"), "--record",
                   str(tmp_path / "out.wav"), "--seconds", "1.8")
     assert report["status"] == 200, report
     heard, _ = soundfile.read(tmp_path / "out.wav")
     assert _onset(heard, TONE_HZ) <= 0.6, report
-    assert _match(heard, _notice(), within=0.3)[1] < 0.3
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
+    assert best_match(heard, consent_notice(), within=0.3)[1] < 0.3
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
     time.sleep(0.5)
     assert not (Path(stack["recordings"]) / "unrecorded").exists()
 
@@ -267,7 +237,7 @@ def _agent_silent_until(heard: np.ndarray, seconds: float) -> None:
 def test_speaks_first_false_the_agent_waits_for_the_caller(tiny_stack: dict[str, str], tmp_path: Path) -> None:
     """``speaks_first: false``: the caller hears nothing while silent (1.5 s here), and the agent starts only
     once the caller speaks; the model was not run meanwhile, so it starts by hearing the caller."""
-    _until(lambda: _ready(tiny_stack["http"])["slots_free"] == 1, "the slot is free")
+    until(lambda: readyz(tiny_stack["http"])["slots_free"] == 1, "the slot is free")
     silence, speech = 1.5, 1.0
     t = np.arange(int(speech * RATE)) / RATE
     played = np.concatenate([np.zeros(int(silence * RATE)), 0.25 * np.sin(2 * np.pi * 300 * t)])
@@ -285,7 +255,7 @@ def test_speaks_first_false_a_silent_caller_is_not_left_in_silence(tiny_stack: d
                                                                    tmp_path: Path) -> None:
     """``speaks_first: false`` and a caller who says nothing, waiting for a greeting: after
     sip_caller_first_wait_seconds (2.5 s here) the agent speaks first after all."""
-    _until(lambda: _ready(tiny_stack["http"])["slots_free"] == 1, "the slot is free")
+    until(lambda: readyz(tiny_stack["http"])["slots_free"] == 1, "the slot is free")
     report = call(tiny_stack, LISTENER_NUMBER, "--record", str(tmp_path / "out.wav"), "--seconds", "4")
     assert report["status"] == 200, report
     heard, _ = soundfile.read(tmp_path / "out.wav")

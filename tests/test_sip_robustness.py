@@ -9,7 +9,6 @@ hostile SIP is tests/test_sip_corpus.py; the mutational fuzzer tests/test_sip_fu
 from __future__ import annotations
 
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,18 +21,20 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import udp_free_port
 from tests.helpers.logs import assert_alive_and_clean, problems, read_log
+from tests.helpers.processes import udp_free_port
+from tests.helpers.programs import needs
 from tests.helpers.sip import SDP, ack, final, header, options, private_rtp_ports, request, responses, statuses
-from tests.test_sip import OPEN_NUMBER, _metrics, _ready, _until, echo_stack, tenants  # noqa: F401 - tenants is a fixture
+from tests.helpers.sipp import SCENARIOS
+from tests.helpers.stack import OPEN_NUMBER, echo_stack, readyz, scrape_metrics
+from tests.helpers.wait import until
 
 pytest.importorskip("pjsua2")
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def stack(tenants: Path) -> Iterator[dict[str, str]]:  # noqa: F811 - the fixture imported above
+def stack(tenants: Path) -> Iterator[dict[str, str]]:
     with echo_stack(tenants, private_rtp_ports()) as (addresses, _, gateway_proc):
         yield addresses | {"proc": gateway_proc}
 
@@ -157,7 +158,7 @@ def test_malformed_datagrams_are_answered_or_dropped_and_the_gateway_keeps_servi
     _options_ok(stack)
     assert observed == EXPECTED
     # every answer and every drop is counted
-    metrics = _metrics(stack["http"])
+    metrics = scrape_metrics(stack["http"])
     assert metrics['personagate_gateway_sip_responses_total{method="other",status="501"}'] >= 1
     assert metrics['personagate_gateway_sip_responses_total{method="OPTIONS",status="400"}'] >= 5
     assert metrics['personagate_gateway_sip_responses_total{method="OPTIONS",status="513"}'] >= 1
@@ -191,7 +192,7 @@ PACE = 0.001
 def test_invite_flood_is_refused_fast_and_the_call_in_progress_keeps_its_audio(stack: dict, tmp_path: Path) -> None:
     """200 INVITEs in 200 ms while a call holds the only slot: each refused at once (503 with Retry-After, or 486),
     the call in progress keeps its echo without a gap, and the gateway — the same process — logs no traceback."""
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1 and _ready(stack["http"])["calls"] == 0, "the slot is free")
+    until(lambda: readyz(stack["http"])["slots_free"] == 1 and readyz(stack["http"])["calls"] == 0, "the slot is free")
     rate = 16_000
     seconds = 6.0
     t = np.arange(int(seconds * rate)) / rate
@@ -201,7 +202,7 @@ def test_invite_flood_is_refused_fast_and_the_call_in_progress_keeps_its_audio(s
          "--play", str(tmp_path / "tone.wav"), "--seconds", str(seconds), "--record", str(tmp_path / "out.wav")],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        _until(lambda: _ready(stack["http"])["slots_free"] == 0, "the call holds the only slot")
+        until(lambda: readyz(stack["http"])["slots_free"] == 0, "the call holds the only slot")
         time.sleep(1.0)  # audio flowing
         sent: dict[str, tuple[float, bytes, str]] = {}
         answers: dict[str, tuple[float, str]] = {}
@@ -273,7 +274,7 @@ def test_invite_flood_is_refused_fast_and_the_call_in_progress_keeps_its_audio(s
     # (no free slot) within sip_max_invites_per_second, after holding it 250 ms beyond; an INVITE that found the
     # table full would be answered 486 Busy Here by pjsua itself
     assert set(by_code) <= {486, 503}, by_code
-    metrics = _metrics(stack["http"])
+    metrics = scrape_metrics(stack["http"])
     assert metrics["personagate_gateway_sip_invites_shed_total"] >= FLOOD - 20
     # each refusal counted by status, pjsua's own included
     assert metrics['personagate_gateway_sip_responses_total{method="INVITE",status="503"}'] >= by_code.get(503, 0)
@@ -284,7 +285,7 @@ def test_invite_flood_is_refused_fast_and_the_call_in_progress_keeps_its_audio(s
     assert report["rtp_packets_lost"] == 0, report
     assert (last - first) * 20 >= 4000, (first, last)
     assert longest * 20 <= 500, longest
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the gateway has no call")
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the gateway has no call")
     assert_alive_and_clean(stack["proc"], "after the INVITE flood")  # no crash, no traceback, no assertion
     _options_ok(stack)
 
@@ -298,7 +299,7 @@ CHURN_SLOTS = 24  # more than that: a worker's slot is freed a moment after its 
 
 
 @pytest.fixture(scope="module")
-def churn_stack(tenants: Path) -> Iterator[dict]:  # noqa: F811 - the fixture imported above
+def churn_stack(tenants: Path) -> Iterator[dict]:
     """An echo worker with enough slots for the calls that overlap at CHURN_RATE, and a gateway that takes that many
     INVITEs a second (its default, 10, would shed some)."""
     env = {"PERSONAGATE_GATEWAY_SIP_MAX_INVITES_PER_SECOND": "40"} | private_rtp_ports()
@@ -306,15 +307,15 @@ def churn_stack(tenants: Path) -> Iterator[dict]:  # noqa: F811 - the fixture im
         yield addresses | {"proc": gateway_proc}
 
 
-@pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+@needs("sipp")
 def test_short_call_churn_every_call_answered_and_hung_up_cleanly(churn_stack: dict, tmp_path: Path) -> None:
     """Hundreds of calls hung up 0-100 ms after the answer (answering-machine detection, robocallers), at more than
     10 calls a second (tests/sipp/short_call.xml): every one answered and its BYE answered, none refused; the gateway
     — the same process — then has no call, no traceback, AttributeError or assertion in its log (calls hung up within
     50 ms of the answer used to end in AttributeError, then SIGSEGV), and still answers OPTIONS."""
     stack = churn_stack
-    before = _metrics(stack["http"])
-    command = ["sipp", "-sf", str(ROOT / "tests" / "sipp" / "short_call.xml"), "-s", OPEN_NUMBER, stack["sip"],
+    before = scrape_metrics(stack["http"])
+    command = ["sipp", "-sf", str(SCENARIOS / "short_call.xml"), "-s", OPEN_NUMBER, stack["sip"],
                "-i", "127.0.0.1", "-p", str(udp_free_port()), "-mp", str(udp_free_port()),
                "-m", str(CHURN_CALLS), "-r", str(CHURN_RATE), "-rp", "1000", "-l", str(CHURN_CONCURRENT),
                "-timeout", "120", "-timeout_error", "-nostdin", "-trace_err", "-trace_stat", "-stf", "stat.csv"]
@@ -330,8 +331,8 @@ def test_short_call_churn_every_call_answered_and_hung_up_cleanly(churn_stack: d
     assert done.returncode == 0, f"sipp: exit {done.returncode}\n{done.stdout[-2000:]}{errors}\ngateway: {logged}"
     assert int(stats["SuccessfulCall(C)"]) == CHURN_CALLS and int(stats["FailedCall(C)"]) == 0, stats
     assert CHURN_CALLS / elapsed >= 10, f"{CHURN_CALLS} calls took {elapsed:.1f} s: under 10 calls a second"
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the gateway has no call")
-    after = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the gateway has no call")
+    after = scrape_metrics(stack["http"])
     counted = {name: value - before.get(name, 0) for name, value in after.items()
                if name.startswith(("personagate_gateway_sip_invites_total", "personagate_gateway_calls_ended_total",
                                    "personagate_gateway_sip_responses_total")) and value != before.get(name, 0)}
@@ -360,7 +361,7 @@ def _sipp_stats(path: Path) -> dict[str, str]:
 # (Over TCP, pjsip's framing validates the value: 400.)
 
 
-def test_udp_invite_with_a_content_length_past_2_31_is_400_not_a_crash(tenants: Path) -> None:  # noqa: F811
+def test_udp_invite_with_a_content_length_past_2_31_is_400_not_a_crash(tenants: Path) -> None:
     """A Content-Length too large for any datagram, over UDP: 400 (RFC 3261 §18.3), and the gateway keeps serving."""
     with echo_stack(tenants) as (addresses, _, gateway_proc):
         stack = addresses | {"proc": gateway_proc}

@@ -15,11 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, serve, udp_free_port
-from tests.test_sip import _metrics, _ready, _until, caller_tone_wav, echo_stack, sipp_caller
+from tests.helpers.processes import free_port, serve, udp_free_port
+from tests.helpers.programs import needs
+from tests.helpers.sipp import SCENARIOS, caller_tone_wav, sipp_caller
+from tests.helpers.stack import echo_stack, readyz, scrape_metrics
+from tests.helpers.wait import until
 
 pytest.importorskip("pjsua2")
-pytestmark = pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+pytestmark = needs("sipp")
 
 ROOT = Path(__file__).resolve().parent.parent
 NUMBER = "+14155550186"  # harbor-mutual's catastrophe line: answered at any hour
@@ -36,7 +39,7 @@ def tenants(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _sipp(sip: str, scenario: str, workdir: Path, *, timeout: float = 40, trace: bool = False
           ) -> subprocess.Popen:
     caller_tone_wav(workdir)
-    return subprocess.Popen(sipp_caller(ROOT / "tests" / "sipp" / scenario, sip, NUMBER, sipp_timeout=timeout,
+    return subprocess.Popen(sipp_caller(SCENARIOS / scenario, sip, NUMBER, sipp_timeout=timeout,
                                         extra=["-trace_msg"] if trace else ()),
                             cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -67,11 +70,11 @@ def test_ringing_is_repeated_every_second_while_the_session_is_primed(tenants: P
                    "--worker", f"http://127.0.0.1:{worker_port}", "--sip-port", str(sip_port)],
                   f"http://127.0.0.1:{http_port}/readyz", env=env):
         http = f"http://127.0.0.1:{http_port}"
-        _until(lambda: _ready(http)["slots_free"] == 2, "the gateway sees the stuck worker's slots")
+        until(lambda: readyz(http)["slots_free"] == 2, "the gateway sees the stuck worker's slots")
         began = time.monotonic()
         _finish(_sipp(f"127.0.0.1:{sip_port}", "ringing_call.xml", tmp_path, timeout=20, trace=True), 30)
         elapsed = time.monotonic() - began
-        repeated = _metrics(http)["personagate_gateway_sip_provisionals_repeated_total"]
+        repeated = scrape_metrics(http)["personagate_gateway_sip_provisionals_repeated_total"]
     trace = next(tmp_path.glob("ringing_call_*_messages.log")).read_text()
     received = re.findall(r"message received \[\d+\] bytes :\s+SIP/2\.0 (\d+)", trace)
     sessions = received.count("183")
@@ -92,7 +95,7 @@ def test_session_expires_below_min_se_is_422(stack: dict[str, str], tmp_path: Pa
     """A caller asking for Session-Expires: 60 gets 422 Session Interval Too Small with Min-SE: 90 (checked by
     the sipp scenario) instead of a session the gateway would have to end every minute."""
     _finish(_sipp(stack["sip"], "session_timer_too_small.xml", tmp_path, timeout=10), 20)
-    assert _ready(stack["http"])["calls"] == 0
+    assert readyz(stack["http"])["calls"] == 0
 
 
 def test_session_timer_ends_an_unrefreshed_call_and_keeps_a_refreshed_one(
@@ -102,8 +105,8 @@ def test_session_timer_ends_an_unrefreshed_call_and_keeps_a_refreshed_one(
     call ends with reason session_timer. The other refreshes by re-INVITE at 5 s and by UPDATE at 62 s and is
     still up at 68 s, when it hangs up itself (a BYE from the gateway at 60 or 65 s would fail its scenario).
     90 s is pjsip's and the RFC's floor for Min-SE, so this is the shortest test that proves it (~70 s)."""
-    _until(lambda: _ready(stack["http"])["slots_free"] == 2, "both slots are free")
-    before = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["slots_free"] == 2, "both slots are free")
+    before = scrape_metrics(stack["http"])
     (tmp_path / "idle").mkdir()
     (tmp_path / "refresh").mkdir()
     began = time.monotonic()
@@ -111,13 +114,13 @@ def test_session_timer_ends_an_unrefreshed_call_and_keeps_a_refreshed_one(
     refresh = _sipp(stack["sip"], "session_timer_refresh.xml", tmp_path / "refresh", timeout=85)
     _finish(idle, 90)
     idle_seconds = time.monotonic() - began
-    _until(lambda: _ready(stack["http"])["calls"] == 1, "the unrefreshed call is over")
-    middle = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["calls"] == 1, "the unrefreshed call is over")
+    middle = scrape_metrics(stack["http"])
     assert _delta(before, middle, 'personagate_gateway_calls_ended_total{reason="session_timer"}') == 1
     _finish(refresh, 30)
     refresh_seconds = time.monotonic() - began
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the refreshed call is over")
-    after = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the refreshed call is over")
+    after = scrape_metrics(stack["http"])
     assert 58 <= idle_seconds <= 66, idle_seconds
     assert 67 <= refresh_seconds <= 78, refresh_seconds
     assert _delta(before, after, 'personagate_gateway_calls_ended_total{reason="session_timer"}') == 1

@@ -21,11 +21,15 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import WORKER_AUTH_HEADERS, udp_free_port
-from tests.test_sip import _metrics, _ready, _until, echo_stack, escalating_tenant
+from tests.helpers.processes import udp_free_port
+from tests.helpers.programs import needs
+from tests.helpers.sipp import Human
+from tests.helpers.stack import echo_stack, escalating_tenant, readyz, scrape_metrics
+from tests.helpers.wait import until
+from tests.helpers.worker import WORKER_AUTH_HEADERS
 
 pytest.importorskip("pjsua2")
-pytestmark = pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+pytestmark = needs("sipp")
 
 ROOT = Path(__file__).resolve().parent.parent
 NUMBER = "+14155550186"  # harbor-mutual's catastrophe line: answered at any hour; escalation digit 0
@@ -35,141 +39,6 @@ CALL_TIMEOUT = 30
 TONE_HZ = 1000.0
 TONE_AFTER = 5.0  # seconds from the answer to the tone the caller plays once bridged
 
-_UAS_HEAD = """<?xml version="1.0" encoding="ISO-8859-1" ?>
-<!DOCTYPE scenario SYSTEM "sipp.dtd">
-<scenario name="{name}">
-  <recv request="INVITE" rrs="true">
-    <action>
-{actions}
-    </action>
-  </recv>
-"""
-# sipp refuses a scenario with a variable assigned but never used: each one keeps only what it uses
-_KEEP_PARTIES = """      <ereg regexp=".*" search_in="hdr" header="From:" check_it="true" assign_to="caller"/>
-      <ereg regexp=".*" search_in="hdr" header="To:" check_it="true" assign_to="callee"/>"""
-_KEEP_CSEQ = """      <ereg regexp="[0-9]+" search_in="hdr" header="CSeq:" check_it="true" assign_to="invite_cseq"/>"""
-_KEEP_NOTHING = """      <log message="INVITE received"/>"""
-# The caller's identity, asserted to the human (the caller is `personagate call`: From sip:caller@…)
-_CHECK_IDENTITY = """      <ereg regexp="sip:caller@" search_in="hdr" header="P-Asserted-Identity:" check_it="true"
-            assign_to="identity"/>
-      <log message="caller: [$identity]"/>"""
-_RINGING = """  <send>
-    <![CDATA[
-      SIP/2.0 180 Ringing
-      [last_Via:]
-      [last_From:]
-      [last_To:];tag=[pid]SIPpTag01[call_number]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Contact: <sip:human@[local_ip]:[local_port]>
-      Content-Length: 0
-    ]]>
-  </send>
-"""
-_ANSWER = """  <send retrans="500">
-    <![CDATA[
-      SIP/2.0 200 OK
-      [last_Via:]
-      [last_From:]
-      [last_To:];tag=[pid]SIPpTag01[call_number]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Contact: <sip:human@[local_ip]:[local_port]>
-      Content-Type: application/sdp
-      Content-Length: [len]
-
-      v=0
-      o=human 1 1 IN IP[local_ip_type] [local_ip]
-      s=-
-      c=IN IP[media_ip_type] [media_ip]
-      t=0 0
-      m=audio [media_port] RTP/AVP 0
-      a=rtpmap:0 PCMU/8000
-      a=ptime:20
-    ]]>
-  </send>
-  <recv request="ACK"/>
-"""
-_WAIT_BYE = """  <recv request="BYE"/>
-  <send>
-    <![CDATA[
-      SIP/2.0 200 OK
-      [last_Via:]
-      [last_From:]
-      [last_To:]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Content-Length: 0
-    ]]>
-  </send>
-</scenario>
-"""
-_SEND_BYE = """  <pause milliseconds="{pause_ms}"/>
-  <send retrans="500">
-    <![CDATA[
-      BYE [next_url] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: [$callee];tag=[pid]SIPpTag01[call_number]
-      To: [$caller]
-      [last_Call-ID:]
-      CSeq: 1 BYE
-      Contact: <sip:human@[local_ip]:[local_port]>
-      Max-Forwards: 70
-      Content-Length: 0
-    ]]>
-  </send>
-  <recv response="200"/>
-</scenario>
-"""
-_REFUSE = """  <send>
-    <![CDATA[
-      SIP/2.0 {status}
-      [last_Via:]
-      [last_From:]
-      [last_To:];tag=[pid]SIPpTag01[call_number]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Content-Length: 0
-    ]]>
-  </send>
-  <recv request="ACK"/>
-</scenario>
-"""
-_CANCELLED = """  <recv request="CANCEL"/>
-  <send>
-    <![CDATA[
-      SIP/2.0 200 OK
-      [last_Via:]
-      [last_From:]
-      [last_To:];tag=[pid]SIPpTag01[call_number]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Content-Length: 0
-    ]]>
-  </send>
-  <send>
-    <![CDATA[
-      SIP/2.0 487 Request Terminated
-      [last_Via:]
-      [last_From:]
-      [last_To:];tag=[pid]SIPpTag01[call_number]
-      [last_Call-ID:]
-      CSeq: [$invite_cseq] INVITE
-      Content-Length: 0
-    ]]>
-  </send>
-  <recv request="ACK"/>
-</scenario>
-"""
-
-SCENARIOS = {
-    "answers": (_CHECK_IDENTITY, _RINGING + _ANSWER + _WAIT_BYE),  # answers, echoes RTP, waits for the BYE
-    "hangs_up": (_KEEP_PARTIES, _RINGING + _ANSWER + _SEND_BYE),  # answers, then hangs up itself
-    "refuses": (_KEEP_NOTHING, _REFUSE),  # a final failure answer
-    "no_answer": (_KEEP_CSEQ, _RINGING + _CANCELLED),  # rings until cancelled
-}
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A one-slot echo worker and a SIP gateway whose tenant escalates digit 0 to a loopback URI (where each
@@ -178,38 +47,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     target = escalating_tenant(folder)
     with echo_stack(folder, {"PERSONAGATE_GATEWAY_SIP_TRANSFER_RING_SECONDS": str(RING_SECONDS)}) as (addresses, _, _):
         yield addresses | target
-
-
-
-class Human:
-    """sipp as the escalation target, running one scenario for one call."""
-
-    def __init__(self, stack: dict[str, str], folder: Path, scenario: str, **params: object) -> None:
-        path = folder / f"human-{scenario}.xml"
-        actions, body = SCENARIOS[scenario]
-        text = _UAS_HEAD.replace("{name}", scenario).replace("{actions}", actions) + body
-        for name, value in params.items():
-            text = text.replace(f"{{{name}}}", str(value))
-        path.write_text(text)
-        self.proc = subprocess.Popen(
-            ["sipp", "-sf", str(path), "-i", "127.0.0.1", "-p", stack["target_port"], "-mp", str(udp_free_port()),
-             "-rtp_echo", "-m", "1", "-timeout", "25", "-timeout_error", "-nostdin", "-trace_err"],
-            cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.folder = folder
-
-    def finished(self, timeout: float = 10.0) -> int:
-        """sipp's exit status (0: its whole scenario ran, e.g. the BYE it expects came)."""
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-        return self.proc.returncode
-
-    def errors(self) -> str:
-        logs = [p.read_text(errors="replace")[-2000:] for p in self.folder.glob("*errors.log")]
-        out = self.proc.stdout.read()[-2000:] if self.proc.stdout else ""
-        return "\n".join(logs) + out
 
 
 def _caller(stack: dict[str, str], *args: str) -> subprocess.Popen:
@@ -263,8 +100,8 @@ def test_refused_refer_bridges_the_caller_to_the_human(stack: dict[str, str], tm
     the agent session is released while the caller is still on the line, the caller's audio reaches the human
     and comes back (a tone played only after the agent is gone), and the caller's BYE makes the gateway BYE
     the human."""
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
-    before = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
+    before = scrape_metrics(stack["http"])
     human = Human(stack, tmp_path, "answers")
     caller = _caller(stack, "--seconds", "7.5", "--dtmf", "0@0.5", "--play",
                      str(_tone_file(tmp_path / "in.wav", TONE_AFTER, 1.5)),
@@ -272,9 +109,9 @@ def test_refused_refer_bridges_the_caller_to_the_human(stack: dict[str, str], tm
     began = time.monotonic()
     try:
         # bridged: the worker's session is gone and the slot free, while the caller's SIP call goes on
-        _until(lambda: _active_sessions(stack) == 0 and _ready(stack["http"])["slots_free"] == 1
-               and _metrics(stack["http"])["personagate_gateway_sip_calls_active"] == 1,
-               "the agent session is released with the caller still on the line", timeout=10)
+        until(lambda: _active_sessions(stack) == 0 and readyz(stack["http"])["slots_free"] == 1
+              and scrape_metrics(stack["http"])["personagate_gateway_sip_calls_active"] == 1,
+              "the agent session is released with the caller still on the line", timeout=10)
         released_after = time.monotonic() - began
         report = _report(caller)
     finally:
@@ -293,8 +130,8 @@ def test_refused_refer_bridges_the_caller_to_the_human(stack: dict[str, str], tm
           f"tone back through the human {tone:.1f} dBFS ({share:.0%} at {TONE_HZ:g} Hz)")
     assert quiet < -45, quiet  # no agent (and no ringback) once bridged
     assert tone > -25 and share > 0.8, (tone, share)  # the caller's tone went to the human and came back
-    _until(lambda: _metrics(stack["http"])["personagate_gateway_sip_calls_active"] == 0, "the call is over")
-    after = _metrics(stack["http"])
+    until(lambda: scrape_metrics(stack["http"])["personagate_gateway_sip_calls_active"] == 0, "the call is over")
+    after = scrape_metrics(stack["http"])
     assert _delta(before, after, _transfers("failed", "refer")) == 1
     assert _delta(before, after, _transfers("success", "bridge")) == 1
     assert _delta(before, after, 'personagate_gateway_calls_ended_total{reason="transfer"}') == 1
@@ -302,14 +139,14 @@ def test_refused_refer_bridges_the_caller_to_the_human(stack: dict[str, str], tm
 
 def test_human_hanging_up_ends_the_callers_leg(stack: dict[str, str], tmp_path: Path) -> None:
     """Once bridged, the human's BYE makes the gateway BYE the caller: the caller sees the gateway hang up."""
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
     human = Human(stack, tmp_path, "hangs_up", pause_ms=2000)
     report = _report(_caller(stack, "--seconds", "10", "--dtmf", "0@0.5"))
     assert human.finished() == 0, human.errors()
     assert report["status"] == 200 and report["answered"], report
     assert report["hung_up"] == "gateway", report
-    _until(lambda: _metrics(stack["http"])["personagate_gateway_sip_calls_active"] == 0
-           and _ready(stack["http"])["slots_free"] == 1, "the call is over, the slot free")
+    until(lambda: scrape_metrics(stack["http"])["personagate_gateway_sip_calls_active"] == 0
+          and readyz(stack["http"])["slots_free"] == 1, "the call is over, the slot free")
 
 
 @pytest.mark.parametrize(("answer", "result"), [("486 Busy Here", "busy"), ("503 Service Unavailable", "failed")])
@@ -317,8 +154,8 @@ def test_busy_human_keeps_the_caller_with_the_agent(stack: dict[str, str], tmp_p
                                                     result: str) -> None:
     """The human side answers 486 (or an error): the caller stays with the agent (the echo agent still returns
     the caller's tone afterwards) until the caller hangs up."""
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
-    before = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
+    before = scrape_metrics(stack["http"])
     human = Human(stack, tmp_path, "refuses", status=answer)
     report = _report(_caller(stack, "--seconds", "4", "--dtmf", "0@0.5", "--play",
                              str(_tone_file(tmp_path / "in.wav", 2, 1.5)), "--record", str(tmp_path / "out.wav")))
@@ -327,8 +164,8 @@ def test_busy_human_keeps_the_caller_with_the_agent(stack: dict[str, str], tmp_p
     audio, _ = soundfile.read(tmp_path / "out.wav")
     tone, share = _level(audio, 2.5, 3.4)
     assert tone > -25 and share > 0.8, (tone, share)  # the agent (echo) is still there
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
-    after = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
+    after = scrape_metrics(stack["http"])
     assert _delta(before, after, _transfers(result, "bridge")) == 1
     assert _delta(before, after, 'personagate_gateway_calls_ended_total{reason="hangup"}') == 1
 
@@ -336,14 +173,14 @@ def test_busy_human_keeps_the_caller_with_the_agent(stack: dict[str, str], tmp_p
 def test_unanswered_human_is_cancelled_after_the_ring_timeout(stack: dict[str, str], tmp_path: Path) -> None:
     """The human's phone rings and nobody answers: after the ring timeout (3 s here) the gateway cancels its
     INVITE and the caller stays with the agent."""
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
-    before = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
+    before = scrape_metrics(stack["http"])
     human = Human(stack, tmp_path, "no_answer")
     report = _report(_caller(stack, "--seconds", "6", "--dtmf", "0@0.5"))
     assert human.finished() == 0, human.errors()  # the CANCEL came (sipp answered it 200, then 487)
     assert report["status"] == 200 and report["hung_up"] == "caller", report
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
-    after = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
+    after = scrape_metrics(stack["http"])
     assert _delta(before, after, _transfers("no_answer", "bridge")) == 1
     assert _delta(before, after, 'personagate_gateway_calls_ended_total{reason="hangup"}') == 1
 
@@ -352,14 +189,14 @@ def test_caller_hanging_up_while_the_human_rings_cancels_the_humans_call(stack: 
                                                                          tmp_path: Path) -> None:
     """The caller gives up while the human's phone rings: the gateway cancels its INVITE at once (not after
     the ring timeout) and counts the attempt as abandoned."""
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
-    before = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
+    before = scrape_metrics(stack["http"])
     human = Human(stack, tmp_path, "no_answer")
     report = _report(_caller(stack, "--seconds", "1.2", "--dtmf", "0@0.5"))
     assert report["status"] == 200 and report["hung_up"] == "caller", report
     assert human.finished() == 0, human.errors()  # the CANCEL came
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
-    after = _metrics(stack["http"])
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
+    after = scrape_metrics(stack["http"])
     assert _delta(before, after, _transfers("abandoned", "bridge")) == 1
     assert _delta(before, after, _transfers("no_answer", "bridge")) == 0
 
@@ -390,8 +227,8 @@ def test_without_the_fallback_a_refused_refer_keeps_the_caller_with_the_agent(
         with echo_stack(folder, {"PERSONAGATE_GATEWAY_SIP_TRANSFER_BRIDGE_FALLBACK": "false"}) as (stack, _, _):
             report = _report(_caller(stack, "--seconds", "2.5", "--dtmf", "0@0.5"))
             assert report["refers"][0]["answer"] == 603 and report["hung_up"] == "caller", report
-            _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
-            metrics = _metrics(stack["http"])
+            until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
+            metrics = scrape_metrics(stack["http"])
         target.settimeout(0.1)
         with pytest.raises(TimeoutError):
             target.recv(65535)  # the gateway never called the target
@@ -409,9 +246,9 @@ def test_gateway_drain_keeps_a_bridged_call_until_it_ends(tmp_path: Path) -> Non
         human = Human(stack, tmp_path, "hangs_up", pause_ms=6000)
         caller = _caller(stack, "--seconds", "20", "--dtmf", "0@0.5")
         try:
-            _until(lambda: _active_sessions(stack) == 0
-                   and _metrics(stack["http"])["personagate_gateway_sip_calls_active"] == 1,
-                   "the caller is bridged to the human", timeout=10)
+            until(lambda: _active_sessions(stack) == 0
+                  and scrape_metrics(stack["http"])["personagate_gateway_sip_calls_active"] == 1,
+                  "the caller is bridged to the human", timeout=10)
             gateway.send_signal(signal.SIGTERM)
             time.sleep(2.0)
             assert gateway.poll() is None, "the drain ended with a bridged call in progress"
@@ -434,11 +271,11 @@ def test_key_presses_reach_the_human_once_bridged(tmp_path: Path) -> None:
     yaml = folder / "harbor-mutual" / "tenant.yaml"
     yaml.write_text(re.sub(r"transfer_to: \S+", f"transfer_to: sip:{NUMBER}@127.0.0.1:{sip_port}", yaml.read_text()))
     with echo_stack(folder, slots=2, sip_port=sip_port) as (stack, _, _):
-        before = _metrics(stack["http"])
+        before = scrape_metrics(stack["http"])
         report = _report(_caller(stack, "--seconds", "7", "--dtmf", "0@0.5", "--dtmf", "5@4.5"))
         assert report["answered"] and report["refers"][0]["answer"] == 603, report
-        _until(lambda: _metrics(stack["http"])["personagate_gateway_sip_calls_active"] == 0, "both calls are over")
-        after = _metrics(stack["http"])
+        until(lambda: scrape_metrics(stack["http"])["personagate_gateway_sip_calls_active"] == 0, "both calls are over")
+        after = scrape_metrics(stack["http"])
     assert _delta(before, after, _transfers("success", "bridge")) == 1
     # the caller's 0 (escalation) and 5, and the 5 again as the human's call received it
     assert _delta(before, after, 'personagate_gateway_sip_dtmf_total{method="rfc4733"}') == 3

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
 import socket
 import ssl
 import subprocess
@@ -26,17 +25,17 @@ import pytest
 import soundfile
 
 from personagate_bench.sip import MULAW_DECODE, mulaw_encode
-from tests.conftest import udp_free_port
-from tests.test_sip import OPEN_NUMBER, ROOT, _metrics, _ready, _until, call, echo_stack, sipp_caller, tenants  # noqa: F401 - tenants: fixture
+from tests.helpers.caller import call
+from tests.helpers.processes import udp_free_port
+from tests.helpers.programs import BARESIP_MODULES, needs, path_of
+from tests.helpers.sipp import SCENARIOS, sipp_caller
+from tests.helpers.stack import OPEN_NUMBER, echo_stack, readyz, scrape_metrics
+from tests.helpers.wait import until
 
 pytest.importorskip("pjsua2")
 
 TONE_HZ = 600
-BARESIP = shutil.which("baresip")
-BARESIP_MODULES = Path("/usr/lib/baresip/modules")
-needs_baresip = pytest.mark.skipif(BARESIP is None or not (BARESIP_MODULES / "srtp.so").exists(),
-                                   reason="baresip with its srtp module (Debian: baresip) is not installed")
-needs_sipp = pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+BARESIP = path_of("baresip")
 
 
 # ---------------------------------------------------------------------- certificates
@@ -82,7 +81,7 @@ def _tls_env(certs: Path, tls_port: int, **more: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def stack(tenants: Path, certs: Path) -> Iterator[dict[str, str]]:  # noqa: F811 (the fixture imported above)
+def stack(tenants: Path, certs: Path) -> Iterator[dict[str, str]]:
     """The echo stack with TLS on and the defaults otherwise (sip_srtp optional, SDES only over TLS); calls are cut
     at 5 s, so that the gateway hangs up (BYE) calls that last."""
     tls_port = udp_free_port()
@@ -91,7 +90,7 @@ def stack(tenants: Path, certs: Path) -> Iterator[dict[str, str]]:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def strict_stack(tenants: Path, certs: Path) -> Iterator[dict[str, str]]:  # noqa: F811
+def strict_stack(tenants: Path, certs: Path) -> Iterator[dict[str, str]]:
     """The echo stack for trunks that require security: SRTP mandatory, mutual TLS (client certificates from the
     test CA), TLS 1.3 only."""
     tls_port = udp_free_port()
@@ -210,7 +209,7 @@ def baresip_call(folder: Path, uri: str, *, mediaenc: str | None, ca_file: Path,
 
 
 def _calls(stack: dict[str, str], transport: str, srtp: bool) -> float:
-    return _metrics(stack["http"]).get(
+    return scrape_metrics(stack["http"]).get(
         f'personagate_gateway_sip_calls_total{{srtp="{str(srtp).lower()}",transport="{transport}"}}', 0.0)
 
 
@@ -247,17 +246,17 @@ def test_a_request_over_tcp_is_answered_on_its_own_connection(stack: dict[str, s
             assert f"Call-ID: {call_id}" in head and any(h.startswith("Via: SIP/2.0/TCP") for h in head), head
 
 
-@needs_sipp
+@needs("sipp")
 def test_sipp_over_tcp_is_answered_echoed_and_hung_up_over_tcp(stack: dict[str, str], tmp_path: Path) -> None:
     """sipp -t t1 (TCP only: it listens for nothing else) calls; the 200 OK's Contact says transport=tcp; a 600 Hz
     tone sent as the caller's RTP comes back from the echo worker; the gateway hangs up at the stack's 5 s limit
     with a BYE that comes over TCP with a Via of SIP/2.0/TCP, both checked by the scenario (tcp_call.xml)."""
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
     before = _calls(stack, "tcp", False)
     rtp = RtpPeer()
     rtp.start()
     try:
-        done = subprocess.run(sipp_caller(ROOT / "tests" / "sipp" / "tcp_call.xml", stack["sip"], OPEN_NUMBER,
+        done = subprocess.run(sipp_caller(SCENARIOS / "tcp_call.xml", stack["sip"], OPEN_NUMBER,
                                           extra=("-t", "t1", "-key", "rtp_port", str(rtp.port), "-trace_msg")),
                               cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
     finally:
@@ -267,24 +266,24 @@ def test_sipp_over_tcp_is_answered_echoed_and_hung_up_over_tcp(stack: dict[str, 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:] + errors[-3000:] + trace[-4000:]
     assert rtp.received, f"no RTP reached port {rtp.port}: {trace[-6000:]}"
     assert_tone_came_back(rtp.heard(), 8000, "sipp over TCP")
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
     assert _calls(stack, "tcp", False) == before + 1
 
 
 # ---------------------------------------------------------------------- TLS and SRTP
 
 
-@needs_baresip
+@needs("baresip")
 def test_baresip_over_tls_with_srtp_is_echoed(stack: dict[str, str], certs: Path, tmp_path: Path) -> None:
     """baresip offers SRTP (mediaenc srtp: RTP/AVP with SDES keys) over TLS, checking the gateway's certificate
     against the test CA: the call is answered with SRTP (sip_srtp optional), and its tone comes back."""
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
     before = _calls(stack, "tls", True)
     out, audio = baresip_call(tmp_path, f"sip:{OPEN_NUMBER}@{stack['tls']};transport=tls", mediaenc="srtp",
                               ca_file=certs / "ca.pem")
     assert "Call established" in out and "SRTP is Enabled" in out, out[-3000:]
     assert_tone_came_back(audio, 8000, f"baresip over TLS with SRTP: {out[-3000:]}")
-    _until(lambda: _ready(stack["http"])["calls"] == 0, "the call is over")
+    until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
     assert _calls(stack, "tls", True) == before + 1
 
 
@@ -294,7 +293,7 @@ def test_personagate_call_over_tls_with_srtp_checks_the_certificate(stack: dict[
     report says so. With a CA that did not sign the gateway's certificate, the caller refuses the connection."""
     rate = 16_000
     soundfile.write(tmp_path / "tone.wav", np.concatenate([tone(2.0, rate), np.zeros(rate // 2)]), rate)
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
     report = call(_tls(stack), OPEN_NUMBER, "--transport", "tls", "--ca-file", str(certs / "ca.pem"), "--srtp",
                   "mandatory", "--play", str(tmp_path / "tone.wav"), "--seconds", "2.5",
                   "--record", str(tmp_path / "back.wav"))
@@ -311,42 +310,43 @@ def test_srtp_keys_are_not_exchanged_over_signalling_in_clear(stack: dict[str, s
     """sip_srtp optional, sip_srtp_insecure_signalling false (the defaults): a caller over TCP offering SDES keys
     with RTP/AVP gets plain RTP (the keys would be readable on the path); one offering RTP/SAVP only is refused
     488 (counted with pjsua's other answers). Over TLS the same offer gets SRTP, and one without keys plain RTP."""
-    before = _metrics(stack["http"]).get('personagate_gateway_sip_responses_total{method="INVITE",status="488"}', 0)
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    refused_488 = 'personagate_gateway_sip_responses_total{method="INVITE",status="488"}'
+    before = scrape_metrics(stack["http"]).get(refused_488, 0)
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
     plain = call(stack, OPEN_NUMBER, "--transport", "tcp", "--srtp", "optional", "--seconds", "1")
     assert plain["status"] == 200 and plain["srtp"] is False and plain["transport"] == "tcp", plain
     refused = call(stack, OPEN_NUMBER, "--transport", "tcp", "--srtp", "mandatory", "--seconds", "1")
     assert refused["status"] == 488 and not refused["answered"], refused
-    after = _metrics(stack["http"])['personagate_gateway_sip_responses_total{method="INVITE",status="488"}']
+    after = scrape_metrics(stack["http"])[refused_488]
     assert after == before + 1
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
     secure = call(_tls(stack), OPEN_NUMBER, "--transport", "tls", "--srtp", "optional", "--seconds", "1")
     assert secure["status"] == 200 and secure["srtp"] is True, secure
-    _until(lambda: _ready(stack["http"])["slots_free"] == 1, "the slot is free")
+    until(lambda: readyz(stack["http"])["slots_free"] == 1, "the slot is free")
     no_keys = call(_tls(stack), OPEN_NUMBER, "--transport", "tls", "--seconds", "1")
     assert no_keys["status"] == 200 and no_keys["srtp"] is False, no_keys
 
 
-@needs_baresip
+@needs("baresip")
 def test_mandatory_srtp_and_mutual_tls(strict_stack: dict[str, str], certs: Path, tmp_path: Path) -> None:
     """sip_srtp mandatory with client certificates required: baresip presenting the trunk's certificate and
     requiring SRTP (srtp-mand: RTP/SAVP) is answered with SRTP and echoed; the same trunk offering plain RTP is
     refused 488; a caller without a certificate, or with one from another CA, does not get past TLS; and calls
     over TCP are refused 488 whatever they offer: their keys could not be exchanged safely."""
     uri = f"sip:{OPEN_NUMBER}@{strict_stack['tls']};transport=tls"
-    _until(lambda: _ready(strict_stack["http"])["slots_free"] == 1, "the slot is free")
+    until(lambda: readyz(strict_stack["http"])["slots_free"] == 1, "the slot is free")
     out, audio = baresip_call(tmp_path / "srtp", uri, mediaenc="srtp-mand", ca_file=certs / "ca.pem",
                               certificate=certs / "client-bundle.pem")
     assert "Call established" in out and "SRTP is Enabled" in out, out[-3000:]
     assert_tone_came_back(audio, 8000, f"baresip, mandatory SRTP and mutual TLS: {out[-3000:]}")
-    _until(lambda: _ready(strict_stack["http"])["calls"] == 0, "the call is over")
+    until(lambda: readyz(strict_stack["http"])["calls"] == 0, "the call is over")
     assert _calls(strict_stack, "tls", True) == 1
 
     refused_488 = 'personagate_gateway_sip_responses_total{method="INVITE",status="488"}'
     out, _ = baresip_call(tmp_path / "plain", uri, mediaenc=None, ca_file=certs / "ca.pem",
                           certificate=certs / "client-bundle.pem", seconds=5)
     assert "488" in out and "Call established" not in out, out[-3000:]
-    assert _metrics(strict_stack["http"])[refused_488] == 1
+    assert scrape_metrics(strict_stack["http"])[refused_488] == 1
 
     no_certificate = call(_tls(strict_stack), OPEN_NUMBER, "--transport", "tls", "--srtp", "mandatory",
                           "--seconds", "1", "--timeout", "10")
@@ -361,10 +361,10 @@ def test_mandatory_srtp_and_mutual_tls(strict_stack: dict[str, str], certs: Path
     assert keys_in_clear["status"] == 488, keys_in_clear
     plain_over_tcp = call(strict_stack, OPEN_NUMBER, "--transport", "tcp", "--seconds", "1")
     assert plain_over_tcp["status"] == 488 and "seconds_to_180" not in plain_over_tcp, plain_over_tcp
-    metrics = _metrics(strict_stack["http"])
+    metrics = scrape_metrics(strict_stack["http"])
     assert metrics[refused_488] == 3
     assert metrics['personagate_gateway_sip_invites_total{answer="488"}'] == 1
-    assert _ready(strict_stack["http"])["calls"] == 0
+    assert readyz(strict_stack["http"])["calls"] == 0
 
 
 def test_tls_below_the_minimum_version_is_refused(strict_stack: dict[str, str], certs: Path) -> None:

@@ -6,65 +6,29 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
-from pathlib import Path
 
 from prometheus_client import generate_latest
 
 from gateway.tenants.registry import TenantRegistry
-from gateway.tenants.tenant import PersonaConfig
+from tests.helpers.tenant_files import TEMPLATE, routed_persona, write_tenant
+from tests.helpers.wait import until_async
 
-TEMPLATE = """\
-tenant: {tenant}
-name: {tenant} line
-numbers:
-  "{number}": agent
-personas:
-  agent:
-    prompt: {prompt}
-    voice: {{preset: NATF0}}
-"""
-APPLY_WITHIN = 5.0  # what docs/tenants.md#hot-reload promises admins
-
-
-def _write(root: Path, tenant: str, number: str = "+14155550100", prompt: str = "You are agent one.") -> Path:
-    folder = root / tenant
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "tenant.yaml"
-    tmp = folder / ".tenant.yaml.tmp"
-    tmp.write_text(TEMPLATE.format(tenant=tenant, number=number, prompt=prompt))
-    os.replace(tmp, path)  # as an editor or the admin API saves: never a half-written file
-    return path
-
-
-def _persona(registry: TenantRegistry, number: str) -> PersonaConfig | None:
-    routed = registry.route(number)
-    if routed is None:
-        return None
-    answer = routed[1]
-    assert isinstance(answer, PersonaConfig)
-    return answer
-
-
-async def _until(condition, timeout: float = APPLY_WITHIN) -> float:
-    began = time.monotonic()
-    while not condition():
-        assert time.monotonic() - began < timeout, "not applied in time"
-        await asyncio.sleep(0.05)
-    return time.monotonic() - began
+APPLY_WITHIN = 5.0  # seconds in which an admin's change reaches new calls
 
 
 async def test_a_valid_edit_reaches_new_calls_within_5_s_and_a_call_in_progress_keeps_its_persona(tmp_path):
-    _write(tmp_path, "acme", prompt="You are agent one.")
+    write_tenant(tmp_path, "acme", prompt="You are agent one.")
     registry = TenantRegistry(tmp_path, poll_seconds=0.5)
     watcher = asyncio.create_task(registry.watch())
     try:
-        await _until(lambda: _persona(registry, "+14155550100") is not None)
-        in_call = _persona(registry, "+14155550100")
+        await until_async(lambda: routed_persona(registry, "+14155550100") is not None,
+                          "the change is applied", timeout=APPLY_WITHIN)
+        in_call = routed_persona(registry, "+14155550100")
         assert in_call is not None and in_call.prompt == "You are agent one."
 
-        _write(tmp_path, "acme", prompt="You are agent two.")
-        await _until(lambda: _persona(registry, "+14155550100").prompt == "You are agent two.")
+        write_tenant(tmp_path, "acme", prompt="You are agent two.")
+        await until_async(lambda: routed_persona(registry, "+14155550100").prompt == "You are agent two.",
+                          "the change is applied", timeout=APPLY_WITHIN)
         assert in_call.prompt == "You are agent one."  # the call that started before keeps its persona
         assert in_call.worker_persona["prompt"] == "You are agent one."
     finally:
@@ -72,8 +36,8 @@ async def test_a_valid_edit_reaches_new_calls_within_5_s_and_a_call_in_progress_
 
 
 async def test_a_broken_edit_keeps_the_last_good_configuration_and_is_reported(tmp_path):
-    _write(tmp_path, "acme", prompt="You are agent one.")
-    _write(tmp_path, "zenith", number="+14155550199")
+    write_tenant(tmp_path, "acme", prompt="You are agent one.")
+    write_tenant(tmp_path, "zenith", number="+14155550199")
     registry = TenantRegistry(tmp_path, poll_seconds=0.2)
     registry.reload()
     assert registry.status.ok
@@ -82,27 +46,29 @@ async def test_a_broken_edit_keeps_the_last_good_configuration_and_is_reported(t
     path.write_text(path.read_text().replace("You are agent one.", "You are agent two.").replace("NATF0", "NOPE"))
     watcher = asyncio.create_task(registry.watch())
     try:
-        await _until(lambda: not registry.status.ok)
+        await until_async(lambda: not registry.status.ok, "the change is applied", timeout=APPLY_WITHIN)
         status = registry.status.tenants["acme"]
         assert status.state == "serving_previous"
         assert [str(p) for p in status.problems] == [
             ("acme/tenant.yaml:8:21: personas.agent.voice.preset: unknown voice preset 'NOPE'; expected one of NATF0, NATF1, "
             "NATF2, NATF3, NATM0, NATM1, NATM2, NATM3, VARF0, VARF1, VARF2, VARF3, VARF4, VARM0, VARM1, VARM2, "
             "VARM3, VARM4")]
-        assert _persona(registry, "+14155550100").prompt == "You are agent one."  # the line stays up
+        assert routed_persona(registry, "+14155550100").prompt == "You are agent one."  # the line stays up
         metrics = generate_latest(registry.metrics.registry).decode()
         assert 'personagate_gateway_tenant_config_errors{tenant="acme"} 1.0' in metrics
         assert 'personagate_gateway_tenant_config_errors{tenant="zenith"} 0.0' in metrics
         assert 'personagate_gateway_tenant_reloads_total{result="partial"} 1.0' in metrics
 
         # Another tenant's valid change still applies while acme is broken.
-        _write(tmp_path, "zenith", number="+14155550199", prompt="Zenith, updated.")
-        await _until(lambda: _persona(registry, "+14155550199").prompt == "Zenith, updated.")
+        write_tenant(tmp_path, "zenith", number="+14155550199", prompt="Zenith, updated.")
+        await until_async(lambda: routed_persona(registry, "+14155550199").prompt == "Zenith, updated.",
+                          "the change is applied", timeout=APPLY_WITHIN)
         assert registry.status.tenants["acme"].state == "serving_previous"
 
         # The fix applies, and the error is cleared.
-        _write(tmp_path, "acme", prompt="You are agent three.")
-        await _until(lambda: _persona(registry, "+14155550100").prompt == "You are agent three.")
+        write_tenant(tmp_path, "acme", prompt="You are agent three.")
+        await until_async(lambda: routed_persona(registry, "+14155550100").prompt == "You are agent three.",
+                          "the change is applied", timeout=APPLY_WITHIN)
         assert registry.status.ok
         metrics = generate_latest(registry.metrics.registry).decode()
         assert 'personagate_gateway_tenant_config_errors{tenant="acme"} 0.0' in metrics
@@ -111,7 +77,7 @@ async def test_a_broken_edit_keeps_the_last_good_configuration_and_is_reported(t
 
 
 def test_a_new_tenant_with_errors_is_rejected_and_serves_nothing(tmp_path):
-    path = _write(tmp_path, "acme")
+    path = write_tenant(tmp_path, "acme")
     path.write_text(path.read_text().replace("tenant: acme", "tenant: Acme!"))
     registry = TenantRegistry(tmp_path)
     registry.reload()
@@ -120,10 +86,10 @@ def test_a_new_tenant_with_errors_is_rejected_and_serves_nothing(tmp_path):
 
 
 def test_a_number_taken_by_another_tenant_is_refused_and_the_owner_keeps_it(tmp_path):
-    _write(tmp_path, "acme", number="+14155550100")
+    write_tenant(tmp_path, "acme", number="+14155550100")
     registry = TenantRegistry(tmp_path)
     registry.reload()
-    _write(tmp_path, "zenith", number="+14155550100")
+    write_tenant(tmp_path, "zenith", number="+14155550100")
     registry.reload()
     assert registry.route("+14155550100")[0].id == "acme"
     [problem] = registry.status.tenants["zenith"].problems
@@ -133,13 +99,13 @@ def test_a_number_taken_by_another_tenant_is_refused_and_the_owner_keeps_it(tmp_
 
 
 def test_a_number_moved_between_tenants_in_one_change_moves(tmp_path):
-    _write(tmp_path, "zenith", number="+14155550111")
-    _write(tmp_path, "acme", number="+14155550100")
+    write_tenant(tmp_path, "zenith", number="+14155550111")
+    write_tenant(tmp_path, "acme", number="+14155550100")
     registry = TenantRegistry(tmp_path)
     registry.reload()
     # acme is applied first (sorted), while zenith still holds the number it is giving up.
-    _write(tmp_path, "acme", number="+14155550111")
-    _write(tmp_path, "zenith", number="+14155550122")
+    write_tenant(tmp_path, "acme", number="+14155550111")
+    write_tenant(tmp_path, "zenith", number="+14155550122")
     registry.reload()
     assert registry.status.ok, registry.status.problems
     assert registry.route("+14155550111")[0].id == "acme"
@@ -148,7 +114,7 @@ def test_a_number_moved_between_tenants_in_one_change_moves(tmp_path):
 
 
 def test_a_removed_tenant_folder_stops_taking_calls(tmp_path):
-    path = _write(tmp_path, "acme")
+    path = write_tenant(tmp_path, "acme")
     registry = TenantRegistry(tmp_path)
     registry.reload()
     path.unlink()
@@ -175,16 +141,18 @@ async def test_a_kubernetes_configmap_swap_is_seen(tmp_path):
     registry = TenantRegistry(tmp_path, poll_seconds=0.2)
     watcher = asyncio.create_task(registry.watch())
     try:
-        await _until(lambda: _persona(registry, "+14155550100") is not None)
-        assert _persona(registry, "+14155550100").prompt == "Version one."
+        await until_async(lambda: routed_persona(registry, "+14155550100") is not None,
+                          "the change is applied", timeout=APPLY_WITHIN)
+        assert routed_persona(registry, "+14155550100").prompt == "Version one."
         publish("2026_11_25_10_05_00.2", "Version two.")
-        await _until(lambda: _persona(registry, "+14155550100").prompt == "Version two.")
+        await until_async(lambda: routed_persona(registry, "+14155550100").prompt == "Version two.",
+                          "the change is applied", timeout=APPLY_WITHIN)
     finally:
         watcher.cancel()
 
 
 def test_an_unchanged_folder_is_not_read_again(tmp_path):
-    _write(tmp_path, "acme")
+    write_tenant(tmp_path, "acme")
     registry = TenantRegistry(tmp_path)
     first = registry.reload()
     assert registry.reload() is first

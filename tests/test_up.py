@@ -14,19 +14,20 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import httpx
 import pytest
 
 from gateway.up import HEALTHY_SECONDS, Component, describe_exit, restart_delay, stopped_on_purpose
 from personagate_common.plane import bearer
-from tests.conftest import WORKER_AUTH_HEADERS, free_port, udp_free_port
+from tests.helpers.processes import free_port, udp_free_port
+from tests.helpers.wait import until
+from tests.helpers.worker import WORKER_AUTH_HEADERS
 
 REPO = Path(__file__).resolve().parents[1]
-T = TypeVar("T")
+RESTART_WITHIN = 120.0  # seconds for `up` to restart a process it supervises (a cold worker start)
 
 
 def _start_up(tmp_path: Path, slots: int, *, env: dict[str, str] | None = None,
@@ -85,15 +86,6 @@ def _log(tmp_path: Path) -> str:
 def _crashes(tmp_path: Path) -> list[str]:
     """The crashes `up` has reported so far, one line each."""
     return [line for line in _log(tmp_path).splitlines() if line.startswith("personagate up: ") and " crashed " in line]
-
-
-def _until(condition: Callable[[], T], what: str, timeout: float = 120.0) -> T:
-    """Poll ``condition`` until it returns something true (returned), or fail saying ``what`` did not happen."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:g} s"
-        time.sleep(0.2)
-    return value
 
 
 def _children(up: subprocess.Popen) -> dict[str, int]:
@@ -209,7 +201,8 @@ def test_a_crashed_gateway_is_restarted_while_the_worker_keeps_running(tmp_path)
         assert set(before) == {"worker", "gateway"}, before
         os.kill(before["gateway"], signal.SIGSEGV)
 
-        _until(lambda: "personagate up: the gateway is back (restart 1)" in _log(tmp_path), "the gateway back")
+        until(lambda: "personagate up: the gateway is back (restart 1)" in _log(tmp_path), "the gateway back",
+              timeout=RESTART_WITHIN)
         after = _children(up)
         assert after["worker"] == before["worker"]  # the worker, its model and primed personas, stayed
         assert after["gateway"] != before["gateway"]
@@ -238,7 +231,8 @@ def test_a_crashed_worker_is_restarted_while_the_gateway_keeps_running(tmp_path)
         before = _children(up)
         os.kill(before["worker"], signal.SIGKILL)
 
-        _until(lambda: "personagate up: the worker is back (restart 1)" in _log(tmp_path), "the worker back")
+        until(lambda: "personagate up: the worker is back (restart 1)" in _log(tmp_path), "the worker back",
+              timeout=RESTART_WITHIN)
         after = _children(up)
         assert after["gateway"] == before["gateway"]
         assert after["worker"] != before["worker"]

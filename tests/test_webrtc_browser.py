@@ -36,8 +36,10 @@ import pytest
 import soundfile
 import yaml
 
-from tests.test_sip import _ready, _until
-from tests.test_webrtc import Stack, tenant_copy, webrtc_stack
+from tests.helpers.programs import needs
+from tests.helpers.stack import readyz
+from tests.helpers.wait import until
+from tests.helpers.webrtc import Stack, tenant_copy, webrtc_stack
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -47,8 +49,7 @@ TENANTS = Path(__file__).resolve().parent.parent / "tenants"
 TENANT = "harbor-mutual"
 CALL_TIMEOUT = 30.0  # seconds from the click to a live call with agent audio and text
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium "
-                                "(apt-get install chromium; .ci/run installs it)")
+pytestmark = needs("chromium")
 
 
 def public_persona() -> str:
@@ -92,7 +93,7 @@ def browser_stack(folder: Path) -> Iterator[Stack]:
 
 
 def slots_free(http: str) -> int:
-    return _ready(http)["slots_free"]
+    return readyz(http)["slots_free"]
 
 
 @contextlib.contextmanager
@@ -221,7 +222,7 @@ def test_a_browser_calls_a_public_persona_hears_the_agent_and_reads_its_transcri
     assert call["transcript"].strip(), call
     assert call["ended_status"] == "Ended: hangup", call
     # hanging up gives the agent back: the next caller gets it
-    _until(lambda: slots_free(stack) == 1, "the hung-up call's slot is free again", timeout=10)
+    until(lambda: slots_free(stack) == 1, "the hung-up call's slot is free again", timeout=10)
     assert unexpected(errors) == []
     assert refused_hangups(stack) == 0  # the page hangs up with the call's secret
 
@@ -264,7 +265,7 @@ def test_a_private_persona_is_refused_without_a_token_and_called_by_its_tenant_a
     call_until_heard(page)
     assert page_state(page)["error"] is None and not page.is_visible("#error")
     assert hang_up(page) == "Ended: hangup"
-    _until(lambda: slots_free(stack) == 1, "the hung-up call's slot is free again", timeout=10)
+    until(lambda: slots_free(stack) == 1, "the hung-up call's slot is free again", timeout=10)
     assert len(unexpected(errors)) == 1 and "status of 404" in errors[0], errors  # the refused offer, nothing else
 
 
@@ -280,11 +281,11 @@ def test_hanging_up_while_connecting_leaves_no_call_behind(stack: str, browser: 
         page.click("#call")
         page.wait_for_timeout(delay_ms)
         assert hang_up(page) == "Ended: hangup"
-        _until(lambda: slots_free(stack) == 1, "no slot is held for the abandoned call", timeout=10)
+        until(lambda: slots_free(stack) == 1, "no slot is held for the abandoned call", timeout=10)
     open_link(page, stack, TENANT, persona)
     call_until_heard(page)
     page.goto("about:blank")  # the page goes away mid-call: its pagehide hangs up
-    _until(lambda: slots_free(stack) == 1, "the closed page's slot is free again", timeout=5)
+    until(lambda: slots_free(stack) == 1, "the closed page's slot is free again", timeout=5)
     assert unexpected(errors) == []
     assert refused_hangups(stack) == 0
 
@@ -344,7 +345,7 @@ def main() -> None:
                                              - figures["gatewayFirstAudioMs"])
                 calls.append(figures)
                 print(("first call " if n == 0 else "") + json.dumps(figures), flush=True)
-                _until(lambda: slots_free(http) == 1, "the slot is free again", timeout=10)
+                until(lambda: slots_free(http) == 1, "the slot is free again", timeout=10)
     for key in calls[0]:
         values = [c[key] for c in calls[1:]]
         print(f"{key} over {len(values)} calls after the first: median {statistics.median(values):.0f} ms, "

@@ -13,8 +13,8 @@ import httpx
 import pytest
 import soundfile
 
-from tests.test_sip_recording import NOTICE_SECONDS, RATE, _level, _match, _notice
-from tests.test_webrtc import Stack, browser, hang_up, metrics, place, webrtc_stack
+from tests.helpers.recording import NOTICE_SECONDS, RATE, best_match, consent_notice, tone_level
+from tests.helpers.webrtc import Stack, browser, hang_up, metrics, place, webrtc_stack
 
 TONE_HZ = 440.0  # the browser's voice (tests.test_webrtc.CallerVoice): bursts of half a second, every second
 
@@ -25,7 +25,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Pat
     folder = tmp_path_factory.mktemp("recorded")
     voices = folder / "tenants" / "recorded" / "voices"
     voices.mkdir(parents=True)
-    soundfile.write(voices / "notice.wav", _notice(), RATE, subtype="PCM_16")
+    soundfile.write(voices / "notice.wav", consent_notice(), RATE, subtype="PCM_16")
     (voices.parent / "tenant.yaml").write_text(textwrap.dedent("""\
         tenant: recorded
         name: Recorded Ltd
@@ -76,11 +76,11 @@ async def test_a_recorded_browser_call_hears_the_notice_first_and_is_recorded(st
     audio, _ = soundfile.read(path)
     caller, heard = audio[:, 0], audio[:, 1]
     assert seconds - 0.5 <= len(audio) / RATE <= seconds + 2.0, len(audio) / RATE
-    at, match = _match(heard, _notice(), within=0.3)
+    at, match = best_match(heard, consent_notice(), within=0.3)
     print(f"recording {path.name}: {len(audio) / RATE:.2f} s, notice at {at * 1000:.0f} ms (match {match:.3f})")
     assert match > 0.95 and at < 0.1, (at, match)
-    assert _level(caller, TONE_HZ, 0.2, seconds - 0.5) > -30  # the caller's bursts, from the start
-    assert _level(heard, TONE_HZ, 0.0, at + NOTICE_SECONDS) < -50  # the agent was not heard during the notice
-    assert _level(heard, TONE_HZ, at + NOTICE_SECONDS + 0.5, seconds - 0.2) > -30  # ... and echoes after it
+    assert tone_level(caller, TONE_HZ, 0.2, seconds - 0.5) > -30  # the caller's bursts, from the start
+    assert tone_level(heard, TONE_HZ, 0.0, at + NOTICE_SECONDS) < -50  # the agent was not heard during the notice
+    assert tone_level(heard, TONE_HZ, at + NOTICE_SECONDS + 0.5, seconds - 0.2) > -30  # ... and echoes after it
     samples = await metrics(http)
     assert samples['personagate_gateway_webrtc_recordings_total{result="written"}'] == 1

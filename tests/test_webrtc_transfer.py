@@ -6,19 +6,19 @@ the browser, and sipp as the human (`-rtp_echo`: it sends back the audio it hear
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.test_sip import echo_stack, escalating_tenant
-from tests.test_sip_transfer_bridge import Human
-from tests.test_webrtc import PUBLIC, Browser, browser, hang_up, metrics, place
+from tests.helpers.programs import needs
+from tests.helpers.sipp import Human
+from tests.helpers.stack import echo_stack, escalating_tenant
+from tests.helpers.webrtc import PUBLIC, Browser, browser, hang_up, metrics, place
 
 pytest.importorskip("pjsua2")
-pytestmark = pytest.mark.skipif(shutil.which("sipp") is None, reason="sipp (package sip-tester) is not installed")
+pytestmark = needs("sipp")
 
 
 @pytest.fixture(scope="module")

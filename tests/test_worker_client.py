@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import WORKER_AUTH
+from tests.helpers.worker import WORKER_AUTH
 
 
 def _session(worker: str, *args: str) -> subprocess.CompletedProcess:

@@ -22,6 +22,8 @@ from gateway.tenants import loader
 from gateway.tenants.loader import ClipCache, load_tenant
 from gateway.tenants.registry import TenantRegistry
 from personagate_common.bounded_yaml import YamlLimitError, YamlLimits, describe, load_yaml
+from tests.helpers.admin import ADMIN
+from tests.helpers.admin_api import ACME
 from tests.helpers.hostile_yaml import (
     OTHER_LINE_BREAKS,
     alias_bomb_body,
@@ -31,8 +33,8 @@ from tests.helpers.hostile_yaml import (
     line_break_injection,
 )
 from tests.helpers.loop_watch import LoopWatch
-from tests.test_admin_api import ACME, ADMIN, gw  # noqa: F401 - gw is a fixture
-from tests.test_tenant_reload import TEMPLATE, _persona, _until, _write
+from tests.helpers.tenant_files import TEMPLATE, routed_persona, write_tenant
+from tests.helpers.wait import until_async
 
 DEPTH = "refused: nested more than 32 levels deep; expected settings a few levels deep"
 NODES = "refused: more than 200000 values once aliases are expanded; expected fewer (or fewer aliases)"
@@ -158,8 +160,8 @@ def test_validate_prints_positioned_problems_never_a_traceback(tmp_path):
 async def test_other_tenants_keep_reloading_while_one_file_is_pathological(tmp_path):
     """A tenant.yaml nested 100 000 levels (then an alias bomb) is reported as that tenant's problem,
     positioned; the tenant keeps its last good configuration and another tenant's edit still applies."""
-    _write(tmp_path, "acme", number="+14155550100", prompt="Acme one.")
-    _write(tmp_path, "zenith", number="+14155550199", prompt="Zenith one.")
+    write_tenant(tmp_path, "acme", number="+14155550100", prompt="Acme one.")
+    write_tenant(tmp_path, "zenith", number="+14155550199", prompt="Zenith one.")
     registry = TenantRegistry(tmp_path, poll_seconds=0.1)
     registry.reload()
     assert registry.status.ok
@@ -168,15 +170,16 @@ async def test_other_tenants_keep_reloading_while_one_file_is_pathological(tmp_p
         for text, problem in ((f"{deep_value(100_000)}\n", f"acme/tenant.yaml:1:33: (yaml): {DEPTH}"),
                               ("\n".join(alias_bomb_lines()) + "\n", f"acme/tenant.yaml:7:10: (yaml): {NODES}")):
             (tmp_path / "acme" / "tenant.yaml").write_text(text)
-            await _until(lambda expected=problem: [str(x) for x in registry.status.tenants["acme"].problems] == [expected],
-                         timeout=30)
+            await until_async(lambda expected=problem: [str(x) for x in registry.status.tenants["acme"].problems]
+                              == [expected], "the problem is reported", timeout=30)
             status = registry.status.tenants["acme"]
             assert status.state == "serving_previous"
             assert [str(p) for p in status.problems] == [problem]
-            assert _persona(registry, "+14155550100").prompt == "Acme one."
+            assert routed_persona(registry, "+14155550100").prompt == "Acme one."
             prompt = f"Zenith after {problem[:20]}"
-            _write(tmp_path, "zenith", number="+14155550199", prompt=prompt)
-            await _until(lambda p=prompt: _persona(registry, "+14155550199").prompt == p, timeout=30)
+            write_tenant(tmp_path, "zenith", number="+14155550199", prompt=prompt)
+            await until_async(lambda p=prompt: routed_persona(registry, "+14155550199").prompt == p,
+                              "the other tenant's change is applied", timeout=30)
             assert registry.status.tenants["zenith"].state == "serving"
     finally:
         watcher.cancel()
@@ -185,8 +188,8 @@ async def test_other_tenants_keep_reloading_while_one_file_is_pathological(tmp_p
 def test_a_failure_checking_one_tenant_is_that_tenants_problem(tmp_path, monkeypatch):
     """Whatever goes wrong while checking one tenant (here a RecursionError from inside the checks)
     becomes a problem of that tenant: the reload applies the others instead of stopping them all."""
-    _write(tmp_path, "acme", number="+14155550100")
-    _write(tmp_path, "zenith", number="+14155550199")
+    write_tenant(tmp_path, "acme", number="+14155550100")
+    write_tenant(tmp_path, "zenith", number="+14155550199")
     checks = loader._reference_problems
 
     def failing(doc, data, folder_name):
@@ -239,8 +242,8 @@ def test_settings_tokens_and_credentials_files_are_read_within_the_same_limits(t
 LOOP_STALL_LIMIT_S = 3.0
 
 
-async def test_hostile_persona_bodies_are_422_positioned_and_the_loop_keeps_answering(gw):  # noqa: F811
-    """Hostile bodies (a 460-byte alias bomb, 4 KB nested 2000 levels, 60 KB nested 30 000 levels),
+async def test_hostile_persona_bodies_are_422_positioned_and_the_loop_keeps_answering(gw):
+    """The issue's bodies (a 460-byte alias bomb, 4 KB nested 2000 levels, 60 KB nested 30 000 levels),
     sent together several times, are each answered 422 with a problem positioned in the body; the
     file is unchanged and the event loop never stalls."""
     url, auth = f"{ADMIN}/tenants/acme/personas/claims", gw.as_("acme")
@@ -267,7 +270,7 @@ async def test_hostile_persona_bodies_are_422_positioned_and_the_loop_keeps_answ
 
 
 @pytest.mark.parametrize("line_break", OTHER_LINE_BREAKS, ids=["CR", "NEL", "LS", "PS"])
-async def test_a_body_with_other_line_ends_cannot_write_tenant_level_keys(gw, line_break):  # noqa: F811
+async def test_a_body_with_other_line_ends_cannot_write_tenant_level_keys(gw, line_break):
     """A body separated by a lone CR, NEL, U+2028 or U+2029 that would, spliced, write top-level
     `limits` and `escalation` into tenant.yaml is refused: NEL and the separators with positions in the
     body; a lone CR is a line end like any other, so the keys land in the persona, where the schema
@@ -288,7 +291,7 @@ async def test_a_body_with_other_line_ends_cannot_write_tenant_level_keys(gw, li
     assert gw.app.state.registry.tenants["acme"].spec.limits.max_concurrent_calls == 5
 
 
-async def test_a_body_with_old_mac_line_ends_is_stored_with_the_files_line_ends(gw):  # noqa: F811
+async def test_a_body_with_old_mac_line_ends_is_stored_with_the_files_line_ends(gw):
     """A persona sent with lone CR line ends is a valid edit: it is stored with \\n line ends, inside
     the persona, and served."""
     body = "prompt: You answer billing questions, briefly.\rvoice:\r  preset: NATM1\r"

@@ -16,7 +16,8 @@ from tests.helpers.hostile_yaml import OTHER_LINE_BREAKS, alias_bomb_body, deep_
 from tests.helpers.live_call import LiveCall
 from tests.helpers.logs import assert_alive_and_clean, log_size
 from tests.helpers.sip import private_rtp_ports
-from tests.test_sip import _until, echo_stack, tenants  # noqa: F401 - tenants is a fixture
+from tests.helpers.stack import echo_stack
+from tests.helpers.wait import until
 
 pytest.importorskip("pjsua2")
 
@@ -26,7 +27,7 @@ DEPTH = "refused: nested more than 32 levels deep; expected settings a few level
 
 
 @pytest.fixture(scope="module")
-def stack(tenants: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:  # noqa: F811
+def stack(tenants: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """The echo stack with its admin API on, tokens for harbor-mutual's admin and the operator, and
     tenants polled often."""
     (token, line), (operator, operator_line) = new_token(), new_token()
@@ -40,8 +41,8 @@ def stack(tenants: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
                            "operator": {"Authorization": f"Bearer {operator}"}}
 
 
-def test_a_live_call_keeps_its_audio_while_hostile_yaml_is_refused(stack: dict, tenants: Path) -> None:  # noqa: F811
-    """While a call talks: 3 rounds of hostile bodies (a 460-byte alias bomb, 4 KB nested 2000
+def test_a_live_call_keeps_its_audio_while_hostile_yaml_is_refused(stack: dict, tenants: Path) -> None:
+    """While a call talks: 3 rounds of the issue's bodies (a 460-byte alias bomb, 4 KB nested 2000
     levels, 60 KB nested 30 000 levels, CR/NEL/U+2028/U+2029 injection) are each 422, and a hand edit
     nesting another tenant's file 100 000 levels is that tenant's positioned problem; meanwhile a
     valid persona edit of the live call's tenant applies, and the call's audio never stops."""
@@ -66,7 +67,7 @@ def test_a_live_call_keeps_its_audio_while_hostile_yaml_is_refused(stack: dict, 
     def reload_status() -> dict:
         return httpx.get(f"{stack['http']}/v1/admin/reload", headers=stack["operator"], timeout=30).json()["tenants"]
 
-    _until(lambda: reload_status()[OTHER]["state"] == "serving_previous", "the broken tenant file is reported")
+    until(lambda: reload_status()[OTHER]["state"] == "serving_previous", "the broken tenant file is reported")
     tenants_now = reload_status()
     assert tenants_now[OTHER]["problems"] == [f"{OTHER}/tenant.yaml:3:40: (yaml): {DEPTH}"]
     assert tenants_now[LIVE]["state"] == "serving"

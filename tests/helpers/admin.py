@@ -25,7 +25,7 @@ from gateway.admin.throttle import FailureThrottle
 from gateway.admin.tokens import new_token
 from gateway.app import create_app
 from gateway.config import GatewaySettings
-from tests.conftest import free_port, serve
+from tests.helpers.processes import free_port, serve
 
 ADMIN = "/v1/admin"
 TENANTS = {

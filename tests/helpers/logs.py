@@ -1,5 +1,5 @@
-"""A server process's log, as ``tests.conftest.serve`` keeps it, and the check every robustness test ends with: the
-process still running (a crash is a dead process: the tests run ``personagate gateway`` directly, with no
+"""A server process's log, as ``tests.helpers.processes.serve`` keeps it, and the check every robustness test ends
+with: the process still running (a crash is a dead process: the tests run ``personagate gateway`` directly, with no
 supervisor to restart it) and nothing in its log that only a bug prints."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ PROBLEM = re.compile(r"Traceback|AttributeError|Assertion|Fatal Python error|Exc
 
 def log_path(proc: subprocess.Popen) -> Path:
     path = getattr(proc, "log_path", None)
-    assert path is not None, "the process was not started by tests.conftest.serve (it has no log_path)"
+    assert path is not None, "the process was not started by tests.helpers.processes.serve (it has no log_path)"
     return path
 
 

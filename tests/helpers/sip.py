@@ -12,12 +12,12 @@ import time
 import uuid
 from typing import Self
 
-from tests.conftest import udp_free_port
+from tests.helpers.processes import udp_free_port
 
 SDP = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
        "m=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=ptime:20\r\n")
 
-OPEN_NUMBER = "+14155550186"  # harbor-mutual's catastrophe line: answered at any hour (tests.test_sip)
+OPEN_NUMBER = "+14155550186"  # harbor-mutual's catastrophe line: answered at any hour (tests.helpers.stack)
 
 
 def private_rtp_ports(size: int = 1024) -> dict[str, str]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from tests.helpers.sip import OPEN_NUMBER
 
-CLOSED_NUMBER = "+442079460318"  # northwind-bank: always closed in the tests' copy (tests.test_sip.tenants)
+CLOSED_NUMBER = "+442079460318"  # northwind-bank: always closed in the tests' copy (tests.helpers.stack.sip_tenants)
 UNKNOWN_NUMBER = "+15550000000"  # no tenant has it
 ANSWERED = "answered"
 NO_ANSWER = "no answer"

@@ -7,8 +7,6 @@ outage tests take Redis away and bring it back. Skips with a clear message where
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,13 +17,8 @@ from pathlib import Path
 
 import pytest
 
-MISSING = "redis-server is not installed (apt-get install redis-server): the routing tests need a real one"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers.processes import free_port
+from tests.helpers.programs import require
 
 
 def ping(port: int, timeout: float = 0.2) -> bool:
@@ -93,11 +86,8 @@ class RedisServer:
 
 
 def redis_executable() -> str:
-    exe = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK)
-                                           else None)
-    if exe is None:
-        pytest.skip(MISSING)
-    return exe
+    """redis-server's path; skips the test where it is missing."""
+    return require("redis-server")
 
 
 @pytest.fixture(scope="session")
