@@ -75,10 +75,12 @@ def test_accepted_refer_ends_the_call_with_transfer(stack: dict[str, str], tmp_p
     before = scrape_metrics(stack["http"])
     target = subprocess.Popen(
         ["sipp", "-sn", "uas", "-i", "127.0.0.1", "-p", stack["target_port"], "-mp", str(udp_free_port()),
-         "-m", "1", "-timeout", "25", "-nostdin"],
+         "-m", "1", "-timeout", "45", "-nostdin"],
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        report = call(stack, "--seconds", "8", "--dtmf", "0@1.0", "--accept-refer")
+        # The caller would stay 30 s: the gateway's BYE after the NOTIFY ends it long before, even on a busy machine
+        # (8 s was too short at load 8).
+        report = call(stack, "--seconds", "30", "--dtmf", "0@1.0", "--accept-refer")
     finally:
         try:
             target.wait(timeout=10)
