@@ -10,10 +10,10 @@ import pytest
 import soundfile
 import torch
 
-from agent_runtime import voices
 from agent_runtime.model import SAMPLE_RATE, ModelBundle, load_tiny
 from agent_runtime.priming import Primer, plan_priming
 from agent_runtime.voice_prompt import decode_audio, load_voice, prompt_tokens
+from personagate_common import voices
 from personagate_common.persona import MAX_PROMPT_CHARS, Persona, PersonaError
 from personagate_common.voices import VoiceClipError, prepare_clip
 
