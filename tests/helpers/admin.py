@@ -25,6 +25,7 @@ from gateway.admin.throttle import FailureThrottle
 from gateway.admin.tokens import new_token
 from gateway.app import create_app
 from gateway.config import GatewaySettings
+from tests.helpers.admin_api import BANK
 from tests.helpers.processes import free_port, serve
 
 ADMIN = "/v1/admin"
@@ -39,16 +40,7 @@ personas:
     prompt: You are Sam, a claims agent at Acme Insurance.
     voice: {preset: NATF0}
 """,
-    "bank": """\
-tenant: bank
-name: Example Bank
-numbers:
-  "+442071234567": cards
-personas:
-  cards:
-    prompt: You help customers with their bank cards.
-    voice: {preset: VARF1}
-""",
+    "bank": BANK,
 }
 PERSONA = "prompt: You answer billing questions.\nvoice: {preset: NATM1}\n"
 
