@@ -33,6 +33,7 @@ from personagate_common.protocol import FRAME_BYTES, FRAME_SAMPLES, FRAME_SECOND
 from personagate_common.routing import Claim, Refusal, Router, RoutingMetrics, WorkerSnapshot, WorkerState, make_router
 from personagate_common.routing.router import check_id
 
+from .call.state import StateMachine
 from .metrics import GatewayMetrics
 from .worker_client import AgentAudio, AgentText, WorkerRefused, WorkerSession
 
@@ -93,7 +94,7 @@ SESSION_OVER_CODES = frozenset({
 REFUSED_PERSONA = CloseCode.PERSONA_REJECTED
 
 
-class CallState(enum.StrEnum):
+class SessionState(enum.StrEnum):
     CLAIMING = "claiming"
     CONNECTING = "connecting"
     LIVE = "live"
@@ -102,13 +103,13 @@ class CallState(enum.StrEnum):
     ENDED = "ended"
 
 
-TRANSITIONS: dict[CallState, frozenset[CallState]] = {
-    CallState.CLAIMING: frozenset({CallState.CONNECTING, CallState.ENDING}),
-    CallState.CONNECTING: frozenset({CallState.LIVE, CallState.CLAIMING, CallState.ENDING}),
-    CallState.LIVE: frozenset({CallState.REHOMING, CallState.ENDING}),
-    CallState.REHOMING: frozenset({CallState.LIVE, CallState.ENDING}),
-    CallState.ENDING: frozenset({CallState.ENDED}),
-    CallState.ENDED: frozenset(),
+TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
+    SessionState.CLAIMING: frozenset({SessionState.CONNECTING, SessionState.ENDING}),
+    SessionState.CONNECTING: frozenset({SessionState.LIVE, SessionState.CLAIMING, SessionState.ENDING}),
+    SessionState.LIVE: frozenset({SessionState.REHOMING, SessionState.ENDING}),
+    SessionState.REHOMING: frozenset({SessionState.LIVE, SessionState.ENDING}),
+    SessionState.ENDING: frozenset({SessionState.ENDED}),
+    SessionState.ENDED: frozenset(),
 }
 
 
@@ -177,8 +178,7 @@ class AgentCall:
         self.tenant_limit: int = tenant.spec.limits.max_concurrent_calls
         self.persona = persona
         self.persona_key = calls.persona_key(persona)
-        self.state = CallState.CLAIMING
-        self.history: list[tuple[CallState, float]] = [(CallState.CLAIMING, time.monotonic())]
+        self.lifecycle = StateMachine(f"call {call_id}", SessionState.CLAIMING, TRANSITIONS)
         self.claim: Claim | None = None  # where the call is placed (changes when it is re-homed)
         self.end_reason: str | None = None
         self.rehomes: list[Rehome] = []
@@ -254,11 +254,16 @@ class AgentCall:
 
     # ------------------------------------------------------------------ state
 
-    def _to(self, state: CallState) -> None:
-        if state not in TRANSITIONS[self.state]:
-            raise RuntimeError(f"call {self.call_id}: no transition {self.state} -> {state}")
-        self.state = state
-        self.history.append((state, time.monotonic()))
+    @property
+    def state(self) -> SessionState:
+        return self.lifecycle.state
+
+    @property
+    def history(self) -> list[tuple[SessionState, float]]:
+        return self.lifecycle.history
+
+    def _to(self, state: SessionState) -> None:
+        self.lifecycle.to(state)
         self._wake_sender.set()
 
     def _emit(self, event: object) -> None:
@@ -287,7 +292,7 @@ class AgentCall:
                 raise Refusal("no_capacity", f"{exc.detail}; workers that did not start the session: "
                               + "; ".join(refusals), exc.retry_after_seconds) from None
             self.claim = claim
-            self._to(CallState.CONNECTING)
+            self._to(SessionState.CONNECTING)
             if self._on_claimed is not None:
                 self._on_claimed()
                 self._on_claimed = None
@@ -300,12 +305,12 @@ class AgentCall:
             except (OSError, TimeoutError, WebSocketException) as exc:
                 refusals.append(f"{claim.worker_id}: {_describe(exc)}")
             else:
-                self._to(CallState.LIVE)
+                self._to(SessionState.LIVE)
                 self._sender = asyncio.create_task(self._send_loop(), name=f"call-{self.call_id}-send")
                 self._supervisor = asyncio.create_task(self._supervise(), name=f"call-{self.call_id}-worker")
                 return
             excluded.append(claim.worker_id)
-            self._to(CallState.CLAIMING)
+            self._to(SessionState.CLAIMING)
             log.info("worker did not start the session; claiming another", extra={
                 "call": self.call_id, "worker_id": claim.worker_id, "why": refusals[-1]})
         raise Refusal("no_capacity", "no worker started the session: " + "; ".join(refusals),
@@ -320,7 +325,7 @@ class AgentCall:
             self._wake_sender.clear()
             while self._caller:
                 session = self._session
-                if session is None or self.state is not CallState.LIVE:
+                if session is None or self.state is not SessionState.LIVE:
                     break
                 frame = self._caller.popleft()
                 self.steps.sent()  # before the send: its answer may be read before this task resumes
@@ -368,7 +373,7 @@ class AgentCall:
         first = self.claim.worker_id
         self._session = None
         self._lost_cause = None
-        self._to(CallState.REHOMING)
+        self._to(SessionState.REHOMING)
         self._start_filler()
         log.warning("call lost its worker; re-homing", extra={
             "call": self.call_id, "tenant": self.tenant, "worker_id": first, "cause": cause})
@@ -413,7 +418,7 @@ class AgentCall:
             self._session = session
             self.steps.restart()
             self.rehomes.append(Rehome(first, claim.worker_id, cause, seconds, now - opening, session.persona_cached))
-            self._to(CallState.LIVE)
+            self._to(SessionState.LIVE)
             calls.metrics.call_rehome_seconds.observe(seconds)
             log.info("call re-homed in %.0f ms", seconds * 1000, extra={
                 "call": self.call_id, "tenant": self.tenant, "from_worker": first, "to_worker": claim.worker_id,
@@ -450,7 +455,7 @@ class AgentCall:
     async def check_worker(self, cause: str) -> None:
         """The store says this call's worker is dead: give it up unless it still answers a ping."""
         session = self._session
-        if session is None or self.state is not CallState.LIVE:
+        if session is None or self.state is not SessionState.LIVE:
             return
         if await session.ping(PING_TIMEOUT_SECONDS):
             log.info("the routing store reaped this call's worker, but it answers; the call stays there "
@@ -466,7 +471,7 @@ class AgentCall:
     async def _shut_down(self) -> None:
         """The end of the call, in a task of its own: every other task of the call is cancelled (the one
         that asked for the end included), the session ended, the slot released."""
-        self._to(CallState.ENDING)
+        self._to(SessionState.ENDING)
         self._filling = False
         tasks = [t for t in (self._starter, self._supervisor, self._sender, self._filler)
                  if t is not None and not t.done()]
@@ -480,7 +485,7 @@ class AgentCall:
             if self.claim is not None:
                 await self._calls.release(self.call_id)
         finally:
-            self._to(CallState.ENDED)
+            self._to(SessionState.ENDED)
             self._emit(_END)
             self._calls.forget(self)
             self._ended.set()
@@ -647,9 +652,9 @@ class Calls:
     def forget(self, call: AgentCall) -> None:
         if self._calls.get(call.call_id) is call:
             del self._calls[call.call_id]
-            if any(state is CallState.LIVE for state, _ in call.history):
+            if any(state is SessionState.LIVE for state, _ in call.history):
                 self.metrics.calls_ended.labels(reason=call.end_reason or "unknown").inc()
-                began = next(t for state, t in call.history if state is CallState.LIVE)
+                began = next(t for state, t in call.history if state is SessionState.LIVE)
                 log.info("call ended", extra={
                     "call": call.call_id, "tenant": call.tenant, "reason": call.end_reason,
                     "worker_id": call.worker_id, "rehomes": len(call.rehomes),
@@ -787,7 +792,7 @@ class Calls:
 
     async def _renew(self) -> None:
         claims = [c.claim for c in self._calls.values()
-                  if c.claim is not None and c.state in (CallState.CONNECTING, CallState.LIVE)]
+                  if c.claim is not None and c.state in (SessionState.CONNECTING, SessionState.LIVE)]
         if not claims:
             return
         try:
@@ -824,7 +829,7 @@ class Calls:
         dead = set(reaped.dead_workers)
         orphaned = set(reaped.orphaned_calls)
         for call in list(self._calls.values()):
-            if call.state is CallState.LIVE and (call.worker_id in dead or call.call_id in orphaned):
+            if call.state is SessionState.LIVE and (call.worker_id in dead or call.call_id in orphaned):
                 self._side_task(call.check_worker(f"the routing store reaped worker {call.worker_id!r}"))
         ours = [c for c in reaped.expired_calls if c in self._calls]
         if ours:

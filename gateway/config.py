@@ -225,7 +225,7 @@ class GatewaySettings(LayeredSettings):
         1, ge=0, le=4, description="20 ms packets of agent audio the outbound buffer may keep against the worker's "
                                    "jitter: each adds up to 20 ms to what the caller hears; 0 is the least latency, "
                                    "with a gap whenever an agent frame is late (watch "
-                                   "personagate_gateway_sip_outbound_underruns_total)")
+                                   "personagate_gateway_front_end_outbound_underruns_total)")
     sip_answer_timeout_seconds: float = Field(
         20.0, gt=0, le=300, description="from INVITE to a primed session; later → 503 with Retry-After")
     sip_retry_after_seconds: float = Field(5.0, ge=1, le=3600, description="Retry-After on a 503 for a priming timeout")

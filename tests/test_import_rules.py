@@ -132,3 +132,64 @@ def test_each_sides_extra_leaves_out_the_other_sides_heavy_dependencies() -> Non
     assert gateway_only <= names(extras["gateway"]) and names(extras["gateway"]).isdisjoint(worker_only)
     assert worker_only <= names(extras["worker"]) and names(extras["worker"]).isdisjoint(gateway_only)
     assert f"{project['name']}[gateway,worker]" in extras["dev"]
+
+
+# Within the gateway: the call core and the browser front end never load the SIP stack when imported (a
+# browser-only gateway runs without pjsua2; escalation to a human loads it when it dials), nor the SIP front end
+# aiortc. Imports inside functions and under TYPE_CHECKING are allowed here: they load nothing at import.
+FRONT_END_FORBIDDEN = {
+    "gateway.call": ("pjsua2", "aiortc", "av", "gateway.sip", "gateway.webrtc"),
+    "gateway.webrtc": ("pjsua2", "gateway.sip"),
+    "gateway.sip": ("aiortc", "av", "gateway.webrtc"),
+}
+
+
+def top_level_imports(source: str, module: str, is_package: bool) -> Iterator[tuple[int, str]]:
+    """``imported_modules`` of the statements run at import: outside functions and ``if TYPE_CHECKING``."""
+
+    def run_at_import(nodes: list[ast.stmt]) -> Iterator[ast.stmt]:
+        for node in nodes:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                yield from run_at_import(node.orelse)
+            elif isinstance(node, ast.ClassDef):
+                yield from run_at_import(node.body)
+            else:
+                yield node
+
+    body = list(run_at_import(ast.parse(source).body))
+    yield from imported_modules(ast.unparse(ast.Module(body=body, type_ignores=[])), module, is_package)
+
+
+@pytest.mark.parametrize("package", sorted(FRONT_END_FORBIDDEN))
+def test_front_ends_and_the_call_core_import_only_their_own_stack(package: str) -> None:
+    forbidden = FRONT_END_FORBIDDEN[package]
+    found = []
+    for path in sorted((ROOT / package.replace(".", "/")).rglob("*.py")):
+        relative = path.relative_to(ROOT)
+        is_package = path.name == "__init__.py"
+        module = ".".join(relative.parent.parts if is_package else relative.with_suffix("").parts)
+        for _, name in top_level_imports(path.read_text(encoding="utf-8"), module, is_package):
+            if any(name == bad or name.startswith(bad + ".") for bad in forbidden):
+                found.append(f"{relative}: {name}")
+    assert found == [], f"{package} must not import {forbidden} when it is imported"
+
+
+_LOAD_MODULES = """
+import importlib, json, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def test_a_browser_only_gateway_never_loads_pjsua2() -> None:
+    """The browser front end, its API and the call core, imported together, load neither pjsua2 nor any of the
+    SIP front end's modules."""
+    done = subprocess.run([sys.executable, "-c", _LOAD_MODULES, "gateway.webrtc.api", "gateway.webrtc.call",
+                           "gateway.call.core", "gateway.call.escalation"], check=False, capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout)
+    assert [name for name in loaded if name == "pjsua2" or name.startswith("gateway.sip")] == []

@@ -31,6 +31,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from agent_runtime.metrics import WorkerMetrics
+from gateway.call.metrics import call_metrics
 from gateway.metrics import GatewayMetrics
 from gateway.sip.metrics import SipMetrics
 from gateway.webrtc.metrics import WebRtcMetrics
@@ -99,6 +100,7 @@ def registered() -> dict[str, dict[str, Any]]:
     SipMetrics(gateway_registry)
     RoutingMetrics(gateway_registry)
     WebRtcMetrics(gateway_registry)
+    call_metrics(gateway_registry, "sip")
     worker = WorkerMetrics(CollectorRegistry())
     names: dict[str, dict[str, Any]] = {}
     for registry in (gateway_registry, worker.registry):
@@ -498,7 +500,8 @@ def test_dashboard_loads_with_any_prometheus_and_shows_what_operators_need(dashb
     assert tick["custom"]["thresholdsStyle"]["mode"] == "line"
     assert 0.08 in [step["value"] for step in tick["thresholds"]["steps"]]
     first_audio = " ".join(t["expr"] for t in titles["Time to first agent audio"]["targets"])
-    assert "sip_first_agent_audio" in first_audio and "webrtc_first_agent_audio" in first_audio
+    assert "front_end_first_agent_audio" in first_audio
+    assert 'front_end="sip"' in first_audio and 'front_end="webrtc"' in first_audio
 
 
 # --- yaml ----------------------------------------------------------------------------------------------------

@@ -105,9 +105,9 @@ def test_full_worker_is_503_with_retry_after_and_bye_frees_the_slot(stack: dict[
     metrics = scrape_metrics(stack["http"])
     assert metrics['personagate_gateway_sip_invites_total{answer="503"}'] >= 1
     assert metrics['personagate_gateway_sip_invites_total{answer="200"}'] >= 2
-    assert metrics["personagate_gateway_sip_setup_seconds_count"] >= 2
-    assert metrics["personagate_gateway_sip_first_agent_audio_seconds_count"] >= 2
-    assert metrics["personagate_gateway_sip_calls_active"] == 0
+    assert metrics['personagate_gateway_front_end_setup_seconds_count{front_end="sip"}'] >= 2
+    assert metrics['personagate_gateway_front_end_first_agent_audio_seconds_count{front_end="sip"}'] >= 2
+    assert metrics['personagate_gateway_front_end_calls_active{front_end="sip"}'] == 0
 
 
 @pytest.fixture(scope="module")

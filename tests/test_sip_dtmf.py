@@ -59,9 +59,9 @@ def test_refused_refer_keeps_the_caller_with_the_agent(stack: dict[str, str]) ->
     assert report["hung_up"] == "caller", report  # the gateway kept the call
     until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
     after = scrape_metrics(stack["http"])
-    rfc = 'personagate_gateway_sip_dtmf_total{method="rfc4733"}'
+    rfc = 'personagate_gateway_front_end_dtmf_total{front_end="sip",method="rfc4733"}'
     assert _count(after, rfc) - _count(before, rfc) == 2  # one count per key press, not per RTP packet
-    failed = 'personagate_gateway_sip_transfers_total{method="refer",result="failed"}'
+    failed = 'personagate_gateway_front_end_transfers_total{front_end="sip",method="refer",result="failed"}'
     assert _count(after, failed) - _count(before, failed) == 1
     hangup = 'personagate_gateway_calls_ended_total{reason="hangup"}'
     assert _count(after, hangup) - _count(before, hangup) == 1
@@ -93,7 +93,7 @@ def test_accepted_refer_ends_the_call_with_transfer(stack: dict[str, str], tmp_p
     until(lambda: readyz(stack["http"])["calls"] == 0 and readyz(stack["http"])["slots_free"] == 1,
           "the agent session is released")
     after = scrape_metrics(stack["http"])
-    success = 'personagate_gateway_sip_transfers_total{method="refer",result="success"}'
+    success = 'personagate_gateway_front_end_transfers_total{front_end="sip",method="refer",result="success"}'
     assert _count(after, success) - _count(before, success) == 1
     ended = 'personagate_gateway_calls_ended_total{reason="transfer"}'
     assert _count(after, ended) - _count(before, ended) == 1
@@ -107,7 +107,7 @@ def test_dtmf_by_sip_info_is_counted(stack: dict[str, str], tmp_path: Path) -> N
                           cwd=tmp_path, capture_output=True, text=True, timeout=40, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
-    info = 'personagate_gateway_sip_dtmf_total{method="info"}'
+    info = 'personagate_gateway_front_end_dtmf_total{front_end="sip",method="info"}'
     assert _count(scrape_metrics(stack["http"]), info) - _count(before, info) == 1
 
 
@@ -124,5 +124,5 @@ def test_transfer_without_a_final_notify_times_out_and_keeps_the_caller(stack: d
     assert report["hung_up"] == "caller", report
     until(lambda: readyz(stack["http"])["calls"] == 0, "the call is over")
     after = scrape_metrics(stack["http"])
-    timeout = 'personagate_gateway_sip_transfers_total{method="refer",result="timeout"}'
+    timeout = 'personagate_gateway_front_end_transfers_total{front_end="sip",method="refer",result="timeout"}'
     assert _count(after, timeout) - _count(before, timeout) == 1

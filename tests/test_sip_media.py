@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 
 import pjsua2 as pj
 
+from gateway.call.audio import CallerGate
+from gateway.call.line import BYTES_PER_FRAME, CLOCK_RATE
 from gateway.sip.media import MediaBridge, MediaBuffers
-from gateway.sip.ua import BYTES_PER_FRAME
 
 
 class FrameSink:
@@ -44,7 +45,8 @@ async def test_caller_audio_reaches_the_agent_the_moment_its_80ms_frame_is_compl
     for _ in range(2):  # ringing: packets the bridge saw before the call was live, which are not the agent's
         buffers.frame_received(_line_frame())
     sink = FrameSink()
-    bridge = MediaBridge(buffers, sink)  # type: ignore[arg-type]
+    gate = CallerGate(CLOCK_RATE, announcing=False, wait_for_caller=None)  # the agent speaks first
+    bridge = MediaBridge(buffers, sink, gate, on_agent_audio=lambda: None)
     bridge.start()
     await asyncio.sleep(0)
 

@@ -120,7 +120,7 @@ def test_a_recorded_call_hears_the_notice_first_and_is_recorded_in_stereo(stack:
     print(f"recording {path.name}: {len(audio) / RATE:.2f} s, notice at {rec_at * 1000:.0f} ms (match {rec_match:.3f})")
     assert tone_level(agent, TONE_HZ, 0.0, rec_at + NOTICE_SECONDS) < -50
     assert tone_level(agent, TONE_HZ, rec_at + NOTICE_SECONDS + 0.6, seconds - 0.2) > -16
-    assert scrape_metrics(stack["http"])['personagate_gateway_sip_recordings_total{result="written"}'] == 1
+    assert scrape_metrics(stack["http"])['personagate_gateway_front_end_recordings_total{front_end="sip",result="written"}'] == 1
 
 
 def test_without_recording_nothing_is_played_or_written(stack: dict[str, str], tmp_path: Path) -> None:
@@ -155,7 +155,7 @@ def test_an_unwritable_recordings_dir_stops_the_gateway_with_a_clear_message(tmp
 def test_recording_path_is_tenant_date_call_id() -> None:
     import datetime as dt
 
-    from gateway.sip.recording import recording_path
+    from gateway.call.recording import recording_path
 
     when = dt.datetime(2026, 11, 25, 13, 4, 5, tzinfo=dt.UTC)
     path = recording_path(Path("/r"), "acme", "a84b4c76e66710@pc33.example.com", when)
@@ -268,7 +268,7 @@ def test_a_recorder_that_cannot_write_fails_alone_and_never_grows(tmp_path: Path
     """A disk that refuses the file ends the recording, not the call: ``put`` (the media clock's side) keeps
     returning at once, memory stays bounded (the oldest frames are dropped and counted), and ``close`` says
     the recording is incomplete."""
-    from gateway.sip.recording import CallRecorder
+    from gateway.call.recording import CallRecorder
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -169,18 +169,16 @@ def test_any_sip_call_id_makes_a_valid_agent_call_id() -> None:
     """Whatever Call-ID pjsip lets through becomes a call id the routing store takes (no control characters, at most
     128 characters), distinct for distinct Call-IDs: a fuzzed INVITE with "\\x12" in its Call-ID was refused 500
     after a ValueError's traceback."""
-    from types import SimpleNamespace
-
-    from gateway.sip.inbound import InboundCall
+    from gateway.sip.inbound import agent_call_id
     from personagate_common.routing.router import check_id
 
     seen = set()
     for sip_call_id in ("abc@host", "fuzz.0\x124ab8", "fuzz.0\x134ab8", "\x00", "a\x7fb" * 60, "x" * 129, "x" * 128):
-        call_id = InboundCall._agent_call_id(SimpleNamespace(sip_call_id=sip_call_id))  # type: ignore[arg-type]
+        call_id = agent_call_id(sip_call_id)
         assert check_id("call_id", call_id) == call_id and len(call_id) <= 128
         seen.add(call_id)
     assert len(seen) == 7
-    assert InboundCall._agent_call_id(SimpleNamespace(sip_call_id="abc@host")) == "abc@host"  # type: ignore[arg-type]
+    assert agent_call_id("abc@host") == "abc@host"
 
 
 # ---------------------------------------------------------------------------------------------- INVITE flood
@@ -342,7 +340,7 @@ def test_short_call_churn_every_call_answered_and_hung_up_cleanly(churn_stack: d
     assert invites == {'personagate_gateway_sip_responses_total{method="INVITE",status="200"}': CHURN_CALLS}, counted
     assert counted.get('personagate_gateway_sip_responses_total{method="BYE",status="200"}') == CHURN_CALLS, counted
     assert counted.get('personagate_gateway_sip_invites_total{answer="200"}') == CHURN_CALLS, counted
-    assert after["personagate_gateway_sip_calls_active"] == 0
+    assert after['personagate_gateway_front_end_calls_active{front_end="sip"}'] == 0
     assert_alive_and_clean(stack["proc"], "after short-call churn")
     _options_ok(stack)
 

@@ -88,7 +88,7 @@ def _delta(before: dict[str, float], after: dict[str, float], name: str) -> floa
 
 
 def _transfers(result: str, method: str) -> str:
-    return f'personagate_gateway_sip_transfers_total{{method="{method}",result="{result}"}}'
+    return f'personagate_gateway_front_end_transfers_total{{front_end="sip",method="{method}",result="{result}"}}'
 
 
 def _active_sessions(stack: dict[str, str]) -> int:
@@ -110,7 +110,7 @@ def test_refused_refer_bridges_the_caller_to_the_human(stack: dict[str, str], tm
     try:
         # bridged: the worker's session is gone and the slot free, while the caller's SIP call goes on
         until(lambda: _active_sessions(stack) == 0 and readyz(stack["http"])["slots_free"] == 1
-              and scrape_metrics(stack["http"])["personagate_gateway_sip_calls_active"] == 1,
+              and scrape_metrics(stack["http"])['personagate_gateway_front_end_calls_active{front_end="sip"}'] == 1,
               "the agent session is released with the caller still on the line", timeout=10)
         released_after = time.monotonic() - began
         report = _report(caller)
@@ -130,7 +130,7 @@ def test_refused_refer_bridges_the_caller_to_the_human(stack: dict[str, str], tm
           f"tone back through the human {tone:.1f} dBFS ({share:.0%} at {TONE_HZ:g} Hz)")
     assert quiet < -45, quiet  # no agent (and no ringback) once bridged
     assert tone > -25 and share > 0.8, (tone, share)  # the caller's tone went to the human and came back
-    until(lambda: scrape_metrics(stack["http"])["personagate_gateway_sip_calls_active"] == 0, "the call is over")
+    until(lambda: scrape_metrics(stack["http"])['personagate_gateway_front_end_calls_active{front_end="sip"}'] == 0, "the call is over")
     after = scrape_metrics(stack["http"])
     assert _delta(before, after, _transfers("failed", "refer")) == 1
     assert _delta(before, after, _transfers("success", "bridge")) == 1
@@ -145,7 +145,7 @@ def test_human_hanging_up_ends_the_callers_leg(stack: dict[str, str], tmp_path: 
     assert human.finished() == 0, human.errors()
     assert report["status"] == 200 and report["answered"], report
     assert report["hung_up"] == "gateway", report
-    until(lambda: scrape_metrics(stack["http"])["personagate_gateway_sip_calls_active"] == 0
+    until(lambda: scrape_metrics(stack["http"])['personagate_gateway_front_end_calls_active{front_end="sip"}'] == 0
           and readyz(stack["http"])["slots_free"] == 1, "the call is over, the slot free")
 
 
@@ -247,7 +247,7 @@ def test_gateway_drain_keeps_a_bridged_call_until_it_ends(tmp_path: Path) -> Non
         caller = _caller(stack, "--seconds", "20", "--dtmf", "0@0.5")
         try:
             until(lambda: _active_sessions(stack) == 0
-                  and scrape_metrics(stack["http"])["personagate_gateway_sip_calls_active"] == 1,
+                  and scrape_metrics(stack["http"])['personagate_gateway_front_end_calls_active{front_end="sip"}'] == 1,
                   "the caller is bridged to the human", timeout=10)
             gateway.send_signal(signal.SIGTERM)
             time.sleep(2.0)
@@ -274,8 +274,8 @@ def test_key_presses_reach_the_human_once_bridged(tmp_path: Path) -> None:
         before = scrape_metrics(stack["http"])
         report = _report(_caller(stack, "--seconds", "7", "--dtmf", "0@0.5", "--dtmf", "5@4.5"))
         assert report["answered"] and report["refers"][0]["answer"] == 603, report
-        until(lambda: scrape_metrics(stack["http"])["personagate_gateway_sip_calls_active"] == 0, "both calls are over")
+        until(lambda: scrape_metrics(stack["http"])['personagate_gateway_front_end_calls_active{front_end="sip"}'] == 0, "both calls are over")
         after = scrape_metrics(stack["http"])
     assert _delta(before, after, _transfers("success", "bridge")) == 1
     # the caller's 0 (escalation) and 5, and the 5 again as the human's call received it
-    assert _delta(before, after, 'personagate_gateway_sip_dtmf_total{method="rfc4733"}') == 3
+    assert _delta(before, after, 'personagate_gateway_front_end_dtmf_total{front_end="sip",method="rfc4733"}') == 3

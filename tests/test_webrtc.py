@@ -55,7 +55,7 @@ async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
 async def until_idle(http: httpx.AsyncClient) -> None:
     """Until the gateway has no browser call and the worker's slots are free again."""
     deadline = time.monotonic() + 15
-    while (await metrics(http)).get("personagate_gateway_webrtc_calls_active") or \
+    while (await metrics(http)).get('personagate_gateway_front_end_calls_active{front_end="webrtc"}') or \
             (await http.get("/readyz")).json().get("slots_free") != 2:
         assert time.monotonic() < deadline, "the gateway did not end the call"
         await asyncio.sleep(0.1)
@@ -88,7 +88,7 @@ async def test_browser_call_hears_the_agent_and_sees_its_transcript(stack: Stack
         assert call.events[-1] == {"type": "ended", "reason": "hangup"}
     await until_idle(http)
     samples = await metrics(http)
-    assert samples['personagate_gateway_webrtc_calls_ended_total{reason="hangup"}'] >= 1
+    assert samples['personagate_gateway_front_end_calls_ended_total{front_end="webrtc",reason="hangup"}'] >= 1
     assert samples['personagate_gateway_webrtc_offers_total{answer="201"}'] >= 1
     assert (await hang_up(http, call)).status_code == 204  # already over: hanging up again is harmless
     assert (await http.delete("/v1/webrtc/calls/webrtc-" + "0" * 32)).status_code == 404
@@ -112,7 +112,7 @@ async def test_a_browser_that_vanishes_frees_its_slot(stack: Stack, http: httpx.
     await until_idle(http)  # the connection closed: the call is over
     print(f"a closed connection freed its slot in {(time.monotonic() - began) * 1000:.0f} ms")
     after = await metrics(http)
-    reason = 'personagate_gateway_webrtc_calls_ended_total{reason="%s"}'
+    reason = 'personagate_gateway_front_end_calls_ended_total{front_end="webrtc",reason="%s"}'
     assert after[reason % "media_timeout"] == before.get(reason % "media_timeout", 0) + 1
     assert after[reason % "hangup"] == before.get(reason % "hangup", 0) + 1
 
@@ -130,7 +130,7 @@ async def test_a_client_that_never_connects_holds_its_slot_only_briefly(stack: S
         began = time.monotonic()
         await until_idle(http)
         print(f"an offer never connected held its slot {time.monotonic() - began:.1f} s")
-    reason = 'personagate_gateway_webrtc_calls_ended_total{reason="setup_timeout"}'
+    reason = 'personagate_gateway_front_end_calls_ended_total{front_end="webrtc",reason="setup_timeout"}'
     assert (await metrics(http))[reason] == before.get(reason, 0) + 1
 
 
@@ -619,8 +619,8 @@ async def test_one_public_link_cannot_take_every_slot(crowd: Stack) -> None:
         # c now gets Harbor's freed place, but never connects: it holds it (and a slot) for 2 s only
         assert (await post_offer(c, first.pc.localDescription.sdp, *PUBLIC)).status_code == 201
         await _poll(lambda: metrics(a), lambda m: m.get(
-            'personagate_gateway_webrtc_calls_ended_total{reason="setup_timeout"}', 0) >= before.get(
-            'personagate_gateway_webrtc_calls_ended_total{reason="setup_timeout"}', 0) + 1,
+            'personagate_gateway_front_end_calls_ended_total{front_end="webrtc",reason="setup_timeout"}', 0) >= before.get(
+            'personagate_gateway_front_end_calls_ended_total{front_end="webrtc",reason="setup_timeout"}', 0) + 1,
             "the never-connected call ends")
         await _poll(lambda: _slots_free(a), lambda free: free == 2, "its slot is free again")
         again = await post_offer(c, first.pc.localDescription.sdp, *PUBLIC)  # c's place is free again too

@@ -314,7 +314,7 @@ def gateway_first_audio_seconds(http: str) -> float:
     """The sum of the gateway's own offer → first agent audio queued for the browser, over its calls so far."""
     metrics = httpx.get(f"{http}/metrics", timeout=5).text
     line = next(line for line in metrics.splitlines()
-                if line.startswith("personagate_gateway_webrtc_first_agent_audio_seconds_sum"))
+                if line.startswith('personagate_gateway_front_end_first_agent_audio_seconds_sum{front_end="webrtc"}'))
     return float(line.split()[-1])
 
 

@@ -83,4 +83,4 @@ async def test_a_recorded_browser_call_hears_the_notice_first_and_is_recorded(st
     assert tone_level(heard, TONE_HZ, 0.0, at + NOTICE_SECONDS) < -50  # the agent was not heard during the notice
     assert tone_level(heard, TONE_HZ, at + NOTICE_SECONDS + 0.5, seconds - 0.2) > -30  # ... and echoes after it
     samples = await metrics(http)
-    assert samples['personagate_gateway_webrtc_recordings_total{result="written"}'] == 1
+    assert samples['personagate_gateway_front_end_recordings_total{front_end="webrtc",result="written"}'] == 1

@@ -69,7 +69,7 @@ async def test_the_browser_caller_is_bridged_to_the_human(stack: dict[str, str],
         assert call.events[-1] == {"type": "ended", "reason": "transfer", "ended_by": "human"}
     assert human.finished() == 0, human.errors()
     samples = await metrics(http)
-    assert samples['personagate_gateway_sip_transfers_total{method="webrtc",result="success"}'] >= 1
+    assert samples['personagate_gateway_front_end_transfers_total{front_end="webrtc",method="bridge",result="success"}'] >= 1
 
 
 async def test_a_busy_human_leaves_the_caller_with_the_agent(stack: dict[str, str], http: httpx.AsyncClient,

@@ -8,7 +8,7 @@ middle until either side hangs up. A browser caller uses a ``HumanLeg`` with ``c
 16 kHz media tap (``buffers``).
 
 Contract: the result is one of ``success``, ``busy``, ``no_answer``, ``failed``, ``abandoned``
-(``personagate_gateway_sip_transfers_total{method="bridge"}``). The loop side keeps no pjsua object: dialling,
+(``personagate_gateway_front_end_transfers_total{method="bridge"}``). The loop side keeps no pjsua object: dialling,
 joining and hanging up run on the pjsua thread and find the legs by serial (``UserAgent.kept``).
 
 Details: docs/sip.md#the-bridged-call.

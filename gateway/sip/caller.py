@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 import pjsua2 as pj
 
+from ..call.line import BYTES_PER_FRAME, CLOCK_RATE
 from .leg import Leg, LegEvent
 from .media import MediaBuffers
-from .ua import BYTES_PER_FRAME, CLOCK_RATE, CODECS, TlsTransport, UaConfig, UserAgent, call_op
+from .ua import CODECS, TlsTransport, UaConfig, UserAgent, call_op
 
 SILENCE_DBFS = -50.0
 # ``--codec`` names and the pjmedia codec ids they stand for (the gateway's offer, ua.CODECS)

@@ -5,12 +5,9 @@ they only copy frames into and out of the call's ``MediaBuffers`` (never calling
 waiting); ``MediaBridge`` (asyncio, one per call) does the rest with ``gateway/audio`` (resampling, 80 ms
 framing, the shallow ``OutboundPacer`` that sheds rather than builds lag, so barge-in stays immediate).
 
-Contract: the agent is kept silent, its state untouched, simply by not sending it caller audio
-(``MediaBridge._hold``: the worker steps a session only on caller frames) while the consent announcement
-plays and, with ``speaks_first: false``, until the caller speaks (the frames that fired the detector go too,
-``PRE_ROLL_FRAMES``) or ``wait_for_caller`` seconds pass.
+What the agent hears and when (the speaks-first gate) is the call core's: ``gateway/call/audio.py``.
 
-Details: docs/sip.md#who-speaks-first-speaks_first and docs/sip.md#recording-and-the-consent-announcement.
+Details: docs/sip.md#recording-and-the-consent-announcement.
 """
 
 from __future__ import annotations
@@ -19,32 +16,21 @@ import asyncio
 import collections
 import math
 import threading
-import time
 from collections.abc import Callable
 
 import numpy as np
 import pjsua2 as pj
 
-from personagate_common.protocol import SAMPLE_RATE
-
-from ..audio import LineToModel, ModelToLine, OutboundPacer
+from ..audio import OutboundPacer
 from ..audio.pacing import PacerStats
-from ..audio.speech import SpeechStart
-from ..calls import AgentCall
-from ..worker_client import AgentAudio
-from .recording import CallRecorder
-from .ua import BYTES_PER_FRAME, CLOCK_RATE, PTIME_MS, SAMPLES_PER_FRAME, AgentSink
+from ..call.audio import AgentStream, AgentToLine, CallerGate, CallerToAgent
+from ..call.line import BYTES_PER_FRAME, CLOCK_RATE, PTIME_MS, SAMPLES_PER_FRAME
+from ..call.recording import CallRecorder
+from .ua import AgentSink
 
-MODEL_RATE = SAMPLE_RATE  # the worker protocol's audio
 INBOUND_FRAMES = 25  # 500 ms of caller audio waiting for the asyncio side; older frames are dropped
 FRAMES_PER_WAKE = 4  # the asyncio side is woken once per 80 ms of caller audio
 CUSHION_PACKETS = 1  # outbound packets kept against the worker's jitter: sip_outbound_cushion_packets' default
-LINE_FRAME_MODEL_SAMPLES = MODEL_RATE * PTIME_MS // 1000  # one 20 ms line frame, resampled: 480
-# The caller audio handed to the agent when the caller starts to speak (``SpeechStart``): the last 80 ms (one
-# model frame), which hold the frames that fired it. No more: the worker steps one frame per 80 ms, so a longer
-# burst would wait in its input queue, and every word after it would reach the agent that much later for the
-# rest of the call.
-PRE_ROLL_FRAMES = 4
 
 
 def ringback_frames(rate: int = CLOCK_RATE) -> tuple[bytes, ...]:
@@ -339,30 +325,23 @@ class _PortPacer:
 
 
 class MediaBridge:
-    """Caller audio to the agent and agent audio to the caller, for one live call (asyncio side)."""
+    """A live call's audio on the event loop: the port's caller frames through the call core's ``CallerToAgent``
+    (the speaks-first gate, 80 ms framing) to the agent, and the agent's frames through ``AgentToLine`` to the
+    port's pacer. Woken once per model frame's worth of caller audio, or per packet while the first is awaited."""
 
-    def __init__(self, buffers: MediaBuffers | PortMedia, call: AgentCall,
-                 on_agent_audio: Callable[[], None] | None = None,
-                 *, hold_until: asyncio.Event | None = None, wait_for_caller: float | None = None) -> None:
-        """``hold_until``: no caller audio reaches the agent before it is set (the announcement);
-        ``wait_for_caller``: nor, after that, before the caller speaks (``speaks_first: false``) or this many
-        seconds pass (``math.inf``: however long)."""
+    def __init__(self, buffers: MediaBuffers | PortMedia, agent: AgentStream, gate: CallerGate,
+                 on_agent_audio: Callable[[], None]) -> None:
         self.buffers = buffers
-        self.call = call
+        self.agent = agent
+        self.gate = gate
         self._wake = asyncio.Event()
         self._on_agent_audio = on_agent_audio
-        self._hold_until = hold_until
-        self._wait_for_caller = wait_for_caller
-        # time.monotonic() when the agent first heard the caller, and why then: "answer" (no hold),
-        # "announcement" (its end), "caller" (the caller's voice), "wait" (the caller said nothing in time)
-        self.released_at: float | None = None
-        self.released_by: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
         self.buffers.set_waker(self._wake.set, asyncio.get_running_loop())
-        self._tasks = [asyncio.create_task(self._caller_to_agent(), name=f"sip-{self.call.call_id}-in"),
-                       asyncio.create_task(self._agent_to_caller(), name=f"sip-{self.call.call_id}-out")]
+        self._tasks = [asyncio.create_task(self._caller_to_agent(), name=f"sip-{self.agent.call_id}-in"),
+                       asyncio.create_task(self._agent_to_caller(), name=f"sip-{self.agent.call_id}-out")]
 
     async def stop(self) -> None:
         self.buffers.set_waker(None)
@@ -371,69 +350,20 @@ class MediaBridge:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _caller_to_agent(self) -> None:
-        line = LineToModel(CLOCK_RATE)
+        to_agent = CallerToAgent(CLOCK_RATE, self.agent, self.gate)
         buffers = self.buffers
         buffers.take_inbound()  # what arrived before the call was live (ringing) is not the agent's
-        pcm, self.released_by = await self._hold()
-        self.released_at = time.monotonic()
-        # Released to speak first: the first caller packet completes a frame at once, led by silence
-        # (``LineToModel.complete_with_silence``), so the agent starts 60 ms sooner, on the same 80 ms cadence.
-        start_now = self.released_by != "caller"
         while True:
-            if pcm:
-                frames = line.push(pcm)
-                if start_now and not frames:
-                    frames = [frame for frame in (line.complete_with_silence(),) if frame is not None]
-                start_now = False
-                for frame in frames:
-                    self.call.send(frame)
-            filled = round(line.pending_samples / LINE_FRAME_MODEL_SAMPLES)
-            buffers.wake_frames = 1 if start_now else max(1, FRAMES_PER_WAKE - filled)
+            buffers.wake_frames = to_agent.frames_short()
             if buffers.waiting() < buffers.wake_frames:  # else a frame came meanwhile and did not wake us
                 await self._wake.wait()
                 self._wake.clear()
             pcm = buffers.take_inbound()
-
-    async def _hold(self) -> tuple[bytes, str]:
-        """Until the agent may hear the caller (see the module's docstring); returns the caller audio it hears
-        first (the pre-roll), dropping the rest, and what released it."""
-        if self._hold_until is not None:
-            until = asyncio.create_task(self._hold_until.wait())
-            until.add_done_callback(lambda _: self._wake.set())
-            try:
-                while not self._hold_until.is_set():
-                    await self._wake.wait()
-                    self._wake.clear()
-                    self.buffers.take_inbound()  # the caller talking over the notice: not for the agent
-            finally:
-                until.cancel()
-        if self._wait_for_caller is None:
-            return b"", "answer" if self._hold_until is None else "announcement"
-        try:
-            async with asyncio.timeout(None if math.isinf(self._wait_for_caller) else self._wait_for_caller):
-                return await self._caller_speaks(), "caller"
-        except TimeoutError:
-            return b"", "wait"
-
-    async def _caller_speaks(self) -> bytes:
-        start = SpeechStart(SAMPLES_PER_FRAME, PRE_ROLL_FRAMES * SAMPLES_PER_FRAME)
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            heard = start.push(self.buffers.take_inbound())
-            if heard is not None:
-                return heard
+            if pcm:
+                to_agent.push(pcm)
 
     async def _agent_to_caller(self) -> None:
-        line = ModelToLine(CLOCK_RATE, packet_ms=PTIME_MS)
-        pacer = self.buffers.pacer
-        async for event in self.call.frames():
-            if not isinstance(event, AgentAudio):
-                continue
-            for packet in line.push(event.pcm):
-                pacer.put(packet, filler=event.filler)
-            if self._on_agent_audio is not None and not event.filler:
-                self._on_agent_audio()
+        await AgentToLine(CLOCK_RATE, self.buffers.pacer, on_first_audio=self._on_agent_audio).run(self.agent)
 
 
 __all__ = ["RINGBACK", "MediaBridge", "MediaBuffers", "PortMedia"]

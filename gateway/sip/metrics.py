@@ -1,4 +1,5 @@
-"""The SIP front end's Prometheus metrics, on the gateway's registry (``/metrics``)."""
+"""The SIP front end's own Prometheus metrics, on the gateway's registry (``/metrics``); what every call has
+(setup, first audio, recordings, transfers, DTMF …) is the call core's (``gateway/call/metrics.py``)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-# INVITE to 200 OK: routing, the claim and the persona's priming (a few ms cached; seconds if not).
-SETUP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0)
-# 200 OK to the agent's first audio queued for the caller.
-FIRST_AUDIO_BUCKETS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 HOLD_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 JITTER_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1)
 
@@ -37,21 +34,6 @@ class SipMetrics:
             "personagate_gateway_sip_calls_total",
             "Answered SIP calls, counted as they end, by the transport their INVITE came over (udp, tcp, tls) and "
             "whether their audio was SRTP (srtp: true or false).", ["transport", "srtp"], registry=r)
-        self.calls_active = Gauge(
-            "personagate_gateway_sip_calls_active", "SIP calls being set up (ringing) or answered.", registry=r)
-        self.setup_seconds = Histogram(
-            "personagate_gateway_sip_setup_seconds", "From the INVITE to 200 OK sent (the session primed).",
-            buckets=SETUP_BUCKETS, registry=r)
-        self.first_agent_audio_seconds = Histogram(
-            "personagate_gateway_sip_first_agent_audio_seconds",
-            "From 200 OK sent to the agent's first audio queued for the caller.",
-            buckets=FIRST_AUDIO_BUCKETS, registry=r)
-        self.outbound_underruns = Counter(
-            "personagate_gateway_sip_outbound_underruns_total",
-            "20 ms packets the bridge asked for when no agent audio was queued (silence was sent).", registry=r)
-        self.outbound_shed = Counter(
-            "personagate_gateway_sip_outbound_shed_total",
-            "20 ms packets of agent audio dropped to keep the outbound buffer shallow.", registry=r)
         self.rtp_packets_received = Counter(
             "personagate_gateway_sip_rtp_packets_received_total", "RTP packets received from callers.", registry=r)
         self.rtp_packets_lost = Counter(
@@ -61,31 +43,6 @@ class SipMetrics:
             "personagate_gateway_sip_rtp_jitter_seconds",
             "Each call's mean RTP inter-arrival jitter from the caller (pjmedia's RFC 3550 estimate).",
             buckets=JITTER_BUCKETS, registry=r)
-        self.caller_frames_dropped = Counter(
-            "personagate_gateway_sip_caller_frames_dropped_total",
-            "20 ms caller frames dropped because the event loop did not take them in time.", registry=r)
-
-        self.dtmf = Counter(
-            "personagate_gateway_sip_dtmf_total",
-            "DTMF digits received from callers, by method: rfc4733 (telephone-event) or info (SIP INFO).",
-            ["method"], registry=r)
-        self.transfers = Counter(
-            "personagate_gateway_sip_transfers_total",
-            "Transfers to the tenant's escalation target, by method and result. method=refer (blind transfer): "
-            "success (2xx NOTIFY: the call ends), failed (REFER refused or a final failure NOTIFY: the gateway "
-            "falls back to a bridged call if enabled, else the caller stays with the agent), timeout (no final "
-            "result in time: the caller stays). method=bridge (the gateway's own call to the target after a "
-            "failed REFER, so one escalation may count once per method): success (answered: caller and human "
-            "bridged, the agent released), busy, no_answer, failed (the caller stays with the agent), abandoned "
-            "(the caller hung up while the target rang).",
-            ["result", "method"], registry=r)
-
-        self.recordings = Counter(
-            "personagate_gateway_sip_recordings_total",
-            "Call recordings (tenants with recording.enabled) by result: written (the file is complete in "
-            "recordings_dir), failed (it could not be written; the call went on).",
-            ["result"], registry=r)
-
         self.holds = Counter(
             "personagate_gateway_sip_holds_total",
             "Times a caller put an answered call on hold (a re-INVITE or UPDATE offering sendonly, inactive or "

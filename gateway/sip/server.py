@@ -27,11 +27,9 @@ import functools
 import ipaddress
 import logging
 import re
-import tempfile
 import time
 from collections import deque
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
@@ -39,6 +37,8 @@ import pjsua2 as pj
 
 from personagate_common.tls import certificate_summary
 
+from ..call.metrics import call_metrics
+from ..call.recording import check_recordings_dir
 from ..tenants.tenant import Rejection
 from .auth import AuthDecision, AuthResult, DigestAuthenticator
 from .inbound import InboundCall
@@ -89,17 +89,6 @@ def source_ip(address: str) -> str:
     return host.strip("[]")
 
 
-def check_recordings_dir(folder: Path) -> None:
-    """The recordings folder exists (made if not) and the gateway can write there; else a clear error."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
-            pass
-    except OSError as exc:
-        raise RuntimeError(f"recordings_dir {str(folder)!r}: call recordings cannot be written there "
-                           f"({exc.strerror or exc})") from None
-
-
 class AllowList:
     """Trunks admitted by source address (CIDRs)."""
 
@@ -143,6 +132,7 @@ class SipServer:
         self._idle = asyncio.Event()  # no call in progress
         self._idle.set()
         self.metrics = SipMetrics(calls.metrics.registry)
+        self.call_metrics = call_metrics(calls.metrics.registry, "sip")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events_fd: int | None = None
         self._arrivals: deque[float] = deque()  # INVITEs in the last second (pjsua thread)
@@ -359,7 +349,7 @@ class SipServer:
                            retry_after=self.settings.sip_retry_after_seconds,
                            media_timeout=self.settings.sip_media_timeout_seconds,
                            max_call_seconds=self.settings.sip_max_call_seconds, loop=self._loop,
-                           metrics=self.metrics, bridge_fallback=self.settings.sip_transfer_bridge_fallback,
+                           metrics=self.metrics, call_metrics=self.call_metrics, bridge_fallback=self.settings.sip_transfer_bridge_fallback,
                            ring_timeout=self.settings.sip_transfer_ring_seconds,
                            recordings_dir=self.settings.recordings_dir,
                            caller_first_wait=self.settings.sip_caller_first_wait_seconds,
@@ -445,13 +435,13 @@ class SipServer:
     def _begin(self, call: InboundCall) -> None:
         self.active[call.leg_serial] = call
         self._idle.clear()
-        self.metrics.calls_active.set(len(self.active))
+        self.call_metrics.calls_active.set(len(self.active))
         call.begin()
         assert call.task is not None
         call.task.add_done_callback(lambda _: self._done(call))
 
     def _done(self, call: InboundCall) -> None:
         self.active.pop(call.leg_serial, None)
-        self.metrics.calls_active.set(len(self.active))
+        self.call_metrics.calls_active.set(len(self.active))
         if not self.active:
             self._idle.set()

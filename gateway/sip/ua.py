@@ -32,20 +32,11 @@ from typing import Any, TypeVar
 
 import pjsua2 as pj
 
+from ..call.line import CLOCK_RATE, PTIME_MS
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# The conference bridge's clock, and the rate of our media ports. 16 kHz, deliberately: it is G.722's own
-# rate, so wideband calls cross the bridge with no conversion at all, and PCMU/PCMA (8 kHz) are converted
-# once by pjmedia's large-filter resampler (``quality`` 10) at the stream port; the one conversion to the
-# model's 24 kHz happens outside the bridge, in a stateful resampler per direction (``gateway/audio``, via ``media.py``).
-# A 24 kHz bridge would make pjmedia do that conversion too, with its own filter, for every codec; an 8 kHz
-# bridge would throw away G.722's upper band.
-CLOCK_RATE = 16_000
-PTIME_MS = 20
-SAMPLES_PER_FRAME = CLOCK_RATE * PTIME_MS // 1000  # 320
-BYTES_PER_FRAME = SAMPLES_PER_FRAME * 2  # 640: one 20 ms frame of s16le mono at the bridge's clock
 
 # Offered in this order; every other codec the build has is disabled (telephone-event is always offered).
 CODECS = ("PCMU/8000/1", "PCMA/8000/1", "G722/16000/1")

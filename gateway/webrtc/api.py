@@ -36,10 +36,12 @@ from personagate_common.routing import Refusal
 from ..admin.api import ApiError, Credentials, principal, read_body
 from ..admin.throttle import source_key
 from ..admin.tokens import Principal, TokensUnavailable
+from ..call.metrics import call_metrics
+from ..call.recording import check_recordings_dir
+from ..call.state import CallState
 from ..calls import PersonaRejected
-from ..sip.server import check_recordings_dir
 from ..tenants.tenant import Rejection
-from .call import BrowserCall, BrowserCallState
+from .call import BrowserCall
 from .ice import (
     PEER_REFLEXIVE_ALLOWANCE,
     bound_remote_candidates,
@@ -66,7 +68,6 @@ ENDED_KEPT = 4096  # ended calls a DELETE still answers 204 (the page hangs up b
 SECRET_HEADER = "Personagate-Call-Secret"
 # An ending call no longer counts under the anonymous caps: its caller has hung up (or been told the call ended)
 # and may call again; its slot is released within the second.
-_OVER = (BrowserCallState.ENDING, BrowserCallState.ENDED, BrowserCallState.REFUSED)
 
 
 class Refused(ApiError):
@@ -129,6 +130,7 @@ class WebRtc:
         self.registry = registry
         self.calls = calls
         self.metrics = WebRtcMetrics(calls.metrics.registry)
+        self.call_metrics = call_metrics(calls.metrics.registry, "webrtc")
         self.rate_limit = OfferRateLimit(settings.webrtc_offers_per_minute)
         self.active: dict[str, BrowserCall] = {}
         self.secrets: dict[str, str] = {}  # call id → its secret, for calls in progress
@@ -157,7 +159,7 @@ class WebRtc:
         """Anonymous calls in progress (offers being answered included): this client's, and ``tenant_id``'s."""
         by_client = by_tenant = 0
         for call in self.public.values():
-            if call.state not in _OVER:
+            if not call.lifecycle.over:
                 by_client += source_key(call.client) == client
                 by_tenant += call.tenant.id == tenant_id
         return by_client, by_tenant
@@ -251,7 +253,8 @@ class WebRtc:
         secret = secrets.token_urlsafe(32)
         settings = self.settings
         call = BrowserCall(call_id=call_id, tenant=tenant, persona=persona, calls=self.calls,
-                           configuration=rtc_configuration(settings), metrics=self.metrics, client=client,
+                           configuration=rtc_configuration(settings), metrics=self.metrics,
+                           call_metrics=self.call_metrics, client=client,
                            setup_timeout=settings.webrtc_setup_timeout_seconds,
                            media_timeout=settings.webrtc_media_timeout_seconds,
                            caller_first_wait=settings.sip_caller_first_wait_seconds,
@@ -276,7 +279,7 @@ class WebRtc:
         except PersonaRejected as exc:
             raise Refused(500, "persona_rejected", f"the persona could not be started: {exc.reason}") from None
         finally:
-            if call.state is BrowserCallState.REFUSED:
+            if call.state is CallState.REFUSED:
                 self.public.pop(call_id, None)
         self.active[call_id] = call
         self.secrets[call_id] = secret

@@ -1,8 +1,10 @@
-"""A browser call's life: an explicit state machine over one ``RTCPeerConnection`` and one ``AgentCall``.
+"""A browser call: the call core (``gateway.call``) over one ``RTCPeerConnection``.
 
-Contract: ``BrowserCall`` moves through ``BrowserCallState`` (offered → ringing → live → ending → ended, or
-bridged after an escalation, or refused before the claim), tells the browser each step on its data channel,
-and ends by one reason, logged as one "WebRTC call ended" record with each state's entry time (``history``).
+Contract: ``BrowserCall`` moves through the core's ``CallState`` (ringing → connecting → live → ending → ended, or
+bridged after an escalation, or refused before the claim), tells the browser each step on its data channel, and
+ends by one reason, logged as one "WebRTC call ended" record. What is the browser's own is here: the offer and
+answer, the data channel's events, the media connecting, and the human's audio pumped to and from the page
+after an escalation (the human's leg is SIP, loaded only when one is dialled).
 
 Details (each state and what ends it): docs/webrtc.md#a-calls-states.
 """
@@ -11,14 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import json
 import logging
-import math
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcdatachannel import RTCDataChannel
@@ -26,26 +25,19 @@ from aiortc.rtcdatachannel import RTCDataChannel
 from personagate_common.routing import Refusal
 
 from ..audio import OutboundPacer
+from ..call.audio import AgentToLine, CallerToAgent
+from ..call.core import CallCore
+from ..call.state import CallState
 from ..calls import AgentCall, Calls, PersonaRejected
-from ..sip.bridge import HumanLeg
-from ..sip.recording import CallRecorder, finish_recording, start_recording
 from ..tenants.schema import DTMF_DIGITS
-from .media import (
-    PACKET_SAMPLES,
-    RATE,
-    AgentAudioPump,
-    AgentTrack,
-    BrowserRecording,
-    CallerAudio,
-    HumanAudio,
-    set_jitter_buffer,
-)
+from .media import PACKET_SAMPLES, RATE, AgentTrack, BrowserRecording, CallerAudio, HumanAudio, set_jitter_buffer
 from .metrics import WebRtcMetrics
 from .offer import OfferError
 
 if TYPE_CHECKING:
     from aiortc import MediaStreamTrack, RTCConfiguration
 
+    from ..call.metrics import CallMetrics
     from ..sip.server import SipServer
     from ..tenants.tenant import PersonaConfig, Tenant
 
@@ -56,57 +48,25 @@ CHANNEL_BUFFER_BYTES = 64 * 1024  # agent text is dropped while the browser has 
 CLOSE_SECONDS = 2.0  # for the peer connection to close
 
 
-class BrowserCallState(enum.StrEnum):
-    OFFERED = "offered"
-    RINGING = "ringing"
-    LIVE = "live"
-    BRIDGED = "bridged"
-    ENDING = "ending"
-    ENDED = "ended"
-    REFUSED = "refused"
-
-
-B = BrowserCallState
-TRANSITIONS: dict[BrowserCallState, frozenset[BrowserCallState]] = {
-    B.OFFERED: frozenset({B.RINGING, B.REFUSED}),
-    B.RINGING: frozenset({B.LIVE, B.ENDING}),
-    B.LIVE: frozenset({B.BRIDGED, B.ENDING}),
-    B.BRIDGED: frozenset({B.ENDING}),
-    B.ENDING: frozenset({B.ENDED}),
-    B.ENDED: frozenset(),
-    B.REFUSED: frozenset(),
-}
-
-
-class BrowserCall:
+class BrowserCall(CallCore):
     """One browser call, from its offer (``answer``) to its end; made by the API for each accepted offer."""
 
+    front_end: ClassVar = "webrtc"
+    ended_message: ClassVar = "WebRTC call ended"
+
     def __init__(self, *, call_id: str, tenant: Tenant, persona: PersonaConfig, calls: Calls,
-                 configuration: RTCConfiguration, metrics: WebRtcMetrics, client: str, setup_timeout: float,
-                 media_timeout: float, caller_first_wait: float | None, cushion_packets: int,
+                 configuration: RTCConfiguration, metrics: WebRtcMetrics, call_metrics: CallMetrics, client: str,
+                 setup_timeout: float, media_timeout: float, caller_first_wait: float | None, cushion_packets: int,
                  connect_timeout: float = 10.0, sip: SipServer | None = None, ring_timeout: float = 30.0,
                  jitter_buffer_packets: int = 2, recordings_dir: Path | None = None) -> None:
-        self.call_id = call_id
-        self.tenant = tenant
-        self.persona = persona
-        self.calls = calls
+        super().__init__(call_id=call_id, tenant=tenant, persona=persona, calls=calls, metrics=call_metrics,
+                         recordings_dir=recordings_dir, media_timeout=media_timeout,
+                         caller_first_wait=caller_first_wait, max_call_seconds=None, log_extra={"call": call_id})
         self.metrics = metrics
         self.client = client
         self.setup_timeout = setup_timeout
         self.connect_timeout = connect_timeout  # from the answer to the browser's media connected
         self.jitter_buffer_packets = jitter_buffer_packets
-        self.recordings_dir = recordings_dir  # tenants with recording.enabled are announced and recorded here
-        self.recorder: CallRecorder | None = None
-        self.announced_at: float | None = None
-        self._announced: Callable[[], None] | None = None  # releases the agent once the announcement has played
-        self.media_timeout = media_timeout
-        self.caller_first_wait = caller_first_wait
-        self.state = B.OFFERED
-        self.history: list[tuple[BrowserCallState, float]] = [(B.OFFERED, time.monotonic())]
-        self.end_reason: str | None = None
-        self.agent: AgentCall | None = None
-        self.first_agent_audio: float | None = None
-        self.ready_at: float | None = None
         self.pacer = OutboundPacer(PACKET_SAMPLES, cushion_packets=cushion_packets)
         self.track = AgentTrack(self.pacer)
         self.caller: CallerAudio | None = None
@@ -115,13 +75,7 @@ class BrowserCall:
         self.events_dropped = 0
         self.sip = sip  # for escalation: the gateway's SIP user agent calls the tenant's human
         self.ring_timeout = ring_timeout
-        self.human: HumanLeg | None = None  # the human who answered an escalation
-        self.transfer_result: str | None = None
-        self.bridge_ended_by: str | None = None
-        self.dtmf: list[str] = []
-        self._escalation: asyncio.Task[None] | None = None
-        self._transferred = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
+        self.escalation.on_attempt = self._transfer_attempt
         self._pending: list[str] = []
         self._start: asyncio.Task[AgentCall] | None = None
         self._claimed = asyncio.Event()
@@ -164,13 +118,13 @@ class BrowserCall:
             elif not self._claimed.is_set():
                 raise Refusal("no_capacity", "no slot was claimed in time", self.calls.router.retry_after_seconds)
         except BaseException:
-            self._to(B.REFUSED)
+            self._to(CallState.REFUSED)
             await self._release_start("cancelled")
             await self._close_pc()
             await self._stop_side_tasks()
             raise
-        self._to(B.RINGING)
-        self.metrics.calls_active.inc()
+        self._to(CallState.CONNECTING)
+        self.call_metrics.calls_active.inc()
         return self.pc.localDescription.sdp
 
     def begin(self) -> None:
@@ -233,53 +187,32 @@ class BrowserCall:
     def _digit(self, digit: str) -> None:
         """A key the caller pressed on the page: the tenant's escalation digit calls its human; once bridged, keys
         go on to the human's side (a PBX queue or menu may ask for them)."""
-        self.dtmf.append(digit)
-        if self.state is B.BRIDGED and self.human is not None:
-            self.human.send_dtmf(digit)
-            return
-        escalation = self.tenant.spec.escalation
-        if escalation is None or digit != escalation.dtmf_digit or self.state is not B.LIVE \
-                or self._transferred.is_set() or (self._escalation is not None and not self._escalation.done()):
+        human = self.escalation.human
+        relay = self.state is CallState.BRIDGED and human is not None
+        target = self.key_pressed(digit, "page", may_escalate=self.state is CallState.LIVE)
+        if relay:
+            assert human is not None
+            human.send_dtmf(digit)
+        elif target is not None:
+            self._event("transferring")
+            self.escalation.start(self._escalate(target), name=f"webrtc-transfer-{self.call_id}")
+        else:
             log.info("DTMF %s from the page", digit, extra={"call": self.call_id})
-            return
-        self._escalation = asyncio.create_task(self._escalate(escalation.transfer_to),
-                                               name=f"webrtc-transfer-{self.call_id}")
 
     async def _escalate(self, target: str) -> None:
         sip = self.sip
-        if sip is None or sip.ua is None:
-            log.warning("escalation asked for, but SIP is off on this gateway: the caller stays with the agent",
-                        extra={"call": self.call_id, "tenant": self.tenant.id})
-            self._transfer_done("unavailable", None)
-            return
-        self._event("transferring")
-        human = HumanLeg(ua=sip.ua, caller_serial=None, target=target, ring_timeout=self.ring_timeout,
-                         loop=asyncio.get_running_loop(), sip_call_id=self.call_id)
-        log.info("calling %s for the browser caller", target, extra={"call": self.call_id, "tenant": self.tenant.id})
-        try:
-            result = await human.connect()
-        except asyncio.CancelledError:
-            self._transfer_done("abandoned", sip)
-            raise
-        self._transfer_done(result, sip, human.status, human.reason)
-        if result == "success":
-            self.human = human
-            self._transferred.set()
+        await self.escalation.bridge(sip.ua if sip is not None else None, target, caller_serial=None,
+                                     ring_timeout=self.ring_timeout, call_id=self.call_id)
 
-    def _transfer_done(self, result: str, sip: SipServer | None, status: int | None = None, why: str = "") -> None:
-        self.transfer_result = result
-        if sip is not None:
-            sip.metrics.transfers.labels(result=result, method="webrtc").inc()
+    def _transfer_attempt(self, result: str) -> None:
         if result != "success":
             self._event("transfer_failed", result=result)
-            log.warning("escalation did not complete (%s): the caller stays with the agent", result, extra={
-                "call": self.call_id, "tenant": self.tenant.id, "status": status, "why": why})
 
     async def _stay_bridged(self, agent: AgentCall, pump: asyncio.Task[None]) -> None:
         """The browser ⇄ the human who answered, the agent released, until either side hangs up."""
-        assert self.human is not None
-        human = self.human
-        self._to(B.BRIDGED)
+        human = self.escalation.human
+        assert human is not None
+        self._to(CallState.BRIDGED)
         # The caller and the human hear each other first; the agent's session is ended after (that can take a
         # second: the worker's close and the slot's release), so nothing of either is lost meanwhile.
         pump.cancel()
@@ -293,22 +226,22 @@ class BrowserCall:
         await agent.end("transfer")
         gone = asyncio.create_task(human.gone.wait())
         hangup = asyncio.create_task(self._hangup.wait())
-        silent = asyncio.create_task(self._media_watch())
+        silent = asyncio.create_task(self.media_watch(self._caller_frames))
         try:
             await asyncio.wait({gone, hangup, silent}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in (gone, hangup, silent):
                 task.cancel()
         if hangup.done():
-            self.bridge_ended_by = "caller" if self._hangup_reason == "hangup" else self._hangup_reason
+            self.escalation.bridge_ended_by = "caller" if self._hangup_reason == "hangup" else self._hangup_reason
         else:
-            self.bridge_ended_by = "human" if gone.done() else "media_timeout"
+            self.escalation.bridge_ended_by = "human" if gone.done() else "media_timeout"
         self.end_reason = "transfer"
 
     # ------------------------------------------------------------------ events to the browser
 
     def _event(self, kind: str, **fields: Any) -> None:
-        if self.state in (B.ENDING, B.ENDED) and kind != "ended":
+        if self.lifecycle.over and kind != "ended":
             return  # "ended" is the last message: agent text still in flight while the call ends is not sent
         message = json.dumps({"type": kind, **fields})
         channel = self.channel
@@ -349,7 +282,7 @@ class BrowserCall:
         self._event("ringing")
         connected = asyncio.create_task(self._connected.wait())
         hangup = asyncio.create_task(self._hangup.wait())
-        deadline = self.history[0][1] + self.setup_timeout
+        deadline = self.lifecycle.began + self.setup_timeout
         connect_by = time.monotonic() + self.connect_timeout
         try:
             while not (self._start.done() and connected.done()):
@@ -383,28 +316,25 @@ class BrowserCall:
     async def _converse(self) -> None:
         agent = self.agent
         assert agent is not None
-        self._to(B.LIVE)
-        self.ready_at = time.monotonic()
-        setup = self.ready_at - self.history[0][1]
-        self.metrics.setup_seconds.observe(setup)
+        self._to(CallState.LIVE)
+        self.answered()
+        assert self.answered_at is not None
+        setup = self.answered_at - self.lifecycle.began
         self._event("ready", setup_ms=round(setup * 1000), persona=self.persona.name)
-        wait_for_caller = None if self.persona.speaks_first else self.caller_first_wait or math.inf
-        if not await self._start_recording():
-            if self.caller is not None:
-                self.caller.release(agent, wait_for_caller)
-        elif self.caller is not None:  # the agent hears the caller once the consent announcement has been played
-            caller = self.caller
-            self._announced = lambda: caller.release(agent, wait_for_caller, "announcement")
-        pump = AgentAudioPump(self.pacer, on_text=lambda text: self._event("text", text=text),
-                              on_first_audio=self._agent_audio)
+        announcing = await self._start_recording()
+        gate = self.open_gate(RATE, announcing=announcing)
+        if self.caller is not None:
+            self.caller.connect(CallerToAgent(RATE, agent, gate))
+        pump = AgentToLine(RATE, self.pacer, on_first_audio=self.agent_audio,
+                           on_text=lambda text: self._event("text", text=text))
         pumping = self._side_task(pump.run(agent), "out")
-        limit = self.tenant.spec.limits.max_call_seconds
+        limit = self.limit_seconds
         log.info("WebRTC call live", extra={"call": self.call_id, "tenant": self.tenant.id,
                                             "persona": agent.persona_name, "setup_seconds": round(setup, 3)})
         ended = asyncio.create_task(agent.wait_ended())
         hangup = asyncio.create_task(self._hangup.wait())
-        silent = asyncio.create_task(self._media_watch())
-        transferred = asyncio.create_task(self._transferred.wait())
+        silent = asyncio.create_task(self.media_watch(self._caller_frames))
+        transferred = asyncio.create_task(self.escalation.transferred.wait())
         try:
             done, _ = await asyncio.wait({ended, hangup, silent, transferred}, timeout=limit,
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -425,61 +355,41 @@ class BrowserCall:
             self.end_reason = "max_duration"
             log.info("the call reached its maximum duration (%g s)", limit, extra={"call": self.call_id})
 
+    async def _caller_frames(self) -> int:
+        """Frames of the browser's audio read so far (the media watch's count)."""
+        return self.caller.frames if self.caller is not None else 0
+
     async def _start_recording(self) -> bool:
-        """With the tenant's recording on (and the gateway's ``recordings_dir``): the recorder started and the
-        consent announcement queued to play first; True if so (the agent is then released once it has played)."""
-        started = await start_recording(self.tenant, self.recordings_dir, self.call_id, RATE, call=self.call_id)
-        if started is None:
+        """With the tenant's recording on (and the gateway's ``recordings_dir``): the recorder tapping both sides
+        and the consent announcement queued to play first; True if so (the agent hears the caller once it has
+        played)."""
+        frames = await self.start_recording(RATE)
+        if frames is None:
             return False
-        self.recorder, frames = started
+        assert self.recorder is not None
         recording_tap = BrowserRecording(self.recorder)
         self.track.recording = recording_tap
         if self.caller is not None:
             self.caller.recording = recording_tap
-        self.track.announce(frames, self._announcement_played)
+        self.track.announce(frames, self.announcement_played)
         return True
 
-    def _announcement_played(self) -> None:
-        self.announced_at = time.monotonic()
-        if self._announced is not None:
-            self._announced()
-
     async def _stop_recording(self) -> dict[str, object]:
-        recorder, self.recorder = self.recorder, None
-        if recorder is None:
+        if self.recorder is None:
             return {}
         self.track.recording = None
         if self.caller is not None:
             self.caller.recording = None
-        record = await finish_recording(recorder, call=self.call_id)
-        self.metrics.recordings.labels(result="written" if record["recording"] else "failed").inc()
-        return {**record, "consent_announced": round(self.announced_at - self.ready_at, 3)
-                if self.announced_at and self.ready_at else None}
-
-    async def _media_watch(self) -> None:
-        """Returns once no audio has come from the browser for ``media_timeout`` seconds."""
-        while True:
-            await asyncio.sleep(min(1.0, self.media_timeout / 2))
-            last = self.caller.last_frame_at if self.caller is not None else self.history[0][1]
-            if time.monotonic() - last >= self.media_timeout:
-                return
-
-    def _agent_audio(self) -> None:
-        self.first_agent_audio = time.monotonic()
-        self.metrics.first_agent_audio_seconds.observe(self.first_agent_audio - self.history[0][1])
+        return await self.stop_recording()
 
     async def _finish(self) -> None:
-        self._to(B.ENDING)
+        self._to(CallState.ENDING)
         reason = self.end_reason or "error"
         try:
-            if self._escalation is not None and not self._escalation.done():
-                self._escalation.cancel()  # a human still ringing: the INVITE is cancelled
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self._escalation
-            if self.human is not None and not self.human.gone.is_set():
-                self.human.hang_up()
-            self._event("ended", reason=reason,
-                        **({"ended_by": self.bridge_ended_by} if self.bridge_ended_by else {}))
+            await self.escalation.stop()  # a human still ringing: the INVITE is cancelled
+            self.escalation.hang_up_human()
+            ended_by = self.escalation.bridge_ended_by
+            self._event("ended", reason=reason, **({"ended_by": ended_by} if ended_by else {}))
             if self.agent is not None:
                 await self.agent.end(reason)
         except Exception:
@@ -490,32 +400,19 @@ class BrowserCall:
             await self._close_pc()
             await self._stop_side_tasks()
             recording = await self._stop_recording()
-            self._to(B.ENDED)
-            self.metrics.calls_active.dec()
-            self.metrics.calls_ended.labels(reason=reason).inc()
-        self._record(reason, recording)
-
-    def _record(self, reason: str, recording: dict[str, object]) -> None:
+            self._to(CallState.ENDED)
+            self.call_metrics.calls_active.dec()
+            self.call_metrics.ended(reason)
+        self.end_reason = reason
         stats = self.pacer.stats()
-        self.metrics.outbound_underruns.inc(stats.underruns)
-        self.metrics.outbound_shed.inc(stats.shed)
-        self.metrics.outbound_stalls.inc(self.track.stalls)
         caller = self.caller
-        if caller is not None:
-            self.metrics.caller_frames_dropped.inc(caller.dropped)
-        began = self.history[0][1]
-        log.info("WebRTC call ended", extra={  # the call record: one JSON line per answered call
-            "call": self.call_id, "tenant": self.tenant.id, "persona": self.persona.name, "client": self.client,
-            "worker_id": self.agent.worker_id if self.agent else None, "reason": reason,
-            "setup_seconds": round(self.ready_at - began, 3) if self.ready_at else None,
-            "first_agent_audio_seconds": round(self.first_agent_audio - began, 3) if self.first_agent_audio else None,
-            "seconds": round(time.monotonic() - began, 2), "outbound_underruns": stats.underruns,
-            "outbound_shed": stats.shed, "outbound_stalls": self.track.stalls,
-            "caller_frames": caller.frames if caller else 0, "caller_frames_dropped": caller.dropped if caller else 0,
-            "agent_released_by": caller.released_by if caller else None, "events_dropped": self.events_dropped,
-            "dtmf": "".join(self.dtmf), "transfer": self.transfer_result, "bridge_ended_by": self.bridge_ended_by,
-            "human_leg_seconds": round(self.human.seconds, 2) if self.human and self.human.seconds else None,
-            **recording})
+        self.count_media(underruns=stats.underruns, shed=stats.shed,
+                         caller_frames_dropped=caller.dropped if caller else 0)
+        self.metrics.outbound_stalls.inc(self.track.stalls)
+        self.record(client=self.client, outbound_underruns=stats.underruns, outbound_shed=stats.shed,
+                    outbound_stalls=self.track.stalls, caller_frames=caller.frames if caller else 0,
+                    caller_frames_dropped=caller.dropped if caller else 0, events_dropped=self.events_dropped,
+                    **recording)
 
     async def _stop_side_tasks(self) -> None:
         for task in self._side:
@@ -544,9 +441,3 @@ class BrowserCall:
         task = asyncio.create_task(coro, name=f"webrtc-{self.call_id}-{name}")
         self._side.append(task)
         return task
-
-    def _to(self, state: BrowserCallState) -> None:
-        if state not in TRANSITIONS[self.state]:
-            raise RuntimeError(f"WebRTC call {self.call_id}: no transition {self.state} -> {state}")
-        self.state = state
-        self.history.append((state, time.monotonic()))

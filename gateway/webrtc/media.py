@@ -8,8 +8,8 @@ returns as fast as it returns it: packet *n* is due at ``start + n·20 ms``, and
 rebases the clock (and the RTP timestamps) instead of bursting the backlog. Frames go out stereo: aiortc's
 Opus encoder is stereo, and its converter would mix mono in 3 dB down.
 
-Contract: until the call is live, and with ``speaks_first: false`` until the caller speaks or
-``wait_for_caller`` seconds pass, the agent hears nothing.
+Contract: until the call is live the agent hears nothing; from then on, the call core's speaks-first gate
+decides (``gateway/call/audio.py``).
 
 Details: docs/webrtc.md#media.
 """
@@ -20,9 +20,8 @@ import asyncio
 import collections
 import fractions
 import logging
-import math
-import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from aiortc import MediaStreamTrack, RTCRtpReceiver
@@ -30,21 +29,20 @@ from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
-from ..audio import LineToModel, ModelToLine, OutboundPacer, Repacketizer
-from ..audio.speech import SpeechStart
-from ..calls import AgentCall
-from ..sip.media import MediaBuffers
-from ..sip.recording import CallRecorder
-from ..sip.ua import CLOCK_RATE as LEG_RATE
-from ..sip.ua import SAMPLES_PER_FRAME as LEG_PACKET_SAMPLES
-from ..worker_client import AgentAudio, AgentText
+from ..audio import OutboundPacer, Repacketizer
+from ..call.line import CLOCK_RATE as LEG_RATE
+from ..call.line import SAMPLES_PER_FRAME as LEG_PACKET_SAMPLES
+
+if TYPE_CHECKING:
+    from ..call.audio import CallerToAgent
+    from ..call.recording import CallRecorder
+    from ..sip.media import MediaBuffers
 
 log = logging.getLogger(__name__)
 
 RATE = 48_000
 PACKET_SECONDS = 0.02
 PACKET_SAMPLES = 960  # 20 ms at 48 kHz
-MODEL_FRAME_LINE_SAMPLES = 3840  # 80 ms at 48 kHz: what the agent hears first when the caller starts to speak
 STALL_SECONDS = 0.1  # the outbound clock this late: rebase instead of bursting
 INBOUND_BACKLOG_FRAMES = 5  # 100 ms of decoded browser audio may wait; older frames are dropped
 TIME_BASE = fractions.Fraction(1, RATE)
@@ -111,34 +109,20 @@ class AgentTrack(MediaStreamTrack):
 
 
 class CallerAudio:
-    """Reads the browser's audio track for the whole call; passes it to the agent once ``release`` is called
-    (the call is live), through the ``speaks_first: false`` gate if asked."""
+    """Reads the browser's audio track for the whole call; passes it on once the call is live (``connect``: through
+    the call core's speaks-first gate to the agent), or to the human after an escalation (``divert``)."""
 
     def __init__(self, track: MediaStreamTrack) -> None:
         self.track = track
         self.frames = 0  # frames read
         self.dropped = 0  # frames dropped unread (the loop was behind)
-        self.last_frame_at = time.monotonic()
-        self.released_at: float | None = None  # when the agent first heard the caller
-        self.released_by: str | None = None  # answer, caller (spoke first), wait (said nothing in time)
-        self._agent: AgentCall | None = None
+        self._to_agent: CallerToAgent | None = None
         self._divert: Callable[[np.ndarray], None] | None = None
         self.recording: BrowserRecording | None = None
-        self._line = LineToModel(RATE)
-        self._speech: SpeechStart | None = None
-        self._wait_until = math.inf
-        self._start_now = False
 
-    def release(self, agent: AgentCall, wait_for_caller: float | None, why: str = "answer") -> None:
-        """From now on the caller's audio goes to ``agent``; with ``wait_for_caller`` (seconds, ``math.inf``:
-        however long), only once the caller speaks or that time has passed. ``why``: what released it (the
-        answer, or the end of the consent announcement)."""
-        self._agent = agent
-        if wait_for_caller is None:
-            self._open(why)
-        else:
-            self._speech = SpeechStart(PACKET_SAMPLES, MODEL_FRAME_LINE_SAMPLES)
-            self._wait_until = time.monotonic() + wait_for_caller
+    def connect(self, to_agent: CallerToAgent) -> None:
+        """From now on the caller's audio goes to the agent, as ``to_agent``'s gate lets it."""
+        self._to_agent = to_agent
 
     def divert(self, sink: Callable[[np.ndarray], None]) -> None:
         """From now on the caller's audio (48 kHz mono int16, per frame) goes to ``sink``, not the agent."""
@@ -153,7 +137,6 @@ class CallerAudio:
             except MediaStreamError:
                 return
             self.frames += 1
-            self.last_frame_at = time.monotonic()
             if queue is not None:
                 self._drop_backlog(queue)
             pcm = _mono(frame)
@@ -161,29 +144,8 @@ class CallerAudio:
                 self.recording.heard_caller(pcm)
             if self._divert is not None:
                 self._divert(pcm)
-                continue
-            if self._agent is None:
-                continue  # ringing: the agent is not live yet
-            if self._speech is not None:
-                heard = self._speech.push(pcm.tobytes())
-                if heard is None and time.monotonic() < self._wait_until:
-                    continue
-                self._open("caller" if heard is not None else "wait")
-                pcm = np.frombuffer(heard, "<i2") if heard is not None else pcm
-            frames = self._line.push(pcm)
-            if self._start_now and not frames:
-                frames = [frame for frame in (self._line.complete_with_silence(),) if frame is not None]
-            self._start_now = False
-            for model_frame in frames:
-                self._agent.send(model_frame)
-
-    def _open(self, why: str) -> None:
-        self._speech = None
-        self.released_at = time.monotonic()
-        self.released_by = why
-        # Released to speak first: the next frame of the caller's completes a model frame at once, led by
-        # silence (``LineToModel.complete_with_silence``): the agent starts 60 ms sooner, on the same cadence.
-        self._start_now = why != "caller"
+            elif self._to_agent is not None:  # else ringing: the agent is not live yet
+                self._to_agent.push(pcm.tobytes())
 
     def _drop_backlog(self, queue: asyncio.Queue[object]) -> None:
         while queue.qsize() > INBOUND_BACKLOG_FRAMES:
@@ -220,30 +182,6 @@ def _mono(frame: AudioFrame) -> np.ndarray:
     if channels == 1:
         return samples.astype(np.int16, copy=False)
     return samples.reshape(-1, channels).mean(axis=1).astype(np.int16)
-
-
-class AgentAudioPump:
-    """Agent frames to the ``AgentTrack``'s pacer, agent text to ``on_text``; notes the first agent audio."""
-
-    def __init__(self, pacer: OutboundPacer, on_text: Callable[[str], None],
-                 on_first_audio: Callable[[], None]) -> None:
-        self.pacer = pacer
-        self._on_text = on_text
-        self._on_first_audio = on_first_audio
-        self._line = ModelToLine(RATE)
-        self._heard = False
-
-    async def run(self, agent: AgentCall) -> None:
-        async for event in agent.frames():
-            if isinstance(event, AgentText):
-                self._on_text(event.text)
-                continue
-            assert isinstance(event, AgentAudio)
-            for packet in self._line.push(event.pcm):
-                self.pacer.put(packet, filler=event.filler)
-            if not self._heard and not event.filler:
-                self._heard = True
-                self._on_first_audio()
 
 
 class HumanAudio:

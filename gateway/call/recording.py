@@ -23,6 +23,7 @@ import datetime as dt
 import hashlib
 import logging
 import re
+import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,7 +34,7 @@ import soundfile
 from personagate_common.protocol import SAMPLE_RATE
 
 from ..audio import StreamResampler
-from .ua import BYTES_PER_FRAME, CLOCK_RATE, SAMPLES_PER_FRAME
+from .line import BYTES_PER_FRAME, CLOCK_RATE, SAMPLES_PER_FRAME
 
 if TYPE_CHECKING:
     from personagate_common.voices import PreparedClip
@@ -89,6 +90,18 @@ async def consent_frames(clip: PreparedClip, rate: int = CLOCK_RATE) -> tuple[by
 
 
 # ---------------------------------------------------------------------------------------------- a call's recording
+
+
+def check_recordings_dir(folder: Path) -> None:
+    """The recordings folder exists (made if not) and the gateway can write there; else a clear error."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise RuntimeError(f"recordings_dir {str(folder)!r}: call recordings cannot be written there "
+                           f"({exc.strerror or exc})") from None
+
 
 
 async def start_recording(tenant: Tenant, recordings_dir: Path | None, call_id: str, rate: int = CLOCK_RATE,
