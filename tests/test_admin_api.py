@@ -10,14 +10,12 @@ process on loopback.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import os
 import shutil
 import subprocess
-import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -29,11 +27,18 @@ from gateway.admin.tokens import TokenFile, TokensUnavailable, new_token, parse_
 from gateway.config import SettingsError, load_gateway_settings
 from gateway.tenants.loader import ClipCache, load_tenant
 from personagate.cli import main
-from tests.helpers.admin_api import ACME, MAX_CLIP_BYTES, in_process_gateway, write_tenants, write_tokens
-from tests.helpers.processes import free_port, serve
+from tests.helpers.admin_api import (
+    ACME,
+    ADMIN,
+    MAX_CLIP_BYTES,
+    gateway_process,
+    in_process_gateway,
+    speech_like_wav,
+    write_tenants,
+    write_tokens,
+)
 
 CLAIMS = ACME[ACME.index("    prompt: >-"):ACME.index("\n  # Billing")]  # the claims persona's lines, indented
-ADMIN = "/v1/admin"
 
 
 def _dedent(text: str, columns: int = 4) -> str:
@@ -44,38 +49,11 @@ def _line_of(text: str, needle: str) -> int:
     return next(number for number, line in enumerate(text.splitlines(), 1) if needle in line)
 
 
-def speech_like_wav(seconds: float = 3.0, rate: int = 16_000) -> bytes:
-    """A voiced, syllable-modulated signal: passes the clip checks the way a speech recording does."""
-    t = np.arange(int(seconds * rate)) / rate
-    f0 = 120 + 30 * np.sin(2 * np.pi * 0.7 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / rate
-    voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
-    syllables = 0.5 * (1 - np.cos(2 * np.pi * 4 * t))
-    noise = np.random.default_rng(0).normal(0, 0.05, t.size)
-    audio = (voiced + noise) * syllables
-    out = io.BytesIO()
-    soundfile.write(out, 0.3 * audio / np.abs(audio).max(), rate, format="WAV", subtype="PCM_16")
-    return out.getvalue()
-
-
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch):
     for name in list(os.environ):
         if name.startswith("PERSONAGATE_GATEWAY_"):
             monkeypatch.delenv(name)
-
-
-@contextlib.contextmanager
-def _gateway_process(root: Path, tokens: Path, *, prefix: tuple[str, ...] = ()) -> Iterator[str]:
-    """A `personagate gateway` process on loopback; yields its base URL."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONAGATE_GATEWAY_")}
-    env["PERSONAGATE_GATEWAY_TENANTS_POLL_SECONDS"] = "0.2"
-    command = [*prefix, sys.executable, "-m", "personagate", "gateway", "--tenants", str(root),
-               "--admin-tokens", str(tokens), "--port", str(port)]
-    base = f"http://127.0.0.1:{port}"
-    with serve(command, f"{base}/healthz", env=env, timeout=30):
-        yield base
 
 
 # ------------------------------------------------------------------------------------ isolation
@@ -90,7 +68,7 @@ async def test_a_tenant_token_gets_403_on_every_endpoint_of_another_tenant(tmp_p
     root = write_tenants(tmp_path / "tenants")
     tokens = write_tokens(tmp_path / "tokens.yaml")
     wav = speech_like_wav()
-    with _gateway_process(root, tokens.path) as base:
+    with gateway_process(root, tokens.path) as base:
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
             acme, op = tokens.auth(tokens.acme), tokens.auth(tokens.operator)
             # bank has a version in its history, for the history endpoints
@@ -358,7 +336,7 @@ async def test_concurrent_writes_never_leave_a_half_written_file(tmp_path):
             if tenant is None:
                 bad.append((text, [str(p) for p in problems]))
 
-    with _gateway_process(root, tokens.path) as base:
+    with gateway_process(root, tokens.path) as base:
         thread = threading.Thread(target=reader)
         thread.start()
         try:
@@ -513,7 +491,7 @@ async def test_a_read_only_tenants_folder_is_409_with_the_reason(tmp_path):
     if prefix is None:
         pytest.skip("no way to make a read-only folder here (root without unshare)")
     try:
-        with _gateway_process(root, tokens.path, prefix=prefix) as base:
+        with gateway_process(root, tokens.path, prefix=prefix) as base:
             async with httpx.AsyncClient(base_url=base, timeout=30, headers=tokens.auth(tokens.acme)) as client:
                 r = await client.put(f"{ADMIN}/tenants/acme/personas/billing",
                                      content="prompt: New.\nvoice: {preset: NATM1}\n")

@@ -33,7 +33,7 @@ from schemathesis import APIOperation, GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from gateway.admin.tokens import new_token
-from tests.helpers.admin import gateway_process, speech_like_wav
+from tests.helpers.admin_api import PLAIN_ACME, gateway_process, speech_like_wav, write_tenants, write_tokens
 
 # per operation and token: ~13 operations x 2 tokens, well under a minute on a busy 2-core machine; set
 # PERSONAGATE_TEST_FUZZ_EXAMPLES for a deeper run by hand
@@ -59,8 +59,10 @@ class Target:
 @contextlib.contextmanager
 def _target(tmp_path: Path) -> Iterator[Target]:
     if importlib.util.find_spec("pjsua2") is None:
-        with gateway_process(tmp_path) as (base, tokens):
-            yield Target(base, {"operator": tokens["operator"], "tenant": tokens["acme"]}, "acme",
+        root = write_tenants(tmp_path / "tenants", acme=PLAIN_ACME)
+        tokens = write_tokens(tmp_path / "tokens.yaml")
+        with gateway_process(root, tokens.path) as base:
+            yield Target(base, {"operator": tokens.operator, "tenant": tokens.acme}, "acme",
                          {"tenant": ["acme", "bank"], "persona": ["claims", "billing", "cards"],
                           "path": ["voices/a.wav", "voices/b.flac"], "version": [1, 2]}, None)
         return

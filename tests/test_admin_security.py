@@ -25,7 +25,16 @@ from gateway.admin.audit import AuditLog
 from gateway.admin.throttle import FailureThrottle, retry_after, source_key
 from gateway.admin.tokens import new_token
 from gateway.config import GatewaySettings, SettingsError, load_gateway_settings
-from tests.helpers.admin import ADMIN, PERSONA, admin_gateway, gateway_process, speech_like_wav
+from tests.helpers.admin_api import (
+    ADMIN,
+    PERSONA,
+    PLAIN_ACME,
+    admin_gateway,
+    gateway_process,
+    speech_like_wav,
+    write_tenants,
+    write_tokens,
+)
 from tests.helpers.programs import needs
 
 
@@ -100,15 +109,15 @@ async def test_wrong_tokens_from_one_address_get_429_with_retry_after_even_for_t
             statuses.append(r.status_code)
         assert statuses[:10] == [401] * 10
         assert set(statuses[10:]) == {429}
-        r = await gw.client.get(f"{ADMIN}/tenants/acme", headers=gw.auth("acme"))
+        r = await gw.client.get(f"{ADMIN}/tenants/acme", headers=gw.as_("acme"))
         assert r.status_code == 429, r.text
         wait = int(r.headers["retry-after"])
         assert 1 <= wait <= 10
         assert "try again in" in r.json()["detail"]
         async with gw.client_from("198.51.100.20") as other:
-            assert (await other.get(f"{ADMIN}/tenants/acme", headers=gw.auth("acme"))).status_code == 200
+            assert (await other.get(f"{ADMIN}/tenants/acme", headers=gw.as_("acme"))).status_code == 200
         clock.now += wait
-        assert (await gw.client.get(f"{ADMIN}/tenants/acme", headers=gw.auth("acme"))).status_code == 200
+        assert (await gw.client.get(f"{ADMIN}/tenants/acme", headers=gw.as_("acme"))).status_code == 200
         assert gw.sample("personagate_gateway_auth_failures_total", reason="invalid_token") == 10
         assert gw.sample("personagate_gateway_auth_failures_total", reason="throttled") == 291
         assert gw.sample("personagate_gateway_admin_refusals_total", reason="throttled") == 291
@@ -120,7 +129,7 @@ async def test_wrong_tokens_sent_all_at_once_are_checked_no_more_than_the_burst(
     429. Right tokens cost nothing: 100 sent at once from one address are all served."""
     async with admin_gateway(tmp_path, clock=FakeClock(), admin_auth_failure_burst=10) as gw:
         async with gw.client_from("198.51.100.30") as admin:
-            served = await asyncio.gather(*(admin.get(f"{ADMIN}/tenants", headers=gw.auth("acme")) for _ in range(100)))
+            served = await asyncio.gather(*(admin.get(f"{ADMIN}/tenants", headers=gw.as_("acme")) for _ in range(100)))
             assert {r.status_code for r in served} == {200}
         answers = await asyncio.gather(*(gw.client.get(f"{ADMIN}/tenants", headers=_wrong()) for _ in range(100)))
         statuses = collections.Counter(r.status_code for r in answers)
@@ -133,18 +142,18 @@ async def test_guessing_one_tokens_prefix_from_many_addresses_is_held_on_that_pr
     included, for the penalty — while other tokens are unaffected."""
     clock = FakeClock()
     async with admin_gateway(tmp_path, clock=clock, admin_auth_failure_burst=10) as gw:
-        prefix = gw.tokens["acme"][:8]
+        prefix = gw.tokens.acme[:8]
         statuses = []
         for i in range(40):
             async with gw.client_from(f"192.0.2.{i + 1}") as client:
                 guess = prefix + new_token()[0][8:]
-                statuses.append((await client.get(f"{ADMIN}/tenants", headers=gw.auth(guess))).status_code)
+                statuses.append((await client.get(f"{ADMIN}/tenants", headers=gw.tokens.auth(guess))).status_code)
         assert statuses[:10] == [401] * 10 and set(statuses[10:]) == {429}
         async with gw.client_from("192.0.2.200") as fresh:
-            assert (await fresh.get(f"{ADMIN}/tenants", headers=gw.auth("acme"))).status_code == 429
-            assert (await fresh.get(f"{ADMIN}/tenants", headers=gw.auth("bank"))).status_code == 200
+            assert (await fresh.get(f"{ADMIN}/tenants", headers=gw.as_("acme"))).status_code == 429
+            assert (await fresh.get(f"{ADMIN}/tenants", headers=gw.as_("bank"))).status_code == 200
             clock.now += 60
-            assert (await fresh.get(f"{ADMIN}/tenants", headers=gw.auth("acme"))).status_code == 200
+            assert (await fresh.get(f"{ADMIN}/tenants", headers=gw.as_("acme"))).status_code == 200
 
 
 async def test_the_throttle_stays_bounded_under_many_sources_and_prefixes(tmp_path):
@@ -165,7 +174,7 @@ async def test_wrong_tokens_on_the_browser_call_api_meet_the_same_throttle(tmp_p
     async with admin_gateway(tmp_path, clock=clock, admin_auth_failure_burst=5) as gw:
         statuses = [(await gw.client.get("/v1/webrtc/personas", headers=_wrong())).status_code for _ in range(8)]
         assert statuses == [401] * 5 + [429] * 3
-        assert (await gw.client.get(f"{ADMIN}/tenants", headers=gw.auth("operator"))).status_code == 429
+        assert (await gw.client.get(f"{ADMIN}/tenants", headers=gw.as_("operator"))).status_code == 429
 
 
 def test_throttle_and_audit_settings_are_validated_and_read_from_the_environment(monkeypatch):
@@ -190,7 +199,7 @@ async def test_the_audit_log_records_writes_and_refusals_and_each_viewer_sees_it
     token, no token). The operator reads them all; acme's admin only acme's, with bank's admin not named; bank's
     admin none of acme's."""
     async with admin_gateway(tmp_path, client_address="198.51.100.7") as gw:
-        acme, op = gw.auth("acme"), gw.auth("operator")
+        acme, op = gw.as_("acme"), gw.as_("operator")
         base = f"{ADMIN}/tenants/acme"
         assert (await gw.client.put(f"{base}/personas/billing", content=PERSONA, headers=acme)).status_code == 200
         assert (await gw.client.put(f"{base}/personas/billing", content=PERSONA, headers=acme)).status_code == 200
@@ -202,12 +211,12 @@ async def test_the_audit_log_records_writes_and_refusals_and_each_viewer_sees_it
         history = (await gw.client.get(f"{base}/history", headers=acme)).json()["versions"]
         first = next(v["version"] for v in reversed(history) if v["file"] == "tenant.yaml" and v["action"] == "write")
         assert (await gw.client.post(f"{base}/history/{first}/rollback", headers=acme)).status_code == 200
-        assert (await gw.client.put(f"{base}/personas/x", content=PERSONA, headers=gw.auth("bank"))).status_code == 403
+        assert (await gw.client.put(f"{base}/personas/x", content=PERSONA, headers=gw.as_("bank"))).status_code == 403
         assert (await gw.client.put(f"{base}/personas/x", content=PERSONA, headers=_wrong())).status_code == 401
         assert (await gw.client.delete(f"{base}/personas/claims")).status_code == 401
         assert (await gw.client.post(f"{ADMIN}/reload", headers=op)).status_code == 200
         r = await gw.client.put(f"{ADMIN}/tenants/bank/personas/cards",
-                                content="prompt: Cards.\nvoice: {preset: VARF1}\n", headers=gw.auth("bank"))
+                                content="prompt: Cards.\nvoice: {preset: VARF1}\n", headers=gw.as_("bank"))
         assert r.status_code == 200
 
         everything = (await gw.client.get(f"{ADMIN}/audit", headers=op)).json()["entries"]
@@ -235,9 +244,9 @@ async def test_the_audit_log_records_writes_and_refusals_and_each_viewer_sees_it
         assert {e["tenant"] for e in seen_by_acme} == {"acme"}
         assert len(seen_by_acme) == 9
         assert "tenant:bank" not in str(seen_by_acme) and "another tenant" in {e["actor"] for e in seen_by_acme}
-        seen_by_bank = (await gw.client.get(f"{ADMIN}/audit", headers=gw.auth("bank"))).json()["entries"]
+        seen_by_bank = (await gw.client.get(f"{ADMIN}/audit", headers=gw.as_("bank"))).json()["entries"]
         assert [(e["action"], e["tenant"]) for e in seen_by_bank] == [("put_persona", "bank")]
-        assert (await gw.client.get(f"{ADMIN}/audit?tenant=acme", headers=gw.auth("bank"))).status_code == 403
+        assert (await gw.client.get(f"{ADMIN}/audit?tenant=acme", headers=gw.as_("bank"))).status_code == 403
         assert len((await gw.client.get(f"{ADMIN}/audit?limit=2", headers=op)).json()["entries"]) == 2
 
 
@@ -264,13 +273,13 @@ async def test_a_nul_or_control_character_in_a_clip_path_is_422(tmp_path):
             for method in ("PUT", "GET"):
                 r = await gw.client.request(method, f"{ADMIN}/tenants/acme/clips/{path}",
                                             content=speech_like_wav() if method == "PUT" else None,
-                                            headers=gw.auth("acme"))
+                                            headers=gw.as_("acme"))
                 assert r.status_code == 422, (method, path, r.text)
                 assert "control character" in r.json()["detail"]
-        r = await gw.client.put(f"{ADMIN}/tenants/acme/clips/voices/a%0Ab.wav", content=b"x", headers=gw.auth("acme"))
+        r = await gw.client.put(f"{ADMIN}/tenants/acme/clips/voices/a%0Ab.wav", content=b"x", headers=gw.as_("acme"))
         assert r.status_code == 404  # a line break matches no route
         persona = 'prompt: Hi.\nvoice: {clip: "voices/a\\0b.wav"}\n'  # YAML's escape for a NUL
-        r = await gw.client.put(f"{ADMIN}/tenants/acme/personas/nul", content=persona, headers=gw.auth("acme"))
+        r = await gw.client.put(f"{ADMIN}/tenants/acme/personas/nul", content=persona, headers=gw.as_("acme"))
         assert r.status_code == 422 and "control character" in r.text, r.text
         assert not (gw.root / "acme" / "voices").exists()
 
@@ -293,7 +302,7 @@ async def test_a_clip_holding_more_than_its_header_declares_is_refused(tmp_path)
             assert len(body) > 3_800_000
             started = time.monotonic()
             r = await gw.client.put(f"{ADMIN}/tenants/acme/clips/voices/lying.wav", content=body,
-                                    headers=gw.auth("acme"))
+                                    headers=gw.as_("acme"))
             assert r.status_code == 422, r.text
             assert "declares 5.00 s of audio" in r.json()["detail"]
             assert time.monotonic() - started < 30  # refused from the header, not after decoding: generous bound
@@ -301,7 +310,7 @@ async def test_a_clip_holding_more_than_its_header_declares_is_refused(tmp_path)
         honest = speech_like_wav(5.0)
         with_metadata = honest + b"LIST" + struct.pack("<I", 2000) + b"INFO" + b"\0" * 1996
         r = await gw.client.put(f"{ADMIN}/tenants/acme/clips/voices/honest.wav", content=with_metadata,
-                                headers=gw.auth("acme"))
+                                headers=gw.as_("acme"))
         assert r.status_code == 200, r.text
 
 
@@ -353,7 +362,9 @@ def test_docs_render_in_a_browser_that_can_reach_nothing_but_the_gateway(tmp_pat
     to another host refused, and the page asks for none."""
     from playwright.sync_api import Route, sync_playwright
 
-    with gateway_process(tmp_path) as (base, _), sync_playwright() as playwright:
+    root = write_tenants(tmp_path / "tenants", acme=PLAIN_ACME)
+    tokens = write_tokens(tmp_path / "tokens.yaml")
+    with gateway_process(root, tokens.path) as base, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
         try:
             page = browser.new_page()

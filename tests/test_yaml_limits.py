@@ -22,8 +22,7 @@ from gateway.tenants import loader
 from gateway.tenants.loader import ClipCache, load_tenant
 from gateway.tenants.registry import TenantRegistry
 from personagate_common.bounded_yaml import YamlLimitError, YamlLimits, describe, load_yaml
-from tests.helpers.admin import ADMIN
-from tests.helpers.admin_api import ACME
+from tests.helpers.admin_api import ACME, ADMIN
 from tests.helpers.hostile_yaml import (
     OTHER_LINE_BREAKS,
     alias_bomb_body,
@@ -33,7 +32,7 @@ from tests.helpers.hostile_yaml import (
     line_break_injection,
 )
 from tests.helpers.loop_watch import LoopWatch
-from tests.helpers.tenant_files import TEMPLATE, routed_persona, write_tenant
+from tests.helpers.tenant_files import TEMPLATE, routed_persona, write_tenant, write_tenant_file
 from tests.helpers.wait import until_async
 
 DEPTH = "refused: nested more than 32 levels deep; expected settings a few levels deep"
@@ -110,13 +109,6 @@ def test_syntax_errors_are_positioned_with_a_hint():
 # ------------------------------------------------------------------------------------- tenant files
 
 
-def _tenant(root: Path, tenant: str, text: str) -> Path:
-    folder = root / tenant
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tenant.yaml").write_text(text)
-    return folder
-
-
 def _valid(tenant: str, number: str, extra: str = "") -> str:
     return TEMPLATE.format(tenant=tenant, number=number, prompt="You are the agent.") + extra
 
@@ -142,7 +134,7 @@ def test_validate_prints_positioned_problems_never_a_traceback(tmp_path):
     tab prints one positioned line each (the tab with its hint), checks the good tenant, and exits 1."""
     for tenant, text in (("bomb", BOMB_TENANT), ("deep", DEEP_TENANT), ("tabs", TAB_TENANT),
                          ("good", _valid("good", "+14155550100"))):
-        _tenant(tmp_path, tenant, text)
+        write_tenant_file(tmp_path, tenant, text)
     command = [sys.executable, "-m", "personagate", "tenants", "validate", str(tmp_path)]
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1

@@ -592,12 +592,13 @@ def install(app: FastAPI, admin: Admin) -> None:
             except UnicodeDecodeError as exc:
                 raise ApiError(422, "the persona is not UTF-8 text") from exc
             try:
-                # Body problems first, with positions in the body; read in a thread (CPU work, bounded).
-                await asyncio.to_thread(check_body, body)
+                # Body problems first, with positions in the body, before the file is read; parsed once, in a
+                # thread (CPU work, bounded): the splice takes what this returns.
+                settings = await asyncio.to_thread(check_body, body)
             except EditError as exc:
                 raise _edit_error(exc, who, admin) from exc
             return await admin.write_tenant_file(
-                who, tenant, lambda text: put_persona(text, persona, body, file=f"{tenant}/{TENANT_FILE}"),
+                who, tenant, lambda text: put_persona(text, persona, settings, file=f"{tenant}/{TENANT_FILE}"),
                 if_match=if_match)
 
         return await audited(request, who, "put_persona", tenant, persona, put())

@@ -242,15 +242,20 @@ def _normalized(body: str) -> str:
     return body
 
 
-@dataclass
-class _Body:
+@dataclass(frozen=True)
+class PersonaBody:
+    """A persona's settings as a tenant admin sent them, checked (``check_body``): what ``put_persona``
+    splices into the file and what the file must then say inside the persona."""
+
     text: str  # normalized (``_normalized``) and de-indented to column 0
     value: dict[str, Any]  # what it says, read as the tenant loader reads it
 
 
-def _read_body(body: str) -> _Body:
-    """The body as settings: one YAML mapping read within BODY_LIMITS, else EditError positioned in
-    the body."""
+def check_body(body: str) -> PersonaBody:
+    """A persona's settings as sent (YAML text), read once: refused with EditError and positioned
+    problems (positions in the body) unless it is one YAML mapping within BODY_LIMITS, with no
+    document marker and line ends YAML and the splice agree on. Its text comes back with \\n line
+    ends, de-indented to column 0, with the value it holds. CPU work: call it off the event loop."""
     body = _normalized(body)
     problems = []
     for number, line in enumerate(body.split("\n"), 1):
@@ -272,14 +277,7 @@ def _read_body(body: str) -> _Body:
         raise EditError([Problem(BODY, root.start_mark.line + 1, root.start_mark.column + 1, "(body)",
                                  f"expected the persona's settings as 'key: value' lines (prompt:, voice:, ...), "
                                  f"got {kind}")])
-    return _Body(_dedent(_lines(body)[0], root.start_mark.column), value)
-
-
-def check_body(body: str) -> str:
-    """A persona's settings as sent (YAML text): refused with positioned problems (positions in the
-    body) unless it is one YAML mapping within BODY_LIMITS, with line ends YAML and the splice agree
-    on; returned with \\n line ends, de-indented to column 0. CPU work: call it off the event loop."""
-    return _read_body(body).text
+    return PersonaBody(_dedent(_lines(body)[0], root.start_mark.column), value)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -333,12 +331,15 @@ def _outside_persona(name: str) -> EditError:
                                                     "the persona's settings only")], "outside_persona")
 
 
-def put_persona(text: str, name: str, body: str, *, file: str = "tenant.yaml") -> str:
-    """``text`` with persona ``name`` set to ``body`` (checked with ``check_body`` first); everything
-    else unchanged, which is verified by reading the result: an edit that would change anything but
-    ``personas.<name>`` raises EditError. A new persona goes after the last one. CPU work: call it
-    off the event loop."""
-    settings = _read_body(body)
+def put_persona(text: str, name: str, body: PersonaBody | str, *, file: str = "tenant.yaml") -> str:
+    """``text`` with persona ``name`` set to ``body``; everything else unchanged, which is verified by
+    reading the result: an edit that would change anything but ``personas.<name>`` raises EditError.
+    ``body`` is what ``check_body`` returned, or the text as sent, checked here with it (its problems
+    raised before the file's). A new persona goes after the last one. CPU work: call it off the event
+    loop."""
+    # A caller that has checked the body already (the admin API answers body problems before it reads
+    # the file) passes what check_body returned, so the body is parsed once.
+    settings = body if isinstance(body, PersonaBody) else check_body(body)
     lay = _layout(text, file)
     new_text = _spliced(lay, name, settings.text, _newline(text))
     # The file's value is read after the splice, which works on the layout's nodes: constructing

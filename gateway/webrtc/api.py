@@ -24,8 +24,9 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -40,6 +41,7 @@ from ..call.metrics import call_metrics
 from ..call.recording import check_recordings_dir
 from ..call.state import CallState
 from ..calls import PersonaRejected
+from ..ratelimit import KeyedBuckets
 from ..tenants.tenant import Rejection
 from .call import BrowserCall
 from .ice import (
@@ -87,32 +89,25 @@ def refusal_reason(exc: ApiError) -> str:
 
 
 class OfferRateLimit:
-    """A token bucket per client address: ``per_minute`` offers a minute, a third of them at once."""
+    """A token bucket per client address: ``per_minute`` offers a minute, a third of them at once; at most
+    MAX_CLIENTS_TRACKED clients remembered (``gateway/ratelimit.py``)."""
 
-    def __init__(self, per_minute: int, clock: Any = time.monotonic) -> None:
-        self.rate = per_minute / 60
-        self.burst = max(1.0, per_minute / 3)
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._buckets = KeyedBuckets(capacity=max(1.0, per_minute / 3), per_second=per_minute / 60,
+                                     max_keys=MAX_CLIENTS_TRACKED)
         self._clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # client → (tokens, when)
 
     def take(self, client: str) -> float:
         """0 if ``client`` may post an offer now (one token taken), else the seconds until it may."""
         now = self._clock()
-        tokens, when = self._buckets.get(client, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - when) * self.rate)
+        tokens = self._buckets.level(client, now)
         if tokens < 1:
-            self._buckets[client] = (tokens, now)
-            return (1 - tokens) / self.rate
-        if len(self._buckets) >= MAX_CLIENTS_TRACKED and client not in self._buckets:
-            self._forget_idle(now)
-        self._buckets[client] = (tokens - 1, now)
+            # Refused: nothing taken (no penalty beyond the wait), but the client counts as recently seen, so it is
+            # not the first forgotten when memory is full.
+            self._buckets.store(client, tokens, now)
+            return self._buckets.wait(tokens)
+        self._buckets.store(client, tokens - 1, now)
         return 0.0
-
-    def _forget_idle(self, now: float) -> None:
-        """Drop clients whose bucket has refilled (they lose nothing); if none has, the oldest half."""
-        full = [c for c, (t, w) in self._buckets.items() if t + (now - w) * self.rate >= self.burst]
-        for client in full or sorted(self._buckets, key=lambda c: self._buckets[c][1])[:len(self._buckets) // 2]:
-            del self._buckets[client]
 
 
 def public_cap(setting: int, tenant_limit: int) -> int:

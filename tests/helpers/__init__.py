@@ -11,8 +11,8 @@
 - ``calls``: a front end's side of calls through ``gateway.calls``, and the calls' tenants
 - ``recording``: the consent notice, tone levels and clip matching in recorded audio
 - ``redis_server``: a real redis-server (the ``redis_server`` fixture)
-- ``tenant_files``: tenant folders written as an editor saves them; ``admin_api``: the admin API's tenants and
-  in-process gateway (the ``gw`` fixture); ``admin``: the admin API under attack
+- ``tenant_files``: tenant folders written as an editor saves them; ``admin_api``: the admin API's tenants, tokens
+  and gateway, in-process (the ``gw`` fixture, ``admin_gateway``) or as a process
 - ``sip``, ``sip_corpus``, ``sip_fuzz``: raw SIP peers, the SIP corpus and its fuzzing
 - ``live_call``: a measuring live call; ``logs``: the checks on a server process's log
 - ``hostile_yaml``, ``loop_watch``, ``tls``: hostile YAML, event-loop stalls, certificates
