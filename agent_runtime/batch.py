@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,16 +28,7 @@ from personagate_common.protocol import FRAME_SAMPLES
 from .config import Sampling, SessionSampling
 from .model import ModelBundle
 from .priming import PrimedState, restore
-
-
-@dataclass
-class StepOutput:
-    """One step's results for all slots; rows of slots that did not execute are meaningless."""
-
-    pcm: np.ndarray  # [B, 1920] float32 in [-1, 1]
-    text_tokens: list[int]  # [B]
-    produced: np.ndarray  # [B] bool: the slot executed and produced a frame
-    pcm16: np.ndarray | None = None  # [B, 1920] s16le, when the batch has exact samples (echo.py): sent as is
+from .slots import StepOutput
 
 
 class SlotBatch:

@@ -9,8 +9,9 @@ Personas are checked as a real model checks them (a voice preset of the tiny mod
 PersonaPlex's, or a usable clip; the prompt's length) and "primed" at once: nothing to prime, so every
 session starts from the cache (``persona_cached: true``) and the persona keys show in ``/v1/info``.
 
-The seam: ``SessionPool`` runs an ``EchoBatch`` (``SlotBatch``'s ``install``/``step``/``close``) and
-primes through ``EchoBundle.prime`` when it is given an ``EchoBundle`` instead of a ``ModelBundle``.
+The seam: ``SessionPool`` runs an ``EchoBatch`` (the ``Batch`` contract of slots.py, which ``SlotBatch`` keeps)
+and primes through ``EchoBundle.prime`` when it is given an ``EchoBundle`` instead of a ``ModelBundle``. Nothing
+here imports torch or moshi: an echo worker never loads them (tests/test_echo_worker.py checks).
 """
 
 from __future__ import annotations
@@ -19,15 +20,13 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from personagate_common.persona import Persona, PersonaError
 from personagate_common.protocol import FRAME_SAMPLES
 from personagate_common.voices import PRESET_VOICES
 
-from .batch import StepOutput
 from .config import SessionSampling
-from .voice_prompt import decode_audio
+from .slots import StepOutput, decode_audio
 
 ECHO_VOICES = ("tiny-low", "tiny-high", *PRESET_VOICES)  # the tiny model's preset names
 
@@ -46,7 +45,7 @@ class EchoBundle:
     """Stands where a ``ModelBundle`` does, for the server and the pool: a name, a device, voices."""
 
     name: str = "echo"
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: str = "cpu"  # shown as ModelBundle's torch.device is, through str()
     voices: dict[str, None] = field(default_factory=lambda: dict.fromkeys(ECHO_VOICES))
     random_weights: bool = False
 

@@ -22,23 +22,25 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from personagate_common.persona import Persona
 from personagate_common.protocol import FRAME_BYTES, FRAME_SAMPLES, FRAME_SECONDS
 
-from .batch import SlotBatch
 from .config import Sampling, SessionSampling
 from .echo import EchoBatch, EchoBundle, EchoPrimed
 from .metrics import WorkerMetrics
-from .model import ModelBundle
-from .priming import PrimedState, Primer, plan_priming
-from .voice_prompt import load_voice, prompt_tokens
+from .slots import Batch
+
+if TYPE_CHECKING:  # torch and moshi: imported where a model's pool is built (SessionPool.__init__), never for echo
+    from .model import ModelBundle
+    from .priming import PrimedState, Primer
+
+    Primed = PrimedState | EchoPrimed  # what a slot is installed from
 
 log = logging.getLogger(__name__)
-
-Primed = PrimedState | EchoPrimed  # what a slot is installed from
 
 
 class PoolFull(Exception):
@@ -144,10 +146,13 @@ class SessionPool:
         self.metrics.slots_capacity.set(config.capacity)
         self.metrics.slots_active.set(0)
         self.primer: Primer | None = None
-        self.batch: SlotBatch | EchoBatch
+        self.batch: Batch
         if isinstance(bundle, EchoBundle):
             self.batch = EchoBatch(config.capacity)
         else:
+            from .batch import SlotBatch  # torch and moshi, once a model is loaded
+            from .priming import Primer
+
             # The primer clones the modules, which must happen before the batch puts them in streaming mode.
             self.primer = Primer(bundle, config.sampling.lm_gen_kwargs())
             self.batch = SlotBatch(bundle, config.capacity, config.sampling)
@@ -275,9 +280,7 @@ class SessionPool:
         if isinstance(self.bundle, EchoBundle):
             return self.bundle.prime(persona, key)
         assert self.primer is not None
-        voice = load_voice(self.bundle, persona, self.primer.mimi)
-        plan = plan_priming(self.bundle, voice, prompt_tokens(self.bundle, persona.prompt))
-        primed = self.primer.prime(plan, key)
+        primed = self.primer.prime_persona(persona, key)
         log.info("persona primed", extra={"persona": key, "frames": primed.position,
                                           "seconds": round(primed.prime_seconds, 4)})
         return primed

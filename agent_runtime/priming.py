@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 from moshi.models import LMGen, LMModel
 
-from personagate_common.persona import PersonaError
+from personagate_common.persona import Persona, PersonaError
 
 from .model import ModelBundle
-from .voice_prompt import VoicePrompt
+from .voice_prompt import VoicePrompt, load_voice, prompt_tokens
 
 SILENCE_FRAMES = 6  # int(0.5 s * 12.5 Hz), PersonaPlex server.py
 PP_RING = 4  # PersonaPlex's LMGen token ring length (max_delay + 3)
@@ -141,6 +141,11 @@ class Primer:
     def _force_audio(self, audio_tokens: torch.Tensor) -> None:
         if self._forced is not None:
             audio_tokens[:, 1:] = self._forced
+
+    def prime_persona(self, persona: Persona, persona_hash: str) -> PrimedState:
+        """Prime ``persona``'s voice and prompt (PersonaError if either cannot be used)."""
+        voice = load_voice(self.bundle, persona, self.mimi)
+        return self.prime(plan_priming(self.bundle, voice, prompt_tokens(self.bundle, persona.prompt)), persona_hash)
 
     def prime(self, plan: PrimePlan, persona_hash: str) -> PrimedState:
         started = time.perf_counter()

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -35,9 +35,11 @@ from personagate_common.protocol import FRAME_BYTES, SAMPLE_RATE, CloseCode, Mes
 from .config import SessionSampling, WorkerSettings
 from .echo import EchoBundle, load_echo
 from .metrics import WorkerMetrics
-from .model import LOADERS, ModelBundle
 from .pool import PoolConfig, PoolFull, PoolStopped, Session, SessionEnded, SessionPool
 from .registration import Registration
+
+if TYPE_CHECKING:
+    from .model import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +115,15 @@ class Worker:
         s = self.settings
         try:
             bundle: ModelBundle | EchoBundle
-            if s.model == "personaplex":
-                bundle = LOADERS["personaplex"](s.weights, s.device)
-            elif s.model == "echo":
-                bundle = load_echo()
+            if s.model == "echo":
+                bundle = load_echo()  # no torch, no moshi: the model package is not even imported
             else:
-                bundle = LOADERS["tiny"](s.seed, s.device or "cpu")
+                from .model import LOADERS
+
+                if s.model == "personaplex":
+                    bundle = LOADERS["personaplex"](s.weights, s.device)
+                else:
+                    bundle = LOADERS["tiny"](s.seed, s.device or "cpu")
             config = PoolConfig(
                 capacity=s.resolved_slots(str(bundle.device)),
                 input_backlog_frames=s.input_backlog_frames,

@@ -14,9 +14,9 @@ from moshi.models import MimiModel
 
 from personagate_common.persona import Persona, PersonaError
 from personagate_common.protocol import FRAME_SAMPLES
-from personagate_common.voices import VoiceClipError, prepare_clip
 
 from .model import ModelBundle
+from .slots import decode_audio
 
 
 @dataclass
@@ -61,16 +61,6 @@ def load_voice(bundle: ModelBundle, persona: Persona, mimi: MimiModel) -> VoiceP
     if source.suffix == ".pt":
         return voice_from_pt(bundle, source)
     return voice_from_audio(mimi, decode_audio(source.read_bytes(), origin=str(source)))
-
-
-def decode_audio(data: bytes, *, origin: str | None = None) -> np.ndarray:
-    """A wav/flac clip as priming audio: ``voices.prepare_clip``'s mono float32 at 24 kHz, -24 LUFS
-    (the rule the gateway checks tenant clips with). A refused clip raises ``PersonaError`` with the
-    same message, prefixed with ``origin`` (a preset file's path) when given."""
-    try:
-        return prepare_clip(data).audio
-    except VoiceClipError as exc:
-        raise PersonaError(f"{origin}: {exc}" if origin else str(exc)) from exc
 
 
 @torch.no_grad()

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import io
 import json
 import os
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import soundfile
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -110,3 +114,36 @@ async def test_echo_worker_refuses_an_unknown_voice_as_a_model_would(echo_worker
             await ws.recv()
         assert ws.close_code == 4422
         assert "unknown voice preset 'nobody'" in ws.close_reason
+
+
+# ``personagate worker`` as ``python -m personagate`` runs it, which writes the top-level modules it has loaded to
+# argv[1] once the command returns (after SIGTERM's drain).
+_WORKER_RECORDING_ITS_MODULES = """
+import json, sys
+from pathlib import Path
+from personagate.cli import main
+record = Path(sys.argv.pop(1))
+try:
+    status = main(sys.argv[1:])
+finally:
+    record.write_text(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+sys.exit(status)
+"""
+
+
+async def test_echo_worker_never_loads_torch_or_moshi(tmp_path: Path) -> None:
+    """An echo worker that served sessions (a preset voice, and a clip checked as a model checks it) has loaded
+    neither torch nor moshi: the echo path imports only the torch-free side of agent_runtime (slots.py)."""
+    port, record = free_port(), tmp_path / "modules.json"
+    env = os.environ | {"NO_TORCH_COMPILE": "1"}
+    command = [sys.executable, "-c", _WORKER_RECORDING_ITS_MODULES, str(record),
+               "worker", "--model", "echo", "--port", str(port)]
+    clip = io.BytesIO()
+    soundfile.write(clip, (np.sin(np.arange(24_000 * 2) / 20) * 0.3).astype(np.float32), 24_000, format="WAV")
+    clip_persona = {"prompt": "A clip.", "voice_audio_base64": base64.b64encode(clip.getvalue()).decode()}
+    with serve(command, f"http://127.0.0.1:{port}/readyz", env=env):
+        for persona in ({"prompt": "A preset.", "voice": "NATF0"}, clip_persona):
+            ready, received = await _echo_call(f"127.0.0.1:{port}", _frames(3, seed=4), persona)
+            assert ready["type"] == "ready" and len(received) == 3, ready
+    loaded = set(json.loads(record.read_text()))
+    assert "agent_runtime" in loaded and loaded.isdisjoint({"torch", "moshi"}), sorted(loaded & {"torch", "moshi"})

@@ -118,6 +118,26 @@ def test_importing_every_module_of_a_side_loads_nothing_forbidden(package: str) 
     assert loaded.isdisjoint(RUNTIME_FORBIDDEN[package]), sorted(loaded & set(RUNTIME_FORBIDDEN[package]))
 
 
+# The echo worker (`personagate worker --model echo`) runs on the worker's side without a model: the modules it
+# serves with load torch and moshi only where a model bundle is built (tests/test_echo_worker.py checks a process).
+ECHO_WORKER_MODULES = ("personagate.cli", "agent_runtime.drain", "agent_runtime.server", "agent_runtime.pool",
+                       "agent_runtime.echo", "agent_runtime.slots")
+_LOAD_THESE = """
+import importlib, json, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+def test_the_echo_workers_modules_load_no_torch_or_moshi() -> None:
+    done = subprocess.run([sys.executable, "-c", _LOAD_THESE, *ECHO_WORKER_MODULES], check=False, capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    loaded = set(json.loads(done.stdout))
+    assert "agent_runtime" in loaded and loaded.isdisjoint({"torch", "moshi"}), sorted(loaded & {"torch", "moshi"})
+
+
 def test_each_sides_extra_leaves_out_the_other_sides_heavy_dependencies() -> None:
     """pyproject.toml: the base (shared) dependencies carry neither side's, the gateway extra no torch, the worker
     extra no aiortc; dev is both sides. (moshi and pjsua2 are installed by the Makefile, not by pip's extras.)"""

@@ -300,11 +300,31 @@ def _dockerfile_image(name: str) -> str:
 def test_images_are_the_dockerfiles(rendered: dict[str, list[dict[str, Any]]]) -> None:
     gateway_image, worker_image = _dockerfile_image("gateway"), _dockerfile_image("worker")
     for overlay, docs in rendered.items():
-        images = {c["name"]: c["image"].rsplit(":", 1)[0] for w in _workloads(docs) for c in _containers(w)
+        images = {c["name"]: c["image"] for w in _workloads(docs) for c in _containers(w)
                   if w["metadata"]["name"] in ("personagate-gateway", "personagate-worker")}
-        assert images["gateway"] == gateway_image, overlay
-        # The CPU demo's tiny-model worker runs on the CPU image; production workers on the CUDA one.
-        assert images["worker"] == (worker_image if overlay == "gpu-prod" else gateway_image), overlay
+        assert images["gateway"].rsplit(":", 1)[0] == gateway_image, overlay
+        # Workers run the worker image: production's the CUDA build, the CPU demo's tiny model its CPU build.
+        name, tag = images["worker"].rsplit(":", 1)
+        assert name == worker_image and tag.endswith("-cpu") == (overlay == "cpu-demo"), (overlay, tag)
+        if overlay == "cpu-demo":  # the runbook builds the tag the demo pulls
+            assert f"{worker_image}:{tag}" in (ROOT / "docs" / "deploy.md").read_text(), tag
+
+
+def test_no_gateway_container_runs_a_worker(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The gateway image has no torch and no moshi (EXTRAS=gateway): nothing runs `personagate worker` (or `up`,
+    which starts one) from it, and every worker runs from the worker image."""
+    gateway_image, worker_image = _dockerfile_image("gateway"), _dockerfile_image("worker")
+    for overlay, docs in rendered.items():
+        for workload in _workloads(docs):
+            for container in _containers(workload):
+                image = container["image"].rsplit(":", 1)[0]
+                run = [*container.get("command", []), *container.get("args", [])]
+                where = (overlay, workload["metadata"]["name"], container["name"], run)
+                runs_a_worker = run[:1] in (["worker"], ["up"])
+                if image == gateway_image:
+                    assert not runs_a_worker, where
+                if runs_a_worker:
+                    assert image == worker_image, where
 
 
 def test_the_dockerfiles_install_steps_are_the_readmes() -> None:
@@ -330,11 +350,14 @@ def test_the_dockerfiles_install_steps_are_the_readmes() -> None:
         assert needed <= copied, (name, needed - copied)
         if name == "gateway":  # make install builds pjsua2 from deploy/pjsua2 (the worker's image: PJSUA2=none)
             assert "deploy/pjsua2" in copied, copied
-            # its side, and the worker's for the CPU demo's tiny-model worker (test_images_are_the_dockerfiles)
-            assert re.search(r"^ARG EXTRAS=gateway,worker$", text, re.MULTILINE), name
+            # its side alone by default: no torch, no moshi (the CPU demo's worker has the worker image's CPU build)
+            default_extras = re.search(r"^ARG EXTRAS=(\S+)$", text, re.MULTILINE)
+            assert default_extras is not None and default_extras.group(1).split(",") == ["gateway"], name
             assert re.search(r'^RUN make install .*EXTRAS="\$\{EXTRAS\}"', text, re.MULTILINE), name
-        else:  # the worker's side alone: no aiortc, no pjsua2
+        else:  # the worker's side alone: no aiortc, no pjsua2; torch from TORCH_CPU_PIP_OPTS for the CPU build
             assert re.search(r"^RUN make install .*EXTRAS=worker .*PJSUA2=none", text, re.MULTILINE), name
+            assert re.search(r'^RUN make install .*TORCH_CPU_PIP_OPTS="\$\{TORCH_CPU_PIP_OPTS\}"', text,
+                             re.MULTILINE), name
         assert "pip install" not in text and "pip3 install" not in text, f"{name}: installs only through make"
         assert re.search(r"^USER 10001", text, re.MULTILINE), name
         assert re.search(r'^ENTRYPOINT \["/app/\.venv/bin/personagate"\]$', text, re.MULTILINE), name
