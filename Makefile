@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 
 export NO_TORCH_COMPILE ?= 1
 
-.PHONY: install run test test-deps bench lint clean
+.PHONY: install run test test-fast test-deps bench lint clean
 
 install: $(STAMP)
 
@@ -52,6 +52,11 @@ run: install
 # (as root with apt-get it installs them: tests/system-deps.sh). -rs lists every skipped test with its reason.
 test: test-deps install
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+
+# The fast tier: the logic in this process (fake workers, in-memory stores), no worker, gateway, redis-server, sipp or
+# browser process and no tiny model, in under 2 minutes (docs/testing.md). `make test` stays the whole suite.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not e2e and not slow" $(PYTEST_ARGS)
 
 test-deps:
 	tests/system-deps.sh

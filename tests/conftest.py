@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from tests.helpers.admin_api import Gateway
 
 # Fixtures defined in helper modules, available to every test module without an import.
-pytest_plugins = ["tests.helpers.redis_server"]
+# tiers: the e2e mark from process-starting fixtures, and the check that unmarked tests start no process.
+pytest_plugins = ["tests.helpers.redis_server", "tests.helpers.tiers"]
 
 # moshi reads this when its modules are imported: without it every test would pay torch.compile's
 # start-up on CPU for nothing.

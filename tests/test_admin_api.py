@@ -59,6 +59,7 @@ def _clean_environment(monkeypatch):
 # ------------------------------------------------------------------------------------ isolation
 
 
+@pytest.mark.e2e  # starts a process
 async def test_a_tenant_token_gets_403_on_every_endpoint_of_another_tenant(tmp_path):
     """Tenant isolation, on a real gateway process: acme's token is refused (403) on each of bank's
     endpoints, and on a tenant that does not exist (403 too: it learns nothing about other tenants);
@@ -318,6 +319,7 @@ async def test_a_new_persona_is_added_and_a_routed_persona_cannot_be_deleted(gw)
     assert r.status_code == 404
 
 
+@pytest.mark.e2e  # starts a process
 async def test_concurrent_writes_never_leave_a_half_written_file(tmp_path):
     """20 concurrent PUTs of different personas to a real gateway while another thread reads
     tenant.yaml in a loop: every read is a whole, valid tenant file, and all 20 personas are there
@@ -482,6 +484,7 @@ def _read_only_prefix(root: Path) -> tuple[str, ...] | None:
     return None
 
 
+@pytest.mark.e2e  # starts a process
 async def test_a_read_only_tenants_folder_is_409_with_the_reason(tmp_path):
     """Where the tenants folder cannot be written (a Kubernetes ConfigMap mount), a valid write is
     refused with 409 and a reason that says what to do; reads still work."""

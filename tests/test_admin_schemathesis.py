@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import hypothesis
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
@@ -34,6 +35,8 @@ from schemathesis.checks import not_a_server_error
 
 from gateway.admin.tokens import new_token
 from tests.helpers.admin_api import PLAIN_ACME, gateway_process, speech_like_wav, write_tenants, write_tokens
+
+pytestmark = pytest.mark.e2e  # a gateway process under attack
 
 # per operation and token: ~13 operations x 2 tokens, well under a minute on a busy 2-core machine; set
 # PERSONAGATE_TEST_FUZZ_EXAMPLES for a deeper run by hand

@@ -356,6 +356,7 @@ async def test_docs_are_served_by_the_gateway_with_no_external_host(tmp_path):
 CHROMIUM = Path("/usr/bin/chromium")
 
 
+@pytest.mark.e2e  # starts a process
 @needs("chromium")
 def test_docs_render_in_a_browser_that_can_reach_nothing_but_the_gateway(tmp_path):
     """Swagger UI renders the admin API (its title, its operations, no error box) in Chromium with every request

@@ -13,6 +13,8 @@ from agent_runtime.priming import Primer, plan_priming
 from agent_runtime.voice_prompt import load_voice, prompt_tokens
 from personagate_common.persona import Persona
 
+pytestmark = pytest.mark.slow  # the tiny model on CPU: seconds per test and per module set-up
+
 GREEDY = Sampling(greedy=True)
 SAMPLED = Sampling()  # the worker default: PersonaPlex's sampling settings
 ARGMAX = SessionSampling(top_k=1, text_top_k=1)  # a session that always takes the likeliest token

@@ -21,6 +21,8 @@ from websockets.exceptions import ConnectionClosed
 from tests.helpers.wait import until_async
 from tests.helpers.worker import WORKER_AUTH_HEADERS, TalkingSession, exit_status, own_worker
 
+pytestmark = pytest.mark.e2e  # every test drains a worker process of its own
+
 FRAME_BYTES = 3840
 DRAINING = (1013, "the worker is draining")
 SHUTTING_DOWN = (1001, "the worker is shutting down")

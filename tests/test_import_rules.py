@@ -109,6 +109,7 @@ print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
 """
 
 
+@pytest.mark.e2e  # starts a process
 @pytest.mark.parametrize("package", sorted(RUNTIME_FORBIDDEN))
 def test_importing_every_module_of_a_side_loads_nothing_forbidden(package: str) -> None:
     done = subprocess.run([sys.executable, "-c", _LOAD_ALL, package], check=False, capture_output=True, text=True,

@@ -125,6 +125,7 @@ def test_strict_validation_catches_a_misspelt_field() -> None:
         kubernetes_validate.validate(typo, "1.30", strict=True)
 
 
+@pytest.mark.e2e  # starts a process
 def test_yamllint() -> None:
     pytest.importorskip("yamllint")
     paths = [K8S / "base", K8S / "overlays", K8S / "prometheus-adapter", ROOT / "tenants" / "kustomization.yaml",

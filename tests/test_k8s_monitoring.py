@@ -337,6 +337,7 @@ def scrapable_from_outside(objects: list[dict[str, Any]], labels: dict[str, str]
     return False
 
 
+@pytest.mark.e2e  # starts a process
 @needs("kubectl")
 def test_overlays_have_the_pods_and_ports_the_monitors_expect() -> None:
     """On every overlay that takes the component: its custom resources (monitors, rules, autoscaler) validate,
@@ -442,6 +443,7 @@ def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PROMTOOL, *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
 
 
+@pytest.mark.e2e  # starts a process
 @needs("promtool")
 def test_promtool_checks_the_rules_and_runs_the_alert_unit_tests(rule_spec: dict[str, Any], tmp_path: Path
                                                                  ) -> None:
@@ -455,6 +457,7 @@ def test_promtool_checks_the_rules_and_runs_the_alert_unit_tests(rule_spec: dict
     assert unit.returncode == 0, unit.stdout + unit.stderr
 
 
+@pytest.mark.e2e  # starts a process
 @needs("promtool")
 def test_promtool_parses_every_dashboard_query(dashboard: dict[str, Any], tmp_path: Path) -> None:
     """Every panel's PromQL parses (Grafana's variables replaced by values), checked by Prometheus' own parser:

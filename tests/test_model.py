@@ -231,6 +231,7 @@ def test_tokenizer_and_voices_come_from_the_folder(loaded, tiny):
     assert (loaded.text_pad_id, loaded.text_epad_id) == (3, 0)
 
 
+@pytest.mark.slow  # seconds of the tiny model on CPU
 def test_a_checkpoint_voice_primes_a_call_that_produces_agent_audio(loaded):
     """A persona naming a checkpoint voice primes (bf16) and its call produces agent codes the codec
     can decode: one text token and 8 agent codes in [0, card) per step."""
@@ -309,6 +310,7 @@ def test_the_checkpoint_files_use_personaplex_tensor_names(checkpoint):
         assert not any(".in_projs." in k for k in keys), name
 
 
+@pytest.mark.slow  # seconds of the tiny model on CPU
 def test_weights_saved_with_current_moshi_names_load_too(checkpoint, tiny, tmp_path):
     """A checkpoint re-saved by moshi 0.2 (per-step attention tensors) loads to the same weights."""
     folder = _copy_without(checkpoint, tmp_path, MODEL_FILE, MIMI_FILE)
@@ -444,6 +446,7 @@ def _assert_same_call(bundle: ModelBundle, a: PrimedState, b: PrimedState, steps
         batch.close()
 
 
+@pytest.mark.slow  # seconds of the tiny model on CPU
 def test_pt_voice_primes_exactly_like_the_codes_it_was_made_from(tiny, voice_codes):
     """The `.pt` path follows PersonaPlex's layout: a persona primed from a PersonaPlex voice file
     reaches the same state (position, attention cache, token ring) and then holds the same call as
@@ -455,6 +458,7 @@ def test_pt_voice_primes_exactly_like_the_codes_it_was_made_from(tiny, voice_cod
     _assert_same_call(tiny, from_codes, from_pt)
 
 
+@pytest.mark.slow  # seconds of the tiny model on CPU
 @pytest.mark.parametrize("frames", [2, 3, 4, 5])
 def test_short_pt_voices_prime_like_their_codes(tiny, frames):
     """Very short voices, where PersonaPlex's initial tokens and its 4-column ring wrap-around meet,

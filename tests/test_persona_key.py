@@ -52,6 +52,7 @@ def test_a_clip_over_the_workers_limit_is_refused_before_decoding():
         persona_from_message(spec, max_voice_bytes=2000)
 
 
+@pytest.mark.e2e  # starts a process
 def test_the_key_needs_no_torch():
     """The gateway computes keys for tenant personas without importing torch."""
     code = ("import sys; from pathlib import Path; from gateway.tenants.loader import load_tenants; "

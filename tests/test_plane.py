@@ -114,6 +114,7 @@ async def test_a_gateway_without_the_secret_finds_no_worker_and_says_why(worker,
                for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
+@pytest.mark.e2e  # starts a process
 def test_a_worker_with_no_secret_refuses_to_start_unless_opened_on_purpose(monkeypatch: pytest.MonkeyPatch):
     """A production worker cannot be open by accident: with no secret it exits 2 saying what to set."""
     done = subprocess.run([sys.executable, "-m", "personagate", "worker", "--port", "0"], env=_env_without_secrets(),

@@ -14,6 +14,8 @@ from agent_runtime.pool import FRAME_SECONDS, PoolConfig, PoolFull, SessionPool
 from personagate_common.persona import Persona, PersonaError
 from personagate_common.protocol import FRAME_BYTES
 
+pytestmark = pytest.mark.slow  # the tiny model on CPU: seconds per test and per module set-up
+
 CLAIMS = Persona(prompt="You are a claims agent at Harbor Mutual Insurance.", voice="tiny-low")
 BANK = Persona(prompt="You work for Northwind Bank card services.", voice="tiny-high")
 FRAME = (np.random.default_rng(0).standard_normal(FRAME_BYTES // 2) * 2000).astype("<i2").tobytes()

@@ -14,6 +14,8 @@ from agent_runtime.voice_prompt import load_voice, prompt_tokens
 from personagate_common.persona import Persona, PersonaError
 from tests.reference import run_reference
 
+pytestmark = pytest.mark.slow  # the tiny model on CPU: seconds per test and per module set-up
+
 GREEDY = {"use_sampling": False}
 
 

@@ -42,6 +42,7 @@ def test_the_7b_architecture_is_built_in_one_place_with_personaplex_shapes():
     assert PERSONAPLEX_LM_KWARGS["dep_q"] == 16
 
 
+@pytest.mark.slow  # seconds of the tiny model on CPU
 def test_random_weights_go_through_the_personaplex_construction_and_are_marked():
     bundle = _small_random()
     assert bundle.name == "personaplex" and bundle.random_weights
@@ -52,6 +53,7 @@ def test_random_weights_go_through_the_personaplex_construction_and_are_marked()
     assert "random" not in LOADERS and load_personaplex_random not in LOADERS.values()  # never served
 
 
+@pytest.mark.slow  # seconds of the tiny model on CPU
 def test_random_weights_are_seeded():
     a, b, c = _small_random(1), _small_random(1), _small_random(2)
     wa, wb, wc = (x.lm.transformer.layers[0].gating.linear_in.weight for x in (a, b, c))
@@ -59,6 +61,7 @@ def test_random_weights_are_seeded():
     assert torch.equal(a.silence_codes, b.silence_codes)
 
 
+@pytest.mark.slow  # seconds of the tiny model on CPU
 def test_a_random_weights_bundle_primes_and_steps_like_any_other():
     bundle = _small_random()
     persona = Persona(prompt="Thank you for calling, how can I help you today?", voice=min(bundle.voices))
@@ -89,6 +92,7 @@ def test_random_weights_are_refused_outside_the_benchmark(capsys):
     assert "--random-weights needs --model personaplex" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # seconds of the tiny model on CPU
 def test_the_bench_report_says_the_weights_are_random(monkeypatch, capsys):
     monkeypatch.setenv("NO_TORCH_COMPILE", "1")
     monkeypatch.setattr(bench, "load_personaplex_random", lambda seed, device: _small_random(seed, device))

@@ -38,7 +38,7 @@ from personagate_common.routing.scripts import KEY_NAMES
 from tests.helpers.processes import free_port
 from tests.helpers.redis_server import RedisServer, redis_executable
 
-STORES = ["redis", "embedded"]
+STORES = [pytest.param("redis", marks=pytest.mark.e2e), "embedded"]  # redis: a redis-server process
 MakeRouter = Callable[..., Router]
 
 
@@ -470,6 +470,7 @@ async def test_routing_through_a_real_sentinel(redis_server: RedisServer, tmp_pa
         sentinel.stop()
 
 
+@pytest.mark.e2e  # starts a process
 async def test_the_scripts_run_on_redis_cluster(tmp_path: Path):
     port = free_port()
     while port + 10000 > 65535:  # a cluster node also listens on port + 10000 (its bus)

@@ -42,6 +42,7 @@ def test_shipped_tenants_load_without_problems(shipped):
     assert set(SHIPPED) <= set(shipped.tenants)
 
 
+@pytest.mark.e2e  # starts a process
 def test_validate_command_passes_on_shipped_tenants():
     result = _validate("tenants", REPO)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -121,6 +122,7 @@ def _presets() -> str:
     return ", ".join(PRESET_VOICES)
 
 
+@pytest.mark.e2e  # starts a process
 @pytest.mark.parametrize(("tenant", "old", "new", "offset", "expected"), [
     ("northwind-bank", "preset: NATF2", "preset: NATF7", len("preset: "),
      "personas.lost-stolen.voice.preset: unknown voice preset 'NATF7'; expected one of {presets}"),
@@ -141,6 +143,7 @@ def test_a_broken_copy_gives_the_exact_error_line_and_exit_1(tmp_path, tenant, o
     assert result.stderr.strip() == "1 problem(s) in tenants"
 
 
+@pytest.mark.e2e  # starts a process
 def test_a_number_in_two_tenants_is_reported_in_both(tmp_path):
     root = _copy(tmp_path)
     harbor_line, _ = _break(root, "harbor-mutual", "+14155550142:", "+14155550142:")  # unchanged: its position
@@ -183,6 +186,7 @@ def test_the_doc_examples_of_a_whole_file_validate(tmp_path):
     assert len(result.tenants) == len(examples)
 
 
+@pytest.mark.e2e  # starts a process
 def test_the_doc_shows_what_the_validator_really_prints(tmp_path):
     """docs/tenants.md shows the validator's output on a copy of the shipped tenants with four
     mistakes; if this fails after an edit of the shipped files, paste the new output into the doc."""

@@ -139,6 +139,7 @@ def test_without_recording_nothing_is_played_or_written(stack: dict[str, str], t
     assert not (Path(stack["recordings"]) / "unrecorded").exists()
 
 
+@pytest.mark.e2e  # starts a process
 def test_an_unwritable_recordings_dir_stops_the_gateway_with_a_clear_message(tmp_path: Path) -> None:
     """A recordings_dir the gateway cannot write to is found at start, not on the first recorded call."""
     blocker = tmp_path / "not-a-folder"

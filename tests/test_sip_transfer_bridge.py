@@ -213,6 +213,7 @@ def test_transfer_settings_are_validated() -> None:
         assert "sip_transfer_ring_seconds" in str(err.value)
 
 
+@pytest.mark.e2e  # starts a process
 def test_without_the_fallback_a_refused_refer_keeps_the_caller_with_the_agent(
         tmp_path_factory: pytest.TempPathFactory) -> None:
     """sip_transfer_bridge_fallback off: after the refused REFER the gateway calls nobody (no INVITE reaches
@@ -236,6 +237,7 @@ def test_without_the_fallback_a_refused_refer_keeps_the_caller_with_the_agent(
     assert not any('method="bridge"' in name for name in metrics), metrics
 
 
+@pytest.mark.e2e  # starts a process
 def test_gateway_drain_keeps_a_bridged_call_until_it_ends(tmp_path: Path) -> None:
     """SIGTERM while the caller talks to the human: the bridged call has no agent session, yet the drain waits
     for it; the human hanging up ends it (the gateway BYEs the caller) and only then the gateway exits, 0."""
@@ -261,6 +263,7 @@ def test_gateway_drain_keeps_a_bridged_call_until_it_ends(tmp_path: Path) -> Non
         assert gateway.wait(15) == 0
 
 
+@pytest.mark.e2e  # starts a process
 def test_key_presses_reach_the_human_once_bridged(tmp_path: Path) -> None:
     """A PBX queue or menu on the human's side may ask the caller for keys: once bridged, the caller's key
     presses are passed on. The human here is the gateway itself, answering its own number with a second echo

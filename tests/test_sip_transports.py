@@ -432,6 +432,7 @@ def test_tls_and_srtp_settings_are_checked_at_start(certs: Path, tmp_path: Path,
     assert message.format(**names) in str(err.value)
 
 
+@pytest.mark.e2e  # starts a process
 def test_the_gateway_command_names_a_bad_tls_file(certs: Path, tmp_path: Path) -> None:
     stderr = _gateway_refuses({"PERSONAGATE_GATEWAY_SIP_TLS_CERT_FILE": str(certs / "server.pem"),
                                "PERSONAGATE_GATEWAY_SIP_TLS_KEY_FILE": str(certs / "client.key")}, tmp_path)

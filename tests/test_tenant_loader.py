@@ -300,6 +300,7 @@ def test_business_hours_choose_the_persona_or_the_rejection(tmp_path):
     assert tenant.answer("+14155550100", when) == Rejection(486, "Closed for the day")
 
 
+@pytest.mark.e2e  # starts a process
 def test_the_validate_command_exits_non_zero_on_any_problem(tmp_path):
     _tenant_dir(tmp_path, GOOD)
     command = [sys.executable, "-m", "personagate", "tenants", "validate", str(tmp_path)]

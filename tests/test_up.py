@@ -121,6 +121,7 @@ def _call(tmp_path: Path, sip_port: int) -> dict:
     return json.loads(dialed.stdout)
 
 
+@pytest.mark.e2e  # starts a process
 def test_up_serves_a_worker_and_the_admin_api_and_stops_both_on_ctrl_c(tmp_path):
     up, worker_port, http_port, sip_port = _start_up(tmp_path, slots=2)
     try:
@@ -180,6 +181,7 @@ def test_up_serves_a_worker_and_the_admin_api_and_stops_both_on_ctrl_c(tmp_path)
         _kill(up)
 
 
+@pytest.mark.e2e  # starts a process
 def test_sigterm_on_up_drains_both_and_exits(tmp_path):
     """SIGTERM (systemd, kill) is passed on as a drain: with no calls in progress both processes
     finish at once and `up` exits 0."""
@@ -193,6 +195,7 @@ def test_sigterm_on_up_drains_both_and_exits(tmp_path):
         _kill(up)
 
 
+@pytest.mark.e2e  # starts a process
 def test_a_crashed_gateway_is_restarted_while_the_worker_keeps_running(tmp_path):
     up, worker_port, http_port, sip_port = _start_up(tmp_path, slots=1)
     try:
@@ -224,6 +227,7 @@ def test_a_crashed_gateway_is_restarted_while_the_worker_keeps_running(tmp_path)
         _kill(up)
 
 
+@pytest.mark.e2e  # starts a process
 def test_a_crashed_worker_is_restarted_while_the_gateway_keeps_running(tmp_path):
     up, worker_port, http_port, sip_port = _start_up(tmp_path, slots=1)
     try:
@@ -254,6 +258,7 @@ def test_a_crashed_worker_is_restarted_while_the_gateway_keeps_running(tmp_path)
         _kill(up)
 
 
+@pytest.mark.e2e  # starts a process
 @pytest.mark.parametrize("failure", ["invalid gateway setting", "worker port in use"])
 def test_a_component_that_fails_at_start_stops_up_with_its_error(tmp_path, failure):
     """Restarting a misconfiguration would only fail again: `up` stops, exit status 1, and says why."""

@@ -332,6 +332,7 @@ def test_a_prepared_clip_cannot_be_changed_after_the_fact():
         clip.audio[0] = 1.0
 
 
+@pytest.mark.e2e  # starts a process
 def test_the_gateway_can_validate_clips_without_torch():
     """Importing this module loads neither torch nor moshi (the gateway has no model)."""
     code = "import sys, personagate_common.voices; print(sorted({'torch', 'moshi'} & set(sys.modules)))"

@@ -43,6 +43,7 @@ def test_a_refusal_is_reported_with_its_close_code(worker):
     assert "4422" in done.stderr and "unknown voice preset 'nobody'" in done.stderr
 
 
+@pytest.mark.e2e  # starts a process
 def test_an_unreachable_worker_is_reported(tmp_path):
     """Pointing the client at nothing says so, without a traceback."""
     done = _session("127.0.0.1:9", "--voice", "tiny-low", "--seconds", "1")

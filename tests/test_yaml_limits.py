@@ -129,6 +129,7 @@ def test_a_pathological_tenant_file_is_a_positioned_problem():
         assert tenant is None and [str(p) for p in problems] == [expected]
 
 
+@pytest.mark.e2e  # starts a process
 def test_validate_prints_positioned_problems_never_a_traceback(tmp_path):
     """`personagate tenants validate` on a folder with an alias bomb, 100 000 levels of nesting and a
     tab prints one positioned line each (the tab with its hint), checks the good tenant, and exits 1."""

@@ -1,7 +1,10 @@
 """Helpers shared by the test modules. Fixtures are in tests/conftest.py, and no test module imports another one.
 
 - ``processes``: free loopback ports, a server process run until it is ready, and its stop
-- ``wait``: ``until`` and ``until_async``, polling until something is true
+- ``wait``: ``until`` and ``until_async``, polling until something is true; ``scaled``, every helper's timeout
+  stretched by PERSONAGATE_TEST_TIMEOUT_FACTOR
+- ``tiers``: the ``e2e`` mark from process-starting fixtures, and the check that the fast tier starts no process
+- ``fake_worker``: the worker protocol in the test's event loop, with knobs to refuse, stall or vanish
 - ``programs``: the system programs tests start (``needs("sipp")``), with one skip reason each
 - ``worker``: the plane's secret the tests' workers accept, a worker of a test's own, a session talking to it
 - ``stack``: the SIP test stack (an echo worker and a gateway), its tenants, /readyz and /metrics readers

@@ -6,7 +6,9 @@ import json
 import subprocess
 import sys
 
-CALL_TIMEOUT = 30  # seconds a call may take to be answered (the caller's --timeout)
+from tests.helpers.wait import scaled
+
+CALL_TIMEOUT = round(scaled(30))  # seconds a call may take to be answered (the caller's --timeout)
 
 
 def call_command(stack: dict[str, str], number: str, *args: str) -> list[str]:
@@ -18,6 +20,6 @@ def call_command(stack: dict[str, str], number: str, *args: str) -> list[str]:
 def call(stack: dict[str, str], number: str, *args: str) -> dict:
     """Place one call (see call_command) and return its report; fails if the caller itself failed."""
     done = subprocess.run(call_command(stack, number, *args), check=False, capture_output=True, text=True,
-                          timeout=CALL_TIMEOUT + 15)
+                          timeout=CALL_TIMEOUT + scaled(15))
     assert done.returncode in (0, 1), done.stderr[-3000:]
     return json.loads(done.stdout)

@@ -16,7 +16,7 @@ from gateway.calls import AgentCall, Calls, EndReason
 from gateway.tenants.registry import TenantRegistry
 from gateway.worker_client import AgentAudio
 from personagate_common.routing import Router
-from tests.helpers.wait import until_async
+from tests.helpers.wait import scaled, until_async
 
 FRAME = 0.08  # seconds of audio in one caller frame
 CALL_TENANTS = """\
@@ -99,14 +99,14 @@ class Caller:
         with contextlib.suppress(asyncio.CancelledError):
             await self._talk
         await self.call.end(EndReason.HANGUP)
-        await asyncio.wait_for(self._listen, 5)
+        await asyncio.wait_for(self._listen, scaled(5))
         return await self.call.wait_ended()
 
     async def stop(self) -> None:
         self._talk.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._talk
-        await asyncio.wait_for(self._listen, 10)
+        await asyncio.wait_for(self._listen, scaled(10))
 
 
 def route(registry: TenantRegistry, number: str):

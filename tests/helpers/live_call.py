@@ -33,6 +33,7 @@ from personagate_bench.sip import (
     mulaw_encode,
 )
 from tests.helpers.sip import OPEN_NUMBER
+from tests.helpers.wait import scaled
 
 LOUD = 0.02 * 32768  # a 20 ms packet whose RMS is above this carries the echo of the tone
 
@@ -96,7 +97,7 @@ class LiveCall:
         self.leg = MediaLeg(sock, self._payload)
         self.call = ProbeCall(probe, self.sip, self.number, self.leg)
         probe.calls[self.call.call_id] = self.call
-        await self.call.invite(timeout=15.0)
+        await self.call.invite(timeout=scaled(15.0))
         self._clock.add(self.leg)
 
     def mark(self) -> int:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.helpers.wait import scaled
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -41,7 +43,7 @@ def udp_free_port() -> int:
 def serve(command: list[str], ready_url: str, *, env: dict[str, str] | None = None, timeout: float = 60.0,
           verify: ssl.SSLContext | bool = True) -> Iterator[subprocess.Popen]:
     """Run ``command`` (a server on loopback) until ``ready_url`` answers 200 (an https one checked with
-    ``verify``); stop it afterwards.
+    ``verify``), failing after ``timeout`` seconds (scaled); stop it afterwards.
     Its log (stderr) goes to a file, not a pipe: an unread pipe would block the server once full. The process
     yielded carries that file's path as ``log_path`` (``tests.helpers.logs`` reads it), until it is stopped; with
     ``PERSONAGATE_TEST_KEEP_LOGS=<folder>`` the log is copied there when the server stops."""
@@ -49,7 +51,7 @@ def serve(command: list[str], ready_url: str, *, env: dict[str, str] | None = No
         proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
         proc.log_path = Path(log.name)  # type: ignore[attr-defined] - read by tests.helpers.logs
         try:
-            deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + scaled(timeout)
             while True:
                 with contextlib.suppress(httpx.HTTPError):
                     if httpx.get(ready_url, verify=verify).status_code == 200:
@@ -67,10 +69,10 @@ def serve(command: list[str], ready_url: str, *, env: dict[str, str] | None = No
 
 
 def stop_process(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within 10 s."""
+    """SIGTERM, then SIGKILL if it has not exited within 10 s (scaled)."""
     proc.terminate()
     try:
-        proc.wait(10)
+        proc.wait(scaled(10))
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

@@ -19,6 +19,7 @@ import pytest
 
 from tests.helpers.processes import free_port
 from tests.helpers.programs import require
+from tests.helpers.wait import scaled
 
 
 def ping(port: int, timeout: float = 0.2) -> bool:
@@ -63,7 +64,7 @@ class RedisServer:
         ]
         self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while not ping(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()

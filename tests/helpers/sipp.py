@@ -10,6 +10,7 @@ import numpy as np
 import soundfile
 
 from tests.helpers.processes import udp_free_port
+from tests.helpers.wait import scaled
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "sipp"  # tests/sipp: every sipp scenario the tests run
 
@@ -47,9 +48,10 @@ class Human:
         self.folder = folder
 
     def finished(self, timeout: float = 10.0) -> int:
-        """sipp's exit status (0: its whole scenario ran, e.g. the BYE it expects came)."""
+        """sipp's exit status (0: its whole scenario ran, e.g. the BYE it expects came), waited for ``timeout``
+        seconds (scaled)."""
         try:
-            self.proc.wait(timeout=timeout)
+            self.proc.wait(timeout=scaled(timeout))
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=5)

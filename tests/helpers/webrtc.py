@@ -32,7 +32,7 @@ from av import AudioFrame
 from gateway.admin.tokens import new_token
 from tests.helpers.processes import free_port, serve
 from tests.helpers.stack import readyz
-from tests.helpers.wait import until
+from tests.helpers.wait import scaled, until
 
 ROOT = Path(__file__).resolve().parent.parent.parent  # the repository
 PUBLIC = ("harbor-mutual", "claims")  # public_link: true in the shipped tenant
@@ -95,7 +95,7 @@ class Browser:
         return "".join(e["text"] for e in self.events if e["type"] == "text")
 
     async def until(self, check, what: str, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while not check():
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting until {what}; events: {self.kinds()[:20]}")

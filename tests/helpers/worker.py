@@ -24,6 +24,7 @@ from websockets.exceptions import ConnectionClosed
 
 from personagate_common.plane import WorkerAuth, bearer
 from tests.helpers.processes import free_port, serve
+from tests.helpers.wait import scaled
 
 TEST_WORKER_SECRET = "personagate-tests-shared-secret-3f9c"
 WORKER_AUTH_HEADERS = bearer(TEST_WORKER_SECRET)
@@ -53,10 +54,10 @@ class TalkingSession:
 
     @classmethod
     async def start(cls, base: str, session_id: str) -> TalkingSession:
-        ws = await connect(f"ws://{base}/v1/sessions", open_timeout=10, additional_headers=WORKER_AUTH_HEADERS)
+        ws = await connect(f"ws://{base}/v1/sessions", open_timeout=scaled(10), additional_headers=WORKER_AUTH_HEADERS)
         await ws.send(json.dumps({"type": "start", "session_id": session_id,
                                   "persona": {"prompt": "You are a claims agent.", "voice": "tiny-low"}}))
-        ready = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        ready = json.loads(await asyncio.wait_for(ws.recv(), scaled(30)))
         assert ready["type"] == "ready" and ready["session_id"] == session_id, ready
         return cls(ws)
 
@@ -84,7 +85,7 @@ class TalkingSession:
         return await self.closed()
 
     async def closed(self, within: float = 15.0) -> tuple[int | None, str | None]:
-        await asyncio.wait_for(asyncio.shield(self._receiver), within)
+        await asyncio.wait_for(asyncio.shield(self._receiver), scaled(within))
         self._sender.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._sender
@@ -92,10 +93,10 @@ class TalkingSession:
 
 
 async def exit_status(proc: subprocess.Popen, within: float) -> int:
-    """The exit status of ``proc``, waited for on the event loop; fails the test after ``within`` seconds."""
-    deadline = time.monotonic() + within
+    """The exit status of ``proc``, waited for on the event loop; fails the test after ``within`` seconds (scaled)."""
+    deadline = time.monotonic() + scaled(within)
     while proc.poll() is None:
         if time.monotonic() > deadline:
-            pytest.fail(f"the worker did not exit within {within} s")
+            pytest.fail(f"the worker did not exit within {scaled(within):g} s")
         await asyncio.sleep(0.05)
     return proc.returncode
