@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
-from gateway.calls import AGENT_BACKLOG_EVENTS, AgentCall, Calls, CallState, PersonaRejected
+from gateway.calls import AGENT_BACKLOG_EVENTS, AgentCall, Calls, PersonaRejected, SessionState
 from gateway.metrics import GatewayMetrics
 from gateway.tenants.registry import TenantRegistry
 from gateway.worker_client import (
@@ -95,7 +95,7 @@ async def test_a_call_carries_the_callers_audio_to_its_worker_and_the_agent_back
     (client_end) and frees the slot for the next caller."""
     async with FakeWorker(texts=[" Hello", " there"]) as worker, gateway(registry, worker) as calls:
         call = await calls.start("call-life", *route(registry, ACME))
-        assert call.state is CallState.LIVE and call.worker_id == worker.worker_id
+        assert call.state is SessionState.LIVE and call.worker_id == worker.worker_id
         with pytest.raises(ValueError, match="3840"):  # only 80 ms frames: a front end's bug fails loudly
             call.send(b"\0" * 100)
         assert worker.active == ["call-life"]
@@ -313,7 +313,7 @@ async def test_a_worker_that_vanishes_mid_call_is_replaced_with_comfort_noise_in
         await next_audio(events)
         await first.vanish()
         assert (await next_audio(events, filler=None)).filler  # comfort noise first
-        await until_async(lambda: call.state is CallState.LIVE and call.rehomes, "the call re-homed")
+        await until_async(lambda: call.state is SessionState.LIVE and call.rehomes, "the call re-homed")
         (move,) = call.rehomes
         assert (move.from_worker, move.to_worker) == ("w-first", "w-second") and "1006" in move.cause
         call.send(frame(2))
@@ -334,7 +334,7 @@ async def test_a_worker_shutting_down_mid_call_hands_the_call_to_another(registr
         await calls.router.heartbeat(staying.state())
         await leaving.end_session("call-1001", CloseCode.GOING_AWAY, "the worker is shutting down")
         await until_async(lambda: call.rehomes, "the call re-homed")
-        assert call.worker_id == "w-staying" and call.state is CallState.LIVE
+        assert call.worker_id == "w-staying" and call.state is SessionState.LIVE
         assert "1001" in call.rehomes[0].cause
         await call.end()
 
@@ -388,7 +388,7 @@ async def test_a_worker_the_store_reaps_but_that_still_answers_keeps_its_calls(r
         call = await calls.start("call-alive", *route(registry, ACME))
         await until_async(lambda: _gone(calls.router, worker.worker_id), "the worker reaped")
         await asyncio.sleep(0.3)  # a few reaper passes: each pings the session
-        assert call.state is CallState.LIVE and call.rehomes == [] and call.worker_id == worker.worker_id
+        assert call.state is SessionState.LIVE and call.rehomes == [] and call.worker_id == worker.worker_id
         events = aiter(call.frames())
         call.send(frame(1))
         assert not (await next_audio(events, filler=None)).filler

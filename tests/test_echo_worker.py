@@ -131,6 +131,7 @@ sys.exit(status)
 """
 
 
+@pytest.mark.e2e  # starts a process
 async def test_echo_worker_never_loads_torch_or_moshi(tmp_path: Path) -> None:
     """An echo worker that served sessions (a preset voice, and a clip checked as a model checks it) has loaded
     neither torch nor moshi: the echo path imports only the torch-free side of agent_runtime (slots.py)."""

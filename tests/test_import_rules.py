@@ -131,6 +131,7 @@ print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
 """
 
 
+@pytest.mark.e2e  # starts a process
 def test_the_echo_workers_modules_load_no_torch_or_moshi() -> None:
     done = subprocess.run([sys.executable, "-c", _LOAD_THESE, *ECHO_WORKER_MODULES], check=False, capture_output=True,
                           text=True, timeout=120, cwd=ROOT)
@@ -205,6 +206,7 @@ print(json.dumps(sorted(sys.modules)))
 """
 
 
+@pytest.mark.e2e  # starts a process
 def test_a_browser_only_gateway_never_loads_pjsua2() -> None:
     """The browser front end, its API and the call core, imported together, load neither pjsua2 nor any of the
     SIP front end's modules."""
