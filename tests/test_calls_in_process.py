@@ -11,7 +11,6 @@ checking the same behaviour with real workers, real Redis and real time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -19,8 +18,6 @@ import numpy as np
 import pytest
 
 from gateway.calls import AGENT_BACKLOG_EVENTS, AgentCall, Calls, PersonaRejected, SessionState
-from gateway.metrics import GatewayMetrics
-from gateway.tenants.registry import TenantRegistry
 from gateway.worker_client import (
     UNAUTHORIZED,
     AgentAudio,
@@ -32,9 +29,9 @@ from gateway.worker_client import (
 )
 from personagate_common.plane import WorkerAuth
 from personagate_common.protocol import FRAME_BYTES, CloseCode
-from personagate_common.routing import EmbeddedRouter, Refusal, Router, RoutingMetrics
+from personagate_common.routing import Refusal, Router
 from tests.helpers.calls import ACME, TIGHT, route
-from tests.helpers.fake_worker import SILENCE, TONE, FakeWorker
+from tests.helpers.fake_worker import SILENCE, TONE, FakeWorker, in_process_calls
 from tests.helpers.wait import scaled, until_async
 from tests.helpers.worker import WORKER_AUTH
 
@@ -44,20 +41,6 @@ PERSONA = persona_message("You are a claims agent.", voice="tiny-low")
 def frame(i: int) -> bytes:
     """Caller frame ``i``: distinct bytes, so an echo shows which frame came back."""
     return (np.random.default_rng(i).standard_normal(FRAME_BYTES // 2) * 3000).astype("<i2").tobytes()
-
-
-@contextlib.asynccontextmanager
-async def gateway(registry: TenantRegistry, *workers: FakeWorker, auth: WorkerAuth = WORKER_AUTH,
-                  **options: float) -> AsyncIterator[Calls]:
-    """The gateway's ``Calls`` on an in-process store where ``workers`` have sent one heartbeat each, started
-    (its lease and reaper loops run). ``options``: Calls' timings, and ``worker_ttl`` for the store."""
-    metrics = GatewayMetrics()
-    router = EmbeddedRouter(worker_ttl=options.pop("worker_ttl", 60.0), metrics=RoutingMetrics(metrics.registry))
-    for worker in workers:
-        await router.heartbeat(worker.state())
-    timings = {"session_start_timeout": scaled(5.0), "rehome_deadline": scaled(3.0)} | options
-    async with Calls(router, registry, metrics=metrics, worker_auth=auth, **timings) as calls:  # type: ignore[arg-type]
-        yield calls
 
 
 async def reserved(router: Router) -> dict[str, int]:
@@ -93,7 +76,7 @@ async def test_a_call_carries_the_callers_audio_to_its_worker_and_the_agent_back
     """A caller's call goes live on a worker that primes the tenant's persona under the call's id, the caller's
     frames reach it in order and the agent's audio and text come back; hanging up ends the worker session
     (client_end) and frees the slot for the next caller."""
-    async with FakeWorker(texts=[" Hello", " there"]) as worker, gateway(registry, worker) as calls:
+    async with FakeWorker(texts=[" Hello", " there"]) as worker, in_process_calls(registry, worker) as calls:
         call = await calls.start("call-life", *route(registry, ACME))
         assert call.state is SessionState.LIVE and call.worker_id == worker.worker_id
         with pytest.raises(ValueError, match="3840"):  # only 80 ms frames: a front end's bug fails loudly
@@ -121,7 +104,7 @@ async def test_a_call_carries_the_callers_audio_to_its_worker_and_the_agent_back
 async def test_ending_a_call_twice_keeps_the_first_reason_and_frees_the_slot_once(registry):
     """A front end that ends a call from two places (the caller's BYE and its own timer) gets one ending: the
     first reason is the call's, the slot is released once, and reading frames stops for every reader."""
-    async with FakeWorker() as worker, gateway(registry, worker) as calls:
+    async with FakeWorker() as worker, in_process_calls(registry, worker) as calls:
         call = await calls.start("call-twice", *route(registry, ACME))
         readers = [asyncio.create_task(_drain(call)) for _ in range(2)]
         await asyncio.gather(call.end("hangup"), call.end("shutdown"))
@@ -138,7 +121,7 @@ async def _drain(call: AgentCall) -> None:
 async def test_frames_a_front_end_does_not_read_are_dropped_oldest_first_and_counted(registry):
     """A front end that falls behind loses the oldest agent frames, not the newest, and the call counts them:
     the caller hears the present, never a growing delay."""
-    async with FakeWorker() as worker, gateway(registry, worker) as calls:
+    async with FakeWorker() as worker, in_process_calls(registry, worker) as calls:
         call = await calls.start("call-behind", *route(registry, ACME))
         session = worker.sessions["call-behind"]
         for i in range(40):
@@ -162,7 +145,7 @@ async def test_workers_that_refuse_the_session_are_skipped_until_one_takes_the_c
             FakeWorker() as good:
         draining.draining = True
         workers = {full: 8, draining: 7, slow: 6, good: 1}  # advertised free slots: the refusing ones first
-        async with gateway(registry, session_start_timeout=0.3, start_attempts=4) as calls:
+        async with in_process_calls(registry, session_start_timeout=0.3, start_attempts=4) as calls:
             for worker, capacity in workers.items():
                 await calls.router.heartbeat(worker.state(capacity=capacity, draining=False))
             call = await calls.start("call-skip", *route(registry, ACME))
@@ -180,7 +163,7 @@ async def test_when_no_worker_starts_the_session_the_call_is_refused_with_each_w
     """When every worker refuses, the front end hears no_capacity (a busy signal or a 503, with a retry time)
     whose detail names each worker and why, and nothing stays claimed."""
     async with FakeWorker(slots=0, worker_id="w-full") as full, FakeWorker(worker_id="w-draining") as draining, \
-            gateway(registry, full, draining) as calls:
+            in_process_calls(registry, full, draining) as calls:
         draining.draining = True
         await calls.router.heartbeat(full.state(capacity=2))
         refused = await refusal(calls.start("call-nobody", *route(registry, ACME)))
@@ -193,7 +176,7 @@ async def test_when_no_worker_starts_the_session_the_call_is_refused_with_each_w
 
 async def test_with_no_worker_registered_a_call_is_refused_no_capacity_at_once(registry):
     """A gateway whose workers are all gone refuses calls straight away (no_capacity) instead of ringing out."""
-    async with gateway(registry) as calls:
+    async with in_process_calls(registry) as calls:
         refused = await refusal(calls.start("call-empty", *route(registry, ACME)))
         assert refused.reason == "no_capacity" and calls.live == {}
 
@@ -203,7 +186,7 @@ async def test_a_gateway_without_the_planes_secret_is_refused_by_every_worker_an
     on the worker): the refusal names the credential, not a vague failure."""
     async with FakeWorker() as worker:
         for auth, why in ((WorkerAuth(), "none was sent"), (WorkerAuth(secret="x" * 20), "not one it accepts")):
-            async with gateway(registry, worker, auth=auth) as calls:
+            async with in_process_calls(registry, worker, auth=auth) as calls:
                 refused = await refusal(calls.start("call-no-secret", *route(registry, ACME)))
                 assert refused.reason == "no_capacity"
                 assert f"{worker.worker_id}: {int(UNAUTHORIZED)}" in refused.detail and why in refused.detail
@@ -215,7 +198,7 @@ async def test_a_persona_the_worker_refuses_is_a_clear_error_tried_on_one_worker
     """A persona no worker can prime (4422) is a configuration error for the tenant's admin: the call fails at
     once with the persona's name and the worker's reason, no other worker is tried, and no slot is held."""
     tenant, persona = route(registry, ACME)
-    async with FakeWorker() as first, FakeWorker() as second, gateway(registry, first, second) as calls:
+    async with FakeWorker() as first, FakeWorker() as second, in_process_calls(registry, first, second) as calls:
         for worker in (first, second):
             worker.refuse_personas[persona.prompt] = "prompt is 5000 characters long; at most 4000 allowed"
         with pytest.raises(PersonaRejected) as info:
@@ -229,7 +212,7 @@ async def test_a_persona_the_worker_refuses_is_a_clear_error_tried_on_one_worker
 async def test_a_tenant_at_its_limit_is_refused_until_one_of_its_calls_ends(registry):
     """A tenant's concurrent-call limit is enforced at admission (tenant_limit), other tenants are not held back,
     and the tenant gets its call again as soon as one ends."""
-    async with FakeWorker(slots=4) as worker, gateway(registry, worker) as calls:
+    async with FakeWorker(slots=4) as worker, in_process_calls(registry, worker) as calls:
         first = await calls.start("tight-1", *route(registry, TIGHT))
         refused = await refusal(calls.start("tight-2", *route(registry, TIGHT)))
         assert refused.reason == "tenant_limit" and "tight" in refused.detail
@@ -243,7 +226,7 @@ async def test_a_tenant_at_its_limit_is_refused_until_one_of_its_calls_ends(regi
 async def test_a_caller_who_hangs_up_while_the_persona_primes_leaves_no_slot_behind(registry):
     """Cancelling a call's set-up (the caller hung up during priming) ends it as cancelled: the worker's
     half-started session is dropped and the slot is free for the next caller."""
-    async with FakeWorker(priming_delay=60) as worker, gateway(registry, worker) as calls:
+    async with FakeWorker(priming_delay=60) as worker, in_process_calls(registry, worker) as calls:
         claimed = asyncio.Event()
         starting = asyncio.create_task(calls.start("call-gone", *route(registry, ACME), on_claimed=claimed.set))
         await asyncio.wait_for(claimed.wait(), scaled(5))
@@ -262,7 +245,7 @@ async def test_a_caller_who_hangs_up_while_the_persona_primes_leaves_no_slot_beh
 async def test_the_worker_ending_the_session_ends_the_call_with_its_verdict(registry):
     """When the worker itself ends a session (1000), the call ends worker_ended (the front end hangs up) and
     is not moved to another worker; its slot is freed."""
-    async with FakeWorker() as worker, FakeWorker() as other, gateway(registry, worker, other) as calls:
+    async with FakeWorker() as worker, FakeWorker() as other, in_process_calls(registry, worker, other) as calls:
         call = await calls.start("call-verdict", *route(registry, ACME))
         owner = worker if call.worker_id == worker.worker_id else other
         await owner.end_session("call-verdict", CloseCode.NORMAL, "session ended: max_duration")
@@ -273,7 +256,7 @@ async def test_the_worker_ending_the_session_ends_the_call_with_its_verdict(regi
 async def test_a_draining_gateway_refuses_new_calls_and_ends_the_last_ones_at_its_deadline(registry):
     """On SIGTERM the gateway refuses new calls (draining, readiness fails), lets calls in progress go on until
     the drain deadline, then ends them with shutdown, and each worker session is ended cleanly."""
-    async with FakeWorker() as worker, gateway(registry, worker) as calls:
+    async with FakeWorker() as worker, in_process_calls(registry, worker) as calls:
         call = await calls.start("call-straggler", *route(registry, ACME))
         draining = asyncio.create_task(calls.drain(0.2))
         await until_async(lambda: calls.draining, "draining")
@@ -289,7 +272,7 @@ async def test_a_draining_gateway_refuses_new_calls_and_ends_the_last_ones_at_it
 async def test_a_drain_with_no_calls_left_returns_at_once(registry):
     """A drain finishes as soon as the last call has ended: a gateway with no calls stops without waiting out
     its deadline."""
-    async with FakeWorker() as worker, gateway(registry, worker) as calls:
+    async with FakeWorker() as worker, in_process_calls(registry, worker) as calls:
         call = await calls.start("call-ends-itself", *route(registry, ACME))
         draining = asyncio.create_task(calls.drain(60))
         await until_async(lambda: calls.draining, "draining")
@@ -304,7 +287,7 @@ async def test_a_worker_that_vanishes_mid_call_is_replaced_with_comfort_noise_in
     """When the caller's worker dies (its connections drop, no close frame), the call moves to another worker:
     the caller hears comfort noise, never silence, then the new worker's agent; the slot moves with the call."""
     async with FakeWorker(worker_id="w-first", slots=1) as first, FakeWorker(worker_id="w-second") as second, \
-            gateway(registry, first) as calls:
+            in_process_calls(registry, first) as calls:
         call = await calls.start("call-move", *route(registry, ACME))
         assert call.worker_id == "w-first"
         await calls.router.heartbeat(second.state())
@@ -329,7 +312,7 @@ async def test_a_worker_shutting_down_mid_call_hands_the_call_to_another(registr
     """A worker that reaches its drain deadline closes its sessions with 1001 (going away): the call is moved,
     not ended, because another worker can carry on."""
     async with FakeWorker(worker_id="w-leaving", slots=1) as leaving, FakeWorker(worker_id="w-staying") as staying, \
-            gateway(registry, leaving) as calls:
+            in_process_calls(registry, leaving) as calls:
         call = await calls.start("call-1001", *route(registry, ACME))
         await calls.router.heartbeat(staying.state())
         await leaving.end_session("call-1001", CloseCode.GOING_AWAY, "the worker is shutting down")
@@ -342,7 +325,7 @@ async def test_a_worker_shutting_down_mid_call_hands_the_call_to_another(registr
 async def test_a_worker_lost_with_no_other_to_take_the_call_ends_it_no_worker(registry):
     """When the caller's worker dies and no other worker has room, the call ends no_worker (the front end
     plays its apology) after comfort noise, and the slot is released."""
-    async with FakeWorker() as worker, gateway(registry, worker, rehome_deadline=0.5) as calls:
+    async with FakeWorker() as worker, in_process_calls(registry, worker, rehome_deadline=0.5) as calls:
         call = await calls.start("call-orphan", *route(registry, ACME))
         events = aiter(call.frames())
         await worker.vanish()
@@ -356,7 +339,7 @@ async def test_a_new_worker_that_refuses_the_persona_while_re_homing_ends_the_ca
     """If the only worker left cannot prime the call's persona, the call ends persona_rejected (an admin must
     fix the persona) instead of trying forever; no slot is left behind."""
     tenant, persona = route(registry, ACME)
-    async with FakeWorker(slots=1) as first, FakeWorker() as picky, gateway(registry, first) as calls:
+    async with FakeWorker(slots=1) as first, FakeWorker() as picky, in_process_calls(registry, first) as calls:
         call = await calls.start("call-picky", tenant, persona)
         picky.refuse_personas[persona.prompt] = "unknown voice preset 'NATF0'"
         await calls.router.heartbeat(picky.state())
@@ -369,7 +352,7 @@ async def test_a_hung_worker_the_store_reaps_is_given_up_once_it_misses_a_ping(r
     """A worker that hangs (its socket open, nothing answered) stops heartbeating; once the store reaps it the
     gateway pings the call's session and, with no answer, gives the worker up: with no other, no_worker."""
     caplog.set_level(logging.INFO, logger="gateway.calls")
-    async with FakeWorker() as worker, gateway(registry, worker_ttl=1.0, reap_seconds=0.1,
+    async with FakeWorker() as worker, in_process_calls(registry, worker_ttl=1.0, reap_seconds=0.1,
                                                 rehome_deadline=0.5) as calls:
         await calls.router.heartbeat(worker.state())
         call = await calls.start("call-hung", *route(registry, ACME))
@@ -383,7 +366,7 @@ async def test_a_hung_worker_the_store_reaps_is_given_up_once_it_misses_a_ping(r
 async def test_a_worker_the_store_reaps_but_that_still_answers_keeps_its_calls(registry):
     """A worker whose heartbeats stop reaching the store (the store's trouble, not the worker's) keeps its calls:
     the gateway pings the session, gets an answer, and leaves the call where it is, its audio flowing."""
-    async with FakeWorker() as worker, gateway(registry, worker_ttl=1.0, reap_seconds=0.1) as calls:
+    async with FakeWorker() as worker, in_process_calls(registry, worker_ttl=1.0, reap_seconds=0.1) as calls:
         await calls.router.heartbeat(worker.state())
         call = await calls.start("call-alive", *route(registry, ACME))
         await until_async(lambda: _gone(calls.router, worker.worker_id), "the worker reaped")

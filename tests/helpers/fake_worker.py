@@ -26,7 +26,7 @@ import http
 import itertools
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -37,11 +37,15 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from gateway.calls import Calls
+from gateway.metrics import GatewayMetrics
+from gateway.tenants.registry import TenantRegistry
 from personagate_common.persona import PersonaError, PersonaFormatError, persona_from_message, persona_key
-from personagate_common.plane import SecretChecker
+from personagate_common.plane import SecretChecker, WorkerAuth
 from personagate_common.protocol import FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE, CloseCode, MessageType
-from personagate_common.routing import WorkerState
-from tests.helpers.worker import TEST_WORKER_SECRET
+from personagate_common.routing import EmbeddedRouter, RoutingMetrics, WorkerState
+from tests.helpers.wait import scaled
+from tests.helpers.worker import TEST_WORKER_SECRET, WORKER_AUTH
 
 SILENCE = bytes(FRAME_BYTES)
 TONE = (np.sin(2 * np.pi * 440 * np.arange(FRAME_SAMPLES) / SAMPLE_RATE) * 8000).astype("<i2").tobytes()
@@ -271,3 +275,17 @@ class FakeWorker:
                 return await ws.close(CloseCode.NORMAL, "session ended: client_end")
             session.ended = "protocol_error"
             return await self._refuse(ws, CloseCode.BAD_REQUEST, "unexpected control message")
+
+
+@contextlib.asynccontextmanager
+async def in_process_calls(registry: TenantRegistry, *workers: FakeWorker, auth: WorkerAuth = WORKER_AUTH,
+                           **options: float) -> AsyncIterator[Calls]:
+    """The gateway's ``Calls`` on an in-process store where ``workers`` have sent one heartbeat each, started
+    (its lease and reaper loops run). ``options``: Calls' timings, and ``worker_ttl`` for the store."""
+    metrics = GatewayMetrics()
+    router = EmbeddedRouter(worker_ttl=options.pop("worker_ttl", 60.0), metrics=RoutingMetrics(metrics.registry))
+    for worker in workers:
+        await router.heartbeat(worker.state())
+    timings = {"session_start_timeout": scaled(5.0), "rehome_deadline": scaled(3.0)} | options
+    async with Calls(router, registry, metrics=metrics, worker_auth=auth, **timings) as calls:  # type: ignore[arg-type]
+        yield calls
