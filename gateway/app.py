@@ -5,7 +5,8 @@ default), the browser page ``/call`` and its signalling under ``/v1/webrtc`` (``
 The live tenant configuration (``TenantRegistry``) is loaded before the app serves, then watched for
 changes by a background task for as long as the app runs; the calls (``Calls``: routing, worker sessions,
 their background loops) start with it and end with it. ``/healthz`` is liveness; ``/readyz`` is 200 only
-while tenants are loaded, the routing store answers and the gateway is not draining.
+while tenants are loaded and the gateway is not draining, and says whether the routing store answers (an
+unreachable store fails readiness only with ``ready_without_routing_store: false``: ``Calls.readiness``).
 """
 
 from __future__ import annotations

@@ -144,6 +144,12 @@ class GatewaySettings(LayeredSettings):
     workers: list[str] = Field(
         ["http://127.0.0.1:8765"], min_length=1,
         description="without redis_url: the workers' HTTP base URLs, whose /v1/info the gateway reads every second")
+    ready_without_routing_store: bool = Field(
+        True, description="keep /readyz 200 while the routing store (Redis) cannot be reached, new calls meanwhile "
+                          "answered 503 with Retry-After (SIP and browser) and the store's state in /readyz's "
+                          "routing_store and personagate_gateway_routing_store_reachable: a Redis failover then "
+                          "does not take every gateway out of its load balancer at once (INVITEs time out instead of "
+                          "being refused). false: /readyz answers 503 while the store cannot be reached")
     call_lease_seconds: float = Field(
         15.0, ge=3, le=3600, description="a call's lease in the routing store; renewed every third of it")
     worker_ttl_seconds: float = Field(
