@@ -93,7 +93,8 @@ def create_app(
             if app.state.admin_app is not None:
                 admin_listener = app.state.admin_listener = SecondListener(
                     app.state.admin_app, "admin API", settings.admin_host or settings.host, settings.admin_port or 0,
-                    cert_file=settings.http_tls_cert_file, key_file=settings.http_tls_key_file)
+                    cert_file=settings.http_tls_cert_file, key_file=settings.http_tls_key_file,
+                    forwarded_allow_ips=settings.forwarded_allow_ips)
                 await admin_listener.start()
             await calls.startup()
             if settings.sip_enabled:

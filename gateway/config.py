@@ -115,6 +115,13 @@ class GatewaySettings(LayeredSettings):
 
     host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535, description="the HTTP port: admin API, probes, metrics")
+    forwarded_allow_ips: list[str] = Field(
+        ["127.0.0.1"], description="peers whose X-Forwarded-For (and X-Forwarded-Proto) is believed, as addresses "
+                                   "or CIDRs: your Ingress controller's or load balancer's (e.g. the pod network's "
+                                   "CIDR). A request from one of them counts as its forwarded client in the "
+                                   "per-client limits (browser offers, failed admin logins) and in the logs; from "
+                                   "any other peer the header is ignored and the peer is the client. Empty: trust "
+                                   "none. Replaces uvicorn's FORWARDED_ALLOW_IPS, which is not read")
     tenants_dir: Path = Field(Path("tenants"), description="the folder of tenant folders (<id>/tenant.yaml)")
     # A tenant change serves new calls within 5 s (docs/tenants.md#hot-reload); the poll is one part of that.
     tenants_poll_seconds: float = Field(1.0, gt=0, le=4, description="how often the tenants folder is checked")
@@ -348,6 +355,26 @@ class GatewaySettings(LayeredSettings):
             except ValueError as exc:
                 raise ValueError(f"sip_allow: {net!r} is not an address or CIDR network ({exc})") from None
         return networks
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _forwarded_allow_ips(cls, entries: list[str]) -> list[str]:
+        """Each entry an address or a CIDR, written the way uvicorn matches it: uvicorn silently takes anything it
+        cannot parse (``*``, ``10.0.0.1/8``, a host name) as a literal that no peer address ever equals, so a typo
+        would quietly trust nobody, or with ``*`` everybody."""
+        out: list[str] = []
+        for entry in entries:
+            text = entry.strip()
+            try:
+                if "/" in text:
+                    out.append(str(ipaddress.ip_network(text, strict=False)))  # 10.0.0.1/8 -> 10.0.0.0/8
+                else:
+                    out.append(str(ipaddress.ip_address(text)))
+            except ValueError:
+                raise ValueError(f"forwarded_allow_ips: {entry!r} is not an IP address or CIDR network (to trust "
+                                 "every peer, which lets any client pick its own address, list 0.0.0.0/0 and ::/0)"
+                                 ) from None
+        return out
 
     @field_validator("webrtc_ice_interfaces")
     @classmethod
