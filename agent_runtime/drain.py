@@ -7,6 +7,11 @@
   the ones left are closed with 1001 ``the worker is shutting down`` and the process exits 0.
 - **SIGINT** (Ctrl-C), or a second SIGTERM during a drain, stops at once: sessions are closed with 1001
   and the process exits 0.
+- **The model fails to load** (a wrong weights path, a missing or damaged checkpoint, a device that cannot hold
+  it): the reason is logged (``model load failed: …``, then ``exiting with status 3``) and the process exits
+  with ``MODEL_LOAD_FAILED_EXIT`` (3) at once, instead of staying up unready: Kubernetes restarts it and shows
+  CrashLoopBackOff with the reason in the container's log; ``personagate up`` does not restart it (it was never
+  ready: a configuration error). Exit 2 stays "settings refused", 1 "the server could not start".
 
 uvicorn's own handling would close every WebSocket with 1012 on the first signal; ``WorkerServer`` is
 the gateway's ``GracefulServer`` (personagate_common/serving.py), which takes the signals over and lets uvicorn stop
@@ -29,6 +34,9 @@ from .server import Worker, create_app
 log = logging.getLogger(__name__)
 
 CLOSE_WAIT_SECONDS = 5.0  # for sessions told to close to send their close frames
+# The exit status of a worker whose model could not be loaded: distinct from 1 (the server could not start) and
+# 2 (settings refused), so that an operator, a supervisor or a test can tell the cause without reading the log.
+MODEL_LOAD_FAILED_EXIT = 3
 
 
 class WorkerServer(GracefulServer):
@@ -37,6 +45,24 @@ class WorkerServer(GracefulServer):
     def __init__(self, config: uvicorn.Config, worker: Worker) -> None:
         super().__init__(config, drain=lambda: self.drain(worker.settings.drain_seconds), stop=self.stop_now)
         self.worker = worker
+        self.load_failed: str | None = None  # why the model could not be loaded: the process exits non-zero
+        worker.on_load_failed = self.model_load_failed
+
+    def model_load_failed(self, reason: str) -> None:
+        """The model could not be loaded (event loop thread): stop serving and exit with MODEL_LOAD_FAILED_EXIT.
+        No session can be in progress (none starts before the model is loaded), so there is nothing to drain."""
+        self.load_failed = reason
+        log.error("exiting with status %d: the model could not be loaded (%s)", MODEL_LOAD_FAILED_EXIT, reason,
+                  extra={"exit_status": MODEL_LOAD_FAILED_EXIT})
+        self.should_exit = True
+
+    @property
+    def exit_status(self) -> int:
+        """What the process exits with once ``run()`` returns: 3 for a model that could not be loaded, 1 if the
+        server never started (its port taken, say), else 0 (stopped by a signal, drained)."""
+        if self.load_failed is not None:
+            return MODEL_LOAD_FAILED_EXIT
+        return 0 if self.started else 1
 
     async def drain(self, deadline_seconds: float) -> None:
         """Refuse new sessions, wait up to ``deadline_seconds`` for those in progress to end, close the
@@ -105,4 +131,4 @@ def serve(settings: WorkerSettings) -> int:
     )
     server = WorkerServer(config, app.state.worker)
     server.run()
-    return 0 if server.started else 1
+    return server.exit_status

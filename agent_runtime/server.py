@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +67,9 @@ class Worker:
     registration: Registration | None = None  # heartbeats to the routing store (redis_url set)
     secrets: SecretChecker = field(default_factory=lambda: SecretChecker(()))  # who may open sessions, read /v1/info
     refusals_logged: dict[tuple[str, str], tuple[float, int]] = field(default_factory=dict)  # see _refused
+    # Called on the event loop once the model has failed to load (``WorkerServer`` exits the process with
+    # MODEL_LOAD_FAILED_EXIT); None: the worker stays up, unready, and /healthz reports the failure.
+    on_load_failed: Callable[[str], None] | None = None
     _changed: asyncio.Event | None = field(default=None, repr=False)
 
     @property
@@ -136,8 +139,9 @@ class Worker:
                 pool.warm_up(Persona(prompt="Warm-up.", voice=min(bundle.voices)))
             pool.start()
         except Exception as exc:
-            self.load_error = str(exc)
-            log.exception("model load failed")
+            self.load_error = str(exc) or type(exc).__name__
+            log.exception("model load failed: %s", self.load_error, extra={
+                "model": s.model, "weights": str(s.weights) if s.weights is not None else None, "device": s.device})
             raise
         self.bundle, self.pool = bundle, pool
         log.info("worker ready", extra={"model": bundle.name, "device": str(bundle.device),
@@ -156,7 +160,9 @@ def create_app(settings: WorkerSettings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        threading.Thread(target=_load_quietly, args=(worker,), name="model-load", daemon=True).start()
+        # A daemon thread, not the loop's executor: a SIGTERM during a long load must not wait for it to finish.
+        threading.Thread(target=_load_quietly, args=(worker, asyncio.get_running_loop()), name="model-load",
+                         daemon=True).start()
         heartbeats: asyncio.Task[None] | None = None
         if settings.redis_url is not None:
             worker.registration = Registration(worker, settings)
@@ -208,9 +214,16 @@ def create_app(settings: WorkerSettings) -> Starlette:
     return app
 
 
-def _load_quietly(worker: Worker) -> None:
-    with contextlib.suppress(Exception):  # reported through load_error, /healthz and the log
+def _load_quietly(worker: Worker, loop: asyncio.AbstractEventLoop) -> None:
+    """Load the model (model-load thread); on failure, hand ``worker.on_load_failed`` the reason on ``loop``.
+    The failure itself is reported through ``load_error`` (/healthz, /readyz) and the log (``Worker.load``)."""
+    try:
         worker.load()
+    except Exception:  # noqa: BLE001 (any failure to load is the same verdict: this worker cannot serve)
+        callback = worker.on_load_failed
+        if callback is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already closed: the process is exiting anyway
+                loop.call_soon_threadsafe(callback, worker.load_error or "unknown error")
 
 
 def _healthz(worker: Worker) -> Response:

@@ -5,7 +5,8 @@ default), the browser page ``/call`` and its signalling under ``/v1/webrtc`` (``
 The live tenant configuration (``TenantRegistry``) is loaded before the app serves, then watched for
 changes by a background task for as long as the app runs; the calls (``Calls``: routing, worker sessions,
 their background loops) start with it and end with it. ``/healthz`` is liveness; ``/readyz`` is 200 only
-while tenants are loaded, the routing store answers and the gateway is not draining.
+while tenants are loaded and the gateway is not draining, and says whether the routing store answers (an
+unreachable store fails readiness only with ``ready_without_routing_store: false``: ``Calls.readiness``).
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def create_app(
             if app.state.admin_app is not None:
                 admin_listener = app.state.admin_listener = SecondListener(
                     app.state.admin_app, "admin API", settings.admin_host or settings.host, settings.admin_port or 0,
-                    cert_file=settings.http_tls_cert_file, key_file=settings.http_tls_key_file)
+                    cert_file=settings.http_tls_cert_file, key_file=settings.http_tls_key_file,
+                    forwarded_allow_ips=settings.forwarded_allow_ips)
                 await admin_listener.start()
             await calls.startup()
             if settings.sip_enabled:

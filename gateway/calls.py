@@ -523,8 +523,11 @@ class Calls:
         rehome_deadline: float = 5.0,
         start_attempts: int = 3,
         worker_auth: WorkerAuth | None = None,
+        ready_without_store: bool = True,
     ) -> None:
         self.router = router
+        # /readyz while the routing store cannot be reached: ready (calls refused 503 meanwhile) or not ready
+        self.ready_without_store = ready_without_store
         self.worker_auth = worker_auth or WorkerAuth()  # the shared secret and CAs for workers' sessions and polls
         self.registry = registry
         self.metrics = metrics or GatewayMetrics()
@@ -535,7 +538,7 @@ class Calls:
         self.rehome_deadline = rehome_deadline
         self.start_attempts = start_attempts
         self.draining = False
-        self.store_reachable = True
+        self._store_reachable = True
         self.last_workers: list[WorkerSnapshot] = []
         self._calls: dict[str, AgentCall] = {}
         self._idle = asyncio.Event()
@@ -564,7 +567,25 @@ class Calls:
             options["prefix"] = settings.redis_prefix
         router = make_router(settings.redis_url, **options)
         return cls(router, registry, metrics=metrics, workers=() if settings.redis_url else settings.workers,
-                   worker_auth=settings.worker_auth())
+                   worker_auth=settings.worker_auth(), ready_without_store=settings.ready_without_routing_store)
+
+    @property
+    def store_reachable(self) -> bool:
+        """Whether this gateway's last exchange with the routing store succeeded (a claim, a renewal, a reap)."""
+        return self._store_reachable
+
+    @store_reachable.setter
+    def store_reachable(self, ok: bool) -> None:
+        if ok != self._store_reachable:
+            if ok:
+                log.info("routing store answers again: new calls are taken")
+            else:
+                log.warning("routing store cannot be reached: new calls are refused (503, Retry-After %g s) until it "
+                            "answers; calls in progress go on; %s", self.router.retry_after_seconds,
+                            "readiness stays (ready_without_routing_store)" if self.ready_without_store
+                            else "readiness fails (ready_without_routing_store is false)")
+        self._store_reachable = ok
+        self.metrics.routing_store_reachable.set(1 if ok else 0)
 
     # ------------------------------------------------------------------ calls
 
@@ -744,9 +765,15 @@ class Calls:
         self._renew_now.set()
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """(ready, details) for ``/readyz``: tenants loaded, routing store reachable, not draining. The details
-        count live workers and free slots, and in embedded mode the polled workers that answered."""
+        """(ready, details) for ``/readyz``: ready while tenants are loaded and the gateway is not draining. The
+        routing store being unreachable fails readiness only with ``ready_without_store`` false: by default the
+        gateway stays ready and answers new calls 503 with Retry-After itself, so that a Redis failover, which
+        every gateway sees at once, does not take every gateway out of its load balancer (and a SIP address off
+        the network, INVITEs timing out instead of being refused). The details say the store's state
+        (``routing_store``: reachable or unreachable), count live workers and free slots, and in embedded mode
+        the polled workers that answered."""
         details: dict[str, Any] = {
+            "routing_store": "reachable" if self.store_reachable else "unreachable",
             "calls": len(self._calls),
             "workers_alive": sum(1 for w in self.last_workers if w.alive),
             "slots_free": sum(w.free for w in self.last_workers if w.alive and not w.draining),
@@ -760,7 +787,7 @@ class Calls:
             reason = "draining"
         elif self.registry is not None and not self.registry.tenants:
             reason = "no tenants loaded"
-        elif not self.store_reachable:
+        elif not self.store_reachable and not self.ready_without_store:
             reason = "the routing store cannot be reached"
         if reason is not None:
             details["reason"] = reason

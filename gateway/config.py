@@ -115,6 +115,13 @@ class GatewaySettings(LayeredSettings):
 
     host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535, description="the HTTP port: admin API, probes, metrics")
+    forwarded_allow_ips: list[str] = Field(
+        ["127.0.0.1"], description="peers whose X-Forwarded-For (and X-Forwarded-Proto) is believed, as addresses "
+                                   "or CIDRs: your Ingress controller's or load balancer's (e.g. the pod network's "
+                                   "CIDR). A request from one of them counts as its forwarded client in the "
+                                   "per-client limits (browser offers, failed admin logins) and in the logs; from "
+                                   "any other peer the header is ignored and the peer is the client. Empty: trust "
+                                   "none. Replaces uvicorn's FORWARDED_ALLOW_IPS, which is not read")
     tenants_dir: Path = Field(Path("tenants"), description="the folder of tenant folders (<id>/tenant.yaml)")
     # A tenant change serves new calls within 5 s (docs/tenants.md#hot-reload); the poll is one part of that.
     tenants_poll_seconds: float = Field(1.0, gt=0, le=4, description="how often the tenants folder is checked")
@@ -144,6 +151,12 @@ class GatewaySettings(LayeredSettings):
     workers: list[str] = Field(
         ["http://127.0.0.1:8765"], min_length=1,
         description="without redis_url: the workers' HTTP base URLs, whose /v1/info the gateway reads every second")
+    ready_without_routing_store: bool = Field(
+        True, description="keep /readyz 200 while the routing store (Redis) cannot be reached, new calls meanwhile "
+                          "answered 503 with Retry-After (SIP and browser) and the store's state in /readyz's "
+                          "routing_store and personagate_gateway_routing_store_reachable: a Redis failover then "
+                          "does not take every gateway out of its load balancer at once (INVITEs time out instead of "
+                          "being refused). false: /readyz answers 503 while the store cannot be reached")
     call_lease_seconds: float = Field(
         15.0, ge=3, le=3600, description="a call's lease in the routing store; renewed every third of it")
     worker_ttl_seconds: float = Field(
@@ -342,6 +355,26 @@ class GatewaySettings(LayeredSettings):
             except ValueError as exc:
                 raise ValueError(f"sip_allow: {net!r} is not an address or CIDR network ({exc})") from None
         return networks
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _forwarded_allow_ips(cls, entries: list[str]) -> list[str]:
+        """Each entry an address or a CIDR, written the way uvicorn matches it: uvicorn silently takes anything it
+        cannot parse (``*``, ``10.0.0.1/8``, a host name) as a literal that no peer address ever equals, so a typo
+        would quietly trust nobody, or with ``*`` everybody."""
+        out: list[str] = []
+        for entry in entries:
+            text = entry.strip()
+            try:
+                if "/" in text:
+                    out.append(str(ipaddress.ip_network(text, strict=False)))  # 10.0.0.1/8 -> 10.0.0.0/8
+                else:
+                    out.append(str(ipaddress.ip_address(text)))
+            except ValueError:
+                raise ValueError(f"forwarded_allow_ips: {entry!r} is not an IP address or CIDR network (to trust "
+                                 "every peer, which lets any client pick its own address, list 0.0.0.0/0 and ::/0)"
+                                 ) from None
+        return out
 
     @field_validator("webrtc_ice_interfaces")
     @classmethod

@@ -56,6 +56,15 @@ class GatewayMetrics:
             "personagate_gateway_calls_active",
             "Calls with an agent session (being started, live or moving to another worker).", registry=r,
         )
+        self.routing_store_reachable = Gauge(
+            "personagate_gateway_routing_store_reachable",
+            "1 while this gateway's last exchange with the routing store (Redis) succeeded, 0 while it cannot be "
+            "reached: new calls are then refused (SIP 503, browser 503, with Retry-After; counted in "
+            "personagate_gateway_call_starts_total{result=\"unavailable\"}) and calls in progress go on. With "
+            "ready_without_routing_store (the default) /readyz stays 200 meanwhile: alert on this gauge instead.",
+            registry=r,
+        )
+        self.routing_store_reachable.set(1)
         self.call_starts = Counter(
             "personagate_gateway_call_starts_total",
             "Agent sessions asked for by front ends, by result: live, or why not (no_capacity, tenant_limit, "

@@ -442,6 +442,10 @@ def _run_gateway(args: argparse.Namespace) -> int:
     logs.configure(args.log_level)
     if args.log_level.lower() == "info":
         logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per worker poll (every second)
+    if os.environ.get("FORWARDED_ALLOW_IPS") is not None:  # uvicorn's own variable, which earlier docs named
+        logging.getLogger("gateway").warning(
+            "FORWARDED_ALLOW_IPS is not read: the gateway trusts X-Forwarded-For from forwarded_allow_ips "
+            "(PERSONAGATE_GATEWAY_FORWARDED_ALLOW_IPS, now %s)", settings.forwarded_allow_ips)
     scheme = "https" if settings.http_tls_enabled else "http"
     admin_where = f"{settings.admin_host or settings.host}:{settings.admin_port} (its own listener)" \
         if settings.admin_port is not None else f"{settings.host}:{settings.http_port}"
@@ -456,8 +460,11 @@ def _run_gateway(args: argparse.Namespace) -> int:
     app = create_app(settings)
     app.state.metrics.restarts.inc(restarts_before_this_process())
     calls = app.state.calls
+    # forwarded_allow_ips: whose X-Forwarded-For becomes the client address (per-client limits, logs); always
+    # given, so that uvicorn's own FORWARDED_ALLOW_IPS variable cannot override the validated setting.
     config = uvicorn.Config(app, host=settings.host, port=settings.http_port, log_config=None,
-                            ssl_certfile=settings.http_tls_cert_file, ssl_keyfile=settings.http_tls_key_file)
+                            ssl_certfile=settings.http_tls_cert_file, ssl_keyfile=settings.http_tls_key_file,
+                            forwarded_allow_ips=settings.forwarded_allow_ips)
     server = GracefulServer(config, drain=lambda: app.state.drain(settings.drain_seconds), stop=calls.stop)
     server.run()
     return 0 if server.started else 1

@@ -111,12 +111,15 @@ class SecondListener:
     server. The port is bound in ``start()``, so a port in use fails the start (OSError) instead of exiting."""
 
     def __init__(self, app: Any, name: str, host: str, port: int, *, cert_file: Path | None = None,
-                 key_file: Path | None = None) -> None:
+                 key_file: Path | None = None, forwarded_allow_ips: list[str] | None = None) -> None:
+        """``forwarded_allow_ips``: the peers whose X-Forwarded-For is believed (addresses or CIDRs), as the main
+        server's; None: uvicorn's default (its FORWARDED_ALLOW_IPS variable, else 127.0.0.1)."""
         self.name = name
         self.host = host
         self.port = port
         self._config = uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="off",
-                                      ssl_certfile=cert_file, ssl_keyfile=key_file)
+                                      ssl_certfile=cert_file, ssl_keyfile=key_file,
+                                      forwarded_allow_ips=forwarded_allow_ips)
         self._server = _NoSignals(self._config)
         self._task: asyncio.Task[None] | None = None
 

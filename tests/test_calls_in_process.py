@@ -269,6 +269,44 @@ async def test_a_draining_gateway_refuses_new_calls_and_ends_the_last_ones_at_it
         await until_async(lambda: worker.sessions["call-straggler"].ended == "client_end", "the session ended")
 
 
+@pytest.mark.parametrize("ready_without_store", [True, False])
+async def test_an_unreachable_routing_store_refuses_calls_and_fails_readiness_only_when_asked(
+        registry, monkeypatch, ready_without_store):
+    """While the routing store cannot be reached, new calls are refused (unavailable: the front ends answer 503 with
+    Retry-After) and /readyz's details and the reachability gauge say so. By default (ready_without_routing_store)
+    the gateway stays ready, so that a Redis failover does not take every gateway out of its load balancer at once;
+    with the setting false it reports not ready, as before. Once the store answers, both come back."""
+    async with FakeWorker() as worker, in_process_calls(registry, worker, reap_seconds=0.05) as calls:
+        calls.ready_without_store = ready_without_store
+        gauge = "personagate_gateway_routing_store_reachable"
+        ready, details = calls.readiness()
+        assert ready and details["routing_store"] == "reachable"
+        assert calls.metrics.registry.get_sample_value(gauge) == 1
+
+        async def away(*args: object, **kwargs: object) -> None:
+            raise Refusal("unavailable", "the routing store cannot be reached (connection refused)", 5.0)
+
+        real = {name: getattr(calls.router, name) for name in ("claim", "reap", "workers", "renew")}
+        for name in real:
+            monkeypatch.setattr(calls.router, name, away)
+        refused = await refusal(calls.start("call-store-away", *route(registry, ACME)))
+        assert refused.reason == "unavailable" and refused.retry_after_seconds == 5.0
+        assert starts(calls, "unavailable") == 1
+        ready, details = calls.readiness()
+        assert details["routing_store"] == "unreachable" and calls.metrics.registry.get_sample_value(gauge) == 0
+        if ready_without_store:
+            assert ready and "reason" not in details
+        else:
+            assert not ready and details["reason"] == "the routing store cannot be reached"
+
+        for name, method in real.items():
+            monkeypatch.setattr(calls.router, name, method)
+        await until_async(lambda: calls.readiness()[1]["routing_store"] == "reachable", "the store reachable again")
+        assert calls.readiness()[0] and calls.metrics.registry.get_sample_value(gauge) == 1
+        call = await calls.start("call-store-back", *route(registry, ACME))
+        await call.end()
+
+
 async def test_a_drain_with_no_calls_left_returns_at_once(registry):
     """A drain finishes as soon as the last call has ended: a gateway with no calls stops without waiting out
     its deadline."""

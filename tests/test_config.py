@@ -234,3 +234,16 @@ def test_listening_on_every_address_with_redis_needs_the_advertised_url():
     s = load_worker_settings(redis_url="redis://redis:6379", host="0.0.0.0",
                              advertise_url="ws://10.0.0.7:8765/v1/sessions")
     assert s.resolved_advertise_url() == "ws://10.0.0.7:8765/v1/sessions"
+
+
+def test_forwarded_allow_ips_is_validated():
+    """The gateway's trusted proxies (tests/test_trusted_proxies.py): a typo is refused at start instead of silently
+    trusting nobody (or, with '*', everybody); a CIDR is written the way uvicorn matches it."""
+    from gateway.config import GatewaySettings, load_gateway_settings
+
+    assert GatewaySettings().forwarded_allow_ips == ["127.0.0.1"]  # uvicorn's own default
+    settings = GatewaySettings(forwarded_allow_ips=["10.0.0.1/8", " fd00::1 ", "192.0.2.4"])
+    assert settings.forwarded_allow_ips == ["10.0.0.0/8", "fd00::1", "192.0.2.4"]
+    for bad in ("*", "ingress-nginx", "10.0.0.0/33"):
+        with pytest.raises(SettingsError, match="forwarded_allow_ips"):
+            load_gateway_settings(None, forwarded_allow_ips=[bad])

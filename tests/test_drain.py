@@ -1,4 +1,5 @@
-"""Stopping a worker without cutting calls: SIGTERM drains, SIGINT (or a second SIGTERM) stops at once.
+"""Stopping a worker without cutting calls: SIGTERM drains, SIGINT (or a second SIGTERM) stops at once; a worker
+whose model cannot load exits with status 3 instead of staying up unready.
 
 Each test runs its own `personagate worker` process (tiny model, greedy) on loopback, since it stops it.
 Timing bounds are loose (a loaded 2-core machine), except the one the feature is about: a call in
@@ -10,7 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import re
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -18,7 +23,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.helpers.wait import until_async
+from agent_runtime.drain import MODEL_LOAD_FAILED_EXIT
+from tests.helpers.processes import free_port, stop_process
+from tests.helpers.wait import scaled, until_async
 from tests.helpers.worker import WORKER_AUTH_HEADERS, TalkingSession, exit_status, own_worker
 
 pytestmark = pytest.mark.e2e  # every test drains a worker process of its own
@@ -111,3 +118,35 @@ async def test_sigint_stops_at_once_without_a_drain():
         assert await call.closed(within=10) == SHUTTING_DOWN
         assert await exit_status(proc, 10.0) == 0
 
+
+
+# ------------------------------------------------------------------------------------ a model that cannot load
+
+
+@pytest.mark.parametrize("weights", ["missing-folder", "empty-folder"])
+def test_a_worker_whose_model_cannot_load_exits_3_naming_the_reason(tmp_path, weights):
+    """A wrong weights path or a folder without the checkpoint: the worker logs why and exits with status 3 within
+    seconds, instead of staying up unready (Kubernetes then restarts it and shows CrashLoopBackOff with the reason,
+    where an unready pod sat out a 15-minute startup probe)."""
+    folder = tmp_path / "personaplex-7b-v1"
+    if weights == "empty-folder":
+        folder.mkdir()
+    port = free_port()
+    command = [sys.executable, "-m", "personagate", "worker", "--model", "personaplex", "--weights", str(folder),
+               "--device", "cpu", "--port", str(port)]
+    log_file = tmp_path / "worker.log"
+    with log_file.open("wb") as log:
+        proc = subprocess.Popen(command, env=os.environ | {"NO_TORCH_COMPILE": "1"}, stdout=subprocess.DEVNULL,
+                                stderr=log)
+        try:
+            status = proc.wait(scaled(90))  # importing torch and moshi on a busy machine; the failure is immediate
+        except subprocess.TimeoutExpired:
+            stop_process(proc)
+            pytest.fail(f"the worker is still running with a model that cannot load: {log_file.read_text()[-3000:]}")
+    text = log_file.read_text()
+    assert status == MODEL_LOAD_FAILED_EXIT == 3, text[-3000:]
+    # CheckpointError's own words (agent_runtime/model/personaplex.py): the path and what is wrong with it
+    reason = re.compile(re.escape(str(folder)) + (": not a folder" if weights == "missing-folder" else "/[^:]+: missing"))
+    lines = text.splitlines()
+    assert any("model load failed" in line and reason.search(line) for line in lines), text[-3000:]
+    assert any("exiting with status 3" in line and reason.search(line) for line in lines), text[-3000:]
