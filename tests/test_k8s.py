@@ -20,10 +20,12 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
 from agent_runtime.config import SettingsError, WorkerSettings, load_worker_settings
 from agent_runtime.metrics import WorkerMetrics
 from gateway.config import GatewaySettings, load_gateway_settings
+from gateway.metrics import GatewayMetrics
 from gateway.tenants.schema import Limits
 from tests.helpers.programs import require
 
@@ -41,6 +43,12 @@ EXTERNAL = {"gpu-prod": {("Secret", "personagate-redis"), ("Secret", "personagat
             "cpu-demo": {("Secret", "personagate-admin-tokens"), ("Secret", "personagate-turn"),
                          ("Secret", "personagate-sip-tls"), ("Secret", "personagate-plane")}}
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet")
+# Objects without a namespace (the namespace transformer leaves them alone).
+CLUSTER_SCOPED = {"Namespace", "PriorityClass", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+# Containers with a real-time loop: the gateway sends RTP every 20 ms, the worker steps its pool every 80 ms. A CFS
+# quota (a CPU limit) stalls them for the rest of a 100 ms period once it is spent: they get CPU requests only.
+REAL_TIME = {("personagate-gateway", "gateway"), ("personagate-worker", "worker")}
+RECOMMENDED_LABELS = ("name", "instance", "component", "part-of", "version", "managed-by")
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +105,7 @@ def test_every_overlay_renders_in_one_namespace(rendered: dict[str, list[dict[st
         kinds = {d["kind"] for d in docs}
         assert {"Namespace", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "ConfigMap"} <= kinds
         for doc in docs:
-            if doc["kind"] != "Namespace":
+            if doc["kind"] not in CLUSTER_SCOPED:
                 assert doc["metadata"].get("namespace") == "personagate", (overlay, doc["kind"], doc["metadata"])
 
 
@@ -128,7 +136,8 @@ def test_strict_validation_catches_a_misspelt_field() -> None:
 @pytest.mark.e2e  # starts a process
 def test_yamllint() -> None:
     pytest.importorskip("yamllint")
-    paths = [K8S / "base", K8S / "overlays", K8S / "prometheus-adapter", ROOT / "tenants" / "kustomization.yaml",
+    paths = [K8S / "base", K8S / "overlays", K8S / "prometheus-adapter", K8S / "components" / "keda",
+             K8S / "components" / "pod-deletion-cost", ROOT / "tenants" / "kustomization.yaml",
              ROOT / ".yamllint"]
     done = subprocess.run([sys.executable, "-m", "yamllint", "--strict", "-c", str(ROOT / ".yamllint"),
                            *map(str, paths)], capture_output=True, text=True, timeout=60, check=False)
@@ -151,6 +160,28 @@ def test_grace_period_outlasts_the_drain_which_outlasts_the_longest_call(
             drain = float(_env(container)[f"{prefix}DRAIN_SECONDS"]["value"])
             assert drain >= LONGEST_CALL, (overlay, name, drain)
             assert grace >= drain + CLOSE_MARGIN, (overlay, name, grace, drain)
+
+
+def _startup_budget(container: dict[str, Any]) -> int:
+    probe = container.get("startupProbe", {})
+    return probe.get("initialDelaySeconds", 0) + probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
+
+
+def test_rollout_deadline_outlasts_the_drain(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """deadline ≥ drain: a rollout step can wait for an old pod's drain (its GPU, or the edge node's host ports, are
+    held until its calls end) and then for the new pod's start, with no progress counted meanwhile. A
+    progressDeadlineSeconds shorter than the grace period plus the startup probe's budget marks a healthy rollout
+    failed (Argo CD: Degraded); docs/deploy.md states the values and what they cost."""
+    deploy_md = (ROOT / "docs" / "deploy.md").read_text()
+    for overlay, docs in rendered.items():
+        for name in ("personagate-gateway", "personagate-worker"):
+            workload = _one(docs, "Deployment", name)
+            pod = workload["spec"]["template"]["spec"]
+            grace = pod["terminationGracePeriodSeconds"]
+            deadline = workload["spec"].get("progressDeadlineSeconds", 600)
+            budget = grace + max(_startup_budget(c) for c in pod["containers"])
+            assert deadline >= budget, (overlay, name, deadline, budget)
+            assert f"`progressDeadlineSeconds: {deadline}`" in deploy_md, (name, deadline)
 
 
 def test_probes_liveness_never_depends_on_load_or_drain(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -267,8 +298,11 @@ def test_every_container_is_unprivileged_with_requests_and_limits(rendered: dict
             pod = workload["spec"]["template"]["spec"]
             for c in _containers(workload):
                 where = (overlay, workload["metadata"]["name"], c["name"])
-                for side in ("requests", "limits"):
-                    assert {"cpu", "memory"} <= set(c.get("resources", {}).get(side, {})), (where, side)
+                resources = c.get("resources", {})
+                assert {"cpu", "memory"} <= set(resources.get("requests", {})), where
+                # Memory is always bounded; CPU too, except for the real-time containers (the next test).
+                limited = {"memory"} if (workload["metadata"]["name"], c["name"]) in REAL_TIME else {"cpu", "memory"}
+                assert limited <= set(resources.get("limits", {})), where
                 security = c.get("securityContext", {})
                 assert security.get("runAsNonRoot", pod.get("securityContext", {}).get("runAsNonRoot")) is True, where
                 assert (security.get("runAsUser") or pod["securityContext"].get("runAsUser", 0)) > 0, where
@@ -276,6 +310,88 @@ def test_every_container_is_unprivileged_with_requests_and_limits(rendered: dict
                 assert security.get("readOnlyRootFilesystem") is True, where
                 assert security.get("capabilities", {}).get("drop") == ["ALL"], where
                 assert not security.get("privileged", False) and "add" not in security.get("capabilities", {}), where
+
+
+def test_real_time_containers_request_cpu_without_a_cpu_limit(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The gateway's 20 ms RTP loop and the worker's 80 ms tick must not be CFS-throttled: a CPU limit is a quota
+    per 100 ms period, and a container that spends it early (a burst of calls starting, the model's thread pool)
+    is stopped for the rest of the period — a gap every caller hears. They get a CPU request (their share when the
+    node is busy) and no CPU limit; memory stays limited."""
+    for overlay, docs in rendered.items():
+        for name, container_name in REAL_TIME:
+            (container,) = [c for c in _containers(_one(docs, "Deployment", name)) if c["name"] == container_name]
+            resources = container["resources"]
+            assert "cpu" in resources["requests"] and "memory" in resources["limits"], (overlay, name)
+            assert "cpu" not in resources.get("limits", {}), f"{overlay}: {name}/{container_name} has a CPU limit"
+
+
+def test_worker_thread_pools_follow_its_cpu_request(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """torch sizes its OpenMP/MKL pools to the node's cores unless told: on a 64-core node a worker requesting 4
+    would run 64 threads that contend with its own tick and with other pods. OMP_NUM_THREADS and MKL_NUM_THREADS
+    come from the worker container's own CPU request (downward API, whole cores), so an overlay that changes the
+    request changes them too."""
+    for overlay, docs in rendered.items():
+        pod = _one(docs, "Deployment", "personagate-worker")["spec"]["template"]["spec"]
+        (container,) = [c for c in pod["containers"] if c["name"] == "worker"]
+        env = _env(container)
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            ref = env[name]["valueFrom"]["resourceFieldRef"]
+            assert ref["containerName"] == "worker" and ref["resource"] == "requests.cpu", (overlay, name, ref)
+            assert str(ref.get("divisor", "1")) == "1", (overlay, name, ref)
+        assert "cpu" in container["resources"]["requests"], overlay
+
+
+def test_every_object_carries_the_recommended_labels(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """app.kubernetes.io/{name,instance,component,part-of,version,managed-by} on every object and every pod
+    template (what cost reports, policy engines and `kubectl get -l` select on), with the version the images'
+    tag says; selectors stay on name and component only, so a version bump does not orphan a ReplicaSet."""
+    for overlay, docs in rendered.items():
+        tags = {c["image"].rsplit(":", 1)[1].removesuffix("-cpu") for w in _workloads(docs) for c in _containers(w)
+                if c["image"].startswith("personagate/")}
+        assert len(tags) == 1, (overlay, tags)
+        for doc in docs:
+            where = (overlay, doc["kind"], doc["metadata"]["name"])
+            label_sets = [doc["metadata"].get("labels", {})]
+            if doc["kind"] in WORKLOADS:
+                label_sets.append(doc["spec"]["template"]["metadata"]["labels"])
+                assert set(doc["spec"]["selector"]["matchLabels"]) == {"app.kubernetes.io/name",
+                                                                       "app.kubernetes.io/component"}, where
+            for labels in label_sets:
+                missing = [k for k in RECOMMENDED_LABELS if not labels.get(f"app.kubernetes.io/{k}")]
+                assert not missing, (where, missing)
+                assert labels["app.kubernetes.io/name"] == "personagate", where
+                assert labels["app.kubernetes.io/part-of"] == "personagate", where
+                assert labels["app.kubernetes.io/version"] in tags, (where, tags)
+
+
+def test_workers_are_spread_prioritised_and_gateways_tolerate_edge_taints(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Scheduling defaults docs/deploy.md documents: production workers spread over nodes and zones (a preference,
+    selecting the worker pods of one ReplicaSet), gateways and workers at a priority class the overlay ships
+    (nothing preempts a pod that carries calls), and gateways tolerate the taint that keeps other pods off SIP
+    edge nodes."""
+    deploy_md = (ROOT / "docs" / "deploy.md").read_text()
+    for overlay, docs in rendered.items():
+        gateway = _one(docs, "Deployment", "personagate-gateway")["spec"]["template"]["spec"]
+        assert {"key": "personagate.io/sip-edge", "operator": "Exists", "effect": "NoSchedule"} in \
+            gateway["tolerations"], overlay
+        for workload in _workloads(docs):
+            pod = workload["spec"]["template"]["spec"]
+            if "priorityClassName" in pod:
+                assert ("PriorityClass", pod["priorityClassName"]) in {(d["kind"], d["metadata"]["name"])
+                                                                      for d in docs}, (overlay, pod)
+                assert pod["priorityClassName"] in deploy_md
+    docs = rendered["gpu-prod"]
+    worker = _one(docs, "Deployment", "personagate-worker")
+    pod = worker["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] and _one(docs, "Deployment", "personagate-gateway")["spec"]["template"]["spec"][
+        "priorityClassName"] == pod["priorityClassName"]
+    spread = pod["topologySpreadConstraints"]
+    assert {c["topologyKey"] for c in spread} >= {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    for constraint in spread:
+        assert constraint["whenUnsatisfiable"] == "ScheduleAnyway", constraint
+        assert _selects(constraint["labelSelector"]["matchLabels"], worker["spec"]["template"]["metadata"]["labels"])
+        assert "pod-template-hash" in constraint.get("matchLabelKeys", []), constraint
 
 
 def test_gpu_workers_request_a_gpu_on_gpu_nodes(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -402,6 +518,8 @@ def _resolved_env(docs: list[dict[str, Any]], container: dict[str, Any], files: 
             value = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], entry["value"])
         elif "fieldRef" in entry["valueFrom"]:
             value = fields[entry["valueFrom"]["fieldRef"]["fieldPath"]]
+        elif "resourceFieldRef" in entry["valueFrom"]:
+            continue  # a thread count from the CPU request (OMP_NUM_THREADS): not a setting
         else:
             ref = entry["valueFrom"]["secretKeyRef"]
             ref = ref | {"name": re.sub(r"-[a-z0-9]{10}$", "", ref["name"])}  # kustomize's hash suffix
@@ -522,20 +640,120 @@ def test_tenants_config_map_is_the_tenants_folder_and_hot_reloads(rendered: dict
         assert mount and "subPath" not in mount[0]  # subPath mounts are never updated
 
 
-def test_workers_scale_on_slot_use_through_the_adapters_rule(rendered: dict[str, list[dict[str, Any]]]) -> None:
+def _recorded() -> dict[str, str]:
+    spec = yaml.safe_load((K8S / "components" / "monitoring" / "prometheusrule.yaml").read_text())["spec"]
+    return {r["record"]: r["expr"] for g in spec["groups"] for r in g["rules"] if "record" in r}
+
+
+def _names_used(query: str, recorded: dict[str, str]) -> set[str]:
+    """The metrics a query reads, through the recording rules it names."""
+    names = set(re.findall(r"(?<![\w:])personagate_\w+", query))
+    for rule in re.findall(r"(?<![\w:])[a-z_]+:personagate_\w+:\w+", query):
+        assert rule in recorded, f"{rule} is not a recording rule of components/monitoring"
+        names |= _names_used(recorded[rule], recorded)
+    return names
+
+
+def test_workers_scale_on_demand_through_the_adapters_rules(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The worker HPA's metrics are each served by a rule of the adapter snippet (Pods metrics by `rules.custom`,
+    External ones by `rules.external`) from metrics the gateway and worker really export; one of them counts the
+    calls refused for capacity, so demand beyond the slots shows (slot use alone tops at 1.0). The snippet carries
+    rules only — no `rules.default: false`, which would switch off the rules of an adapter the cluster already
+    runs."""
     hpa = _one(rendered["gpu-prod"], "HorizontalPodAutoscaler", "personagate-worker")
     target = hpa["spec"]["scaleTargetRef"]
     assert target["kind"] == "Deployment"
     worker = _one(rendered["gpu-prod"], "Deployment", target["name"])
     assert "replicas" not in worker["spec"]  # the HPA owns it; a manifest's count would reset it on each apply
-    (metric,) = hpa["spec"]["metrics"]
-    rules = yaml.safe_load((K8S / "prometheus-adapter" / "values.yaml").read_text())["rules"]["custom"]
-    served = {rule["name"]["as"]: rule for rule in rules}
-    assert metric["pods"]["metric"]["name"] in served
-    query = served[metric["pods"]["metric"]["name"]]["metricsQuery"] + served[metric["pods"]["metric"]["name"]][
-        "seriesQuery"]
-    exported = {m.name for m in WorkerMetrics().registry.collect()}
-    used = set(re.findall(r"personagate_\w+", query))
-    assert used and used <= exported, used - exported
+    values = yaml.safe_load((K8S / "prometheus-adapter" / "values.yaml").read_text())
+    assert set(values) == {"rules"} and set(values["rules"]) <= {"custom", "external"}, values
+    served = {"Pods": {r["name"]["as"]: r for r in values["rules"].get("custom", [])},
+              "External": {r["name"]["as"]: r for r in values["rules"].get("external", [])}}
+    gateway_registry = CollectorRegistry()
+    GatewayMetrics(gateway_registry)
+    exported = {m.name for m in WorkerMetrics().registry.collect()} | {
+        m.name + ("_total" if m.type == "counter" else "") for m in gateway_registry.collect()}
+    recorded = _recorded()
+    refusals_counted = False
+    for metric in hpa["spec"]["metrics"]:
+        kind = metric["type"]
+        spec = metric[kind.lower()]
+        rule = served[kind].get(spec["metric"]["name"])
+        assert rule is not None, f"{kind} metric {spec['metric']['name']} has no adapter rule"
+        used = _names_used(rule["metricsQuery"] + " " + rule["seriesQuery"], recorded)
+        assert used and used <= exported, used - exported
+        refusals_counted |= "personagate_gateway_call_starts_total" in used
+        value = spec["target"].get("averageValue") or spec["target"]["value"]
+        assert 0 < float(str(value).removesuffix("m")) / (1000 if str(value).endswith("m") else 1) < 1, metric
+    assert refusals_counted, "no HPA metric counts the calls refused for capacity"
+    assert 'result="no_capacity"' in recorded["namespace:personagate_gateway_capacity_refusals:increase5m"]
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 1800
-    assert 0 < float(metric["pods"]["target"]["averageValue"].removesuffix("m")) / 1000 < 1
+
+
+def _kustomize(directory: Path) -> list[dict[str, Any]]:
+    done = subprocess.run([require("kubectl"), "kustomize", str(directory)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+@pytest.mark.e2e  # starts a process
+def test_pod_deletion_cost_component_grants_only_what_the_annotation_needs(tmp_path: Path) -> None:
+    """components/pod-deletion-cost (for when the gateway and worker keep controller.kubernetes.io/pod-deletion-cost
+    on their own pod, docs/deploy.md): on gpu-prod, each Deployment runs as its own ServiceAccount with the token
+    mounted and POD_NAME/POD_NAMESPACE from the downward API; the Role grants get and patch on pods and nothing
+    else, bound to exactly those accounts; no other pod mounts a token. The cluster-scoped admission policy renders
+    without a namespace, is bound, and pins both the pod (the token's pod-name) and the annotation. Once the
+    settings exist in the product, they are checked to be real settings too."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    component = K8S / "components" / "pod-deletion-cost"
+    relative = Path(*[".."] * len(tmp_path.parts[1:]))
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "personagate",
+        "resources": [str(relative / (K8S / "overlays" / "gpu-prod").relative_to("/"))],
+        "components": [str(relative / component.relative_to("/"))]}))
+    docs = _kustomize(tmp_path)
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}]
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    accounts = {s["name"] for s in binding["subjects"] if s["kind"] == "ServiceAccount"
+                and s["namespace"] == "personagate"}
+    assert accounts == {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
+    settings = {"personagate-gateway": ("PERSONAGATE_GATEWAY_", GatewaySettings),
+                "personagate-worker": ("PERSONAGATE_WORKER_", WorkerSettings)}
+    missing_settings = []
+    for workload in _workloads(docs):
+        pod = workload["spec"]["template"]["spec"]
+        name = workload["metadata"]["name"]
+        if name not in settings:
+            assert pod.get("automountServiceAccountToken") is False, name
+            continue
+        assert pod["serviceAccountName"] in accounts and pod["automountServiceAccountToken"] is True, name
+        env = _env(pod["containers"][0])
+        assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", name
+        assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace", name
+        prefix, cls = settings[name]
+        assert env[f"{prefix}POD_DELETION_COST"]["value"] == "true", name
+        if "pod_deletion_cost" not in cls.model_fields:
+            missing_settings.append(f"{prefix}POD_DELETION_COST")
+    for doc in docs:
+        if doc["kind"] in ("ServiceAccount", "Role", "RoleBinding"):
+            kubernetes_validate.validate(doc, "1.30", strict=True)
+    cluster = _kustomize(component / "cluster")
+    (policy,) = [d for d in cluster if d["kind"] == "ValidatingAdmissionPolicy"]
+    (policy_binding,) = [d for d in cluster if d["kind"] == "ValidatingAdmissionPolicyBinding"]
+    for doc in cluster:
+        assert "namespace" not in doc["metadata"], doc["kind"]
+        kubernetes_validate.validate(doc, "1.30", strict=True)
+    assert policy_binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert policy_binding["spec"]["validationActions"] == ["Deny"]
+    condition = policy["spec"]["matchConditions"][0]["expression"]
+    assert {f"system:serviceaccount:personagate:{a}" for a in accounts} <= set(re.findall(r"'([^']+)'", condition))
+    checks = " ".join(v["expression"] for v in policy["spec"]["validations"])
+    assert "authentication.kubernetes.io/pod-name" in checks and "object.spec == oldObject.spec" in checks
+    assert "controller.kubernetes.io/pod-deletion-cost" in checks
+    if missing_settings:
+        pytest.skip(f"the product does not read {missing_settings} yet (docs/deploy.md's contract); the component "
+                    "stays out of the overlays until it does")
+

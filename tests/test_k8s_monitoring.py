@@ -52,7 +52,13 @@ KUBECTL = path_of("kubectl")
 PROMTOOL = path_of("promtool")
 RUNBOOK = "https://github.com/personagate/personagate/blob/main/deploy/k8s/components/monitoring/README.md#"
 # Series from outside personagate that rules or panels may use, and who exports them.
-EXTERNAL_METRICS = {"up": "Prometheus", "kube_pod_container_status_restarts_total": "kube-state-metrics"}
+EXTERNAL_METRICS = {"up": "Prometheus", "kube_pod_container_status_restarts_total": "kube-state-metrics",
+                    "kube_pod_deletion_timestamp": "kube-state-metrics",
+                    "kube_deployment_status_replicas_available": "kube-state-metrics",
+                    "kube_horizontalpodautoscaler_spec_max_replicas": "kube-state-metrics",
+                    "kube_horizontalpodautoscaler_status_current_replicas": "kube-state-metrics",
+                    "kube_horizontalpodautoscaler_status_desired_replicas": "kube-state-metrics",
+                    "kube_horizontalpodautoscaler_status_condition": "kube-state-metrics"}
 POD_LABELS = {
     "gateway": {"app.kubernetes.io/name": "personagate", "app.kubernetes.io/component": "gateway"},
     "worker": {"app.kubernetes.io/name": "personagate", "app.kubernetes.io/component": "worker"},
@@ -81,6 +87,20 @@ SCALED_OBJECT = {
         }],
     },
 }
+
+# Metrics with neither an alert nor a dashboard panel, and why. This list only shrinks: a new metric gets a panel
+# or an alert (or a reason here), so nothing is exported that no one looks at.
+UNWATCHED = {
+    "personagate_gateway_restarts_total": "`personagate up`'s own restarts; Kubernetes restarts alert through ksm",
+    "personagate_worker_restarts_total": "`personagate up`'s own restarts; Kubernetes restarts alert through ksm",
+    "personagate_gateway_front_end_dtmf_total": "usage, not health",
+    "personagate_gateway_front_end_recordings_total": "recordings are off in the manifests (recordings_dir unset)",
+    "personagate_gateway_sip_held_seconds": "caller behaviour, not health (holds are on a panel)",
+    "personagate_gateway_sip_provisionals_repeated_total": "a normal part of priming a session",
+    "personagate_gateway_tenant_last_reload_success_timestamp_seconds": "PersonagateTenantConfigErrors covers it",
+    "personagate_worker_session_restore_seconds": "part of session start, which is on a panel",
+}
+KEDA = ROOT / "deploy" / "k8s" / "components" / "keda"
 
 METRIC_NAME = re.compile(r"(?<![A-Za-z0-9_:])personagate_[a-z0-9_]+(?![A-Za-z0-9_:])")
 KUBE_NAME = re.compile(r"(?<![A-Za-z0-9_:])kube_[a-z0-9_]+(?![A-Za-z0-9_:])")
@@ -388,6 +408,57 @@ def test_dashboard_names_only_registered_metrics(dashboard: dict[str, Any], rule
                 if v["type"] == "query"]
     problems = [p for where, expr in queries for p in unknown_names(where, expr, registered, recorded)]
     assert problems == []
+
+
+def test_every_metric_has_an_alert_or_a_panel(rule_spec: dict[str, Any], dashboard: dict[str, Any],
+                                             registered: dict[str, Any]) -> None:
+    """Every metric the code registers is read by an alert, a recording rule or a panel, unless UNWATCHED says why
+    not (and UNWATCHED names only metrics that exist and are really unwatched): a metric nobody looks at is noise
+    in every scrape."""
+    text = " ".join(r["expr"] for r in rules(rule_spec)) + " " + " ".join(e for _, e in dashboard_queries(dashboard))
+    watched = {resolve(name, registered) for name in METRIC_NAME.findall(text)} - {None}
+    unwatched = set(registered) - watched
+    assert unwatched == set(UNWATCHED), (f"no alert or panel: {sorted(unwatched - set(UNWATCHED))}; "
+                                         f"watched now, drop from UNWATCHED: {sorted(set(UNWATCHED) - unwatched)}")
+
+
+@pytest.mark.e2e  # starts a process
+@needs("kubectl")
+def test_keda_component_replaces_the_hpa_and_scales_on_refusals_and_slot_use(
+        registered: dict[str, Any], rule_spec: dict[str, Any], tmp_path: Path) -> None:
+    """components/keda on gpu-prod: the overlay's HPA is gone (two autoscalers on one Deployment fight), the
+    ScaledObject validates against the schema, targets the worker Deployment with the HPA's bounds and behaviour,
+    and its Prometheus queries read registered metrics or recording rules in the overlay's namespace; one counts
+    the calls refused for capacity (through the slot-demand rule)."""
+    gpu_prod = OVERLAYS / "gpu-prod"
+    relative = Path(*[".."] * len(tmp_path.parts[1:]))
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "personagate",
+        "resources": [str(relative / gpu_prod.relative_to("/"))], "components": [str(relative / KEDA.relative_to("/"))],
+    }))
+    objects = kustomize(tmp_path)
+    assert not [o for o in objects if o["kind"] == "HorizontalPodAutoscaler"]
+    (scaled,) = [o for o in objects if o["kind"] == "ScaledObject"]
+    assert schema_errors(scaled) == []
+    hpa = next(o for o in kustomize(gpu_prod) if o["kind"] == "HorizontalPodAutoscaler")
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"] == hpa["spec"]["scaleTargetRef"]
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"])
+    assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == hpa["spec"]["behavior"]
+    recorded = {rule["record"]: rule["expr"] for rule in rules(rule_spec) if "record" in rule}
+    reads: set[str] = set()
+    for trigger in spec["triggers"]:
+        query = trigger["metadata"]["query"]
+        assert unknown_names(trigger.get("name", "trigger"), query, registered, set(recorded)) == []
+        assert re.findall(r'namespace="([^"]+)"', query) and set(re.findall(r'namespace="([^"]+)"', query)) == {
+            scaled["metadata"]["namespace"]}, query
+        assert 0 < float(trigger["metadata"]["threshold"]) < 1
+        reads |= set(METRIC_NAME.findall(query))
+        for rule in RECORDED_NAME.findall(query):
+            reads |= set(METRIC_NAME.findall(recorded[rule]))
+            for inner in RECORDED_NAME.findall(recorded[rule]):
+                reads |= set(METRIC_NAME.findall(recorded[inner]))
+    assert "personagate_gateway_call_starts_total" in reads and "personagate_worker_slots_active" in reads, reads
 
 
 def test_the_name_check_catches_a_renamed_metric(registered: dict[str, Any]) -> None:
