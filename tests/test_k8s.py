@@ -325,6 +325,16 @@ def test_real_time_containers_request_cpu_without_a_cpu_limit(rendered: dict[str
             assert "cpu" not in resources.get("limits", {}), f"{overlay}: {name}/{container_name} has a CPU limit"
 
 
+def test_a_failed_start_shows_its_reason_in_the_pods_status(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """A worker whose model cannot load exits 3 and a gateway refusing its settings exits 2, each naming why in its
+    last log lines: with FallbackToLogsOnError those lines are the container's termination message, so `kubectl
+    describe pod` (and CrashLoopBackOff's status) shows the reason without digging in logs."""
+    for overlay, docs in rendered.items():
+        for name, container_name in REAL_TIME:
+            (container,) = [c for c in _containers(_one(docs, "Deployment", name)) if c["name"] == container_name]
+            assert container.get("terminationMessagePolicy") == "FallbackToLogsOnError", (overlay, name)
+
+
 def test_worker_thread_pools_follow_its_cpu_request(rendered: dict[str, list[dict[str, Any]]]) -> None:
     """torch sizes its OpenMP/MKL pools to the node's cores unless told: on a 64-core node a worker requesting 4
     would run 64 threads that contend with its own tick and with other pods. OMP_NUM_THREADS and MKL_NUM_THREADS
