@@ -94,6 +94,10 @@ class WorkerSettings(LayeredSettings):
     max_voice_bytes: int = Field(4_000_000, ge=1024)
     # Shutdown: SIGTERM drains (no new sessions, calls in progress go on) for at most this long.
     drain_seconds: float = Field(3600.0, ge=0, description="how long a drain waits for calls in progress to end")
+    pod_deletion_cost: bool = Field(
+        False, description="keep controller.kubernetes.io/pod-deletion-cost on this worker's own pod equal to its "
+                           "live sessions, so that a scale-in deletes the idlest worker first; needs the in-cluster "
+                           "credentials, POD_NAME and POD_NAMESPACE (deploy/k8s/components/pod-deletion-cost)")
     # Routing (agent_runtime/registration.py): with a Redis URL the worker heartbeats its state there.
     redis_url: RedisUrlSetting = Field(
         None, description="the gateways' routing Redis: redis://, rediss://, unix:// or redis+sentinel:// URL; "

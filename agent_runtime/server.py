@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from personagate_common.kube import PodDeletionCost, PodRef
 from personagate_common.persona import Persona, PersonaError, PersonaFormatError, persona_from_message
 from personagate_common.plane import AuthResult, SecretChecker
 from personagate_common.protocol import FRAME_BYTES, SAMPLE_RATE, CloseCode, MessageType
@@ -167,9 +168,16 @@ def create_app(settings: WorkerSettings) -> Starlette:
         if settings.redis_url is not None:
             worker.registration = Registration(worker, settings)
             heartbeats = asyncio.create_task(worker.registration.run(), name="heartbeats")
+        deletion_cost: asyncio.Task[None] | None = None
+        if settings.pod_deletion_cost:
+            deletion_cost = asyncio.create_task(
+                PodDeletionCost(PodRef.in_cluster(), lambda: len(worker.active_session_ids()),
+                                worker.metrics.registry).run(), name="pod-deletion-cost")
         try:
             yield
         finally:
+            if deletion_cost is not None:
+                deletion_cost.cancel()
             worker.close_sessions("shutdown")
             if heartbeats is not None:
                 heartbeats.cancel()

@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from personagate_common.kube import PodDeletionCost, PodRef
 from personagate_common.serving import SecondListener
 
 from .admin.api import Admin, AdminMetrics, install
@@ -89,6 +90,7 @@ def create_app(
         watcher = asyncio.create_task(registry.watch(), name="tenant-watch")
         sip = None
         admin_listener = None
+        deletion_cost: asyncio.Task[None] | None = None
         try:
             if app.state.admin_app is not None:
                 admin_listener = app.state.admin_listener = SecondListener(
@@ -104,9 +106,20 @@ def create_app(
                 await sip.start()
             if webrtc is not None:
                 await webrtc.start()
+            if settings.pod_deletion_cost:
+                front_ends = (sip, webrtc)
+
+                def calls_in_progress() -> int:
+                    return sum(len(front_end.active) for front_end in front_ends if front_end is not None)
+
+                deletion_cost = asyncio.create_task(
+                    PodDeletionCost(PodRef.in_cluster(), calls_in_progress, metrics.registry).run(),
+                    name="pod-deletion-cost")
             settle_garbage_collector()
             yield
         finally:
+            if deletion_cost is not None:
+                deletion_cost.cancel()
             if webrtc is not None:
                 await webrtc.stop()  # "ended" on each call's data channel, its peer connection closed
             if sip is not None:

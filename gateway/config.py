@@ -157,6 +157,11 @@ class GatewaySettings(LayeredSettings):
                           "routing_store and personagate_gateway_routing_store_reachable: a Redis failover then "
                           "does not take every gateway out of its load balancer at once (INVITEs time out instead of "
                           "being refused). false: /readyz answers 503 while the store cannot be reached")
+    pod_deletion_cost: bool = Field(
+        False, description="keep controller.kubernetes.io/pod-deletion-cost on this gateway's own pod equal to its "
+                           "calls in progress, so that a scale-in deletes the idlest gateway first; needs the "
+                           "in-cluster credentials, POD_NAME and POD_NAMESPACE (deploy/k8s/components/"
+                           "pod-deletion-cost)")
     call_lease_seconds: float = Field(
         15.0, ge=3, le=3600, description="a call's lease in the routing store; renewed every third of it")
     worker_ttl_seconds: float = Field(
