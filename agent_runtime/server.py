@@ -123,7 +123,9 @@ class Worker:
                 bundle = load_echo()  # no torch, no moshi: the model package is not even imported
             else:
                 from .model import LOADERS
+                from .model.threads import limit_interop_threads
 
+                limit_interop_threads()
                 if s.model == "personaplex":
                     bundle = LOADERS["personaplex"](s.weights, s.device)
                 else:

@@ -506,3 +506,28 @@ def test_the_personaplex_architecture_matches_the_published_checkpoint():
     assert 8.36e9 < params < 8.38e9
     assert round(params * 2 / 1e9, 1) == 16.7
     assert len(lm.depformer_in) == 16 and lm.num_codebooks == 17 and lm.context == 3000
+
+
+_INTEROP = """
+import torch
+from agent_runtime.model.threads import limit_interop_threads
+print(limit_interop_threads(), torch.get_num_interop_threads())
+"""
+
+
+@pytest.mark.e2e  # starts a process
+def test_torchs_inter_op_pool_follows_the_pods_cpu_share() -> None:
+    """A worker given 3 CPUs (OMP_NUM_THREADS=3, from its CPU request in the manifests) runs 3 inter-op threads, not
+    one per core of the node; without the variable torch keeps its own choice."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "3"}
+    done = subprocess.run([sys.executable, "-c", _INTEROP], capture_output=True, text=True, timeout=120, env=env,
+                          check=True)
+    assert done.stdout.split() == ["3", "3"]
+    env.pop("OMP_NUM_THREADS")
+    done = subprocess.run([sys.executable, "-c", _INTEROP], capture_output=True, text=True, timeout=120, env=env,
+                          check=True)
+    assert done.stdout.split()[0] == "None"
