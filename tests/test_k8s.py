@@ -10,6 +10,8 @@ checks are tests/test_k8s_monitoring.py's."""
 from __future__ import annotations
 
 import base64
+import ipaddress
+import json
 import os
 import re
 import subprocess
@@ -49,6 +51,10 @@ CLUSTER_SCOPED = {"Namespace", "PriorityClass", "ValidatingAdmissionPolicy", "Va
 # quota (a CPU limit) stalls them for the rest of a 100 ms period once it is spent: they get CPU requests only.
 REAL_TIME = {("personagate-gateway", "gateway"), ("personagate-worker", "worker")}
 RECOMMENDED_LABELS = ("name", "instance", "component", "part-of", "version", "managed-by")
+# The host-network gateway's way into workers and Redis, one per CNI plugin (docs/deploy.md, "Network policy per
+# plugin"); each overlay takes exactly one. The other network components are options.
+NETPOL_PLUGINS = {"netpol-node-cidr": "node-cidr", "netpol-cilium": "cilium", "netpol-openshift": "openshift"}
+NETWORK_COMPONENTS = (*NETPOL_PLUGINS, "network", "webrtc-turn-only", "ingress-nginx")
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +144,7 @@ def test_yamllint() -> None:
     pytest.importorskip("yamllint")
     paths = [K8S / "base", K8S / "overlays", K8S / "prometheus-adapter", K8S / "components" / "keda",
              K8S / "components" / "pod-deletion-cost", ROOT / "tenants" / "kustomization.yaml",
-             ROOT / ".yamllint"]
+             *(K8S / "components" / c for c in NETWORK_COMPONENTS), ROOT / ".yamllint"]
     done = subprocess.run([sys.executable, "-m", "yamllint", "--strict", "-c", str(ROOT / ".yamllint"),
                            *map(str, paths)], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -280,13 +286,223 @@ def test_services_and_network_policies_select_existing_pods(rendered: dict[str, 
         assert default_deny and "ingress" not in default_deny[0]["spec"], overlay
 
 
+def _peers(rule: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    return rule.get(key, [])
+
+
+def _policies(docs: list[dict[str, Any]], component: str, direction: str) -> list[dict[str, Any]]:
+    """The rules of every NetworkPolicy that selects the pods of this component, in this direction."""
+    labels = next(labels for labels in _pod_labels(docs) if labels.get("app.kubernetes.io/component") == component)
+    rules = []
+    for policy in (d for d in docs if d["kind"] == "NetworkPolicy"):
+        selector = policy["spec"]["podSelector"]
+        selected = _selects(selector.get("matchLabels", {}), labels) and all(
+            labels.get(e["key"]) in e["values"] for e in selector.get("matchExpressions", []) if e["operator"] == "In")
+        if selected and direction.capitalize() in policy["spec"].get("policyTypes", []):
+            rules += policy["spec"].get(direction, [])
+    return rules
+
+
 def test_workers_admit_sessions_only_from_gateways_and_prometheus(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Peers that are pods are named by pod and namespace selectors: gateway pods, and Prometheus' pods in the
+    overlay's prometheus-namespace (both, in one peer: not every pod of that namespace). The only address a worker
+    admits is the host-network gateways' nodes, from the overlay's netpol-* component, never a whole private range
+    (the old 10.0.0.0/8 held the pod network itself)."""
+    gateway = {"app.kubernetes.io/name": "personagate", "app.kubernetes.io/component": "gateway"}
     for overlay, docs in rendered.items():
         worker = _one(docs, "NetworkPolicy", "personagate-worker")
         (rule,) = worker["spec"]["ingress"]
         assert rule["ports"] == [{"protocol": "TCP", "port": 8765}]
-        pods = [p["podSelector"]["matchLabels"] for p in rule["from"] if "podSelector" in p]
-        assert pods == [{"app.kubernetes.io/name": "personagate", "app.kubernetes.io/component": "gateway"}], overlay
+        assert rule["from"] == [{"podSelector": {"matchLabels": gateway}},
+                                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                                 "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}], overlay
+        for component in ("worker", "redis"):
+            if not any(lbl.get("app.kubernetes.io/component") == component for lbl in _pod_labels(docs)):
+                continue
+            for ingress in _policies(docs, component, "ingress"):
+                assert ingress.get("from"), (overlay, component, "a rule open to every source")
+                for peer in ingress["from"]:
+                    if "ipBlock" in peer:
+                        net = ipaddress.ip_network(peer["ipBlock"]["cidr"])
+                        assert net.prefixlen >= 12 and not net.overlaps(ipaddress.ip_network("10.0.0.0/8")), (
+                            overlay, component, net)
+        plugin = [d for d in docs if "personagate.io/netpol-plugin" in d["metadata"].get("labels", {})]
+        assert len(plugin) == 1, (overlay, [d["metadata"]["name"] for d in plugin])
+
+
+def test_no_placeholder_survives_and_the_settings_file_is_not_applied(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Every value of network-settings.yaml reached its place (a placeholder such as REDIS_NAMESPACE or TURN_CIDR
+    would be an invalid CIDR or a namespace that selects nothing), and the settings ConfigMap itself, a local-config
+    object, is not in what kubectl applies."""
+    for overlay, docs in rendered.items():
+        text = yaml.safe_dump_all(docs)
+        assert not re.findall(r"\b[A-Z]+(?:_[A-Z]+)*_(?:NAMESPACE|CIDR|SERVERS)\b", text), overlay
+        assert not any(d["metadata"]["name"] == "personagate-network-settings" for d in docs), overlay
+        for policy in (d for d in docs if d["kind"] == "NetworkPolicy"):
+            for rule in policy["spec"].get("ingress", []) + policy["spec"].get("egress", []):
+                for peer in rule.get("from", []) + rule.get("to", []):
+                    if "ipBlock" in peer:
+                        ipaddress.ip_network(peer["ipBlock"]["cidr"])
+
+
+def test_egress_is_denied_but_for_what_each_needs(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Default-deny egress for every pod; DNS to the cluster's DNS pods for all; workers reach Redis and nothing
+    else; gateways reach workers, Redis, the SIP trunks (sip-peers-cidr, inside sip_allow), the TURN relay and, in
+    direct mode, browsers' media."""
+    for overlay, docs in rendered.items():
+        deny = _one(docs, "NetworkPolicy", "personagate-default-deny")
+        assert deny["spec"]["podSelector"] == {} and set(deny["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+        assert "ingress" not in deny["spec"] and "egress" not in deny["spec"]
+        dns = _one(docs, "NetworkPolicy", "personagate-dns")
+        assert dns["spec"]["podSelector"] == {}
+        (rule,) = dns["spec"]["egress"]
+        assert {(p["protocol"], p["port"]) for p in rule["ports"]} >= {("UDP", 53), ("TCP", 53)}
+        assert all("ipBlock" not in peer for peer in rule["to"]), overlay
+        redis_ns = _one(docs, "NetworkPolicy", "personagate-worker")["spec"]["egress"][0]["to"][0]
+        worker_egress = [r for r in _policies(docs, "worker", "egress") if r is not rule]
+        assert worker_egress == [{"to": [redis_ns], "ports": [{"protocol": "TCP", "port": 6379},
+                                                              {"protocol": "TCP", "port": 26379}]}], overlay
+        gateway = _one(docs, "Deployment", "personagate-gateway")
+        sip_allow = [ipaddress.ip_network(c) for c in json.loads(
+            _env(gateway["spec"]["template"]["spec"]["containers"][0])["PERSONAGATE_GATEWAY_SIP_ALLOW"]["value"])]
+        egress = _one(docs, "NetworkPolicy", "personagate-gateway")["spec"]["egress"]
+        workers, redis, trunks, turn = egress
+        assert workers["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "worker"
+        assert workers["ports"] == [{"protocol": "TCP", "port": 8765}]
+        assert redis["to"] == [redis_ns]
+        trunk_net = ipaddress.ip_network(trunks["to"][0]["ipBlock"]["cidr"])
+        assert any(trunk_net.subnet_of(net) for net in sip_allow), (overlay, trunk_net, sip_allow)
+        assert {"protocol": "UDP"} in trunks["ports"] and {"protocol": "TCP", "port": 5060} in trunks["ports"]
+        assert {"protocol": "TCP", "port": 3478} in turn["ports"] and ipaddress.ip_network(turn["to"][0]["ipBlock"]
+                                                                                            ["cidr"])
+        media = _one(docs, "NetworkPolicy", "personagate-gateway-webrtc-media")["spec"]
+        assert media["ingress"] == [{"ports": [{"protocol": "UDP", "port": 32768, "endPort": 60999}]}]
+
+
+def _write_overlay(tmp_path: Path, components: list[str], settings: dict[str, str] | None = None,
+                   resources: tuple[str, ...] = ("base",)) -> list[dict[str, Any]]:
+    """The base (or another directory of deploy/k8s) with the gpu-prod network settings (changed by ``settings``)
+    and these components of deploy/k8s/components, rendered."""
+    relative = Path(*[".."] * len(tmp_path.parts[1:]))
+    values = yaml.safe_load((K8S / "overlays" / "gpu-prod" / "network-settings.yaml").read_text())
+    values["data"] |= settings or {}
+    (tmp_path / "network-settings.yaml").write_text(yaml.safe_dump(values))
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "personagate",
+        "resources": [str(relative / (K8S / r).relative_to("/")) for r in resources] + ["network-settings.yaml"],
+        "components": [str(relative / (K8S / "components" / c).relative_to("/")) for c in components]}))
+    return _kustomize(tmp_path)
+
+
+@pytest.mark.e2e  # starts processes
+@pytest.mark.parametrize("plugin", sorted(NETPOL_PLUGINS))
+def test_each_plugins_component_admits_host_network_gateways_its_way(plugin: str, tmp_path: Path) -> None:
+    """The three ways in for host-network gateways, each as its plugin's documentation says traffic from a node is
+    identified: an ipBlock of nodes-cidr (plugins that see the node's address); Cilium's reserved entities host and
+    remote-node (its ipBlock does not match nodes by default); OVN-Kubernetes' host-network namespace selector (and
+    OpenShift's DNS namespace). Each admits only the session and Redis ports, on workers and Redis."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    docs = _write_overlay(tmp_path, [plugin, "network"], {"nodes-cidr": "192.0.2.0/28"})
+    (policy,) = [d for d in docs if d["metadata"].get("labels", {}).get("personagate.io/netpol-plugin")]
+    assert policy["metadata"]["labels"]["personagate.io/netpol-plugin"] == NETPOL_PLUGINS[plugin]
+    assert policy["metadata"]["name"] == "personagate-from-gateway-nodes"
+    spec = policy["spec"]
+    selector = spec.get("podSelector", spec.get("endpointSelector"))
+    assert selector == {"matchExpressions": [{"key": "app.kubernetes.io/component", "operator": "In",
+                                              "values": ["worker", "redis"]}]}
+    (rule,) = spec["ingress"]
+    if plugin == "netpol-cilium":
+        assert policy["apiVersion"] == "cilium.io/v2" and policy["kind"] == "CiliumNetworkPolicy"
+        assert rule["fromEntities"] == ["host", "remote-node"] and set(rule) == {"fromEntities", "toPorts"}
+        assert [(p["port"], p["protocol"]) for p in rule["toPorts"][0]["ports"]] == [("8765", "TCP"), ("6379", "TCP")]
+        return
+    kubernetes_validate.validate(policy, "1.30", strict=True)
+    assert [(p["protocol"], p["port"]) for p in rule["ports"]] == [("TCP", 8765), ("TCP", 6379)]
+    if plugin == "netpol-node-cidr":
+        assert rule["from"] == [{"ipBlock": {"cidr": "192.0.2.0/28"}}]
+    else:
+        assert rule["from"] == [{"namespaceSelector": {"matchLabels": {
+            "policy-group.network.openshift.io/host-network": ""}}}]
+        dns = _one(docs, "NetworkPolicy", "personagate-dns")["spec"]["egress"][0]
+        assert dns["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "openshift-dns"}}}]
+        assert {"protocol": "UDP", "port": 5353} in dns["ports"]
+
+
+@pytest.mark.e2e  # starts a process
+def test_prometheus_and_redis_namespaces_are_set_in_one_place(tmp_path: Path) -> None:
+    """network-settings.yaml's prometheus-namespace is the only place that names Prometheus' namespace: changed
+    there, the worker's scrape peer follows; redis-namespace likewise for both Redis egress rules."""
+    docs = _write_overlay(tmp_path, ["netpol-node-cidr", "network"],
+                          {"prometheus-namespace": "observability", "redis-namespace": "routing"})
+    worker = _one(docs, "NetworkPolicy", "personagate-worker")["spec"]
+    assert worker["ingress"][0]["from"][1]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "observability"}
+    gateway = _one(docs, "NetworkPolicy", "personagate-gateway")["spec"]
+    for rule in (worker["egress"][0], gateway["egress"][1]):
+        assert rule["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "routing"}}}]
+    policies = yaml.safe_dump_all([d for d in docs if d["kind"] == "NetworkPolicy"])
+    assert "monitoring" not in policies
+    hard_coded = [p for p in (K8S / "base").glob("*.yaml") if re.search(r"metadata\.name: monitoring", p.read_text())]
+    assert not hard_coded
+
+
+@pytest.mark.e2e  # starts a process
+def test_turn_only_media_admits_only_the_relay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """components/webrtc-turn-only: the gateway's WebRTC ports (the node's ephemeral range: aioice binds port 0, so
+    there is no narrower range) admit only the TURN relay, nothing lets the gateway send UDP to any address but the
+    trunks and the relay, and the relay's URLs reach the gateway as a setting it accepts."""
+    docs = _write_overlay(tmp_path, ["netpol-node-cidr", "network", "webrtc-turn-only"],
+                          {"turn-cidr": "192.0.2.10/32"})
+    assert not [d for d in docs if d["metadata"]["name"] == "personagate-gateway-webrtc-media"]
+    media = [r for r in _policies(docs, "gateway", "ingress") if any(
+        p.get("port") == 32768 for p in r.get("ports", []))]
+    assert media == [{"from": [{"ipBlock": {"cidr": "192.0.2.10/32"}}],
+                      "ports": [{"protocol": "UDP", "port": 32768, "endPort": 60999}]}]
+    for rule in _policies(docs, "gateway", "egress"):
+        for peer in rule.get("to", []):
+            if "ipBlock" in peer and any(p["protocol"] == "UDP" for p in rule["ports"]):
+                assert ipaddress.ip_network(peer["ipBlock"]["cidr"]).prefixlen > 0, rule  # no 0.0.0.0/0
+    container = _one(docs, "Deployment", "personagate-gateway")["spec"]["template"]["spec"]["containers"][0]
+    servers = json.loads(_env(container)["PERSONAGATE_GATEWAY_WEBRTC_ICE_SERVERS"]["value"])
+    assert servers and all(url.startswith("turn") for s in servers for url in s["urls"])
+    settings = GatewaySettings(webrtc_ice_servers=servers)
+    assert settings.webrtc_ice_servers
+
+
+@pytest.mark.e2e  # starts a process
+def test_behind_an_ingress_deletes_reach_the_owning_gateway_and_clients_are_told_apart(
+        rendered: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    """A browser call lives in the gateway that took its offer. components/ingress-nginx: cookie affinity (persistent,
+    for the whole site path, outliving the longest call) on an Ingress that publishes only the page and its
+    signalling (never the admin API), to the gateway Service; and the gateway trusts X-Forwarded-For from the
+    controller's addresses (forwarded-allow-ips), a value its settings accept. Without it the gateway trusts
+    loopback only, and the Service keeps ClientIP affinity for the longest call."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    for overlay, docs in rendered.items():
+        service = _one(docs, "Service", "personagate-gateway")["spec"]
+        assert service["sessionAffinity"] == "ClientIP", overlay
+        assert service["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"] >= LONGEST_CALL
+        env = _env(_one(docs, "Deployment", "personagate-gateway")["spec"]["template"]["spec"]["containers"][0])
+        assert json.loads(env["PERSONAGATE_GATEWAY_FORWARDED_ALLOW_IPS"]["value"]) == ["127.0.0.1"]
+    docs = _write_overlay(tmp_path, ["netpol-node-cidr", "network", "ingress-nginx"],
+                          {"forwarded-allow-ips": '["10.42.0.0/16", "192.0.2.7"]'})
+    (ingress,) = [d for d in docs if d["kind"] == "Ingress"]
+    kubernetes_validate.validate(ingress, "1.30", strict=True)
+    notes = ingress["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/affinity"] == "cookie"
+    assert notes["nginx.ingress.kubernetes.io/affinity-mode"] == "persistent"
+    assert notes["nginx.ingress.kubernetes.io/session-cookie-path"] == "/"
+    assert int(notes["nginx.ingress.kubernetes.io/session-cookie-max-age"]) >= LONGEST_CALL
+    paths = [p for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
+    assert sorted(p["path"] for p in paths) == ["/call", "/v1/webrtc"]
+    service = _one(docs, "Service", "personagate-gateway")
+    assert {p["backend"]["service"]["name"] for p in paths} == {service["metadata"]["name"]}
+    assert {p["backend"]["service"]["port"]["name"] for p in paths} <= {p["name"] for p in service["spec"]["ports"]}
+    container = _one(docs, "Deployment", "personagate-gateway")["spec"]["template"]["spec"]["containers"][0]
+    trusted = json.loads(_env(container)["PERSONAGATE_GATEWAY_FORWARDED_ALLOW_IPS"]["value"])
+    assert trusted == ["10.42.0.0/16", "192.0.2.7"]
+    assert GatewaySettings(forwarded_allow_ips=trusted).forwarded_allow_ips
 
 
 # ------------------------------------------------------------------ containers
