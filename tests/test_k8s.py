@@ -670,42 +670,6 @@ def test_no_gateway_container_runs_a_worker(rendered: dict[str, list[dict[str, A
                     assert image == worker_image, where
 
 
-def test_the_dockerfiles_install_steps_are_the_readmes() -> None:
-    """The images install with `make install` (the README's recipe: torch first, moshi==0.2.13 with --no-deps,
-    then the package), and run as a non-root user with personagate as PID 1."""
-    makefile = (ROOT / "Makefile").read_text()
-    recipe = makefile.split("$(STAMP): pyproject.toml", 1)[1].split("\n\n", 1)[0]
-    steps = [line for line in recipe.splitlines() if "pip install" in line and "--upgrade pip" not in line]
-    assert "torch==" in steps[0] and "moshi==0.2.13" in steps[-2] and "--no-deps" in steps[-2], steps
-    assert '-e ".[$(EXTRAS)]"' in steps[-1] and re.search(r"^EXTRAS \?= dev$", makefile, re.MULTILINE), steps
-    readme = (ROOT / "README.md").read_text()
-    assert "torch" in readme and "`moshi==0.2.13` with `--no-deps`" in readme
-    packages = re.search(r'include = \[([^]]*)\]', (ROOT / "pyproject.toml").read_text())
-    assert packages is not None
-    needed = {"Makefile", "pyproject.toml", "README.md"} | {p.strip(' "*') for p in packages.group(1).split(",")}
-    for name in ("gateway", "worker"):
-        text = (ROOT / "deploy" / "docker" / f"{name}.Dockerfile").read_text()
-        runs = [line for line in text.splitlines() if line.startswith("RUN ")]
-        assert any(re.match(r"RUN make install\b", line) for line in runs), name
-        # What the install reads is in the build stage before it (the package is installed editable from /app).
-        before = text.split("RUN make install", 1)[0]
-        copied = {part for line in before.splitlines() if line.startswith("COPY ") for part in line.split()[1:-1]}
-        assert needed <= copied, (name, needed - copied)
-        if name == "gateway":  # make install builds pjsua2 from deploy/pjsua2 (the worker's image: PJSUA2=none)
-            assert "deploy/pjsua2" in copied, copied
-            # its side alone by default: no torch, no moshi (the CPU demo's worker has the worker image's CPU build)
-            default_extras = re.search(r"^ARG EXTRAS=(\S+)$", text, re.MULTILINE)
-            assert default_extras is not None and default_extras.group(1).split(",") == ["gateway"], name
-            assert re.search(r'^RUN make install .*EXTRAS="\$\{EXTRAS\}"', text, re.MULTILINE), name
-        else:  # the worker's side alone: no aiortc, no pjsua2; torch from TORCH_CPU_PIP_OPTS for the CPU build
-            assert re.search(r"^RUN make install .*EXTRAS=worker .*PJSUA2=none", text, re.MULTILINE), name
-            assert re.search(r'^RUN make install .*TORCH_CPU_PIP_OPTS="\$\{TORCH_CPU_PIP_OPTS\}"', text,
-                             re.MULTILINE), name
-        assert "pip install" not in text and "pip3 install" not in text, f"{name}: installs only through make"
-        assert re.search(r"^USER 10001", text, re.MULTILINE), name
-        assert re.search(r'^ENTRYPOINT \["/app/\.venv/bin/personagate"\]$', text, re.MULTILINE), name
-
-
 # ------------------------------------------------------------------ settings, secrets, tenants, autoscaling
 
 
