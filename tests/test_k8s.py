@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -41,9 +42,10 @@ CLOSE_MARGIN = 60  # seconds past the drain for the preStop pause, hanging up st
 EXTERNAL = {"gpu-prod": {("Secret", "personagate-redis"), ("Secret", "personagate-sip-auth"),
                          ("Secret", "personagate-admin-tokens"), ("Secret", "personagate-turn"),
                          ("Secret", "personagate-sip-tls"), ("Secret", "personagate-plane"),
-                         ("PersistentVolumeClaim", "personagate-weights")},
+                         ("PersistentVolumeClaim", "personagate-weights"), ("Secret", "personagate-tenants-git")},
             "cpu-demo": {("Secret", "personagate-admin-tokens"), ("Secret", "personagate-turn"),
-                         ("Secret", "personagate-sip-tls"), ("Secret", "personagate-plane")}}
+                         ("Secret", "personagate-sip-tls"), ("Secret", "personagate-plane"),
+                         ("Secret", "personagate-tenants-git")}}
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet")
 # Objects without a namespace (the namespace transformer leaves them alone).
 CLUSTER_SCOPED = {"Namespace", "PriorityClass", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
@@ -55,6 +57,14 @@ RECOMMENDED_LABELS = ("name", "instance", "component", "part-of", "version", "ma
 # plugin"); each overlay takes exactly one. The other network components are options.
 NETPOL_PLUGINS = {"netpol-node-cidr": "node-cidr", "netpol-cilium": "cilium", "netpol-openshift": "openshift"}
 NETWORK_COMPONENTS = (*NETPOL_PLUGINS, "network", "webrtc-turn-only", "ingress-nginx")
+# The gateway's tenants: the `tenants/` folder of the repository tenants-sync (git-sync) checks out under the volume.
+TENANTS_VOLUME = Path("/etc/personagate/tenants")
+TENANTS_DIR = TENANTS_VOLUME / "repo" / "tenants"
+# What the API server accepts: annotations of at most 256 KiB in all (kubectl's client-side apply puts the whole
+# object in one), and objects of at most 1 MiB (a ConfigMap's or Secret's data; etcd's request limit is 1.5 MiB).
+ANNOTATIONS_LIMIT = 262_144
+OBJECT_LIMIT = 1_048_576
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +153,7 @@ def test_strict_validation_catches_a_misspelt_field() -> None:
 def test_yamllint() -> None:
     pytest.importorskip("yamllint")
     paths = [K8S / "base", K8S / "overlays", K8S / "prometheus-adapter", K8S / "components" / "keda",
-             K8S / "components" / "pod-deletion-cost", ROOT / "tenants" / "kustomization.yaml",
+             K8S / "components" / "pod-deletion-cost",
              *(K8S / "components" / c for c in NETWORK_COMPONENTS), ROOT / ".yamllint"]
     done = subprocess.run([sys.executable, "-m", "yamllint", "--strict", "-c", str(ROOT / ".yamllint"),
                            *map(str, paths)], capture_output=True, text=True, timeout=60, check=False)
@@ -193,14 +203,14 @@ def test_rollout_deadline_outlasts_the_drain(rendered: dict[str, list[dict[str, 
 def test_probes_liveness_never_depends_on_load_or_drain(rendered: dict[str, list[dict[str, Any]]]) -> None:
     """Every container has liveness and readiness probes (workers a startup probe too, long enough for the
     model); ours probe /healthz for liveness and /readyz for readiness, so a draining pod is taken out of
-    service without being killed."""
+    service without being killed (the gateway's tenants-sync sidecar probes git-sync's own endpoint)."""
     for overlay, docs in rendered.items():
         for workload in _workloads(docs):
             component = workload["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component")
             for c in _containers(workload):
                 where = (overlay, workload["metadata"]["name"], c["name"])
                 assert "livenessProbe" in c and "readinessProbe" in c, where
-                if component in ("gateway", "worker"):
+                if component in ("gateway", "worker") and c["name"] == component:  # not the tenants sidecar
                     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz", where
                     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz", where
                     assert "startupProbe" in c, where
@@ -348,8 +358,9 @@ def test_no_placeholder_survives_and_the_settings_file_is_not_applied(
 
 def test_egress_is_denied_but_for_what_each_needs(rendered: dict[str, list[dict[str, Any]]]) -> None:
     """Default-deny egress for every pod; DNS to the cluster's DNS pods for all; workers reach Redis and nothing
-    else; gateways reach workers, Redis, the SIP trunks (sip-peers-cidr, inside sip_allow), the TURN relay and, in
-    direct mode, browsers' media."""
+    else; gateways reach workers, Redis, the SIP trunks (sip-peers-cidr, inside sip_allow), the TURN relay, the
+    tenants' git server (tenants-git-cidr, https and ssh, for the tenants-sync sidecar) and, in direct mode,
+    browsers' media."""
     for overlay, docs in rendered.items():
         deny = _one(docs, "NetworkPolicy", "personagate-default-deny")
         assert deny["spec"]["podSelector"] == {} and set(deny["spec"]["policyTypes"]) == {"Ingress", "Egress"}
@@ -367,7 +378,9 @@ def test_egress_is_denied_but_for_what_each_needs(rendered: dict[str, list[dict[
         sip_allow = [ipaddress.ip_network(c) for c in json.loads(
             _env(gateway["spec"]["template"]["spec"]["containers"][0])["PERSONAGATE_GATEWAY_SIP_ALLOW"]["value"])]
         egress = _one(docs, "NetworkPolicy", "personagate-gateway")["spec"]["egress"]
-        workers, redis, trunks, turn = egress
+        workers, redis, trunks, turn, tenants_git = egress
+        ipaddress.ip_network(tenants_git["to"][0]["ipBlock"]["cidr"])
+        assert tenants_git["ports"] == [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 22}]
         assert workers["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "worker"
         assert workers["ports"] == [{"protocol": "TCP", "port": 8765}]
         assert redis["to"] == [redis_ns]
@@ -755,7 +768,7 @@ def test_the_settings_the_manifests_pass_are_accepted(rendered: dict[str, list[d
                     pytest.fail(f"{overlay}: {name} would not start: {exc}")
             if isinstance(settings, GatewaySettings):
                 assert settings.sip_enabled and settings.sip_public_address == "127.0.0.1"
-                assert settings.redis_url is not None and settings.tenants_dir == Path("/etc/personagate/tenants")
+                assert settings.redis_url is not None and settings.tenants_dir == TENANTS_DIR
             else:
                 assert settings.redis_url is not None
                 assert settings.resolved_advertise_url() == "ws://10.244.1.7:8765/v1/sessions"  # the pod's own
@@ -804,6 +817,9 @@ def test_referenced_secrets_config_maps_and_volumes_exist_or_are_the_operators(
                 for entry in _env(c).values():
                     if "secretKeyRef" in entry.get("valueFrom", {}):
                         wanted.add(("Secret", entry["valueFrom"]["secretKeyRef"]["name"]))
+                for source in c.get("envFrom", []):
+                    if "configMapRef" in source:
+                        wanted.add(("ConfigMap", source["configMapRef"]["name"]))
         wanted = {(kind, re.sub(r"-[a-z0-9]{10}$", "", name)) for kind, name in wanted}
         missing = wanted - shipped
         assert missing <= EXTERNAL[overlay], (overlay, missing - EXTERNAL[overlay])
@@ -811,23 +827,144 @@ def test_referenced_secrets_config_maps_and_volumes_exist_or_are_the_operators(
             assert name in deploy_md, f"docs/deploy.md must say how to create {name}"
 
 
-def test_tenants_config_map_is_the_tenants_folder_and_hot_reloads(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    """The gateway's tenants volume lays the ConfigMap's keys out as the tenants folder (<tenant>/tenant.yaml,
-    <tenant>/voices/*), every file of it; the ConfigMap's name has no hash suffix, so a change updates it in
-    place and the gateways reload it, instead of restarting (and draining) every gateway."""
-    files = sorted(str(p.relative_to(ROOT / "tenants")) for p in (ROOT / "tenants").glob("*/**/*") if p.is_file())
+def test_tenants_come_from_the_sync_sidecar_and_hot_reload(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """No tenant file is in a manifest: tenants-sync (git-sync, a native sidecar) checks the tenants repository out
+    into a node-local volume the gateway reads, read-only, at the folder its setting names; the repository comes
+    from a ConfigMap, so the pod template names no tenant and no tenant change restarts a gateway."""
     for overlay, docs in rendered.items():
-        config_map = _one(docs, "ConfigMap", "personagate-tenants")
-        keys = set(config_map.get("data", {})) | set(config_map.get("binaryData", {}))
+        assert not [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "personagate-tenants"]
         gateway = _one(docs, "Deployment", "personagate-gateway")
-        (volume,) = [v for v in gateway["spec"]["template"]["spec"]["volumes"] if v["name"] == "tenants"]
-        items = volume["configMap"]["items"]
-        assert volume["configMap"]["name"] == "personagate-tenants"
-        assert {i["key"] for i in items} == keys, overlay
-        assert sorted(i["path"] for i in items) == files, overlay
-        mount = [m for m in gateway["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
-                 if m["name"] == "tenants"]
-        assert mount and "subPath" not in mount[0]  # subPath mounts are never updated
+        pod = gateway["spec"]["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "tenants"]
+        assert set(volume) == {"name", "emptyDir"}, overlay  # no storage class, nothing per tenant
+        (sync,) = [c for c in pod.get("initContainers", []) if c["name"] == "tenants-sync"]
+        assert sync["restartPolicy"] == "Always", overlay  # a native sidecar: it keeps syncing
+        assert sync["image"].startswith("registry.k8s.io/git-sync/git-sync:v4."), overlay
+        env = {e["name"]: e.get("value") for e in sync["env"]}
+        assert env["GITSYNC_ROOT"] == str(TENANTS_VOLUME) and env["GITSYNC_LINK"] == TENANTS_DIR.parent.name
+        assert env["GITSYNC_MAX_FAILURES"] == "-1" and env["GITSYNC_SUBMODULES"] == "off", overlay
+        (source,) = [ref["configMapRef"]["name"] for ref in sync["envFrom"]]
+        config_map = _one(docs, "ConfigMap", source)
+        assert {"GITSYNC_REPO", "GITSYNC_REF", "GITSYNC_PERIOD"} <= set(config_map["data"]), overlay
+        # The gateway waits for the first checkout: the startup probe is on git-sync's health endpoint.
+        probe = sync["startupProbe"]["httpGet"]
+        assert f"{probe['host']}:{probe['port']}" == env["GITSYNC_HTTP_BIND"], overlay
+        (writes,) = [m for m in sync["volumeMounts"] if m["name"] == "tenants"]
+        assert writes["mountPath"] == str(TENANTS_VOLUME) and not writes.get("readOnly"), overlay
+        (container,) = [c for c in pod["containers"] if c["name"] == "gateway"]
+        (reads,) = [m for m in container["volumeMounts"] if m["name"] == "tenants"]
+        # The same path in both (the link resolves alike), read-only (the admin API answers 409), no subPath
+        # (a subPath mount is never updated).
+        assert reads["mountPath"] == str(TENANTS_VOLUME) and reads["readOnly"] is True and "subPath" not in reads
+        assert _env(container)["PERSONAGATE_GATEWAY_TENANTS_DIR"]["value"] == str(TENANTS_DIR), overlay
+
+
+def _last_applied(doc: dict[str, Any]) -> str:
+    """The annotation `kubectl apply` (client-side) writes: the object as given, without that annotation, as Go's
+    encoding/json writes it (compact, sorted keys, '<' '>' '&' and U+2028/9 escaped, UTF-8, a final newline)."""
+    doc = json.loads(json.dumps(doc))
+    annotations = doc.get("metadata", {}).get("annotations") or {}
+    annotations.pop(LAST_APPLIED, None)
+    text = json.dumps(doc, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                          ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(char, escaped)
+    return text + "\n"
+
+
+def _too_big_to_apply(doc: dict[str, Any]) -> list[str]:
+    """Why the API server would refuse ``doc`` sent by client-side apply (none: it fits)."""
+    value = _last_applied(doc)
+    annotations = {k: v for k, v in (doc["metadata"].get("annotations") or {}).items() if k != LAST_APPLIED}
+    annotations[LAST_APPLIED] = value
+    total = sum(len(k.encode()) + len(v.encode()) for k, v in annotations.items())
+    sent = len(json.dumps(doc | {"metadata": doc["metadata"] | {"annotations": annotations}},
+                          separators=(",", ":"), ensure_ascii=False).encode())
+    where = f"{doc['kind']}/{doc['metadata']['name']}"
+    return ([f"{where}: annotations {total} bytes > {ANNOTATIONS_LIMIT}"] if total > ANNOTATIONS_LIMIT else []) + \
+           ([f"{where}: object {sent} bytes > {OBJECT_LIMIT}"] if sent > OBJECT_LIMIT else [])
+
+
+def _tenants_like_the_shipped_ones(folder: Path, count: int) -> list[str]:
+    """``count`` tenants in ``folder``, copies of the shipped examples (their YAML and voice clips) with their own
+    ids and numbers; returns the ids."""
+    examples = sorted(p for p in (ROOT / "tenants").iterdir() if p.is_dir())
+    ids = []
+    for i in range(count):
+        example = examples[i % len(examples)]
+        tenant = f"t{i:03d}-{example.name}"
+        shutil.copytree(example, folder / tenant)
+        text = (example / "tenant.yaml").read_text()
+        text = re.sub(r"^tenant: .*$", f"tenant: {tenant}", text, count=1, flags=re.MULTILINE)
+        # Each number once in all: +1, the tenant's index, the example's number's last 7 digits.
+        text = re.sub(r"^(  )\+\d*(\d{7}):", rf"\g<1>+1{i:03d}\g<2>:", text, flags=re.MULTILINE)
+        (folder / tenant / "tenant.yaml").write_text(text)
+        ids.append(tenant)
+    return ids
+
+
+def _render_as_an_operator(checkout: Path, tenant_count: int, rename: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """What an operator renders after adding tenants the documented way (docs/deploy.md, "Adding a tenant"): a
+    copy of this repository's layout, its `tenants/` folder holding ``tenant_count`` tenants like the shipped ones
+    (committed to the repository tenants-sync reads), its overlays pointed at that repository."""
+    if checkout.exists():
+        shutil.rmtree(checkout)
+    shutil.copytree(K8S, checkout / "deploy" / "k8s")
+    (checkout / "tenants").mkdir()
+    ids = _tenants_like_the_shipped_ones(checkout / "tenants", tenant_count)
+    if rename:  # a tenant renamed: its folder and its id
+        (checkout / "tenants" / ids[0]).rename(checkout / "tenants" / f"{ids[0]}-renamed")
+    out = {}
+    for overlay in OVERLAYS:
+        kustomization = checkout / "deploy" / "k8s" / "overlays" / overlay / "kustomization.yaml"
+        text = re.sub(r"GITSYNC_REPO=.*", "GITSYNC_REPO=https://git.example.com/acme/call-center.git",
+                      kustomization.read_text())
+        kustomization.write_text(text)
+        out[overlay] = _kustomize(kustomization.parent)
+    return out
+
+
+@pytest.mark.e2e  # starts processes
+def test_fifty_tenants_fit_client_side_apply(tmp_path: Path) -> None:
+    """`kubectl apply -k` (client-side, Argo CD's default) puts the whole object in an annotation of at most 256 KiB,
+    and no object may pass 1 MiB. With 50 tenants like the shipped ones, every rendered object fits both. The check
+    is the one that failed the old tenants ConfigMap (its voice clips in the object): it still fails it."""
+    from gateway.tenants.loader import load_tenants
+
+    rendered = _render_as_an_operator(tmp_path / "ops", 50)
+    tenants = tmp_path / "ops" / "tenants"
+    result = load_tenants(tenants)  # the generated tenants are real ones: valid, each number once
+    assert len(result.tenants) == 50 and not result.problems, result.problems[:3]
+    for overlay, docs in rendered.items():
+        problems = [p for doc in docs for p in _too_big_to_apply(doc)]
+        assert not problems, (overlay, problems)
+        assert len(_last_applied(_one(docs, "Deployment", "personagate-gateway"))) < ANNOTATIONS_LIMIT // 4
+
+    # The same check on the ConfigMap the tenants used to be (every file a key, the clips base64 binaryData).
+    files = sorted(p for p in tenants.glob("*/**/*") if p.is_file())
+    old = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "personagate-tenants",
+                                                                 "namespace": "personagate"},
+           "data": {str(p.relative_to(tenants)).replace("/", "."): p.read_text() for p in files
+                    if p.suffix == ".yaml"},
+           "binaryData": {str(p.relative_to(tenants)).replace("/", "."): base64.b64encode(p.read_bytes()).decode()
+                          for p in files if p.suffix != ".yaml"}}
+    refused = _too_big_to_apply(old)
+    assert len(refused) == 2 and "annotations" in refused[0] and "object" in refused[1], refused
+    two = {**old, "data": {k: v for k, v in old["data"].items() if k.startswith(("t000-", "t001-"))},
+           "binaryData": {k: v for k, v in old["binaryData"].items() if k.startswith(("t000-", "t001-"))}}
+    assert [p for p in _too_big_to_apply(two) if "annotations" in p], "the shipped two already failed apply"
+
+
+@pytest.mark.e2e  # starts processes
+def test_adding_or_renaming_a_tenant_changes_no_pod_template(tmp_path: Path) -> None:
+    """A tenant added or renamed is a commit to the tenants repository: the rendered objects, and so the gateways'
+    pod template, are the same with N and N+1 tenants (a changed template would roll, draining every gateway)."""
+    before = _render_as_an_operator(tmp_path / "ops", 3)
+    for after in (_render_as_an_operator(tmp_path / "ops", 4), _render_as_an_operator(tmp_path / "ops", 3, True)):
+        for overlay in OVERLAYS:
+            deployments = {d["metadata"]["name"]: d for d in before[overlay] if d["kind"] == "Deployment"}
+            assert deployments == {d["metadata"]["name"]: d for d in after[overlay] if d["kind"] == "Deployment"}
+            assert before[overlay] == after[overlay], overlay
 
 
 def _recorded() -> dict[str, str]:

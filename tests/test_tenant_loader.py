@@ -326,3 +326,32 @@ def test_every_problem_of_a_tree_is_listed_in_one_run(tmp_path):
     assert len(problems) == 2
     assert problems[0].endswith("limits.max_concurrent_calls: must be at least 1, got 0")
     assert problems[1].endswith("zenith/tenant.yaml:3:11: personas: is empty; expected at least one entry")
+
+
+def test_a_reload_of_many_tenants_decodes_no_unchanged_clip_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tenants synced from git get new inodes on every commit, so every clip is read again: with more clips than
+    the cache's base size (here 100 clips, size 8), the second load decodes none of them, and a changed clip is
+    the only one decoded on the third."""
+    from gateway.tenants import loader
+
+    decoded: list[bytes] = []
+
+    def prepare(data: bytes, **_: float) -> object:
+        decoded.append(data)
+        return object()
+
+    monkeypatch.setattr(loader, "prepare_clip", prepare)
+    cache = loader.ClipCache(size=8)
+    clips = [f"clip {n}".encode() for n in range(100)]
+    for data in clips:
+        cache.prepare(data, (1.0, 30.0))
+    cache.loaded()
+    assert len(decoded) == 100
+    for data in clips:
+        cache.prepare(data, (1.0, 30.0))
+    cache.loaded()
+    assert len(decoded) == 100
+    for data in [*clips[:50], b"clip 50, re-recorded", *clips[51:]]:
+        cache.prepare(data, (1.0, 30.0))
+    cache.loaded()
+    assert decoded[100:] == [b"clip 50, re-recorded"]

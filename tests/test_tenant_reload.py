@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 
 from prometheus_client import generate_latest
 
@@ -147,6 +148,49 @@ async def test_a_kubernetes_configmap_swap_is_seen(tmp_path):
         publish("2026_11_25_10_05_00.2", "Version two.")
         await until_async(lambda: routed_persona(registry, "+14155550100").prompt == "Version two.",
                           "the change is applied", timeout=APPLY_WITHIN)
+    finally:
+        watcher.cancel()
+
+
+async def test_a_git_sync_swap_adds_renames_and_removes_tenants(tmp_path):
+    """git-sync (the Kubernetes manifests' tenants-sync sidecar) checks each commit out into a new worktree,
+    `.worktrees/<hash>/`, swaps the `repo` link to it atomically and then deletes the old worktree; the gateway
+    reads `repo/tenants`, a path through that link. A tenant added, one renamed and one removed in a commit are
+    seen; files of a tenant appearing before its tenant.yaml (never in a git-sync swap, possible by hand) are
+    reported, and the tenant applied once complete."""
+    root = tmp_path / "git"
+    (root / ".worktrees").mkdir(parents=True)
+
+    def commit(name: str, tenants: dict[str, str]) -> None:
+        tree = root / ".worktrees" / name / "tenants"
+        tree.mkdir(parents=True)
+        for tenant, number in tenants.items():
+            write_tenant(tree, tenant, number=number)
+        old = os.readlink(root / "repo") if (root / "repo").is_symlink() else None
+        os.symlink(f".worktrees/{name}", root / "repo-new")
+        os.replace(root / "repo-new", root / "repo")
+        if old is not None:
+            shutil.rmtree(root / old)
+
+    commit("aaa", {"acme": "+14155550100", "zenith": "+14155550199"})
+    registry = TenantRegistry(root / "repo" / "tenants", poll_seconds=0.2)
+    watcher = asyncio.create_task(registry.watch())
+    try:
+        await until_async(lambda: set(registry.tenants) == {"acme", "zenith"}, "the first checkout is applied",
+                          timeout=APPLY_WITHIN)
+        commit("bbb", {"acme-renamed": "+14155550100", "nova": "+14155550150"})
+        await until_async(lambda: set(registry.tenants) == {"acme-renamed", "nova"}, "the commit is applied",
+                          timeout=APPLY_WITHIN)
+        assert registry.route("+14155550100")[0].id == "acme-renamed"  # the number moved with the rename
+        assert registry.route("+14155550199") is None and registry.status.ok
+
+        late = root / "repo" / "tenants" / "late"
+        late.mkdir()  # an empty folder changes nothing to check; its first file does
+        (late / "notes.txt").write_text("tenant.yaml follows\n")
+        await until_async(lambda: "late" in registry.status.tenants, "the new folder is seen", timeout=APPLY_WITHIN)
+        assert registry.status.tenants["late"].state == "rejected" and set(registry.tenants) == {"acme-renamed", "nova"}
+        write_tenant(root / "repo" / "tenants", "late", number="+14155550177")
+        await until_async(lambda: "late" in registry.tenants, "the completed tenant is applied", timeout=APPLY_WITHIN)
     finally:
         watcher.cancel()
 

@@ -77,16 +77,23 @@ class Problem:
 
 
 class ClipCache:
-    """Prepared clips by content hash: a reload re-reads files but decodes only clips that changed."""
+    """Prepared clips by content hash: a reload re-reads files but decodes only clips that changed.
+
+    It holds at least ``size`` clips, and always every clip the last whole load used (``loaded()`` marks the end
+    of one): a checkout swapped to a new commit (git-sync) gives every file a new inode, so every tenant is read
+    again, and a cache smaller than the tenants' clips would decode most of them again on each commit."""
 
     def __init__(self, size: int = 64) -> None:
         self._size = size
         self._entries: OrderedDict[tuple[str, float, float], PreparedClip | VoiceClipError] = OrderedDict()
         self._lock = threading.Lock()
+        self._used: set[tuple[str, float, float]] = set()  # by the load in progress
+        self._last_load = 0  # clips the last whole load used
 
     def prepare(self, data: bytes, seconds: tuple[float, float]) -> PreparedClip:
         key = (hashlib.sha256(data).hexdigest(), *seconds)
         with self._lock:
+            self._used.add(key)
             found = self._entries.get(key)
             if found is not None:
                 self._entries.move_to_end(key)
@@ -97,11 +104,21 @@ class ClipCache:
                 found = exc
             with self._lock:
                 self._entries[key] = found
-                while len(self._entries) > self._size:
+                bound = max(self._size, self._last_load + self._size // 4, len(self._used))
+                while len(self._entries) > bound:
                     self._entries.popitem(last=False)
         if isinstance(found, VoiceClipError):
             raise found
         return found
+
+    def loaded(self) -> None:
+        """A whole load (every tenant) is over: the cache keeps room for as many clips as it used."""
+        with self._lock:
+            self._last_load = len(self._used)
+            self._used.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 @dataclass
@@ -482,6 +499,7 @@ def load_tenants(root: Path, clips: ClipCache | None = None) -> LoadResult:
     for tenant_id in {t for t, _ in clashes}:
         tenants.pop(tenant_id, None)
     problems += [problem for _, problem in clashes]
+    clips.loaded()
     return LoadResult(tenants, problems)
 
 

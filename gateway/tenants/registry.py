@@ -89,6 +89,7 @@ class TenantRegistry:
             if fingerprint == self._fingerprint and not force:
                 return self.status
             checked = self._check()
+            self._clips.loaded()
             self._fingerprint = fingerprint  # only once checked: a check that fails is tried again
             self._apply(checked)
             return self.status

@@ -209,6 +209,7 @@ class TenantStore:
             if exc.errno in _READ_ONLY_ERRNOS:
                 raise NotWritable(
                     f"cannot write {tenant}/{file}: {exc.strerror.lower() if exc.strerror else exc}; the tenants "
-                    f"folder is read-only for the gateway (a Kubernetes ConfigMap mount always is): change the "
-                    f"files where they come from, or give the gateway a writable volume") from exc
+                    f"folder is read-only for the gateway (a read-only mount, as the Kubernetes manifests' git "
+                    f"checkout and any ConfigMap are): change the files where they come from (the tenants "
+                    f"repository), or give the gateway a writable volume") from exc
             raise
