@@ -24,6 +24,8 @@ from ..audio.speech import SpeechStart
 from ..worker_client import AgentAudio, AgentText
 
 PRE_ROLL_MS = 80  # one model frame: no more, or every word after it would reach the agent that much later
+LINE_FRAMES_PER_MODEL_FRAME = 4  # 20 ms line frames in an 80 ms model frame
+LINE_FRAME_MODEL_SAMPLES = MODEL_RATE // 50  # a 20 ms line frame, at the model's rate
 
 
 class AgentStream(Protocol):
@@ -105,15 +107,14 @@ class CallerToAgent:
         self.line = LineToModel(line_rate)
         self.agent = agent
         self.gate = gate
-        self._line_frame_model_samples = MODEL_RATE // 50  # a 20 ms line frame, at the model's rate
         self._first = True
 
     def push(self, pcm: bytes) -> None:
         heard = self.gate.push(pcm)
-        if heard is None or not heard:
+        if not heard:
             return
         frames = self.line.push(heard)
-        if self._first and self.gate.released_by != "caller" and not frames:
+        if self.starting and not frames:
             frames = [frame for frame in (self.line.complete_with_silence(),) if frame is not None]
         self._first = False
         for frame in frames:
@@ -128,7 +129,7 @@ class CallerToAgent:
         """20 ms line frames still missing from the model frame being filled (1 to 4)."""
         if self.starting:
             return 1
-        return max(1, 4 - round(self.line.pending_samples / self._line_frame_model_samples))
+        return max(1, LINE_FRAMES_PER_MODEL_FRAME - round(self.line.pending_samples / LINE_FRAME_MODEL_SAMPLES))
 
 
 class AgentToLine:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from .metrics import CallMetrics
 
@@ -46,9 +46,8 @@ class Escalation:
         """No escalation in progress, and none has succeeded."""
         return (self._task is None or self._task.done()) and not self.transferred.is_set()
 
-    def start(self, run: Awaitable[None], name: str) -> None:
-        self._task = asyncio.ensure_future(run)
-        self._task.set_name(name)
+    def start(self, run: Coroutine[Any, Any, None], name: str) -> None:
+        self._task = asyncio.create_task(run, name=name)
 
     async def stop(self) -> None:
         """Cancel an escalation in progress (a REFER awaiting its NOTIFY, or the human's phone ringing: its INVITE

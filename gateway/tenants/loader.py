@@ -117,9 +117,6 @@ class ClipCache:
             self._last_load = len(self._used)
             self._used.clear()
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
 
 @dataclass
 class LoadResult:
